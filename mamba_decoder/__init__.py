@@ -1,0 +1,7 @@
+"""Mamba+MoE and MLA+MoE decoder blocks, and a benchmark suite that measures them."""
+from .config import BACKENDS, MambaConfig, MoEConfig
+from .models import MLA, MambaDecoder, MambaDecoderBlock, MLABlock, MoE, RegularMamba
+
+__all__ = ["MambaDecoderBlock", "MLABlock", "MambaDecoder", "RegularMamba", "MLA", "MoE",
+           "MambaConfig", "MoEConfig", "BACKENDS"]
+__version__ = "0.1.0"

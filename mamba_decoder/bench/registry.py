@@ -1,0 +1,59 @@
+"""Model names -> factories. One name per model, used the same way in the CLI, records and plots."""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from ..config import MambaConfig, MoEConfig, check_backend
+from ..models import MambaDecoderBlock, MLABlock, RegularMamba
+from ..models.moe import MoE
+
+REGULAR_MAMBA = "Regular Mamba"
+MAMBA_DECODER_BLOCK = "MambaDecoderBlock"
+MLA_BLOCK = "MLABlock"
+
+# The suite's sizes at width `dim`: mambapy's defaults (d_state 16, expand 2, dt_rank dim/16),
+# the same MoE in both blocks (6 experts, 2 active, SwiGLU width 2*dim, one shared expert) and
+# DeepSeek-V2-style MLA heads (16 heads, latent 512, nope 128, rope 64, v 128, no query LoRA).
+N_EXPERTS, N_ACTIVATED, MLA_HEADS = 6, 2, 16
+
+
+def _regular_mamba(dim: int, backend: str, max_seq_len: int) -> nn.Module:
+    return RegularMamba(MambaConfig(d_model=dim, n_layers=1), backend=backend)
+
+
+def _mamba_decoder_block(dim: int, backend: str, max_seq_len: int) -> nn.Module:
+    return MambaDecoderBlock(dim, MambaConfig(d_model=dim, n_layers=1),
+                             MoEConfig(dim=dim, n_experts=N_EXPERTS, n_activated=N_ACTIVATED),
+                             backend=backend)
+
+
+def _mla_block(dim: int, backend: str, max_seq_len: int) -> nn.Module:
+    return MLABlock(dim=dim, n_heads=MLA_HEADS, max_seq_len=max_seq_len, n_experts=N_EXPERTS,
+                    n_activated=N_ACTIVATED, backend=backend)
+
+
+MODELS: dict[str, Callable[[int, str, int], nn.Module]] = {
+    REGULAR_MAMBA: _regular_mamba,
+    MAMBA_DECODER_BLOCK: _mamba_decoder_block,
+    MLA_BLOCK: _mla_block,
+}
+
+
+def build_model(name: str, dim: int, backend: str = "reference", max_seq_len: int = 4096) -> nn.Module:
+    """A freshly initialised model of the suite: input and output (batch, seq, dim)."""
+    if name not in MODELS:
+        raise ValueError(f"model {name!r} is not one of {', '.join(map(repr, MODELS))}")
+    return MODELS[name](dim, check_backend(backend), max_seq_len)
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(total, active per token) trainable parameters; a MoE activates n_activated of n_experts."""
+    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    idle = 0
+    for m in model.modules():
+        if isinstance(m, MoE):
+            per_expert = sum(p.numel() for p in m.experts[0].parameters() if p.requires_grad)
+            idle += per_expert * (m.n_experts - m.n_activated)
+    return total, total - idle

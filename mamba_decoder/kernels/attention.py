@@ -1,0 +1,79 @@
+"""Attention for MLA, in its two forms, each as an einsum reference and an SDPA fast path.
+
+naive:  q (B, S, H, Dqk), k (B, T, H, Dqk), v (B, T, H, Dv)            -> (B, S, H, Dv)
+absorb: q_lat (B, S, H, C), q_pe (B, S, H, R), kv (B, T, C), pe (B, T, R) -> (B, S, H, C)
+        (the query already multiplied into the latent space; keys and values are the shared latent)
+`mask` is additive, broadcastable to (B, S, T) (open_kimi's convention), or None for causal with
+the S queries at the last S positions of the T keys. Softmax in fp32, as open_kimi does.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def causal_mask(S: int, T: int, device, dtype=torch.float32) -> torch.Tensor:
+    """Additive (S, T) mask: query i sits at position T - S + i and sees keys j <= that."""
+    q_pos = torch.arange(T - S, T, device=device).unsqueeze(1)
+    k_pos = torch.arange(T, device=device).unsqueeze(0)
+    return torch.zeros(S, T, device=device, dtype=dtype).masked_fill_(k_pos > q_pos, float("-inf"))
+
+
+def _softmax(scores: torch.Tensor, mask: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    S, T = scores.shape[1], scores.shape[3]                      # scores (B, S, H, T)
+    if mask is None:
+        mask = causal_mask(S, T, scores.device)
+    if mask.dim() == 2:
+        mask = mask.unsqueeze(0)
+    scores = scores + mask.unsqueeze(2)                          # (B|1, S, 1, T)
+    return scores.softmax(dim=-1, dtype=torch.float32).type_as(like)
+
+
+def naive_ref(q, k, v, scale: float, mask=None):
+    scores = torch.einsum("bshd,bthd->bsht", q, k) * scale
+    return torch.einsum("bsht,bthd->bshd", _softmax(scores, mask, q), v)
+
+
+def absorb_ref(q_lat, q_pe, kv, pe, scale: float, mask=None):
+    scores = (torch.einsum("bshc,btc->bsht", q_lat, kv)
+              + torch.einsum("bshr,btr->bsht", q_pe, pe)) * scale
+    return torch.einsum("bsht,btc->bshc", _softmax(scores, mask, q_lat), kv)
+
+
+def _sdpa_mask(mask, S: int, T: int, device, dtype):
+    """SDPA arguments for our mask convention: is_causal only where its top-left alignment
+    agrees with ours (S == T); otherwise an explicit mask."""
+    if mask is None:
+        if S == T:
+            return None, True
+        if S == 1:
+            return None, False                                   # one query at the end sees all
+        mask = causal_mask(S, T, device)
+    if mask.dim() == 3:
+        mask = mask.unsqueeze(1)                                 # (B, 1, S, T)
+    return mask.to(dtype), False
+
+
+def naive_sdpa(q, k, v, scale: float, mask=None):
+    S, T = q.shape[1], k.shape[1]
+    attn_mask, causal = _sdpa_mask(mask, S, T, q.device, q.dtype)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))             # (B, H, *, d)
+    dv = v.shape[-1]
+    if q.is_cuda and dv != q.shape[-1]:
+        # The flash kernel wants one head dim for q, k and v: pad v (zeros add nothing to p @ v).
+        v = F.pad(v, (0, q.shape[-1] - dv))
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=scale)
+    return o[..., :dv].transpose(1, 2)                           # (B, S, H, Dv)
+
+
+def absorb_sdpa(q_lat, q_pe, kv, pe, scale: float, mask=None):
+    B, S, H, C = q_lat.shape
+    T = kv.shape[1]
+    attn_mask, causal = _sdpa_mask(mask, S, T, q_lat.device, q_lat.dtype)
+    q = torch.cat([q_lat, q_pe], dim=-1).transpose(1, 2)         # (B, H, S, C + R)
+    k = torch.cat([kv, pe], dim=-1).unsqueeze(1).expand(B, H, T, -1)  # shared by all heads
+    v = kv.unsqueeze(1).expand(B, H, T, C)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=scale)
+    return o.transpose(1, 2)                                     # (B, S, H, C)

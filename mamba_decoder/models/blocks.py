@@ -1,0 +1,70 @@
+"""The two decoder blocks of the benchmark (DESIGN.md's diagram):
+
+    MambaDecoderBlock:  h = x + mixer(norm1(x));   out = h + moe(norm2(h))
+    MLABlock:           h = x + attn(norm1(x));    out = h + moe(norm2(h))     (causal)
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+from torch import nn
+
+from ..config import MambaConfig, MoEConfig, check_backend
+from .mamba import MambaMixer
+from .mla import MLA, MLACache
+from .moe import MoE
+
+
+def kernel_choices(module: nn.Module, device, dtype) -> dict[str, str]:
+    """Which implementation each op of `module` runs on this device and dtype (for records)."""
+    out: dict[str, str] = {}
+    for m in module.modules():
+        if hasattr(m, "kernel_choice"):
+            out.update(m.kernel_choice(torch.device(device), dtype))
+    return out
+
+
+class MambaDecoderBlock(nn.Module):
+    def __init__(self, dim: int = 512, mamba_config: Optional[MambaConfig] = None,
+                 moe_config: Optional[MoEConfig] = None, backend: str = "reference"):
+        super().__init__()
+        mamba_config = mamba_config or MambaConfig(d_model=dim, n_layers=1)
+        moe_config = moe_config or MoEConfig(dim=dim)
+        if mamba_config.d_model != dim:
+            raise ValueError(f"mamba_config.d_model={mamba_config.d_model} must equal dim={dim}")
+        if moe_config.dim != dim:
+            raise ValueError(f"moe_config.dim={moe_config.dim} must equal dim={dim}")
+        self.dim, self.backend = dim, check_backend(backend)
+        self.norm1 = nn.RMSNorm(dim)
+        self.mixer = MambaMixer(mamba_config, backend)
+        self.norm2 = nn.RMSNorm(dim)
+        self.moe = MoE.from_config(moe_config, backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x + self.mixer(self.norm1(x))
+        return h + self.moe(self.norm2(h))
+
+
+class MLABlock(nn.Module):
+    def __init__(self, dim: int = 2048, n_heads: int = 16, q_lora_rank: int = 0,
+                 kv_lora_rank: int = 512, qk_nope_head_dim: int = 128, qk_rope_head_dim: int = 64,
+                 v_head_dim: int = 128, max_batch_size: int = 8, max_seq_len: int = 4096,
+                 attn_impl: Literal["naive", "absorb"] = "absorb", rope_theta: float = 10000.0,
+                 mscale: float = 1.0, n_experts: int = 12, n_activated: int = 4,
+                 expert_inter_dim: Optional[int] = None, shared_expert_inter_dim: Optional[int] = None,
+                 use_adaptive_bias: bool = True, bias_update_rate: float = 0.01,
+                 backend: str = "reference"):
+        super().__init__()
+        self.dim, self.backend = dim, check_backend(backend)
+        self.norm1 = nn.RMSNorm(dim)
+        self.attn = MLA(dim, n_heads, q_lora_rank, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim,
+                        v_head_dim, max_seq_len, max_batch_size, attn_impl, rope_theta, mscale, backend)
+        self.norm2 = nn.RMSNorm(dim)
+        self.moe = MoE(dim, n_experts, n_activated, expert_inter_dim, shared_expert_inter_dim,
+                       use_adaptive_bias, bias_update_rate, backend)
+
+    def forward(self, x: torch.Tensor, start_pos: int = 0, mask: Optional[torch.Tensor] = None,
+                cache: Optional[MLACache] = None) -> torch.Tensor:
+        h = x + self.attn(self.norm1(x), start_pos, mask, cache)
+        return h + self.moe(self.norm2(h))

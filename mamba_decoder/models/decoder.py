@@ -1,0 +1,52 @@
+"""MambaDecoder: a language model of stacked MambaDecoderBlocks, optionally ending in an MLABlock."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..config import MambaConfig, MoEConfig, check_backend
+from .blocks import MambaDecoderBlock, MLABlock
+
+
+class MambaDecoder(nn.Module):
+    """token ids (B, L) -> Embedding -> RMSNorm (post_embed_norm) -> depth x MambaDecoderBlock
+    -> MLABlock (post_mamba_mla_block) -> RMSNorm -> Linear -> logits (B, L, vocab_size)."""
+
+    def __init__(self, heads: int = 64, vocab_size: int = 50000, max_seq_len: int = 512,
+                 depth: int = 6, dim: int = 512, post_embed_norm: bool = True,
+                 mamba_config: Optional[MambaConfig] = None, moe_config: Optional[MoEConfig] = None,
+                 post_mamba_mla_block: bool = False, backend: str = "reference"):
+        super().__init__()
+        for name, v in dict(heads=heads, vocab_size=vocab_size, max_seq_len=max_seq_len,
+                            depth=depth, dim=dim).items():
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name}={v!r} must be a positive integer")
+        moe_config = moe_config or MoEConfig(dim=dim)
+        self.dim, self.vocab_size, self.max_seq_len = dim, vocab_size, max_seq_len
+        self.post_embed_norm, self.post_mamba_mla_block = post_embed_norm, post_mamba_mla_block
+        self.backend = check_backend(backend)
+        self.embedding = nn.Embedding(vocab_size, dim)
+        self.norm = nn.RMSNorm(dim) if post_embed_norm else None
+        self.layers = nn.ModuleList(
+            [MambaDecoderBlock(dim, mamba_config, moe_config, backend) for _ in range(depth)])
+        self.mla_block = MLABlock(
+            dim=dim, n_heads=heads, max_seq_len=max_seq_len, n_experts=moe_config.n_experts,
+            n_activated=moe_config.n_activated, expert_inter_dim=moe_config.expert_inter_dim,
+            shared_expert_inter_dim=moe_config.shared_expert_inter_dim,
+            use_adaptive_bias=moe_config.use_adaptive_bias,
+            bias_update_rate=moe_config.bias_update_rate, backend=backend,
+        ) if post_mamba_mla_block else None
+        self.head = nn.Sequential(nn.RMSNorm(dim), nn.Linear(dim, vocab_size))
+
+    def forward(self, x: torch.Tensor, start_pos: int = 0,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = self.embedding(x)                                   # (B, L, D)
+        if self.norm is not None:
+            x = self.norm(x)
+        for layer in self.layers:
+            x = layer(x)
+        if self.mla_block is not None:
+            x = self.mla_block(x, start_pos, mask)
+        return self.head(x)                                     # (B, L, vocab)

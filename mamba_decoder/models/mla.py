@@ -1,0 +1,169 @@
+"""Multi-head Latent Attention with the parameters of open_kimi's `MLA`, causal in prefill.
+
+Parameter names (wq or wq_a/q_norm/wq_b, wkv_a, kv_norm, wkv_b, wo) and the math (RoPE through
+open_kimi's functions, softmax scale, fp32 softmax) are open_kimi's, so state dicts move both ways
+with strict=True. Two differences, both fixes: `mask=None` means causal (open_kimi attends to the
+future), and a plain forward needs no preallocated cache (open_kimi writes every call into a
+(max_batch_size, max_seq_len) buffer). Decoding uses an explicit `MLACache` (`init_cache`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+from open_kimi.mla import apply_rotary_emb, precompute_freqs_cis
+from torch import nn
+from torch.nn import RMSNorm
+
+from ..config import check_backend
+from ..kernels import attention as attn_kernels
+
+ATTN_IMPLS = ("naive", "absorb")
+
+
+@dataclass
+class MLACache:
+    """Keys and values of the positions seen so far, for incremental decoding.
+
+    latent (absorb): kv (B, T_max, kv_lora_rank) and pe (B, T_max, rope) -- what MLA is for;
+    full (naive): k (B, T_max, H, Dqk) and v (B, T_max, H, Dv), an ordinary MHA cache, for comparison.
+    """
+
+    kind: Literal["latent", "full"]
+    a: torch.Tensor
+    b: torch.Tensor
+
+    @property
+    def max_len(self) -> int:
+        return self.a.shape[1]
+
+    def nbytes(self, length: Optional[int] = None) -> int:
+        """Bytes held for `length` positions (all allocated positions by default)."""
+        n = self.max_len if length is None else length
+        return sum(t[:, :n].numel() * t.element_size() for t in (self.a, self.b))
+
+
+class MLA(nn.Module):
+    def __init__(self, dim: int, n_heads: int, q_lora_rank: int = 0, kv_lora_rank: int = 512,
+                 qk_nope_head_dim: int = 128, qk_rope_head_dim: int = 64, v_head_dim: int = 128,
+                 max_seq_len: int = 4096, max_batch_size: int = 8,
+                 attn_impl: Literal["naive", "absorb"] = "absorb", rope_theta: float = 10000.0,
+                 mscale: float = 1.0, backend: str = "reference"):
+        super().__init__()
+        for name, v in dict(dim=dim, n_heads=n_heads, kv_lora_rank=kv_lora_rank,
+                            qk_nope_head_dim=qk_nope_head_dim, qk_rope_head_dim=qk_rope_head_dim,
+                            v_head_dim=v_head_dim, max_seq_len=max_seq_len,
+                            max_batch_size=max_batch_size).items():
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name}={v!r} must be a positive integer")
+        if q_lora_rank < 0:
+            raise ValueError(f"q_lora_rank={q_lora_rank!r} must be >= 0 (0: no query LoRA)")
+        if qk_rope_head_dim % 2:
+            raise ValueError(f"qk_rope_head_dim={qk_rope_head_dim} must be even (RoPE rotates pairs)")
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl={attn_impl!r} is not one of {', '.join(ATTN_IMPLS)}")
+        self.dim, self.n_heads = dim, n_heads
+        self.q_lora_rank, self.kv_lora_rank = q_lora_rank, kv_lora_rank
+        self.qk_nope_head_dim, self.qk_rope_head_dim = qk_nope_head_dim, qk_rope_head_dim
+        self.qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
+        self.v_head_dim = v_head_dim
+        self.max_seq_len, self.max_batch_size = max_seq_len, max_batch_size
+        self.attn_impl, self.rope_theta, self.mscale = attn_impl, rope_theta, mscale
+        self.backend = check_backend(backend)
+
+        if q_lora_rank == 0:
+            self.wq = nn.Linear(dim, n_heads * self.qk_head_dim, bias=False)
+        else:
+            self.wq_a = nn.Linear(dim, q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(q_lora_rank)
+            self.wq_b = nn.Linear(q_lora_rank, n_heads * self.qk_head_dim, bias=False)
+        self.wkv_a = nn.Linear(dim, kv_lora_rank + qk_rope_head_dim, bias=False)
+        self.kv_norm = RMSNorm(kv_lora_rank)
+        self.wkv_b = nn.Linear(kv_lora_rank, n_heads * (qk_nope_head_dim + v_head_dim), bias=False)
+        self.wo = nn.Linear(n_heads * v_head_dim, dim, bias=False)
+        # open_kimi scales by mscale only with YaRN (original_seq_len set), which this block does
+        # not take: the scale is 1/sqrt(qk_head_dim), as there.
+        self.softmax_scale = self.qk_head_dim ** -0.5
+        # RoPE table, complex64 and per device. Not a buffer: Module.to(bfloat16) would cast a
+        # complex buffer to real and drop the imaginary part (it does so to open_kimi's MLA).
+        self._freqs: dict[torch.device, torch.Tensor] = {}
+
+    def freqs(self, end: int, device: torch.device) -> torch.Tensor:
+        """(end, rope/2) complex rotations; grown on demand (plain RoPE: values don't depend on the length)."""
+        f = self._freqs.get(device)
+        if f is None or f.shape[0] < end:
+            f = precompute_freqs_cis(self.qk_rope_head_dim, max(end, self.max_seq_len),
+                                     self.rope_theta).to(device)
+            self._freqs[device] = f
+        return f[:end]
+
+    def init_cache(self, batch_size: int, max_len: int, kind: Optional[str] = None,
+                   device=None, dtype=None) -> MLACache:
+        kind = kind or ("latent" if self.attn_impl == "absorb" else "full")
+        p = self.wkv_a.weight
+        device, dtype = device or p.device, dtype or p.dtype
+        if kind == "latent":
+            a = torch.zeros(batch_size, max_len, self.kv_lora_rank, device=device, dtype=dtype)
+            b = torch.zeros(batch_size, max_len, self.qk_rope_head_dim, device=device, dtype=dtype)
+        elif kind == "full":
+            a = torch.zeros(batch_size, max_len, self.n_heads, self.qk_head_dim, device=device, dtype=dtype)
+            b = torch.zeros(batch_size, max_len, self.n_heads, self.v_head_dim, device=device, dtype=dtype)
+        else:
+            raise ValueError(f"cache kind={kind!r} is not one of latent, full")
+        return MLACache(kind, a, b)
+
+    def _query(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        return q.view(*x.shape[:2], self.n_heads, self.qk_head_dim)          # (B, S, H, Dqk)
+
+    def forward(self, x: torch.Tensor, start_pos: int = 0, mask: Optional[torch.Tensor] = None,
+                cache: Optional[MLACache] = None) -> torch.Tensor:
+        """x (B, S, D) -> (B, S, D). Positions start_pos .. start_pos+S-1.
+
+        Without `cache`, the S tokens attend among themselves (start_pos must be 0). With it,
+        their keys are written at [start_pos, start_pos+S) and they attend to [0, start_pos+S).
+        `mask`: additive, broadcastable to (B, S, T); None = causal.
+        """
+        bsz, seqlen, _ = x.shape
+        end = start_pos + seqlen
+        if cache is None and start_pos != 0:
+            raise ValueError(f"start_pos={start_pos} needs a cache holding the earlier positions "
+                             "(MLA.init_cache); without one, start_pos must be 0")
+        if cache is not None and end > cache.max_len:
+            raise ValueError(f"start_pos + seq_len = {end} exceeds the cache length {cache.max_len}")
+        freqs = self.freqs(end, x.device)[start_pos:end]
+        q_nope, q_pe = torch.split(self._query(x), [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_pe = apply_rotary_emb(q_pe, freqs)
+        kv, k_pe = torch.split(self.wkv_a(x), [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        k_pe = apply_rotary_emb(k_pe.unsqueeze(2), freqs).squeeze(2)          # (B, S, R)
+        kv = self.kv_norm(kv)                                                 # (B, S, C)
+        wkv_b = self.wkv_b.weight.view(self.n_heads, -1, self.kv_lora_rank)   # (H, nope + v, C)
+        fast = self.backend == "fast"
+
+        use_latent = cache.kind == "latent" if cache is not None else self.attn_impl == "absorb"
+        if use_latent:
+            if cache is not None:
+                cache.a[:bsz, start_pos:end] = kv
+                cache.b[:bsz, start_pos:end] = k_pe
+                kv, k_pe = cache.a[:bsz, :end], cache.b[:bsz, :end]
+            q_lat = torch.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, : self.qk_nope_head_dim])
+            attend = attn_kernels.absorb_sdpa if fast else attn_kernels.absorb_ref
+            o = attend(q_lat, q_pe, kv, k_pe, self.softmax_scale, mask)           # (B, S, H, C)
+            o = torch.einsum("bshc,hdc->bshd", o, wkv_b[:, -self.v_head_dim:])
+        else:
+            kvb = torch.einsum("btc,hdc->bthd", kv, wkv_b)                    # (B, S, H, nope + v)
+            k_nope, v = torch.split(kvb, [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+            k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1)
+            if cache is not None:
+                cache.a[:bsz, start_pos:end] = k
+                cache.b[:bsz, start_pos:end] = v
+                k, v = cache.a[:bsz, :end], cache.b[:bsz, :end]
+            q = torch.cat([q_nope, q_pe], dim=-1)
+            attend = attn_kernels.naive_sdpa if fast else attn_kernels.naive_ref
+            o = attend(q, k, v, self.softmax_scale, mask)                     # (B, S, H, Dv)
+        return self.wo(o.flatten(2))
+
+    def kernel_choice(self, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
+        kind = "sdpa" if self.backend == "fast" else "einsum"
+        return {"attn": f"{self.attn_impl}-{kind}"}

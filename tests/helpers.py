@@ -1,0 +1,25 @@
+import torch
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in fp64."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def randomize_(module: torch.nn.Module, scale: float = 0.5) -> torch.nn.Module:
+    """Give every parameter and float buffer random values (the inits hold ones and zeros that
+    would hide a wrong norm weight, D skip or routing bias)."""
+    with torch.no_grad():
+        for name, p in list(module.named_parameters()) + list(module.named_buffers()):
+            if not p.is_floating_point() or "expert_usage" in name:
+                continue
+            if name.endswith("A_log"):
+                p.copy_(torch.rand_like(p) * 2 - 1)
+            elif "adaptive_bias" in name:
+                p.copy_(torch.randn_like(p) * 0.1)
+            elif p.dim() == 1:
+                p.copy_(1 + scale * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+    return module
