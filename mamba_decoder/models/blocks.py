@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..config import MambaConfig, MoEConfig, check_backend
-from .mamba import MambaMixer
+from .mamba import MambaCache, MambaMixer
 from .mla import MLA, MLACache
 from .moe import MoE
 
@@ -41,8 +41,13 @@ class MambaDecoderBlock(nn.Module):
         self.norm2 = nn.RMSNorm(dim)
         self.moe = MoE.from_config(moe_config, backend)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x + self.mixer(self.norm1(x))
+    def init_cache(self, batch_size: int, device=None, dtype=None) -> MambaCache:
+        """Decoding state: the mixer's conv window and SSM state (constant in context length)."""
+        return self.mixer.init_cache(batch_size, device, dtype)
+
+    def forward(self, x: torch.Tensor, cache: Optional[MambaCache] = None) -> torch.Tensor:
+        """x (B, L, D) -> (B, L, D); with `cache`, x continues the cached sequence (updated in place)."""
+        h = x + self.mixer(self.norm1(x), cache)
         return h + self.moe(self.norm2(h))
 
 
@@ -64,7 +69,14 @@ class MLABlock(nn.Module):
         self.moe = MoE(dim, n_experts, n_activated, expert_inter_dim, shared_expert_inter_dim,
                        use_adaptive_bias, bias_update_rate, backend)
 
+    def init_cache(self, batch_size: int, max_len: int, kind: Optional[str] = None,
+                   device=None, dtype=None) -> MLACache:
+        """Decoding state for up to `max_len` positions: the latent cache ("latent", absorb's) or
+        full per-head K/V ("full", naive's); it grows with the context, unlike Mamba's."""
+        return self.attn.init_cache(batch_size, max_len, kind, device, dtype)
+
     def forward(self, x: torch.Tensor, start_pos: int = 0, mask: Optional[torch.Tensor] = None,
                 cache: Optional[MLACache] = None) -> torch.Tensor:
+        """x (B, S, D) at positions start_pos.. -> (B, S, D). See `MLA.forward` for cache and mask."""
         h = x + self.attn(self.norm1(x), start_pos, mask, cache)
         return h + self.moe(self.norm2(h))

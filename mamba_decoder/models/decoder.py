@@ -40,13 +40,23 @@ class MambaDecoder(nn.Module):
         ) if post_mamba_mla_block else None
         self.head = nn.Sequential(nn.RMSNorm(dim), nn.Linear(dim, vocab_size))
 
-    def forward(self, x: torch.Tensor, start_pos: int = 0,
-                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def init_cache(self, batch_size: int, max_len: Optional[int] = None, device=None, dtype=None) -> list:
+        """One cache per block: Mamba states, then the MLA block's latent cache (if any)."""
+        caches: list = [layer.init_cache(batch_size, device, dtype) for layer in self.layers]
+        if self.mla_block is not None:
+            caches.append(self.mla_block.init_cache(batch_size, max_len or self.max_seq_len,
+                                                    device=device, dtype=dtype))
+        return caches
+
+    def forward(self, x: torch.Tensor, start_pos: int = 0, mask: Optional[torch.Tensor] = None,
+                cache: Optional[list] = None) -> torch.Tensor:
+        """token ids (B, L) -> logits (B, L, vocab). With `cache` (init_cache), the tokens continue
+        the cached sequence at position start_pos."""
         x = self.embedding(x)                                   # (B, L, D)
         if self.norm is not None:
             x = self.norm(x)
-        for layer in self.layers:
-            x = layer(x)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, None if cache is None else cache[i])
         if self.mla_block is not None:
-            x = self.mla_block(x, start_pos, mask)
+            x = self.mla_block(x, start_pos, mask, None if cache is None else cache[-1])
         return self.head(x)                                     # (B, L, vocab)

@@ -6,6 +6,9 @@ reference backend runs mambapy's own code, the fast backend replaces the scan wi
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from mambapy.mamba import MambaBlock, MambaConfig
@@ -13,6 +16,17 @@ from mambapy.mamba import RMSNorm as MambaRMSNorm
 from torch import nn
 
 from ..config import check_backend
+
+
+@dataclass
+class MambaCache:
+    """What a Mamba mixer carries between decoding steps: constant in the context length."""
+
+    conv: torch.Tensor  # (B, ED, d_conv - 1) the last inputs of the causal conv, activation dtype
+    ssm: torch.Tensor   # (B, ED, N) the SSM state, fp32
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.conv, self.ssm))
 
 
 class MambaMixer(MambaBlock):
@@ -30,10 +44,42 @@ class MambaMixer(MambaBlock):
         # ("expected m1 and m2 to have the same dtype"). The one change: hand back x's dtype.
         return super().ssm(x, z).to(x.dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def init_cache(self, batch_size: int, device=None, dtype=None) -> MambaCache:
+        p = self.in_proj.weight
+        device, dtype = device or p.device, dtype or p.dtype
+        ED, N, K = self.config.d_inner, self.config.d_state, self.config.d_conv
+        return MambaCache(torch.zeros(batch_size, ED, K - 1, device=device, dtype=dtype),
+                          torch.zeros(batch_size, ED, N, device=device, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor, cache: Optional[MambaCache] = None) -> torch.Tensor:
+        """x (B, L, D) -> (B, L, D). With `cache`, x continues the sequence the cache has seen,
+        and the cache is updated in place to include x."""
+        if cache is None:
+            return super().forward(x) if self.backend == "reference" else self._forward_fast(x)
         if self.backend == "reference":
-            return super().forward(x)
-        return self._forward_fast(x)
+            # mambapy's own decoding path, one token at a time.
+            ys = []
+            for t in range(x.shape[1]):
+                y, (h, inputs) = self.step(x[:, t], (cache.ssm, cache.conv))
+                cache.ssm.copy_(h)
+                cache.conv.copy_(inputs)
+                ys.append(y)
+            return torch.stack(ys, 1)
+        if x.shape[1] == 1:
+            return self._step_fast(x[:, 0], cache).unsqueeze(1)
+        return self._forward_fast(x, cache)
+
+    def ssm_step(self, x, h):
+        # mambapy's step with its state in fp32 and its output in x's dtype (mambapy's own
+        # mixes an fp32 state with bf16 C in one matmul and fails outside fp32).
+        cfg = self.config
+        A = -torch.exp(self.A_log.float())                              # (ED, N)
+        dt, B, C = torch.split(self.x_proj(x), [cfg.dt_rank, cfg.d_state, cfg.d_state], dim=-1)
+        dt, B, C = self._apply_layernorms(dt, B, C)
+        dt = F.softplus(self.dt_proj(dt)).float()                       # (B, ED)
+        h = torch.exp(dt.unsqueeze(-1) * A) * h + (dt * x.float()).unsqueeze(-1) * B.float().unsqueeze(1)
+        y = (h @ C.float().unsqueeze(-1)).squeeze(2) + self.D.float() * x.float()
+        return y.to(x.dtype), h                                         # (B, ED), (B, ED, N)
 
     def _conv(self, x: torch.Tensor) -> torch.Tensor:
         L = x.shape[1]
@@ -48,16 +94,42 @@ class MambaMixer(MambaBlock):
         A = -torch.exp(self.A_log.float())                              # (ED, N)
         return dt, A, B, C
 
-    def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_fast(self, x: torch.Tensor, cache: Optional[MambaCache] = None) -> torch.Tensor:
         from ..kernels.selective_scan import selective_scan
 
         xz = self.in_proj(x)                                            # (B, L, 2 ED)
         x, z = xz.chunk(2, dim=-1)                                      # (B, L, ED) each
-        x = F.silu(self._conv(x))
+        if cache is None:
+            x = self._conv(x)
+        else:
+            K = self.config.d_conv
+            xt = torch.cat([cache.conv, x.transpose(1, 2)], dim=2)     # (B, ED, K - 1 + L)
+            cache.conv.copy_(xt[:, :, -(K - 1):])
+            x = F.conv1d(xt, self.conv1d.weight, self.conv1d.bias, groups=self.config.d_inner)
+            x = x.transpose(1, 2)                                       # (B, L, ED)
+        x = F.silu(x)
         dt, A, B, C = self._ssm_inputs(x)
         y = selective_scan(x, dt, A, B, C, self.D.float(), z=z, dt_bias=self.dt_proj.bias.float(),
-                           dt_softplus=True)                            # (B, L, ED), gated by silu(z)
+                           dt_softplus=True, initial_state=None if cache is None else cache.ssm,
+                           return_final_state=cache is not None)        # (B, L, ED), gated by silu(z)
+        if cache is not None:
+            y, h = y
+            cache.ssm.copy_(h)
         return self.out_proj(y)
+
+    def _step_fast(self, x: torch.Tensor, cache: MambaCache) -> torch.Tensor:
+        """One token, x (B, D) -> (B, D): a fixed sequence of device ops with no host sync and
+        in-place cache updates, so it can be captured in a CUDA graph."""
+        x, z = self.in_proj(x).chunk(2, dim=-1)                         # (B, ED) each
+        window = torch.cat([cache.conv, x.unsqueeze(2)], dim=2)         # (B, ED, K)
+        cache.conv.copy_(window[:, :, 1:])
+        x = (window * self.conv1d.weight.squeeze(1)).sum(-1)
+        if self.conv1d.bias is not None:
+            x = x + self.conv1d.bias
+        x = F.silu(x)
+        y, h = self.ssm_step(x, cache.ssm)
+        cache.ssm.copy_(h)
+        return self.out_proj(y * F.silu(z))
 
     def kernel_choice(self, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
         if self.backend == "reference":
@@ -75,8 +147,8 @@ class ResidualLayer(nn.Module):
         self.mixer = MambaMixer(config, backend)
         self.norm = MambaRMSNorm(config.d_model, config.rms_norm_eps, config.mup)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mixer(self.norm(x)) + x
+    def forward(self, x: torch.Tensor, cache: Optional[MambaCache] = None) -> torch.Tensor:
+        return self.mixer(self.norm(x), cache) + x
 
 
 class RegularMamba(nn.Module):
@@ -90,7 +162,10 @@ class RegularMamba(nn.Module):
         self.config = config
         self.layers = nn.ModuleList([ResidualLayer(config, backend) for _ in range(config.n_layers)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x)
+    def init_cache(self, batch_size: int, device=None, dtype=None) -> list[MambaCache]:
+        return [layer.mixer.init_cache(batch_size, device, dtype) for layer in self.layers]
+
+    def forward(self, x: torch.Tensor, cache: Optional[list[MambaCache]] = None) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x, None if cache is None else cache[i])
         return x

@@ -1,0 +1,88 @@
+"""Incremental decoding equals the full forward, for every block and backend."""
+import pytest
+import torch
+from helpers import randomize_, rel_err
+from mambapy.mamba import MambaBlock
+
+from mamba_decoder import MambaConfig, MambaDecoder, MambaDecoderBlock, MLABlock, MoEConfig
+from mamba_decoder.models import MambaMixer, RegularMamba
+
+D = 40
+MOE = MoEConfig(dim=D, n_experts=4, n_activated=2, expert_inter_dim=48)
+
+
+def _build(name, backend):
+    if name == "Regular Mamba":
+        return RegularMamba(MambaConfig(d_model=D, n_layers=2), backend)
+    if name == "MambaDecoderBlock":
+        return MambaDecoderBlock(D, MambaConfig(d_model=D, n_layers=1), MOE, backend)
+    if name == "MLABlock":
+        return MLABlock(dim=D, n_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                        v_head_dim=12, n_experts=4, n_activated=2, expert_inter_dim=48, backend=backend)
+    return MambaDecoder(heads=4, vocab_size=61, max_seq_len=32, depth=2, dim=D,
+                        mamba_config=MambaConfig(d_model=D, n_layers=1), moe_config=MOE,
+                        post_mamba_mla_block=True, backend=backend)
+
+
+def _run(model, name, x, prefill, max_len):
+    """Prefill `prefill` tokens, then one token at a time."""
+    B = x.shape[0]
+    if name == "MLABlock":
+        cache = model.init_cache(B, max_len)
+        step = lambda chunk, pos: model(chunk, pos, None, cache)  # noqa: E731
+    elif name == "MambaDecoder":
+        cache = model.init_cache(B, max_len)
+        step = lambda chunk, pos: model(chunk, pos, None, cache)  # noqa: E731
+    else:
+        cache = model.init_cache(B)
+        step = lambda chunk, pos: model(chunk, cache)  # noqa: E731
+    outs = [step(x[:, :prefill], 0)]
+    for t in range(prefill, x.shape[1]):
+        outs.append(step(x[:, t:t + 1], t))
+    return torch.cat(outs, 1)
+
+
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+@pytest.mark.parametrize("name", ["Regular Mamba", "MambaDecoderBlock", "MLABlock", "MambaDecoder"])
+@pytest.mark.parametrize("prefill", [1, 7])
+def test_decode_equals_forward(name, backend, prefill):
+    model = randomize_(_build(name, backend)).eval()
+    x = torch.randint(0, 61, (2, 13)) if name == "MambaDecoder" else torch.randn(2, 13, D)
+    with torch.no_grad():
+        want = model(x)
+        got = _run(model, name, x, prefill, 16)
+    assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["Regular Mamba", "MambaDecoderBlock", "MLABlock"])
+def test_fast_decode_in_bf16_follows_fp32(name):
+    model = randomize_(_build(name, "fast")).eval()
+    x = torch.randn(2, 10, D)
+    with torch.no_grad():
+        want = _run(model, name, x, 4, 12)
+        got = _run(model.to(torch.bfloat16), name, x.bfloat16(), 4, 12)
+    assert got.dtype == torch.bfloat16 and rel_err(got, want) < 3e-2
+
+
+def test_reference_step_is_mambapys_step():
+    ours = randomize_(MambaMixer(MambaConfig(d_model=D, n_layers=1)))
+    theirs = MambaBlock(MambaConfig(d_model=D, n_layers=1))
+    theirs.load_state_dict(ours.state_dict())
+    cache = ours.init_cache(3)
+    h, inputs = torch.zeros_like(cache.ssm), torch.zeros_like(cache.conv)
+    for _ in range(4):
+        x = torch.randn(3, D)
+        want, (h, inputs) = theirs.step(x, (h, inputs))
+        got = ours(x.unsqueeze(1), cache)[:, 0]
+        assert rel_err(got, want) < 1e-6
+    assert rel_err(cache.ssm, h) < 1e-6 and rel_err(cache.conv, inputs) < 1e-6
+
+
+def test_mamba_cache_is_constant_and_mla_cache_grows():
+    mamba = _build("MambaDecoderBlock", "fast")
+    mla = _build("MLABlock", "fast")
+    assert mamba.init_cache(2).nbytes() == (2 * 80 * 3 + 2 * 80 * 16) * 4
+    c = mla.init_cache(2, 100)
+    assert c.nbytes(50) * 2 == c.nbytes(100) == 2 * 100 * (32 + 8) * 4
+    full = mla.init_cache(2, 100, kind="full")
+    assert full.nbytes() == 2 * 100 * 4 * (24 + 12) * 4
