@@ -80,3 +80,8 @@ class MLABlock(nn.Module):
         """x (B, S, D) at positions start_pos.. -> (B, S, D). See `MLA.forward` for cache and mask."""
         h = x + self.attn(self.norm1(x), start_pos, mask, cache)
         return h + self.moe(self.norm2(h))
+
+    def decode_step(self, x: torch.Tensor, pos: torch.Tensor, cache: MLACache) -> torch.Tensor:
+        """One token (B, 1, D) at device-tensor position `pos`: CUDA-graph friendly (MLA.decode_step)."""
+        h = x + self.attn.decode_step(self.norm1(x), pos, cache)
+        return h + self.moe(self.norm2(h))

@@ -133,6 +133,27 @@ class MLA(nn.Module):
         if cache is not None and end > cache.max_len:
             raise ValueError(f"start_pos + seq_len = {end} exceeds the cache length {cache.max_len}")
         freqs = self.freqs(end, x.device)[start_pos:end]
+        if cache is None:
+            return self._attend(x, freqs, mask, None, None)
+        return self._attend(x, freqs, mask, cache, slice(start_pos, end))
+
+    def decode_step(self, x: torch.Tensor, pos: torch.Tensor, cache: MLACache) -> torch.Tensor:
+        """One token x (B, 1, D) at position `pos` (a 0-d long tensor on x's device).
+
+        Shapes don't depend on the position: the key is written with index_copy_ and the query
+        attends to the whole cache with positions after `pos` masked out. No host sync, so a
+        step can be captured in a CUDA graph and replayed with `pos` updated in place."""
+        T = cache.max_len
+        freqs = self.freqs(T, x.device).index_select(0, pos.view(1))          # (1, R/2)
+        k_pos = torch.arange(T, device=x.device)
+        mask = torch.zeros(1, T, device=x.device).masked_fill(k_pos > pos, float("-inf"))
+        return self._attend(x, freqs, mask, cache, pos.view(1))
+
+    def _attend(self, x, freqs, mask, cache: Optional[MLACache], where) -> torch.Tensor:
+        """Attention of x's tokens (rotated by `freqs`); with a cache, their keys are written at
+        `where` (a slice, or an index tensor for decode_step) and the queries read the cache up
+        to the end of `where` (or all of it, for an index)."""
+        bsz = x.shape[0]
         q_nope, q_pe = torch.split(self._query(x), [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         q_pe = apply_rotary_emb(q_pe, freqs)
         kv, k_pe = torch.split(self.wkv_a(x), [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
@@ -141,12 +162,17 @@ class MLA(nn.Module):
         wkv_b = self.wkv_b.weight.view(self.n_heads, -1, self.kv_lora_rank)   # (H, nope + v, C)
         fast = self.backend == "fast"
 
+        def store(buf: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
+            if isinstance(where, slice):
+                buf[:bsz, where] = val
+                return buf[:bsz, : where.stop]
+            buf[:bsz].index_copy_(1, where, val)
+            return buf[:bsz]
+
         use_latent = cache.kind == "latent" if cache is not None else self.attn_impl == "absorb"
         if use_latent:
             if cache is not None:
-                cache.a[:bsz, start_pos:end] = kv
-                cache.b[:bsz, start_pos:end] = k_pe
-                kv, k_pe = cache.a[:bsz, :end], cache.b[:bsz, :end]
+                kv, k_pe = store(cache.a, kv), store(cache.b, k_pe)
             q_lat = torch.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, : self.qk_nope_head_dim])
             attend = attn_kernels.absorb_sdpa if fast else attn_kernels.absorb_ref
             o = attend(q_lat, q_pe, kv, k_pe, self.softmax_scale, mask)           # (B, S, H, C)
@@ -156,9 +182,7 @@ class MLA(nn.Module):
             k_nope, v = torch.split(kvb, [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
             k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1)
             if cache is not None:
-                cache.a[:bsz, start_pos:end] = k
-                cache.b[:bsz, start_pos:end] = v
-                k, v = cache.a[:bsz, :end], cache.b[:bsz, :end]
+                k, v = store(cache.a, k), store(cache.b, v)
             q = torch.cat([q_nope, q_pe], dim=-1)
             attend = attn_kernels.naive_sdpa if fast else attn_kernels.naive_ref
             o = attend(q, k, v, self.softmax_scale, mask)                     # (B, S, H, Dv)

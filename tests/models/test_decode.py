@@ -86,3 +86,17 @@ def test_mamba_cache_is_constant_and_mla_cache_grows():
     assert c.nbytes(50) * 2 == c.nbytes(100) == 2 * 100 * (32 + 8) * 4
     full = mla.init_cache(2, 100, kind="full")
     assert full.nbytes() == 2 * 100 * 4 * (24 + 12) * 4
+
+
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+@pytest.mark.parametrize("kind", ["latent", "full"])
+def test_mla_decode_step_with_a_tensor_position_equals_forward(backend, kind):
+    model = randomize_(_build("MLABlock", backend)).eval()
+    x = torch.randn(2, 11, D)
+    with torch.no_grad():
+        want = model(x)
+        cache = model.init_cache(2, 16, kind=kind)
+        outs = [model(x[:, :5], 0, None, cache)]
+        for t in range(5, 11):
+            outs.append(model.decode_step(x[:, t:t + 1], torch.tensor(t), cache))
+    assert rel_err(torch.cat(outs, 1), want) < 1e-5
