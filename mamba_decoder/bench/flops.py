@@ -1,0 +1,115 @@
+"""Analytic FLOP and byte counts of the blocks, read off a model's own modules.
+
+Conventions (documented in the README):
+- A multiply-add is 2 FLOPs. GEMMs, einsums, the depthwise conv and attention are "matmul" FLOPs,
+  what `torch.utils.flop_counter` counts; the selective scan's elementwise work (exp(dt*A),
+  dt*B*x, the state update) is counted apart as `scan_flops`, 7 FLOPs per (token, channel, state).
+- Attention of a causal prefill counts the useful half of the score matrix (S*(S+1)/2 pairs),
+  as FlashAttention's papers do; `causal=False` counts the full S*T matrix that an einsum
+  reference computes.
+- The MoE counts n_activated routed experts per token plus the shared expert and the router.
+- Training = forward + backward = 3x the forward's matmul FLOPs (the scan's backward ~2x its forward).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..models.mamba import MambaMixer
+from ..models.mla import MLA
+from ..models.moe import MoE
+
+SCAN_FLOPS_PER_ELEM = 7
+
+
+@dataclass
+class FlopCount:
+    matmul: float = 0.0
+    scan: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.matmul + self.scan
+
+    def __add__(self, other: "FlopCount") -> "FlopCount":
+        return FlopCount(self.matmul + other.matmul, self.scan + other.scan)
+
+    def __mul__(self, k: float) -> "FlopCount":
+        return FlopCount(self.matmul * k, self.scan * k)
+
+
+def mamba_flops(m: MambaMixer, T: int) -> FlopCount:
+    c = m.config
+    D, ED, N, R, K = c.d_model, c.d_inner, c.d_state, c.dt_rank, c.d_conv
+    mm = 2 * T * (D * 2 * ED + ED * (R + 2 * N) + R * ED + ED * D)
+    mm += 2 * T * ED * K                       # depthwise conv
+    mm += 2 * T * ED * N                       # y = h . C
+    return FlopCount(mm, SCAN_FLOPS_PER_ELEM * T * ED * N)
+
+
+def moe_flops(m: MoE, T: int) -> FlopCount:
+    D, E, k = m.dim, m.n_experts, m.n_activated
+    return FlopCount(2 * T * (D * E + k * 3 * D * m.expert_inter_dim + 3 * D * m.shared_expert_inter_dim))
+
+
+def mla_flops(m: MLA, B: int, S: int, T: int | None = None, causal: bool = True, absorb: bool | None = None) -> FlopCount:
+    """S queries per sequence attending to T keys (T = S in prefill; T = context in decode)."""
+    T = S if T is None else T
+    absorb = m.attn_impl == "absorb" if absorb is None else absorb
+    H, D, C, R = m.n_heads, m.dim, m.kv_lora_rank, m.qk_rope_head_dim
+    nope, dv, dqk = m.qk_nope_head_dim, m.v_head_dim, m.qk_head_dim
+    tok = B * S
+    q = D * H * dqk if m.q_lora_rank == 0 else D * m.q_lora_rank + m.q_lora_rank * H * dqk
+    mm = 2 * tok * (q + D * (C + R) + H * dv * D)
+    pairs = B * (S * (S + 1) // 2 + S * (T - S)) if causal else B * S * T   # (query, key) pairs
+    if absorb:
+        mm += 2 * tok * H * (nope * C + C * dv)        # query into the latent, latent out to v
+        mm += 2 * pairs * H * ((C + R) + C)            # scores over C+R, p @ latent over C
+    else:
+        mm += 2 * B * T * C * H * (nope + dv)          # expand the T keys' latents to K/V
+        mm += 2 * pairs * H * (dqk + dv)
+    return FlopCount(mm)
+
+
+def forward_flops(model: nn.Module, batch: int, seq: int, context: int | None = None,
+                  causal: bool = True) -> FlopCount:
+    """FLOPs of one forward over (batch, seq) tokens; `context` = keys attended (default seq)."""
+    total = FlopCount()
+    T = batch * seq
+    for mod in model.modules():
+        if isinstance(mod, MambaMixer):
+            total = total + mamba_flops(mod, T)
+        elif isinstance(mod, MoE):
+            total = total + moe_flops(mod, T)
+        elif isinstance(mod, MLA):
+            total = total + mla_flops(mod, batch, seq, context, causal)
+    return total
+
+
+def train_flops(model: nn.Module, batch: int, seq: int) -> FlopCount:
+    f = forward_flops(model, batch, seq)
+    return FlopCount(3 * f.matmul, 3 * f.scan)
+
+
+def decode_bytes(model: nn.Module, batch: int, context: int, cache_bytes: int, elt: int) -> float:
+    """Bytes one decode step must move at least: every weight read once (all experts: with
+    batch*k >= n_experts each is touched) and the cache read once, plus the new token's entry."""
+    weights = sum(p.numel() for p in model.parameters()) * elt
+    return weights + cache_bytes
+
+
+# Dense peak rates (TFLOP/s) from vendors' datasheets, SXM parts, no sparsity. fp32 on GPUs is
+# the non-tensor-core rate (PyTorch's default keeps TF32 off for matmuls).
+PEAK_TFLOPS = {
+    "H100": {"bfloat16": 989.0, "float16": 989.0, "float32": 67.0},
+    "H200": {"bfloat16": 989.0, "float16": 989.0, "float32": 67.0},
+    "A100": {"bfloat16": 312.0, "float16": 312.0, "float32": 19.5},
+}
+
+
+def peak_tflops(device_name: str, dtype: str) -> float | None:
+    for key, rates in PEAK_TFLOPS.items():
+        if key in device_name:
+            return rates.get(dtype)
+    return None
