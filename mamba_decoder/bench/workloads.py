@@ -1,0 +1,144 @@
+"""What is timed beyond one inference forward: training steps and token-by-token decoding.
+
+A workload owns its state (inputs, optimizer, caches) and exposes the callables the timer runs;
+it knows nothing about timing or records.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from ..models import MambaDecoderBlock, MLABlock, RegularMamba
+
+
+class TrainStep:
+    """forward + backward (+ an AdamW step) on a fresh random batch, in train mode.
+
+    The loss is <y, g> for a fixed random g: the same backward work as a real loss at the
+    block level, with nothing but the block in it."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, optimizer_step: bool = False,
+                 keep_grads: bool = False):
+        self.model, self.x, self.keep_grads = model.train(), x, keep_grads
+        self.grad_out = torch.randn_like(x)
+        fused = x.is_cuda
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused) if optimizer_step else None
+
+    def __call__(self) -> None:
+        y = self.model(self.x)
+        y.backward(self.grad_out)
+        if self.opt is not None:
+            self.opt.step()
+        if not self.keep_grads:
+            self.model.zero_grad(set_to_none=True)
+
+
+def supports_decode(model: nn.Module) -> bool:
+    return isinstance(model, (RegularMamba, MambaDecoderBlock, MLABlock))
+
+
+class DecodeSession:
+    """Prefill `context` tokens, then decode one token at a time with the model's own cache.
+
+    `cache_kind` picks MLA's cache: "latent" (absorb) or "full" (naive per-head K/V); Mamba's
+    cache is its conv window and SSM state. With `cuda_graph=True` one step is captured once and
+    replayed (fast backend, CUDA only); the MLA step then runs at a device-tensor position.
+    `capacity` is the number of tokens that can be decoded after a prefill.
+    """
+
+    def __init__(self, model: nn.Module, batch: int, context: int, capacity: int,
+                 device: torch.device, dtype: torch.dtype, cache_kind: Optional[str] = None,
+                 cuda_graph: bool = False):
+        if not supports_decode(model):
+            raise ValueError(f"{type(model).__name__} has no incremental decoding")
+        self.model = model.eval()
+        self.batch, self.context, self.capacity = batch, context, capacity
+        self.is_mla = isinstance(model, MLABlock)
+        dim = model.attn.dim if self.is_mla else (model.dim if isinstance(model, MambaDecoderBlock)
+                                                  else model.config.d_model)
+        self.prompt = torch.randn(batch, context, dim, device=device, dtype=dtype)
+        self.token = torch.randn(batch, 1, dim, device=device, dtype=dtype)   # static input buffer
+        if self.is_mla:
+            self.cache = model.init_cache(batch, context + capacity, kind=cache_kind, device=device, dtype=dtype)
+        else:
+            if cache_kind not in (None, "state"):
+                raise ValueError(f"cache kind {cache_kind!r} is not one of: state (Mamba's only cache)")
+            self.cache = model.init_cache(batch, device=device, dtype=dtype)
+        self.pos = context
+        self.pos_t = torch.tensor(context, device=device)
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        if cuda_graph:
+            if device.type != "cuda":
+                raise ValueError("CUDA graphs need a CUDA device (got --device cpu)")
+            self._capture()
+
+    # -- state
+    def _tensors(self) -> list[torch.Tensor]:
+        caches = self.cache if isinstance(self.cache, list) else [self.cache]
+        out = []
+        for c in caches:
+            out += [c.a, c.b] if hasattr(c, "a") else [c.conv, c.ssm]
+        return out
+
+    def cache_bytes(self, length: Optional[int] = None) -> int:
+        """Bytes the cache holds for `length` positions (default: the current one)."""
+        n = self.pos if length is None else length
+        if self.is_mla:
+            return self.cache.nbytes(n)
+        caches = self.cache if isinstance(self.cache, list) else [self.cache]
+        return sum(c.nbytes() for c in caches)
+
+    def prefill(self) -> None:
+        """Reset the cache and run the prompt through it (in place: a captured graph stays valid)."""
+        with torch.inference_mode():
+            for t in self._tensors():
+                t.zero_()
+            if self.is_mla:
+                self.model(self.prompt, 0, None, self.cache)
+            elif isinstance(self.model, RegularMamba):
+                self.model(self.prompt, self.cache)
+            else:
+                self.model(self.prompt, self.cache)
+        self.pos = self.context
+        self.pos_t.fill_(self.context)
+
+    # -- one token
+    def _eager_step(self) -> Any:
+        if self.is_mla:
+            return self.model(self.token, self.pos, None, self.cache)
+        return self.model(self.token, self.cache)
+
+    def _graph_step(self) -> Any:
+        if self.is_mla:
+            out = self.model.decode_step(self.token, self.pos_t, self.cache)
+            self.pos_t.add_(1)
+            return out
+        return self.model(self.token, self.cache)
+
+    def _capture(self) -> None:
+        self.prefill()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(3):                      # warm up kernels / allocator outside the graph
+                self._graph_step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(self.graph):
+            self._graph_step()
+        self.prefill()                              # the warm-up steps moved the state: start over
+
+    def step(self) -> None:
+        if self.pos >= self.context + self.capacity:
+            raise RuntimeError(f"decoded past the cache's capacity of {self.capacity} tokens")
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            with torch.inference_mode():
+                self._eager_step()
+        self.pos += 1
+
+    def step_fn(self) -> Callable[[], None]:
+        return self.step
