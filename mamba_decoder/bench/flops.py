@@ -56,7 +56,8 @@ def moe_flops(m: MoE, T: int) -> FlopCount:
 def mla_flops(m: MLA, B: int, S: int, T: int | None = None, causal: bool = True, absorb: bool | None = None) -> FlopCount:
     """S queries per sequence attending to T keys (T = S in prefill; T = context in decode)."""
     T = S if T is None else T
-    absorb = m.attn_impl == "absorb" if absorb is None else absorb
+    if absorb is None:  # what a cache-less forward runs (the fast backend always expands)
+        absorb = m.attn_impl == "absorb" and m.backend == "reference"
     H, D, C, R = m.n_heads, m.dim, m.kv_lora_rank, m.qk_rope_head_dim
     nope, dv, dqk = m.qk_nope_head_dim, m.v_head_dim, m.qk_head_dim
     tok = B * S

@@ -169,7 +169,13 @@ class MLA(nn.Module):
             buf[:bsz].index_copy_(1, where, val)
             return buf[:bsz]
 
-        use_latent = cache.kind == "latent" if cache is not None else self.attn_impl == "absorb"
+        # Without a cache the fast backend always expands the latent to per-head K/V ("naive"):
+        # the same function, and for prefill far fewer FLOPs than attending over the 576-wide
+        # latent keys. attn_impl then picks the decoding cache (absorb -> latent).
+        if cache is not None:
+            use_latent = cache.kind == "latent"
+        else:
+            use_latent = self.attn_impl == "absorb" and not fast
         if use_latent:
             if cache is not None:
                 kv, k_pe = store(cache.a, kv), store(cache.b, k_pe)
@@ -189,5 +195,7 @@ class MLA(nn.Module):
         return self.wo(o.flatten(2))
 
     def kernel_choice(self, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
-        kind = "sdpa" if self.backend == "fast" else "einsum"
-        return {"attn": f"{self.attn_impl}-{kind}"}
+        if self.backend == "reference":
+            return {"attn": f"{self.attn_impl}-einsum"}
+        cache = "latent" if self.attn_impl == "absorb" else "full"
+        return {"attn": f"prefill naive-sdpa, decode {cache}-cache sdpa"}
