@@ -1,0 +1,79 @@
+"""On a CUDA device: every fast path against its reference twin, CUDA graphs against eager.
+
+Skipped without CUDA (CI has none); run on the GPU machine with `pytest tests/gpu`.
+"""
+import pytest
+import torch
+from helpers import randomize_, rel_err
+
+from mamba_decoder.bench.registry import MODELS, build_model
+from mamba_decoder.bench.workloads import DecodeSession
+from mamba_decoder.kernels import moe as moe_kernels
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+DEV = torch.device("cuda")
+
+
+def _pair(name, dim=256, seq=512):
+    ref = randomize_(build_model(name, dim, "reference", max_seq_len=seq)).to(DEV).eval()
+    fast = build_model(name, dim, "fast", max_seq_len=seq).to(DEV).eval()
+    fast.load_state_dict(ref.state_dict(), strict=True)
+    return ref, fast
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("shape", [(1, 128), (2, 333), (4, 512)], ids=lambda s: "B{}-L{}".format(*s))
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
+def test_fast_block_equals_reference_on_cuda(name, shape, dtype, tol):
+    ref, fast = _pair(name)
+    x = torch.randn(*shape, 256, device=DEV, dtype=dtype)
+    with torch.no_grad():
+        ref, fast = ref.to(dtype), fast.to(dtype)
+        want = ref.float()(x.float()) if dtype != torch.float32 else ref(x)
+        got = fast(x)
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    # fp32 tolerance allows TF32 in cuDNN's conv; bf16 against the fp32 reference
+    assert rel_err(got, want) < tol
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_fast_gradients_equal_reference_on_cuda(name):
+    ref, fast = _pair(name, dim=128, seq=256)
+    x = torch.randn(2, 200, 128, device=DEV)
+    g = torch.randn_like(x)
+    for m in (ref, fast):
+        m.train()
+        m(x).backward(g)
+    for (n, pr), (_, pf) in zip(ref.named_parameters(), fast.named_parameters()):
+        if pr.grad is not None:
+            assert rel_err(pf.grad, pr.grad) < 2e-3, n
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_routed_experts_on_cuda(dtype):
+    T, D, E, I, k = 1000, 256, 6, 512, 2
+    x = torch.randn(T, D, device=DEV, dtype=dtype)
+    w = torch.rand(T, k, device=DEV).softmax(-1)
+    idx = torch.stack([torch.randperm(E)[:k] for _ in range(T)]).to(DEV)
+    w1, w3 = (torch.randn(E, I, D, device=DEV, dtype=dtype) / D ** 0.5 for _ in range(2))
+    w2 = torch.randn(E, D, I, device=DEV, dtype=dtype) / I ** 0.5
+    want = moe_kernels.routed_loop(x.float(), w, idx, w1.float(), w2.float(), w3.float())
+    got = moe_kernels.routed_experts(x, w, idx, w1, w2, w3)
+    assert rel_err(got, want) < (2e-2 if dtype == torch.bfloat16 else 1e-3)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_cuda_graph_decode_equals_eager(name, dtype):
+    torch.manual_seed(0)
+    model = randomize_(build_model(name, 256, "fast", max_seq_len=512)).to(DEV, dtype).eval()
+    outs = {}
+    for graph in (False, True):
+        torch.manual_seed(1)
+        s = DecodeSession(model, 4, 100, 8, DEV, dtype, cuda_graph=graph)
+        s.prefill()
+        for _ in range(5):
+            s.step()
+        outs[graph] = [t.clone() for t in s._tensors()]
+    for a, b in zip(outs[False], outs[True]):
+        assert rel_err(b, a) < (2e-2 if dtype == torch.bfloat16 else 1e-4)
