@@ -81,21 +81,48 @@ class MambaMixer(MambaBlock):
         y = (h @ C.float().unsqueeze(-1)).squeeze(2) + self.D.float() * x.float()
         return y.to(x.dtype), h                                         # (B, ED), (B, ED, N)
 
-    def _conv(self, x: torch.Tensor) -> torch.Tensor:
+    def _conv(self, x: torch.Tensor, channel_major: bool = False) -> torch.Tensor:
+        """Causal depthwise conv. x (B, L, ED) -> (B, L, ED), or with channel_major
+        (B, ED, L) -> (B, ED, L) (no transposes)."""
+        if channel_major:
+            L = x.shape[2]
+            return self.conv1d(x)[:, :, :L]
         L = x.shape[1]
         return self.conv1d(x.transpose(1, 2))[:, :, :L].transpose(1, 2)  # causal depthwise, (B, L, ED)
 
-    def _ssm_inputs(self, x: torch.Tensor):
+    def _ssm_inputs(self, x: torch.Tensor, channel_major: bool = False):
         cfg = self.config
+        A = -torch.exp(self.A_log.float())                              # (ED, N)
+        if channel_major:
+            # x (B, ED, L): dBC^T = W_x x -> (B, R + 2N, L); B^T, C^T are (B, N, L) slices
+            Bsz = x.shape[0]
+            dBC = torch.bmm(self.x_proj.weight.expand(Bsz, -1, -1), x)
+            if self.x_proj.bias is not None:
+                dBC = dBC + self.x_proj.bias[:, None]
+            R, N = cfg.dt_rank, cfg.d_state
+            dt, B, C = dBC[:, :R], dBC[:, R:R + N], dBC[:, R + N:]
+            # (B, ED, L); bias fused in the scan
+            dt = torch.bmm(self.dt_proj.weight.expand(Bsz, -1, -1), dt)
+            return dt, A, B, C
         dBC = self.x_proj(x)                                            # (B, L, R + 2N)
         dt, B, C = torch.split(dBC, [cfg.dt_rank, cfg.d_state, cfg.d_state], dim=-1)
         dt, B, C = self._apply_layernorms(dt, B, C)
         dt = F.linear(dt, self.dt_proj.weight)                          # (B, L, ED); bias fused in the scan
-        A = -torch.exp(self.A_log.float())                              # (ED, N)
         return dt, A, B, C
 
     def _forward_fast(self, x: torch.Tensor, cache: Optional[MambaCache] = None) -> torch.Tensor:
         from ..kernels.selective_scan import selective_scan
+
+        # Layout: channel-major ("BDL": activations (B, ED, L), L contiguous) on CUDA, where the
+        # Triton scan reads coalesced time rows and the GEMMs write that layout directly; the
+        # (B, L, ED) path on CPU, where it measured faster (NOTES.md). `fast_layout` (an
+        # instance attribute, "BLD" / "BDL") overrides. inner_layernorms normalize over
+        # dt_rank / d_state, which is the BLD path's last axis: that config always runs BLD.
+        layout = getattr(self, "fast_layout", None) or ("BDL" if x.is_cuda else "BLD")
+        if self.config.inner_layernorms:
+            layout = "BLD"
+        if layout == "BDL":
+            return self._forward_fast_bdl(x, cache, selective_scan)
 
         xz = self.in_proj(x)                                            # (B, L, 2 ED)
         x, z = xz.chunk(2, dim=-1)                                      # (B, L, ED) each
@@ -116,6 +143,38 @@ class MambaMixer(MambaBlock):
             y, h = y
             cache.ssm.copy_(h)
         return self.out_proj(y)
+
+    def _forward_fast_bdl(self, x, cache, selective_scan):
+        """Channel-major fast path: x (B, L, D) -> (B, L, D) (a transposed view of (B, D, L))."""
+        Bsz = x.shape[0]
+        ED = self.config.d_inner
+        xT = x.transpose(1, 2)                                          # (B, D, L) view
+        W = self.in_proj.weight                                         # (2 ED, D)
+        # two GEMMs writing (B, ED, L) each, contiguous (the conv wants a dense input)
+        xi = torch.bmm(W[:ED].expand(Bsz, -1, -1), xT)                  # (B, ED, L)
+        z = torch.bmm(W[ED:].expand(Bsz, -1, -1), xT)                   # (B, ED, L)
+        if self.in_proj.bias is not None:
+            xi = xi + self.in_proj.bias[:ED, None]
+            z = z + self.in_proj.bias[ED:, None]
+        if cache is None:
+            xi = self._conv(xi, channel_major=True)
+        else:
+            K = self.config.d_conv
+            xt = torch.cat([cache.conv, xi], dim=2)                     # (B, ED, K - 1 + L)
+            cache.conv.copy_(xt[:, :, -(K - 1):])
+            xi = F.conv1d(xt, self.conv1d.weight, self.conv1d.bias, groups=ED)
+        xi = F.silu(xi)                                                 # (B, ED, L)
+        dt, A, B, C = self._ssm_inputs(xi, channel_major=True)
+        y = selective_scan(xi, dt, A, B, C, self.D.float(), z=z, dt_bias=self.dt_proj.bias.float(),
+                           dt_softplus=True, initial_state=None if cache is None else cache.ssm,
+                           return_final_state=cache is not None, layout="BDL")  # (B, ED, L)
+        if cache is not None:
+            y, h = y
+            cache.ssm.copy_(h)
+        out = torch.bmm(self.out_proj.weight.expand(Bsz, -1, -1), y)   # (B, D, L)
+        if self.out_proj.bias is not None:
+            out = out + self.out_proj.bias[:, None]
+        return out.transpose(1, 2)
 
     def _step_fast(self, x: torch.Tensor, cache: MambaCache) -> torch.Tensor:
         """One token, x (B, D) -> (B, D): a fixed sequence of device ops with no host sync and

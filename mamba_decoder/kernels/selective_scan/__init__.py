@@ -21,6 +21,7 @@ __all__ = ["selective_scan", "selective_scan_ref", "selective_scan_pscan", "sele
            "available_impls", "auto_impl"]
 
 _IMPLS = ("reference", "cpu", "triton")
+_LAYOUTS = ("BLD", "BDL")
 
 
 def _triton_importable() -> bool:
@@ -50,10 +51,15 @@ def auto_impl(device) -> str:
     raise ValueError(f"selective_scan: no auto impl for device type {device.type!r}")
 
 
-def _validate(x, dt, A, B, C, D, z, dt_bias, initial_state):
+def _validate(x, dt, A, B, C, D, z, dt_bias, initial_state, layout="BLD"):
+    if layout not in _LAYOUTS:
+        raise ValueError(f"selective_scan: unknown layout {layout!r}; expected one of {_LAYOUTS}")
     if x.dim() != 3:
-        raise ValueError(f"x must be (B, L, ED), got shape {tuple(x.shape)}")
-    Bsz, L, ED = x.shape
+        raise ValueError(f"x must be 3-D ({layout}), got shape {tuple(x.shape)}")
+    if layout == "BLD":
+        Bsz, L, ED = x.shape
+    else:
+        Bsz, ED, L = x.shape
     if dt.shape != x.shape:
         raise ValueError(f"dt shape {tuple(dt.shape)} != x shape {tuple(x.shape)}")
     if z is not None and z.shape != x.shape:
@@ -61,9 +67,11 @@ def _validate(x, dt, A, B, C, D, z, dt_bias, initial_state):
     if A.dim() != 2 or A.shape[0] != ED:
         raise ValueError(f"A must be (ED={ED}, N), got {tuple(A.shape)}")
     N = A.shape[1]
+    bc_shape = (Bsz, L, N) if layout == "BLD" else (Bsz, N, L)
     for name, t in (("B", B), ("C", C)):
-        if t.shape != (Bsz, L, N):
-            raise ValueError(f"{name} must be (B, L, N)={(Bsz, L, N)}, got {tuple(t.shape)}")
+        if t.shape != bc_shape:
+            raise ValueError(f"{name} must be {'(B, L, N)' if layout == 'BLD' else '(B, N, L)'}"
+                             f"={bc_shape}, got {tuple(t.shape)}")
     for name, t in (("D", D), ("dt_bias", dt_bias)):
         if t is not None and t.shape != (ED,):
             raise ValueError(f"{name} must be (ED,)=({ED},), got {tuple(t.shape)}")
@@ -76,7 +84,7 @@ def _validate(x, dt, A, B, C, D, z, dt_bias, initial_state):
 
 
 def selective_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True,
-                   initial_state=None, return_final_state=False, impl="auto"):
+                   initial_state=None, return_final_state=False, impl="auto", layout="BLD"):
     """Mamba-1 selective scan.
 
     x, dt, z: (B, L, ED); A: (ED, N) fp32 (already negative, = -exp(A_log)); B, C: (B, L, N)
@@ -88,12 +96,33 @@ def selective_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=Tru
     (B, ED, N) fp32. impl: "auto" | "reference" | "cpu" | "triton"; "auto" = triton on CUDA
     tensors, cpu on CPU tensors. An impl that can't run the inputs raises ValueError (no silent
     fallback).
+
+    layout="BDL" (channel-major): x, dt, z and the output are (B, ED, L) and B, C are (B, N, L),
+    all with L the contiguous axis (B, C typically slices of one (B, R+2N, L) tensor). The
+    triton impl runs its own channel-major kernels on them without copies; reference / cpu
+    transpose internally (as views) and transpose the output back.
     """
-    _validate(x, dt, A, B, C, D, z, dt_bias, initial_state)
+    _validate(x, dt, A, B, C, D, z, dt_bias, initial_state, layout)
     if impl == "auto":
         impl = auto_impl(x.device)
     kw = dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, initial_state=initial_state,
               return_final_state=return_final_state)
+    if layout == "BDL":
+        if impl == "triton":
+            if not _triton_importable():
+                raise ValueError("selective_scan impl='triton': triton is not importable")
+            from .triton_bdl import selective_scan_triton_bdl
+            return selective_scan_triton_bdl(x, dt, A, B, C, **kw)
+        if impl not in ("reference", "cpu"):
+            raise ValueError(f"selective_scan: unknown impl {impl!r}; expected 'auto' or one of "
+                             f"{_IMPLS}")
+        tr = (lambda t: t.transpose(1, 2) if t is not None else None)
+        kw["z"] = tr(z)
+        fn = selective_scan_ref if impl == "reference" else selective_scan_cpu
+        res = fn(tr(x), tr(dt), A, tr(B), tr(C), **kw)
+        if return_final_state:
+            return res[0].transpose(1, 2), res[1]
+        return res.transpose(1, 2)
     if impl == "reference":
         return selective_scan_ref(x, dt, A, B, C, **kw)
     if impl == "cpu":

@@ -1,6 +1,7 @@
 """H100 check + benchmark of the Triton selective scan.
 
 python -m mamba_decoder.kernels.selective_scan.bench_gpu [--tune] [--skip-check] [--skip-bench]
+    [--bdl]   (channel-major kernels: check, tune, old-vs-new table, MambaMixer / layer timings)
 
 Prints one JSON line per measurement:
   (1) rel. errors of triton fwd + bwd vs selective_scan_ref (fp32 and bf16, incl. odd shapes);
@@ -17,6 +18,7 @@ import json
 import torch
 
 from mamba_decoder.kernels.selective_scan import selective_scan_pscan, selective_scan_ref
+from mamba_decoder.kernels.selective_scan import triton_bdl as tb
 from mamba_decoder.kernels.selective_scan import triton_scan as ts
 
 BENCH_SHAPES = [(1, 128, 1024, 16), (8, 2048, 1024, 16), (8, 8192, 1024, 16)]
@@ -185,16 +187,245 @@ def tune():
              bwd=best_b and {"ms": round(best_b[0], 4), **best_b[1]})
 
 
+# ------------------------------------------------------------------ channel-major ("BDL")
+
+SEQ = ("x", "dt", "z")
+
+
+def make_bdl(Bsz, L, ED, N, dtype, R=8, seed=0):
+    """BDL twins of make_inputs: x, dt, z (B, ED, L); B, C (B, N, L) slices of (B, R+2N, L)."""
+    inp = make_inputs(Bsz, L, ED, N, dtype, R=R, seed=seed)
+    out = {k: (v.transpose(1, 2).contiguous() if k in SEQ else v) for k, v in inp.items()}
+    xBC = torch.randn(Bsz, R + 2 * N, L, device="cuda").to(dtype)
+    out["B"], out["C"] = xBC[:, R:R + N], xBC[:, R + N:]
+    return out
+
+
+def _bld_view(inp):
+    return {k: (v.transpose(1, 2) if k in ("x", "dt", "z", "B", "C") else v)
+            for k, v in inp.items()}
+
+
+def check_bdl(shapes=CHECK_SHAPES):
+    names = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias"]
+    worst = {}
+    for (Bsz, L, ED, N) in shapes:
+        for dname, dtype in DTYPES.items():
+            inp = make_bdl(Bsz, L, ED, N, dtype)
+            h0 = torch.randn(Bsz, ED, N, device="cuda")
+            # forward, both variants, no grad
+            with torch.no_grad():
+                ref, rhf = selective_scan_ref(**_bld_view(inp), initial_state=h0,
+                                              return_final_state=True)
+                for variant, vcfg in (("assoc", dict(BLOCK_D=4, CHUNK=128)),
+                                      ("seq", dict(BLOCK_D=32, CHUNK=64, num_warps=1)),
+                                      ("seqt", dict(BLOCK_D=32, CHUNK=8, num_warps=1))):
+                    o, hf = tb._fwd(*[inp[k] for k in ("x", "dt", "A", "B", "C", "D", "z",
+                                                         "dt_bias")], h0, True, False,
+                                    variant=variant, **vcfg)[:2]
+                    e = max(rel(o, ref.transpose(1, 2)), rel(hf, rhf))
+                    emit(kind="check_bdl_fwd", variant=variant, shape=[Bsz, L, ED, N],
+                         dtype=dname, max_rel=e)
+                    worst[(dname, "fwd")] = max(worst.get((dname, "fwd"), 0), e)
+            leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inp.items()}
+            h0l = h0.clone().requires_grad_(True)
+            res = {}
+            for impl in ("ref", "triton"):
+                for v in list(leaves.values()) + [h0l]:
+                    v.grad = None
+                if impl == "ref":
+                    out, hf = selective_scan_ref(**_bld_view(leaves), initial_state=h0l,
+                                                 return_final_state=True)
+                    out = out.transpose(1, 2)
+                else:
+                    out, hf = tb.selective_scan_triton_bdl(**leaves, initial_state=h0l,
+                                                           return_final_state=True)
+                gen = torch.Generator(device="cuda").manual_seed(1)
+                go = torch.randn(out.shape, device="cuda", generator=gen)
+                gh = torch.randn(hf.shape, device="cuda", generator=gen)
+                ((out.float() * go).sum() + (hf * gh).sum()).backward()
+                res[impl] = (out.detach(), hf.detach(),
+                             {k: leaves[k].grad.clone() for k in names}, h0l.grad.clone())
+            r, t = res["ref"], res["triton"]
+            errs = {"out": rel(t[0], r[0]), "final_state": rel(t[1], r[1]),
+                    "d_initial_state": rel(t[3], r[3])}
+            errs.update({f"d_{k}": rel(t[2][k], r[2][k]) for k in names})
+            m = max(errs.values())
+            worst[(dname, "grad")] = max(worst.get((dname, "grad"), 0), m)
+            emit(kind="check_bdl", shape=[Bsz, L, ED, N], dtype=dname, max_rel=m,
+                 **{k: float(f"{v:.2e}") for k, v in errs.items()})
+    emit(kind="check_bdl_worst", **{f"{d}_{w}": float(f"{v:.2e}") for (d, w), v in worst.items()})
+
+
+def _args(inp):
+    return [inp[k] for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")]
+
+
+def tune_bdl(shape=(8, 2048, 1024, 16)):
+    """Sweep FWD_TUNE / BWD_TUNE; install the best per dtype into tb.FWD/BWD_CONFIG (bf16 wins
+    if they differ)."""
+    Bsz, L, ED, N = shape
+    best = {}
+    for dname in ("bf16",):  # the target dtype; fp32 uses the same configs
+        dtype = DTYPES[dname]
+        inp = make_bdl(Bsz, L, ED, N, dtype)
+        args = _args(inp)
+        go = torch.randn(Bsz, ED, L, device="cuda", dtype=dtype)
+        bf = None
+        for cfg in tb.FWD_TUNE:
+            try:
+                ms = cuda_time(lambda: tb._fwd(*args, None, True, False, **cfg), iters=20)
+            except Exception as e:
+                emit(kind="tune_bdl_fwd", dtype=dname, cfg=cfg, error=repr(e)[:200])
+                continue
+            emit(kind="tune_bdl_fwd", dtype=dname, cfg=cfg, ms=round(ms, 4))
+            if bf is None or ms < bf[0]:
+                bf = (ms, cfg)
+        bb = None
+        for cfg in tb.BWD_TUNE:
+            try:
+                fcfg = dict(tb.FWD_CONFIG, STATE_CHUNK=cfg["CHUNK"])
+                fwd_ms = cuda_time(lambda: tb._fwd(*args, None, True, True, **fcfg), iters=10)
+                states = tb._fwd(*args, None, True, True, **fcfg)[2]
+                ms = cuda_time(lambda: tb._bwd(go, None, *args, states, True, cfg["CHUNK"],
+                                               BLOCK_D=cfg["BLOCK_D"],
+                                               num_warps=cfg["num_warps"]), iters=10)
+            except Exception as e:
+                emit(kind="tune_bdl_bwd", dtype=dname, cfg=cfg, error=repr(e)[:200])
+                continue
+            emit(kind="tune_bdl_bwd", dtype=dname, cfg=cfg, bwd_ms=round(ms, 4),
+                 fwd_store_ms=round(fwd_ms, 4))
+            if bb is None or ms + fwd_ms < bb[0]:
+                bb = (ms + fwd_ms, cfg)
+        best[dname] = (bf, bb)
+        emit(kind="tune_bdl_best", dtype=dname, fwd=bf and {"ms": round(bf[0], 4), **bf[1]},
+             fwd_plus_bwd=bb and {"ms": round(bb[0], 4), **bb[1]})
+    for dname in best:
+        bf, bb = best[dname]
+        if bf:
+            tb.FWD_CONFIG.update(bf[1])
+        if bb:
+            tb.BWD_CONFIG.update(bb[1])
+    emit(kind="bdl_configs_used", fwd=tb.FWD_CONFIG, bwd=tb.BWD_CONFIG)
+
+
+def bench_bdl(rows):
+    """Old BLD kernels vs the new BDL ones: fwd and fwd+bwd, both dtypes, BENCH_SHAPES."""
+    for shape in BENCH_SHAPES:
+        Bsz, L, ED, N = shape
+        big = Bsz * L > 8 * 2048
+        for dname, dtype in DTYPES.items():
+            es = torch.tensor([], dtype=dtype).element_size()
+            nbytes = es * (4 * Bsz * L * ED + 2 * Bsz * L * N)
+            for lay in ("BLD", "BDL"):
+                inp = make_inputs(Bsz, L, ED, N, dtype) if lay == "BLD" else \
+                    make_bdl(Bsz, L, ED, N, dtype)
+                fn = ts.selective_scan_triton if lay == "BLD" else tb.selective_scan_triton_bdl
+                res = {}
+                for mode in ("fwd", "fwd_bwd"):
+                    try:
+                        if mode == "fwd":
+                            with torch.no_grad():
+                                ms = cuda_time(lambda: fn(**inp), iters=10 if big else 30)
+                        else:
+                            leaves = {k: v.detach().clone().requires_grad_(True)
+                                      for k, v in inp.items()}
+                            go = torch.randn_like(inp["x"])
+
+                            def fb():
+                                fn(**leaves).backward(go)
+                            ms = cuda_time(fb, iters=5 if big else 20, warmup=2)
+                            del leaves
+                    except Exception as e:
+                        emit(kind="bench_bdl", layout=lay, mode=mode, error=repr(e)[:200])
+                        continue
+                    res[mode] = ms
+                    emit(kind="bench_bdl", layout=lay, mode=mode, shape=list(shape),
+                         dtype=dname, ms=round(ms, 4), GBps=round(nbytes / ms / 1e6, 1))
+                rows.append((lay, shape, dname, res.get("fwd"), res.get("fwd_bwd"),
+                             nbytes / res["fwd"] / 1e6 if "fwd" in res else None))
+                del inp
+                torch.cuda.empty_cache()
+
+
+def bench_layer(rows, Bsz=8, L=2048, dim=512):
+    """Whole fast MambaMixer / one-layer RegularMamba forward (and fwd+bwd) at bf16."""
+    from mambapy.mamba import MambaConfig
+
+    from mamba_decoder.models import MambaMixer, RegularMamba
+    torch.manual_seed(0)
+    x = torch.randn(Bsz, L, dim, device="cuda", dtype=torch.bfloat16)
+    for name, make in (("MambaMixer", lambda b: MambaMixer(MambaConfig(d_model=dim, n_layers=1), b)),
+                       ("RegularMamba", lambda b: RegularMamba(MambaConfig(d_model=dim, n_layers=1), b))):
+        outs = {}
+        for lay in ("BLD", "BDL", "reference"):
+            m = make("reference" if lay == "reference" else "fast").cuda().to(torch.bfloat16)
+            for mod in m.modules():
+                if hasattr(mod, "backend"):
+                    mod.fast_layout = None if lay == "reference" else lay
+            if outs:
+                m.load_state_dict(outs["sd"])
+            else:
+                outs["sd"] = m.state_dict()
+            with torch.no_grad():
+                y = m(x)
+                outs[lay] = y.float()
+                it = 5 if lay == "reference" else 30
+                ms = cuda_time(lambda: m(x), iters=it)
+            xx = x.clone().requires_grad_(True)
+            go = torch.randn_like(x)
+            msb = cuda_time(lambda: m(xx).backward(go), iters=3 if lay == "reference" else 10,
+                            warmup=2)
+            emit(kind="bench_layer", model=name, layout=lay, shape=[Bsz, L, dim], dtype="bf16",
+                 fwd_ms=round(ms, 4), fwd_bwd_ms=round(msb, 4))
+            rows.append((f"{name}:{lay}", (Bsz, L, dim), "bf16", ms, msb, None))
+        for lay in ("BLD", "BDL"):
+            emit(kind="check_layer", model=name, layout=lay,
+                 rel_vs_reference=rel(outs[lay], outs["reference"]))
+
+
+def print_table(rows):
+    print("\n%-24s %-20s %-5s %10s %12s %8s" % ("what", "shape", "dtype", "fwd_ms",
+                                               "fwd_bwd_ms", "fwd_GB/s"))
+    for what, shape, d, f, fb, gb in rows:
+        print("%-24s %-20s %-5s %10s %12s %8s" % (
+            what, "x".join(map(str, shape)), d, f"{f:.4f}" if f else "-",
+            f"{fb:.4f}" if fb else "-", f"{gb:.0f}" if gb else "-"))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--bdl", action="store_true",
+                    help="channel-major kernels: check, tune, table, layer timings")
+    ap.add_argument("--no-bdl-tune", action="store_true")
+    ap.add_argument("--no-bdl-check", action="store_true")
     a = ap.parse_args()
     assert torch.cuda.is_available(), "bench_gpu needs a CUDA device"
     emit(kind="env", device=torch.cuda.get_device_name(), torch=torch.__version__,
          triton=__import__("triton").__version__, fwd_config=ts.FWD_CONFIG,
          bwd_config=ts.BWD_CONFIG)
+    if a.bdl:
+        import time
+        t0 = time.time()
+        rows = []
+        for step, fn in (("check", None if a.no_bdl_check else check_bdl),
+                         ("tune", None if a.no_bdl_tune else tune_bdl),
+                         ("check_tuned", lambda: check_bdl([(1, 200, 1000, 16)])),
+                         ("bench", lambda: bench_bdl(rows)),
+                         ("layer", lambda: bench_layer(rows))):
+            if fn is None:
+                continue
+            try:
+                fn()
+            except Exception as e:  # keep going: one GPU run must report everything it can
+                import traceback
+                emit(kind="error", step=step, error=traceback.format_exc()[-1500:])
+            emit(kind="elapsed", step=step, s=round(time.time() - t0, 1))
+        print_table(rows)
+        return
     if not a.skip_check:
         check()
     if a.tune:

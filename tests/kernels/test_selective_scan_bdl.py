@@ -1,0 +1,244 @@
+"""Channel-major ("BDL") selective scan: x, dt, z, y (B, ED, L); B, C (B, N, L).
+
+Every impl in layout="BDL" against selective_scan_ref run on the same data in (B, L, ED).
+Bounds as in test_selective_scan.py: fp32 triton (interpreter) <= 1e-4 (grads 1e-3),
+bf16 inputs <= 2e-2. Triton runs under TRITON_INTERPRET=1 without a GPU, at small shapes.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any triton import
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from mamba_decoder.kernels.selective_scan import selective_scan, selective_scan_ref  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+GRAD_NAMES = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias"]
+SEQ_KEYS = ("x", "dt", "z", "B", "C")
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make_bdl(Bsz, L, ED, N, dtype=torch.float32, seed=0, R=3):
+    """BDL inputs; B and C are (B, N, L) slices of one (B, R + 2N, L) tensor."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rn(*s):
+        return torch.randn(*s, generator=g)
+
+    xBC = rn(Bsz, R + 2 * N, L).to(device=DEV, dtype=dtype)
+    inp = dict(x=rn(Bsz, ED, L), dt=rn(Bsz, ED, L) - 2.0, z=rn(Bsz, ED, L))
+    inp = {k: v.to(device=DEV, dtype=dtype) for k, v in inp.items()}
+    inp.update(A=-torch.exp(torch.rand(ED, N, generator=g)).to(DEV), D=rn(ED).to(DEV),
+               dt_bias=(0.5 * rn(ED)).to(DEV))
+    inp["B"] = xBC[:, R:R + N]
+    inp["C"] = xBC[:, R + N:]
+    assert inp["B"].stride() == ((R + 2 * N) * L, L, 1)  # a strided slice, read in place
+    h0 = rn(Bsz, ED, N).to(DEV)
+    return inp, h0
+
+
+def to_bld(inp):
+    return {k: (v.transpose(1, 2) if k in SEQ_KEYS and v is not None else v)
+            for k, v in inp.items()}
+
+
+def bdl_fn(impl):
+    return lambda **kw: selective_scan(**kw, impl=impl, layout="BDL")
+
+
+def ref_on_bdl(**kw):
+    """The BLD reference on transposed views; output back to (B, ED, L)."""
+    kw = to_bld(kw)
+    out, hf = selective_scan_ref(**kw)
+    return out.transpose(1, 2), hf
+
+
+def run_with_grads(fn, inp, h0, names, seed=1, **kw):
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inp.items()}
+    h0l = h0.detach().clone().requires_grad_(True)
+    out, hf = fn(**leaves, initial_state=h0l, return_final_state=True, **kw)
+    g = torch.Generator().manual_seed(seed)
+    go = torch.randn(out.shape, generator=g).to(out.device)
+    gh = torch.randn(hf.shape, generator=g).to(out.device)
+    ((out.float() * go).sum() + (hf * gh).sum()).backward()
+    grads = {k: leaves[k].grad for k in names}
+    grads["initial_state"] = h0l.grad
+    return out.detach(), hf.detach(), grads
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Small tiles keep the interpreter fast and leave partial ED blocks and chunks."""
+    pytest.importorskip("triton")
+    from mamba_decoder.kernels.selective_scan import triton_bdl
+    if DEV == "cpu":
+        monkeypatch.setitem(triton_bdl.FWD_CONFIG, "BLOCK_D", 16)
+        monkeypatch.setitem(triton_bdl.FWD_CONFIG, "CHUNK", 8)
+        monkeypatch.setitem(triton_bdl.BWD_CONFIG, "BLOCK_D", 16)
+        monkeypatch.setitem(triton_bdl.BWD_CONFIG, "CHUNK", 8)
+    return triton_bdl
+
+
+IMPLS = [pytest.param("cpu", id="cpu"), pytest.param("reference", id="reference"),
+         pytest.param("triton", id="triton", marks=pytest.mark.triton)]
+TOL = {"cpu": 1e-5, "reference": 1e-6, "triton": 1e-4}
+
+
+@pytest.mark.parametrize("variant", ["assoc", "seq", "seqt"])
+@pytest.mark.parametrize("shape,dtype", [
+    ((2, 37, 48, 16), torch.float32),   # L not a multiple of CHUNK, partial ED block
+    ((1, 70, 20, 16), torch.float32),   # batch 1, ED not a power of two
+    ((2, 5, 16, 4), torch.float32),     # L < CHUNK
+    ((1, 33, 40, 8), torch.float32),
+    ((2, 37, 48, 16), torch.bfloat16),
+], ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v).split(".")[-1])
+@pytest.mark.triton
+def test_triton_bdl_forward(small_tiles, variant, shape, dtype, monkeypatch):
+    monkeypatch.setitem(small_tiles.FWD_CONFIG, "variant", variant)
+    if variant == "seqt":
+        monkeypatch.setitem(small_tiles.FWD_CONFIG, "CHUNK", 4)  # steps per register tile
+    inp, h0 = make_bdl(*shape, dtype=dtype)
+    with torch.no_grad():
+        out, hf = selective_scan(**inp, initial_state=h0, return_final_state=True,
+                                 impl="triton", layout="BDL")
+        ref, rhf = ref_on_bdl(**inp, initial_state=h0, return_final_state=True)
+    Bsz, L, ED, N = shape
+    assert out.shape == (Bsz, ED, L) and out.dtype == dtype and out.is_contiguous()
+    assert hf.dtype == torch.float32
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert rel(out, ref) <= tol
+    assert rel(hf, rhf) <= max(tol, 1e-4)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bdl_forward_no_state(impl, request):
+    if impl == "triton":
+        request.getfixturevalue("small_tiles")
+    inp, _ = make_bdl(2, 21, 24, 8)
+    with torch.no_grad():
+        out = selective_scan(**inp, impl=impl, layout="BDL")
+        ref = selective_scan_ref(**to_bld(inp)).transpose(1, 2)
+    assert out.shape == inp["x"].shape
+    assert rel(out, ref) <= TOL[impl]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("opts", [
+    pytest.param(dict(), id="all-options"),
+    pytest.param(dict(z=None, D=None, dt_bias=None, dt_softplus=False), id="bare"),
+])
+@pytest.mark.parametrize("shape", [(2, 37, 24, 16), (1, 21, 20, 8)], ids=["B2-L37", "B1-L21"])
+def test_triton_bdl_gradients(small_tiles, opts, shape):
+    inp, h0 = make_bdl(*shape)
+    if opts.get("dt_softplus") is False:
+        inp["dt"] = torch.nn.functional.softplus(inp["dt"])
+    use = {k: v for k, v in inp.items() if opts.get(k, 0) is not None}
+    names = [k for k in GRAD_NAMES if k in use]
+    kw = {"dt_softplus": opts.get("dt_softplus", True)}
+    kw.update({k: None for k in GRAD_NAMES if k not in use})
+    o, hf, g = run_with_grads(bdl_fn("triton"), use, h0, names, **kw)
+    ro, rhf, rg = run_with_grads(ref_on_bdl, use, h0, names, **kw)
+    assert rel(o, ro) <= 1e-4 and rel(hf, rhf) <= 1e-4
+    for k in names + ["initial_state"]:
+        assert g[k] is not None and g[k].shape == use.get(k, h0).shape, k
+        assert rel(g[k], rg[k]) <= 1e-3, (k, rel(g[k], rg[k]))
+
+
+@pytest.mark.triton
+def test_triton_bdl_gradients_bf16(small_tiles):
+    inp, h0 = make_bdl(1, 30, 24, 8, dtype=torch.bfloat16)
+    o, hf, g = run_with_grads(bdl_fn("triton"), inp, h0, GRAD_NAMES)
+    ro, rhf, rg = run_with_grads(ref_on_bdl, inp, h0, GRAD_NAMES)
+    assert rel(o, ro) <= 2e-2
+    for k in GRAD_NAMES:
+        assert g[k].dtype == inp[k].dtype
+        assert rel(g[k], rg[k]) <= 2e-2, k
+
+
+@pytest.mark.parametrize("impl", ["cpu", "reference"])
+def test_bdl_grads_cpu_and_reference(impl):
+    inp, h0 = make_bdl(1, 13, 12, 4)
+    o, hf, g = run_with_grads(bdl_fn(impl), inp, h0, GRAD_NAMES)
+    ro, rhf, rg = run_with_grads(ref_on_bdl, inp, h0, GRAD_NAMES)
+    for k in GRAD_NAMES + ["initial_state"]:
+        assert rel(g[k], rg[k]) <= 1e-4, k
+
+
+@pytest.mark.triton
+def test_triton_bdl_two_halves_equal_whole(small_tiles):
+    inp, h0 = make_bdl(2, 40, 24, 16)
+    cut = 17
+    with torch.no_grad():
+        whole, hw = selective_scan(**inp, initial_state=h0, return_final_state=True,
+                                   impl="triton", layout="BDL")
+        first = {k: (v[..., :cut] if k in SEQ_KEYS else v) for k, v in inp.items()}
+        second = {k: (v[..., cut:] if k in SEQ_KEYS else v) for k, v in inp.items()}
+        o1, h1 = selective_scan(**first, initial_state=h0, return_final_state=True,
+                                impl="triton", layout="BDL")
+        o2, h2 = selective_scan(**second, initial_state=h1, return_final_state=True,
+                                impl="triton", layout="BDL")
+    assert rel(torch.cat([o1, o2], -1), whole) <= 1e-4
+    assert rel(h2, hw) <= 1e-4
+
+
+@pytest.mark.triton
+def test_triton_bdl_real_associative_scan_path(monkeypatch):
+    """Interpret tl.associative_scan itself (slow in the interpreter: tiny shape)."""
+    pytest.importorskip("triton")
+    from mamba_decoder.kernels.selective_scan import triton_bdl
+    monkeypatch.setattr(triton_bdl, "INTERPRET_SEQ_SCAN", False)
+    monkeypatch.setitem(triton_bdl.FWD_CONFIG, "variant", "assoc")
+    monkeypatch.setitem(triton_bdl.FWD_CONFIG, "BLOCK_D", 4)
+    monkeypatch.setitem(triton_bdl.BWD_CONFIG, "BLOCK_D", 4)
+    monkeypatch.setitem(triton_bdl.BWD_CONFIG, "CHUNK", 8)
+    inp, h0 = make_bdl(1, 11, 6, 4)
+    o, hf, g = run_with_grads(bdl_fn("triton"), inp, h0, GRAD_NAMES)
+    ro, rhf, rg = run_with_grads(ref_on_bdl, inp, h0, GRAD_NAMES)
+    assert rel(o, ro) <= 1e-4 and rel(hf, rhf) <= 1e-4
+    for k in GRAD_NAMES + ["initial_state"]:
+        assert rel(g[k], rg[k]) <= 1e-3, k
+
+
+def test_bdl_bad_shapes_raise():
+    inp, _ = make_bdl(1, 9, 8, 4)
+    inp = {k: v.cpu() for k, v in inp.items()}
+    with pytest.raises(ValueError):
+        selective_scan(**to_bld(inp), impl="cpu", layout="BDL")  # B, C in the wrong layout
+    with pytest.raises(ValueError, match="layout"):
+        selective_scan(**inp, impl="cpu", layout="LBD")
+
+
+def test_fast_mixer_bdl_path_equals_reference():
+    """The mixer's channel-major path (the CUDA default), forced on CPU, vs mambapy."""
+    pytest.importorskip("mambapy")
+    from mambapy.mamba import MambaConfig
+
+    from mamba_decoder.models import MambaMixer
+    torch.manual_seed(0)
+    ref = MambaMixer(MambaConfig(d_model=24, n_layers=1), backend="reference")
+    fast = MambaMixer(MambaConfig(d_model=24, n_layers=1), backend="fast")
+    fast.load_state_dict(ref.state_dict())
+    fast.fast_layout = "BDL"
+    x = torch.randn(2, 19, 24)
+    assert rel(fast(x), ref(x)) < 1e-5
+    # prefill continuing from a cache
+    c1, c2 = ref.init_cache(2), fast.init_cache(2)
+    a = torch.cat([ref(x[:, :7], c1), ref(x[:, 7:], c1)], 1)
+    b = torch.cat([fast(x[:, :7], c2), fast(x[:, 7:], c2)], 1)
+    assert rel(b, a) < 1e-5
+    assert rel(c2.ssm, c1.ssm) < 1e-5 and rel(c2.conv, c1.conv) < 1e-6
+    # grads flow to every parameter
+    x.requires_grad_(True)
+    fast(x).square().sum().backward()
+    assert all(p.grad is not None for p in fast.parameters())
