@@ -11,10 +11,26 @@ anyway), so that path is O(L) memory, like any plain-torch autograd scan.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
 DEFAULT_CHUNK = 32  # measured best at ED=1024, N=16 on 2 cores (fits cache)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """The chunk loop is hundreds of small ops on cache-sized (T, B, ED, N) tiles: splitting
+    each over threads buys little and costs a barrier per op, which becomes a stall whenever
+    another process holds a core (scan at B4 L512 ED1024, loaded 2-core machine: 5.0 s with 2
+    threads, 0.18 s with 1). The GEMMs around the scan keep the caller's thread count."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def selective_scan_cpu(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True,
@@ -40,6 +56,22 @@ def selective_scan_cpu(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus
         t is not None and t.requires_grad
         for t in (x, dt, A, B, C, D, z, dt_bias, initial_state))
 
+    with _one_thread():
+        ys, h = _chunks(delta, Af, Bf, Cf, dx, h, L, chunk, track_grad)
+    y = torch.cat(ys, dim=1) if ys else xf.new_zeros(Bsz, 0, ED)  # (B, L, ED)
+    if D is not None:
+        y = y + D.float() * xf
+    if z is not None:
+        y = y * F.silu(z.float())
+    out = y.to(x.dtype)
+    if return_final_state:
+        return out, h
+    return out
+
+
+def _chunks(delta, Af, Bf, Cf, dx, h, L, chunk, track_grad):
+    Bsz, _, ED = delta.shape
+    N = Af.shape[1]
     ys = []
     for s in range(0, L, chunk):
         e = min(s + chunk, L)
@@ -65,12 +97,4 @@ def selective_scan_cpu(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus
         T = e - s
         y_c = torch.bmm(hs.reshape(T * Bsz, ED, N), C_c.reshape(T * Bsz, N, 1)).view(T, Bsz, ED)
         ys.append(y_c.transpose(0, 1))  # (B, T, ED)
-    y = torch.cat(ys, dim=1) if ys else xf.new_zeros(Bsz, 0, ED)  # (B, L, ED)
-    if D is not None:
-        y = y + D.float() * xf
-    if z is not None:
-        y = y * F.silu(z.float())
-    out = y.to(x.dtype)
-    if return_final_state:
-        return out, h
-    return out
+    return ys, h
