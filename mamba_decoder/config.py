@@ -6,10 +6,11 @@ from typing import Literal, Optional
 from mambapy.mamba import MambaConfig  # the field's own config, re-exported unchanged
 from pydantic import BaseModel, ConfigDict, PositiveFloat, PositiveInt, model_validator
 
-__all__ = ["MambaConfig", "MoEConfig", "Backend", "BACKENDS", "check_backend"]
+__all__ = ["MambaConfig", "MoEConfig", "Backend", "BACKENDS", "DEFAULT_BACKEND", "check_backend"]
 
 Backend = Literal["reference", "fast"]
 BACKENDS: tuple[str, ...] = ("reference", "fast")
+DEFAULT_BACKEND = "fast"  # every block, the CLI and the API default to it
 
 
 def check_backend(backend: str) -> str:

@@ -5,7 +5,7 @@ from typing import Callable
 
 from torch import nn
 
-from ..config import MambaConfig, MoEConfig, check_backend
+from ..config import DEFAULT_BACKEND, MambaConfig, MoEConfig, check_backend
 from ..models import MambaDecoderBlock, MLABlock, RegularMamba
 from ..models.moe import MoE
 
@@ -41,7 +41,7 @@ MODELS: dict[str, Callable[[int, str, int], nn.Module]] = {
 }
 
 
-def build_model(name: str, dim: int, backend: str = "reference", max_seq_len: int = 4096) -> nn.Module:
+def build_model(name: str, dim: int, backend: str = DEFAULT_BACKEND, max_seq_len: int = 4096) -> nn.Module:
     """A freshly initialised model of the suite: input and output (batch, seq, dim)."""
     if name not in MODELS:
         raise ValueError(f"model {name!r} is not one of {', '.join(map(repr, MODELS))}")
@@ -57,3 +57,4 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
             per_expert = sum(p.numel() for p in m.experts[0].parameters() if p.requires_grad)
             idle += per_expert * (m.n_experts - m.n_activated)
     return total, total - idle
+

@@ -10,7 +10,7 @@ from typing import Literal, Optional
 import torch
 from torch import nn
 
-from ..config import MambaConfig, MoEConfig, check_backend
+from ..config import DEFAULT_BACKEND, MambaConfig, MoEConfig, check_backend
 from .mamba import MambaCache, MambaMixer
 from .mla import MLA, MLACache
 from .moe import MoE
@@ -27,7 +27,7 @@ def kernel_choices(module: nn.Module, device, dtype) -> dict[str, str]:
 
 class MambaDecoderBlock(nn.Module):
     def __init__(self, dim: int = 512, mamba_config: Optional[MambaConfig] = None,
-                 moe_config: Optional[MoEConfig] = None, backend: str = "reference"):
+                 moe_config: Optional[MoEConfig] = None, backend: str = DEFAULT_BACKEND):
         super().__init__()
         mamba_config = mamba_config or MambaConfig(d_model=dim, n_layers=1)
         moe_config = moe_config or MoEConfig(dim=dim)
@@ -59,7 +59,7 @@ class MLABlock(nn.Module):
                  mscale: float = 1.0, n_experts: int = 12, n_activated: int = 4,
                  expert_inter_dim: Optional[int] = None, shared_expert_inter_dim: Optional[int] = None,
                  use_adaptive_bias: bool = True, bias_update_rate: float = 0.01,
-                 backend: str = "reference"):
+                 backend: str = DEFAULT_BACKEND):
         super().__init__()
         self.dim, self.backend = dim, check_backend(backend)
         self.norm1 = nn.RMSNorm(dim)

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..config import MambaConfig, MoEConfig, check_backend
+from ..config import DEFAULT_BACKEND, MambaConfig, MoEConfig, check_backend
 from .blocks import MambaDecoderBlock, MLABlock
 
 
@@ -17,7 +17,7 @@ class MambaDecoder(nn.Module):
     def __init__(self, heads: int = 64, vocab_size: int = 50000, max_seq_len: int = 512,
                  depth: int = 6, dim: int = 512, post_embed_norm: bool = True,
                  mamba_config: Optional[MambaConfig] = None, moe_config: Optional[MoEConfig] = None,
-                 post_mamba_mla_block: bool = False, backend: str = "reference"):
+                 post_mamba_mla_block: bool = False, backend: str = DEFAULT_BACKEND):
         super().__init__()
         for name, v in dict(heads=heads, vocab_size=vocab_size, max_seq_len=max_seq_len,
                             depth=depth, dim=dim).items():

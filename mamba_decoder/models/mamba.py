@@ -15,7 +15,7 @@ from mambapy.mamba import MambaBlock, MambaConfig
 from mambapy.mamba import RMSNorm as MambaRMSNorm
 from torch import nn
 
-from ..config import check_backend
+from ..config import DEFAULT_BACKEND, check_backend
 
 
 @dataclass
@@ -32,7 +32,7 @@ class MambaCache:
 class MambaMixer(MambaBlock):
     """mambapy's MambaBlock with a `backend` switch. Input and output (B, L, D)."""
 
-    def __init__(self, config: MambaConfig, backend: str = "reference"):
+    def __init__(self, config: MambaConfig, backend: str = DEFAULT_BACKEND):
         if config.use_cuda:
             raise ValueError("MambaConfig.use_cuda=True asks for the mamba_ssm CUDA kernels; "
                              "use backend='fast' instead (accepted: use_cuda=False)")
@@ -201,7 +201,7 @@ class MambaMixer(MambaBlock):
 class ResidualLayer(nn.Module):
     """mambapy's ResidualBlock, mixer(norm(x)) + x, with the mixer's backend chosen."""
 
-    def __init__(self, config: MambaConfig, backend: str = "reference"):
+    def __init__(self, config: MambaConfig, backend: str = DEFAULT_BACKEND):
         super().__init__()
         self.mixer = MambaMixer(config, backend)
         self.norm = MambaRMSNorm(config.d_model, config.rms_norm_eps, config.mup)
@@ -216,7 +216,7 @@ class RegularMamba(nn.Module):
     The suite's baseline is `RegularMamba(MambaConfig(d_model=dim, n_layers=1))`.
     """
 
-    def __init__(self, config: MambaConfig, backend: str = "reference"):
+    def __init__(self, config: MambaConfig, backend: str = DEFAULT_BACKEND):
         super().__init__()
         self.config = config
         self.layers = nn.ModuleList([ResidualLayer(config, backend) for _ in range(config.n_layers)])

@@ -16,7 +16,7 @@ from open_kimi.mla import apply_rotary_emb, precompute_freqs_cis
 from torch import nn
 from torch.nn import RMSNorm
 
-from ..config import check_backend
+from ..config import DEFAULT_BACKEND, check_backend
 from ..kernels import attention as attn_kernels
 
 ATTN_IMPLS = ("naive", "absorb")
@@ -49,7 +49,7 @@ class MLA(nn.Module):
                  qk_nope_head_dim: int = 128, qk_rope_head_dim: int = 64, v_head_dim: int = 128,
                  max_seq_len: int = 4096, max_batch_size: int = 8,
                  attn_impl: Literal["naive", "absorb"] = "absorb", rope_theta: float = 10000.0,
-                 mscale: float = 1.0, backend: str = "reference"):
+                 mscale: float = 1.0, backend: str = DEFAULT_BACKEND):
         super().__init__()
         for name, v in dict(dim=dim, n_heads=n_heads, kv_lora_rank=kv_lora_rank,
                             qk_nope_head_dim=qk_nope_head_dim, qk_rope_head_dim=qk_rope_head_dim,

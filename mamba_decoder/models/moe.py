@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from open_kimi.moe import MoE as KimiMoE
 
-from ..config import MoEConfig, check_backend
+from ..config import DEFAULT_BACKEND, MoEConfig, check_backend
 from ..kernels import moe as moe_kernels
 
 
@@ -21,7 +21,7 @@ class MoE(KimiMoE):
     def __init__(self, dim: int, n_experts: int = 6, n_activated: int = 2,
                  expert_inter_dim: Optional[int] = None, shared_expert_inter_dim: Optional[int] = None,
                  use_adaptive_bias: bool = True, bias_update_rate: float = 0.01,
-                 backend: str = "reference"):
+                 backend: str = DEFAULT_BACKEND):
         MoEConfig(dim=dim, n_experts=n_experts, n_activated=n_activated,
                   expert_inter_dim=expert_inter_dim, shared_expert_inter_dim=shared_expert_inter_dim,
                   use_adaptive_bias=use_adaptive_bias, bias_update_rate=bias_update_rate)  # validate
@@ -31,7 +31,7 @@ class MoE(KimiMoE):
         self._stack_cache: tuple | None = None
 
     @classmethod
-    def from_config(cls, cfg: MoEConfig, backend: str = "reference") -> "MoE":
+    def from_config(cls, cfg: MoEConfig, backend: str = DEFAULT_BACKEND) -> "MoE":
         return cls(**cfg.model_dump(), backend=backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

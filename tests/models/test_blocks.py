@@ -112,3 +112,12 @@ def test_importing_the_library_does_not_import_matplotlib_or_triton():
             "print(any(m in sys.modules for m in ('matplotlib', 'triton')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_fast_is_the_default_backend_everywhere():
+    from mamba_decoder.bench.registry import MODELS, build_model
+
+    assert MambaDecoderBlock(D).backend == "fast" and MLABlock(dim=D, **MLA_KW).backend == "fast"
+    for name in MODELS:
+        model = build_model(name, 32)
+        assert {m.backend for m in model.modules() if hasattr(m, "backend")} == {"fast"}, name

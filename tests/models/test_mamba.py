@@ -29,7 +29,7 @@ def test_state_dict_moves_both_ways():
     ours = randomize_(RegularMamba(cfg, backend="fast"))
     theirs = Mamba(MambaConfig(d_model=24, n_layers=2))
     theirs.load_state_dict(ours.state_dict(), strict=True)
-    back = RegularMamba(MambaConfig(d_model=24, n_layers=2))
+    back = RegularMamba(MambaConfig(d_model=24, n_layers=2), backend="reference")
     back.load_state_dict(theirs.state_dict(), strict=True)
     x = torch.randn(2, 11, 24)
     assert rel_err(back(x), theirs(x)) < 1e-6
@@ -38,7 +38,7 @@ def test_state_dict_moves_both_ways():
 @pytest.mark.parametrize("n_layers", [1, 2])
 def test_regular_mamba_equals_mambapy_mamba(n_layers):
     theirs = randomize_(Mamba(MambaConfig(d_model=32, n_layers=n_layers)))
-    ours = RegularMamba(MambaConfig(d_model=32, n_layers=n_layers))
+    ours = RegularMamba(MambaConfig(d_model=32, n_layers=n_layers), backend="reference")
     ours.load_state_dict(theirs.state_dict(), strict=True)
     x = torch.randn(2, 20, 32)
     assert rel_err(ours(x), theirs(x)) < 1e-6
@@ -50,9 +50,9 @@ def test_reference_runs_in_bf16_where_mambapy_fails():
     x = torch.randn(2, 16, 32, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="dtype"):
         theirs(x)  # mambapy's own bf16 failure, which the reference backend fixes
-    ours = RegularMamba(MambaConfig(d_model=32, n_layers=1)).to(torch.bfloat16)
+    ours = RegularMamba(MambaConfig(d_model=32, n_layers=1), backend="reference").to(torch.bfloat16)
     ours.load_state_dict(theirs.state_dict())
-    ref32 = RegularMamba(MambaConfig(d_model=32, n_layers=1))
+    ref32 = RegularMamba(MambaConfig(d_model=32, n_layers=1), backend="reference")
     ref32.load_state_dict(theirs.float().state_dict())
     y = ours(x)
     assert y.dtype == torch.bfloat16

@@ -1,0 +1,296 @@
+"""What the console shows: the banner, one line per config, the summary table and comparisons.
+
+Everything here reads records (and settings for the banner), never models.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Iterable, Optional, Sequence
+
+from .registry import REGULAR_MAMBA
+from .results import BenchmarkResult
+from .timing import HIGH_SPREAD
+
+RULE = "=" * 100
+NAME_WIDTH = 26   # the spec's lines align '|' at column 27
+
+
+def banner(device: str, dim: int, sequence_lengths: Sequence[int], batch_sizes: Sequence[int],
+           *, backends: Sequence[str] = (), dtypes: Sequence[str] = (), threads: Optional[int] = None,
+           kernels: Optional[dict[str, dict[str, str]]] = None) -> str:
+    """The spec's banner, then what this run adds: backend, dtype, threads and kernels per model."""
+    lines = [RULE, "COMPREHENSIVE BENCHMARKING SUITE", RULE,
+             f"Device: {device}",
+             f"Model Dimension: {dim}",
+             f"Sequence Lengths: {list(sequence_lengths)}",
+             f"Batch Sizes: {list(batch_sizes)}"]
+    if backends:
+        lines.append(f"Backend: {', '.join(backends)}")
+    if dtypes:
+        lines.append(f"Dtype: {', '.join(dtypes)}")
+    if threads is not None:
+        lines.append(f"CPU Threads: {threads}")
+    for label, k in (kernels or {}).items():
+        lines.append(f"Kernels {label}: " + ", ".join(f"{op}={impl}" for op, impl in k.items()))
+    lines += [RULE, ""]
+    return "\n".join(lines)
+
+
+def format_params(n: Optional[int]) -> str:
+    return "n/a" if n is None else f"{n / 1e6:.2f}M"
+
+
+def format_line(r: BenchmarkResult) -> str:
+    """The spec's per-config line; a failed config says OOM/ERROR and why; noisy ones say so."""
+    head = f"{r.model_name:<{NAME_WIDTH}} | SeqLen: {r.sequence_length:>4} | Batch: {r.batch_size:>2}"
+    if not r.ok:
+        return f"{head} | {r.status.upper()}: {r.message}"
+    line = (f"{head} | Latency: {r.latency_ms:>6.2f}±{r.latency_std_ms:.2f} ms"
+            f" | Throughput: {r.throughput_tokens_per_sec:>9.2f} tokens/s"
+            f" | Params: {format_params(r.num_parameters)}")
+    if r.high_spread:
+        line += (f" | HIGH SPREAD: IQR {r.latency_iqr_ms / r.latency_median_ms:.0%} of median"
+                 f" (> {HIGH_SPREAD:.0%})")
+    return line
+
+
+def console_printer(multi: bool, file=None):
+    """A callback printing each record's line as it finishes (above the progress bar).
+
+    When a run sweeps several (backend, dtype) pairs, a header line precedes each pair's lines,
+    since the spec's line format has no place for them.
+    """
+    import sys
+
+    from tqdm import tqdm
+
+    last: list = [None]
+
+    def show(r: BenchmarkResult) -> None:
+        out = file or sys.stdout
+        if multi and (r.backend, r.dtype) != last[0]:
+            last[0] = (r.backend, r.dtype)
+            tqdm.write(f"--- backend: {r.backend} | dtype: {r.dtype} ---", file=out)
+        tqdm.write(format_line(r), file=out)
+        out.flush()
+    return show
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]], align: str) -> str:
+    rows = [list(map(str, r)) for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+
+    def fmt(cells):
+        return "  ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(cells, widths, align))
+    return "\n".join([fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows])
+
+
+def _label(r: BenchmarkResult, many: bool) -> str:
+    return f"{r.model_name} ({r.backend}, {r.dtype})" if many else r.model_name
+
+
+def summary_table(results: Sequence[BenchmarkResult]) -> str:
+    many = len({(r.backend, r.dtype) for r in results}) > 1
+    rows = []
+    for r in results:
+        if r.ok:
+            mem = "n/a" if r.memory_mb is None else f"{r.memory_mb:.1f}"
+            tpm = r.throughput_tokens_per_sec / (r.num_parameters / 1e6) if r.num_parameters else float("nan")
+            rows.append([_label(r, many), r.sequence_length, r.batch_size,
+                         f"{r.latency_ms:.2f}±{r.latency_std_ms:.2f}",
+                         f"{r.latency_median_ms:.2f}", f"{r.latency_iqr_ms:.2f}" + (" !" if r.high_spread else ""),
+                         f"{r.throughput_tokens_per_sec:.1f}", f"{tpm:.1f}", mem,
+                         f"{format_params(r.num_parameters)}/{format_params(r.active_parameters)}", "ok"])
+        else:
+            rows.append([_label(r, many), r.sequence_length, r.batch_size, "-", "-", "-", "-", "-", "-",
+                         format_params(r.num_parameters), f"{r.status.upper()}: {r.message[:60]}"])
+    header = ["Model", "SeqLen", "Batch", "Mean±Std ms", "Median ms", "IQR ms", "Tokens/s",
+              "Tok/s per M", "Mem MB", "Params tot/act", "Status"]
+    return "SUMMARY\n" + _table(header, rows, "lrrrrrrrrrl")
+
+
+def speedups(results: Sequence[BenchmarkResult], baseline: str = REGULAR_MAMBA
+             ) -> list[tuple[BenchmarkResult, Optional[float]]]:
+    """(record, baseline latency / record latency) for every non-baseline record; None if either failed.
+
+    A speedup above 1 means faster than the baseline at the same backend, dtype, shape and mode.
+    """
+    base = {(r.backend, r.dtype, r.mode, r.dim, r.batch_size, r.sequence_length): r
+            for r in results if r.model_name == baseline}
+    out = []
+    for r in results:
+        if r.model_name == baseline:
+            continue
+        b = base.get((r.backend, r.dtype, r.mode, r.dim, r.batch_size, r.sequence_length))
+        ok = b is not None and b.ok and r.ok
+        out.append((r, b.latency_ms / r.latency_ms if ok else None))
+    return out
+
+
+def comparison_table(results: Sequence[BenchmarkResult], baseline: str = REGULAR_MAMBA) -> str:
+    pairs = speedups(results, baseline)
+    if not pairs or not any(r.model_name == baseline for r in results):
+        return f"COMPARISON vs {baseline}: {baseline} not in this run"
+    many = len({(r.backend, r.dtype) for r in results}) > 1
+    rows = [[_label(r, many), r.sequence_length, r.batch_size,
+             "n/a" if sp is None else f"{sp:.2f}x",
+             "n/a" if sp is None else ("faster" if sp > 1 else "slower")] for r, sp in pairs]
+    geo: dict[str, list[float]] = defaultdict(list)
+    for r, sp in pairs:
+        if sp is not None:
+            geo[_label(r, many)].append(sp)
+    lines = [f"COMPARISON vs {baseline} (speedup = {baseline} latency / model latency; > 1 is faster)",
+             _table(["Model", "SeqLen", "Batch", "Speedup", ""], rows, "lrrrl")]
+    for label, v in geo.items():
+        lines.append(f"geometric mean speedup, {label}: "
+                     f"{math.exp(sum(map(math.log, v)) / len(v)):.2f}x over {len(v)} configs")
+    return "\n".join(lines)
+
+
+def print_summary_table(results: Sequence[BenchmarkResult], file=None) -> None:
+    import sys
+
+    out = file or sys.stdout
+    print("\n" + RULE, file=out)
+    print(summary_table(results), file=out)
+    print("\n" + comparison_table(results), file=out)
+    failed = [r for r in results if not r.ok]
+    if failed:
+        print(f"\n{len(failed)} of {len(results)} configs failed "
+              f"({sum(r.status == 'oom' for r in failed)} OOM, {sum(r.status == 'error' for r in failed)} error)",
+              file=out)
+    print(RULE, file=out)
+
+
+# ---------------------------------------------------------------- compare two saved runs
+def compare_runs(base_dir, new_dir, *, threshold: float = 0.05, alpha: float = 0.05) -> tuple[str, bool]:
+    """Per-config median latency ratio NEW/BASE with a Mann-Whitney U test on the raw samples.
+
+    A config regresses when NEW is slower by more than `threshold` (ratio > 1 + threshold) and the
+    U test says the difference is significant (p < alpha). Returns (text, any regression).
+    """
+    from .results import load_run
+    from .timing import mann_whitney_u
+
+    base = {r.key: r for r in load_run(base_dir)}
+    new = {r.key: r for r in load_run(new_dir)}
+    rows, regressed = [], []
+    for key, n in new.items():
+        b = base.get(key)
+        if b is None:
+            continue
+        label = f"{n.model_name} ({n.backend}, {n.dtype}, {n.mode})"
+        if not (b.ok and n.ok) or not b.samples_ms or not n.samples_ms:
+            rows.append([label, n.sequence_length, n.batch_size, "-", "-", "-", "-",
+                         f"not comparable (base {b.status}, new {n.status})"])
+            continue
+        ratio = n.latency_median_ms / b.latency_median_ms
+        _, p = mann_whitney_u(b.samples_ms, n.samples_ms)
+        significant = p < alpha
+        if ratio > 1 + threshold and significant:
+            verdict = "SLOWER (regression)"
+            regressed.append(label)
+        elif ratio < 1 - threshold and significant:
+            verdict = "faster"
+        else:
+            verdict = "same" if not significant else "within threshold"
+        rows.append([label, n.sequence_length, n.batch_size, f"{b.latency_median_ms:.3f}",
+                     f"{n.latency_median_ms:.3f}", f"{ratio:.3f}", f"{p:.3g}", verdict])
+    lines = [f"COMPARE  base: {base_dir}  new: {new_dir}",
+             f"ratio = new median / base median latency; regression: ratio > {1 + threshold:.3f} "
+             f"and Mann-Whitney U p < {alpha}",
+             _table(["Config", "SeqLen", "Batch", "Base ms", "New ms", "Ratio", "p", "Verdict"],
+                    rows, "lrrrrrrl") if rows else "(no config present in both runs)"]
+    for name, only in (("base", [k for k in base if k not in new]), ("new", [k for k in new if k not in base])):
+        if only:
+            lines.append(f"only in {name} ({len(only)}): " + "; ".join(
+                f"{k[0]} ({k[1]}, {k[3]}, {k[2]}) L={k[5]} B={k[4]} dim={k[6]}" for k in only))
+    lines.append(f"{len(regressed)} regression(s)" + (": " + ", ".join(dict.fromkeys(regressed)) if regressed else ""))
+    return "\n".join(lines), bool(regressed)
+
+
+# ---------------------------------------------------------------- report.md / report.html
+def _md_table(header, rows) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _record_rows(results):
+    rows = []
+    for r in results:
+        if r.ok:
+            rows.append([r.model_name, r.backend, r.dtype, r.sequence_length, r.batch_size,
+                         f"{r.latency_ms:.3f} ± {r.latency_std_ms:.3f}", f"{r.latency_median_ms:.3f}",
+                         f"{r.latency_iqr_ms:.3f}" + (" (high spread)" if r.high_spread else ""),
+                         f"{r.throughput_tokens_per_sec:.1f}",
+                         "n/a" if r.memory_mb is None else f"{r.memory_mb:.1f}",
+                         format_params(r.num_parameters), r.n_runs, "ok"])
+        else:
+            rows.append([r.model_name, r.backend, r.dtype, r.sequence_length, r.batch_size,
+                         "-", "-", "-", "-", "-", format_params(r.num_parameters), 0,
+                         f"{r.status.upper()}: {r.message}"])
+    return rows
+
+
+_RECORD_HEADER = ["Model", "Backend", "Dtype", "SeqLen", "Batch", "Latency ms (mean ± std)", "Median ms",
+                  "IQR ms", "Tokens/s", "Mem MB", "Params", "Runs", "Status"]
+
+
+def write_report(run_dir, output_dir) -> list:
+    """Redraw the plots from run_dir's records and write report.md and a self-contained report.html."""
+    import base64
+    import html
+    from pathlib import Path
+
+    from .plots import plot_benchmark_results
+    from .results import CSV_NAME, ENV_NAME, load_run, read_environment, write_csv
+
+    run_dir, out = Path(run_dir), Path(output_dir)
+    results = load_run(run_dir)
+    env = read_environment(run_dir / ENV_NAME)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(results, run_dir / CSV_NAME if out == run_dir else out / CSV_NAME)
+    pngs = plot_benchmark_results(results, out, env=env)
+    env_rows = [[k, v if not isinstance(v, dict) else ", ".join(f"{a} {b}" for a, b in v.items())]
+                for k, v in env.items()]
+    sp_rows = [[r.model_name, r.backend, r.dtype, r.sequence_length, r.batch_size,
+                "n/a" if sp is None else f"{sp:.2f}x"] for r, sp in speedups(results)]
+    md = ["# Benchmark report", "", f"Records: `{run_dir}` ({len(results)} configs, "
+          f"{sum(not r.ok for r in results)} failed)", "", "## Environment", "",
+          _md_table(["Key", "Value"], env_rows) if env_rows else "(no environment.json)", "",
+          "## Results", "", _md_table(_RECORD_HEADER, _record_rows(results)), "",
+          "## Speedup vs Regular Mamba", "",
+          _md_table(["Model", "Backend", "Dtype", "SeqLen", "Batch", "Speedup"], sp_rows) if sp_rows
+          else "(Regular Mamba or the other models missing)", "", "## Plots", ""]
+    md += [f"![{p.stem}]({p.name})" for p in pngs]
+    md_path = out / "report.md"
+    md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
+
+    def h_table(header, rows):
+        head = "".join(f"<th>{html.escape(str(c))}</th>" for c in header)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+    imgs = "".join(
+        f'<figure><img alt="{html.escape(p.stem)}" src="data:image/png;base64,'
+        f'{base64.b64encode(p.read_bytes()).decode("ascii")}"><figcaption>{html.escape(p.stem)}'
+        f"</figcaption></figure>" for p in pngs)
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Benchmark report</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}}
+table{{border-collapse:collapse;font-size:13px;margin:1em 0}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}
+th{{background:#f3f3f3}}td:first-child,th:first-child{{text-align:left}}img{{max-width:100%}}
+figure{{margin:2em 0}}figcaption{{color:#666;font-size:12px}}</style></head><body>
+<h1>Benchmark report</h1><p>Records: <code>{html.escape(str(run_dir))}</code> ({len(results)} configs,
+{sum(not r.ok for r in results)} failed)</p>
+<h2>Environment</h2>{h_table(["Key", "Value"], env_rows)}
+<h2>Results</h2>{h_table(_RECORD_HEADER, _record_rows(results))}
+<h2>Speedup vs Regular Mamba</h2>{h_table(["Model", "Backend", "Dtype", "SeqLen", "Batch", "Speedup"], sp_rows)}
+<h2>Plots</h2>{imgs}
+</body></html>
+"""
+    html_path = out / "report.html"
+    html_path.write_text(page, encoding="utf-8")
+    return [md_path, html_path, *pngs]

@@ -1,0 +1,265 @@
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mamba_decoder.bench import runner
+from mamba_decoder.bench.cli import main
+from mamba_decoder.bench.results import BenchmarkResult, RecordWriter, read_csv, read_jsonl
+
+from .conftest import LINE_RE, TINY, make_record
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(argv, capsys):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_run_prints_spec_lines_and_writes_records(tiny_run, capsys):
+    recs = read_jsonl(tiny_run / "results.jsonl")
+    assert len(recs) == 12 and sum(r.ok for r in recs) == 11
+    (oom,) = [r for r in recs if not r.ok]
+    assert (oom.model_name, oom.sequence_length, oom.batch_size, oom.status) == ("MLABlock", 16, 2, "oom")
+    assert read_csv(tiny_run / "results.csv") == recs
+    env = json.loads((tiny_run / "environment.json").read_text())
+    assert env["device"] == "cpu" and env["packages"]["mambapy"]
+
+
+def test_console_lines(tmp_path, capsys):
+    code, out, err = run(["run", *TINY, "--models", "regular mamba", "--no-plots", "--output-dir",
+                          str(tmp_path / "o")], capsys)
+    assert code == 0, err
+    lines = [ln for ln in out.splitlines() if "| SeqLen:" in ln]
+    assert len(lines) == 4 and all(LINE_RE.match(ln) for ln in lines), lines
+    assert out.startswith("=" * 100 + "\nCOMPREHENSIVE BENCHMARKING SUITE\n" + "=" * 100 + "\nDevice: cpu\n"
+                          "Model Dimension: 32\nSequence Lengths: [8, 16]\nBatch Sizes: [1, 2]\n")
+    assert "Kernels Regular Mamba (fast, float32): scan=cpu" in out
+    assert "SUMMARY" in out and "Traceback" not in out + err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--dim", "0"], "'0' is not an integer >= 1"),
+    (["--dim", "-3"], "'-3'"),
+    (["--dim", "1.5"], "'1.5'"),
+    (["--seq-lens", "8", "x"], "'x'"),
+    (["--batch-sizes", "0"], "'0'"),
+    (["--models", "GPT2"], "'GPT2' is not one of"),
+    (["--backend", "cuda"], "backend 'cuda' is not one of"),
+    (["--dtype", "int8"], "dtype 'int8' is not one of"),
+    (["--runs", "0"], "--runs"),
+    (["--warmup", "-1"], "--warmup"),
+    (["--min-time", "nan"], "'nan'"),
+    (["--threads", "100000"], "--threads"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_bad_input_exits_2_with_one_line(argv, needle, tmp_path, capsys):
+    code, out, err = run(["run", "--no-cuda", "--output-dir", str(tmp_path / "o"), *argv], capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("error: ") and needle in err, err
+    assert "Traceback" not in out + err
+    assert not (tmp_path / "o").exists()
+
+
+def test_output_dir_that_is_a_file_or_not_empty(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    code, _, err = run(["run", *TINY, "--output-dir", str(f)], capsys)
+    assert code == 2 and "is not a directory" in err and err.count("\n") == 1
+    d = tmp_path / "full"
+    d.mkdir()
+    (d / "keep.txt").write_text("mine")
+    code, _, err = run(["run", *TINY, "--output-dir", str(d)], capsys)
+    assert code == 2 and "is not empty" in err and "--resume" in err
+    assert (d / "keep.txt").read_text() == "mine"
+
+
+def test_use_cuda_without_cuda_prints_one_notice(tmp_path, capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    argv = [a for a in TINY if a != "--no-cuda"]
+    code, out, err = run(["run", *argv, "--models", "Regular Mamba", "--seq-lens", "8", "--batch-sizes",
+                          "1", "--no-plots", "--output-dir", str(tmp_path / "o")], capsys)
+    assert code == 0
+    notices = [ln for ln in (out + err).splitlines() if "CUDA is not available" in ln]
+    assert len(notices) == 1 and "Device: cpu" in out
+
+
+def test_interrupt_keeps_records_then_resume_finishes(tmp_path, capsys, monkeypatch):
+    out_dir = tmp_path / "o"
+    real = runner.time_callable
+    calls = {"n": 0}
+
+    def interrupting(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(runner, "time_callable", interrupting)
+    code, _, err = run(["run", *TINY, "--no-plots", "--output-dir", str(out_dir)], capsys)
+    assert code == 130 and "--resume" in err
+    kept = read_jsonl(out_dir / "results.jsonl")
+    assert len(kept) == 3 and all(r.ok for r in kept)
+    assert read_csv(out_dir / "results.csv") == kept
+
+    calls["n"] = -1000   # no more interrupts; count what is measured
+    code, out, err = run(["run", *TINY, "--no-plots", "--resume", "--output-dir", str(out_dir)], capsys)
+    assert code == 0, err
+    assert calls["n"] == -1000 + 9          # only the 9 missing configs were measured
+    final = read_jsonl(out_dir / "results.jsonl")
+    assert len(final) == 12 and len({r.key for r in final}) == 12
+    assert sum("| SeqLen:" in ln for ln in out.splitlines()) == 12
+
+
+def test_resume_retries_failed_configs(tmp_path, capsys):
+    out_dir = tmp_path / "o"
+    out_dir.mkdir()
+    failed = BenchmarkResult.failed("error", "boom", model_name="Regular Mamba", sequence_length=8,
+                                    batch_size=1, dim=32, backend="fast", dtype="float32", device="cpu")
+    with RecordWriter(out_dir / "results.jsonl", "w") as w:
+        w.write(failed)
+    code, _, err = run(["run", *TINY, "--models", "Regular Mamba", "--seq-lens", "8", "--batch-sizes", "1",
+                        "--no-plots", "--resume", "--output-dir", str(out_dir)], capsys)
+    assert code == 0, err
+    from mamba_decoder.bench.results import load_run
+    (r,) = load_run(out_dir)
+    assert r.ok
+
+
+def test_overwrite_replaces_records(tiny_run, tmp_path, capsys):
+    d = tmp_path / "copy"
+    shutil.copytree(tiny_run, d)
+    code, _, err = run(["run", *TINY, "--models", "MLABlock", "--seq-lens", "8", "--batch-sizes", "1",
+                        "--no-plots", "--overwrite", "--output-dir", str(d)], capsys)
+    assert code == 0, err
+    assert len(read_jsonl(d / "results.jsonl")) == 1 and not list(d.glob("*.png"))
+
+
+def test_isolate_flag(tmp_path, capsys):
+    code, out, err = run(["run", *TINY, "--models", "Regular Mamba", "--seq-lens", "8", "--batch-sizes", "1",
+                          "--isolate", "--no-plots", "--output-dir", str(tmp_path / "o")], capsys)
+    assert code == 0, err
+    (r,) = read_jsonl(tmp_path / "o" / "results.jsonl")
+    assert r.ok and LINE_RE.match([ln for ln in out.splitlines() if "SeqLen" in ln][0])
+
+
+def test_report_redraws_from_records(tiny_run, tmp_path, capsys):
+    code, out, err = run(["report", str(tiny_run), "--output-dir", str(tmp_path / "rep")], capsys)
+    assert code == 0, err
+    rep = tmp_path / "rep"
+    assert len(list(rep.glob("*.png"))) == 8
+    md = (rep / "report.md").read_text()
+    assert "## Environment" in md and "MambaDecoderBlock" in md and "![" in md
+    html = (rep / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 8 and "<img" in html and 'src="1_' not in html
+
+
+def test_report_rejects_malformed_records(tmp_path, capsys):
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "results.jsonl").write_text(make_record().model_dump_json() + "\n{broken\n")
+    code, _, err = run(["report", str(d)], capsys)
+    assert code == 2 and err.count("\n") == 1 and "results.jsonl:2:" in err
+    code, _, err = run(["compare", str(d), str(tmp_path / "missing")], capsys)
+    assert code == 2 and err.count("\n") == 1
+
+
+def _write_run(d: Path, scale: float, extra=None):
+    d.mkdir()
+    with RecordWriter(d / "results.jsonl", "w") as w:
+        for model in ("Regular Mamba", "MLABlock"):
+            base = [10.0, 10.2, 9.9, 10.1, 10.05, 9.95, 10.15, 10.0, 9.85, 10.1]
+            w.write(make_record(model, samples=[x * (scale if model == "MLABlock" else 1.0) for x in base]))
+        for r in extra or []:
+            w.write(r)
+
+
+def test_compare_flags_significant_regression(tmp_path, capsys):
+    _write_run(tmp_path / "base", 1.0, [make_record("MambaDecoderBlock", seq=64)])
+    _write_run(tmp_path / "new", 1.3)
+    code, out, _ = run(["compare", str(tmp_path / "base"), str(tmp_path / "new")], capsys)
+    assert code == 3
+    assert "SLOWER (regression)" in out and "1.300" in out
+    assert "only in base (1): MambaDecoderBlock" in out
+    code, out, _ = run(["compare", str(tmp_path / "base"), str(tmp_path / "new"), "--threshold", "0.5"], capsys)
+    assert code == 0       # 30% slower is within a 50% threshold
+    code, out, _ = run(["compare", str(tmp_path / "base"), str(tmp_path / "base")], capsys)
+    assert code == 0 and "0 regression(s)" in out
+
+
+def test_compare_faster_is_not_a_regression(tmp_path, capsys):
+    _write_run(tmp_path / "base", 1.0)
+    _write_run(tmp_path / "new", 0.7)
+    code, out, _ = run(["compare", str(tmp_path / "base"), str(tmp_path / "new")], capsys)
+    assert code == 0 and "faster" in out
+
+
+def test_run_benchmark_script_and_spec_snippet(tmp_path):
+    """The spec's entry point and its programmatic snippet, at tiny sizes, in fresh interpreters."""
+    out = subprocess.run([sys.executable, "run_benchmark.py", *TINY, "--models", "Regular Mamba",
+                          "--seq-lens", "8", "--batch-sizes", "1", "--no-plots", "--output-dir",
+                          str(tmp_path / "rb")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert sum(bool(LINE_RE.match(ln)) for ln in out.stdout.splitlines()) == 1
+    bad = subprocess.run([sys.executable, "run_benchmark.py", "--dim", "0"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "Traceback" not in bad.stderr
+    snippet = f"""
+from benchmark_suite import run_scaling_benchmarks, plot_benchmark_results, print_summary_table
+results = run_scaling_benchmarks(dim=32, sequence_lengths=[8], batch_sizes=[1, 2], use_cuda=True,
+                                 warmup=0, runs=2, progress=False)
+print_summary_table(results)
+plot_benchmark_results(results, output_dir={str(tmp_path / 'my_results')!r})
+assert len(results) == 6 and all(r.ok for r in results)
+"""
+    out = subprocess.run([sys.executable, "-c", snippet], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert sum(bool(LINE_RE.match(ln)) for ln in out.stdout.splitlines()) == 6
+    assert "SUMMARY" in out.stdout and len(list((tmp_path / "my_results").glob("*.png"))) == 8
+    assert out.stderr.count("CUDA is not available") == 1
+
+
+_TOKENS = st.sampled_from([
+    "--dim", "16", "32", "0", "-1", "abc", "1e3", "--seq-lens", "4", "8", "--batch-sizes", "1", "2",
+    "--models", "MLABlock", "Regular Mamba", "nope", "--backend", "reference", "fast", "gpu",
+    "--dtype", "float32", "bfloat16", "float16", "double", "--runs", "--warmup", "--min-time", "0.0",
+    "-0.5", "inf", "--threads", "--seed", "--quick", "--resume", "--overwrite", "--no-cuda", "--", "",
+    "--output-dir", "report", "compare", "run", "--threshold", "--help", "\x00", "é",
+])
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tokens=st.lists(_TOKENS, max_size=8), sub=st.sampled_from(["run", "report", "compare", ""]))
+def test_fuzz_cli_never_tracebacks(tokens, sub, tmp_path_factory, capsys, monkeypatch):
+    monkeypatch.setattr("mamba_decoder.bench.plots.plot_benchmark_results", lambda *a, **k: [])
+    out_dir = tmp_path_factory.mktemp("fuzz") / "o"
+    argv = ([sub] if sub else []) + tokens
+    if sub == "run":   # keep any run that is valid tiny: sizes, runs, models last so they win
+        argv += ["--dim", "16", "--seq-lens", "4", "--batch-sizes", "1", "--runs", "1", "--warmup", "0",
+                 "--models", "Regular Mamba", "--no-progress", "--output-dir", str(out_dir)]
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code in (0, 1, 2), (argv, code, err)
+    assert "Traceback" not in out + err
+    if code == 2:
+        assert err.count("\n") == 1 and err.startswith("error: "), (argv, err)
+
+
+def test_min_time_and_groups_of_backend_dtype(tmp_path, capsys):
+    code, out, err = run(["run", *TINY, "--models", "Regular Mamba", "--seq-lens", "8", "--batch-sizes", "1",
+                          "--dtype", "float32", "bfloat16", "--min-time", "0.05", "--no-plots",
+                          "--output-dir", str(tmp_path / "o")], capsys)
+    assert code == 0, err
+    recs = read_jsonl(tmp_path / "o" / "results.jsonl")
+    assert [r.dtype for r in recs] == ["float32", "bfloat16"] and all(r.ok for r in recs)
+    for r in recs:   # both conditions: >= --runs and >= --min-time of timed runs
+        assert r.n_runs >= 2 and sum(r.samples_ms) >= 50.0
+    assert "--- backend: fast | dtype: bfloat16 ---" in out

@@ -1,0 +1,113 @@
+import sys
+
+import pytest
+import torch
+
+from mamba_decoder.bench import runner
+from mamba_decoder.bench.runner import SweepSettings, measure_isolated, Config, run_sweep
+
+
+def tiny(**kw) -> SweepSettings:
+    base = dict(dim=32, sequence_lengths=[8, 16], batch_sizes=[1, 2], warmup=0, runs=2, device="cpu")
+    base.update(kw)
+    return SweepSettings(**base).validate()
+
+
+def _inject(monkeypatch, exc, model="MambaDecoderBlock", seq=16):
+    real = runner.build_model
+
+    def factory(name, dim, backend="reference", max_seq_len=4096):
+        m = real(name, dim, backend, max_seq_len=max_seq_len)
+        if name == model:
+            forward = m.forward
+
+            def failing(x):
+                if x.shape[1] == seq:
+                    raise exc
+                return forward(x)
+            m.forward = failing
+        return m
+    monkeypatch.setattr(runner, "build_model", factory)
+
+
+def test_sweep_records_every_config_in_spec_order():
+    s = tiny()
+    seen = []
+    out = run_sweep(s, on_record=seen.append, progress=False)
+    assert out == seen and len(out) == 12
+    assert [(r.sequence_length, r.batch_size, r.model_name) for r in out[:3]] == [
+        (8, 1, "Regular Mamba"), (8, 1, "MambaDecoderBlock"), (8, 1, "MLABlock")]
+    for r in out:
+        assert r.ok, r.message
+        assert r.n_runs == 2 and len(r.samples_ms) == 2
+        assert r.throughput_tokens_per_sec == pytest.approx(r.batch_size * r.sequence_length / r.latency_ms * 1e3)
+        assert r.num_parameters > 0 and r.active_parameters <= r.num_parameters
+        assert r.memory_mb is None and r.weights_mb > 0        # CPU: no per-config memory figure
+        assert r.kernels and r.threads == torch.get_num_threads()
+    mdb = next(r for r in out if r.model_name == "MambaDecoderBlock")
+    assert mdb.kernels == {"scan": "cpu", "moe": "grouped_mm"}
+
+
+def test_model_built_once_per_model_backend_dtype(monkeypatch):
+    builds = []
+    real = runner.build_model
+    monkeypatch.setattr(runner, "build_model", lambda *a, **k: builds.append(a[0]) or real(*a, **k))
+    run_sweep(tiny(), progress=False)
+    assert sorted(builds) == sorted(["Regular Mamba", "MambaDecoderBlock", "MLABlock"])
+
+
+def test_oom_in_one_config_is_recorded_and_sweep_continues(monkeypatch):
+    _inject(monkeypatch, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    out = run_sweep(tiny(batch_sizes=[1]), progress=False)
+    assert len(out) == 6
+    bad = [r for r in out if not r.ok]
+    assert [(r.model_name, r.sequence_length) for r in bad] == [("MambaDecoderBlock", 16)]
+    assert all(r.status == "oom" and "out of memory" in r.message for r in bad)
+    assert all(r.latency_ms is None and r.throughput_tokens_per_sec is None for r in bad)
+    assert sum(r.ok for r in out) == 5
+    assert [r.model_name for r in out[3:]] == ["Regular Mamba", "MambaDecoderBlock", "MLABlock"]
+
+
+def test_error_in_one_config_is_recorded_and_sweep_continues(monkeypatch):
+    _inject(monkeypatch, ValueError("shape mismatch\nsecond line"), model="MLABlock", seq=8)
+    out = run_sweep(tiny(batch_sizes=[1]), progress=False)
+    bad = [r for r in out if not r.ok]
+    assert len(bad) == 1 and all(r.status == "error" for r in bad)
+    assert bad[0].message == "ValueError: shape mismatch second line"
+    assert sum(r.ok for r in out) == 5
+
+
+def test_build_failure_marks_every_shape_of_that_model(monkeypatch):
+    real = runner.build_model
+
+    def factory(name, *a, **k):
+        if name == "MLABlock":
+            raise ImportError("fast kernel missing")
+        return real(name, *a, **k)
+    monkeypatch.setattr(runner, "build_model", factory)
+    out = run_sweep(tiny(batch_sizes=[1]), progress=False)
+    mla = [r for r in out if r.model_name == "MLABlock"]
+    assert len(mla) == 2 and all(r.status == "error" and "fast kernel missing" in r.message for r in mla)
+
+
+def test_validate_rejects_bad_settings():
+    for kw, msg in [(dict(dim=0), "dim"), (dict(sequence_lengths=[8, -1]), "sequence lengths"),
+                    (dict(batch_sizes=[]), "batch sizes"), (dict(models=["GPT"]), "'GPT'"),
+                    (dict(backends=["cuda"]), "backend"), (dict(dtypes=["int8"]), "dtype"),
+                    (dict(runs=0), "runs"), (dict(min_time_s=-1.0), "min time")]:
+        with pytest.raises(ValueError, match=msg):
+            tiny(**kw)
+
+
+def test_isolated_config_runs_in_subprocess():
+    s = tiny(models=["Regular Mamba"], sequence_lengths=[8], batch_sizes=[1], isolate=True)
+    r = measure_isolated(Config("Regular Mamba", "reference", "float32", 8, 1), s)
+    assert r.ok and r.n_runs == 2 and r.kernels == {"scan": "mambapy-pscan"}
+
+
+def test_isolated_crash_costs_one_row_and_names_the_signal(monkeypatch):
+    monkeypatch.setattr(runner, "worker_command", lambda: [
+        sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"])
+    out = run_sweep(tiny(models=["Regular Mamba"], batch_sizes=[1], isolate=True), progress=False)
+    assert len(out) == 2
+    assert all(r.status == "error" and "SIGSEGV" in r.message for r in out)
