@@ -56,7 +56,7 @@ def _seconds(text: str) -> float:
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     from ..config import BACKENDS, DEFAULT_BACKEND
-    from .registry import MODELS
+    from .registry import LM_MODELS, MODELS
     from .runner import DTYPES
 
     pos, nonneg = _int_at_least(1), _int_at_least(0)
@@ -73,7 +73,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", nargs="+", default=[DEFAULT_BACKEND], metavar="BACKEND",
                    help=f"one or more of {', '.join(BACKENDS)} (default: {DEFAULT_BACKEND})")
     p.add_argument("--models", nargs="+", default=None, metavar="MODEL",
-                   help=f"subset of: {', '.join(map(repr, MODELS))} (case-insensitive; default: all)")
+                   help=f"subset of: {', '.join(map(repr, MODELS))} (with --level model: "
+                        f"{', '.join(map(repr, LM_MODELS))}; case-insensitive; default: all)")
     p.add_argument("--warmup", type=nonneg, default=None, help="warmup runs per shape (default: 5)")
     p.add_argument("--runs", type=pos, default=None, help="timed runs per config (default: 20)")
     p.add_argument("--min-time", type=_seconds, default=0.0, metavar="SECONDS",
@@ -93,32 +94,50 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--no-plots", action="store_true",
                    help="skip the plots (draw them later with `mamba-bench report`)")
+    from .runner import CACHE_KINDS, LEVELS, MODES
+    p.add_argument("--mode", default="forward", choices=MODES,
+                   help="forward: one inference pass over (batch, seq); decode: prefill a context of "
+                        "seq tokens, then time one token per call; train: forward + backward (default: forward)")
+    p.add_argument("--level", default="block", choices=LEVELS,
+                   help="block: the three blocks; model: language models on token ids (default: block)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model's forward")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="decode: capture one step in a CUDA graph and replay it (fast backend, CUDA)")
+    p.add_argument("--cache-kind", default=None, choices=CACHE_KINDS,
+                   help="decode: MLA's cache, latent (absorb; the default) or full per-head K/V (naive)")
+    p.add_argument("--optimizer-step", action="store_true", help="train: add an AdamW step")
+    p.add_argument("--depth", type=pos, default=4, help="model level: Mamba blocks per model (default: 4)")
+    p.add_argument("--vocab-size", type=_int_at_least(2), default=32000,
+                   help="model level: vocabulary size (default: 32000)")
 
 
 def settings_from_args(args: argparse.Namespace, device: str):
-    from .registry import MODELS
+    from .registry import models_for
     from .runner import SweepSettings
 
+    known = models_for(args.level)
     preset = QUICK if args.quick else SPEC_DEFAULTS
 
     def pick(name: str):
         v = getattr(args, name)
         return preset[name] if v is None else v
 
-    models = list(MODELS)
+    models = list(known)
     if args.models is not None:
-        by_lower = {m.lower(): m for m in MODELS}
+        by_lower = {m.lower(): m for m in known}
         models = []
         for m in args.models:
             if m.lower() not in by_lower:
-                raise UsageError(f"--models: {m!r} is not one of {', '.join(map(repr, MODELS))}")
+                raise UsageError(f"--models: {m!r} is not one of {', '.join(map(repr, known))}")
             models.append(by_lower[m.lower()])
     s = SweepSettings(dim=pick("dim"), sequence_lengths=list(dict.fromkeys(pick("seq_lens"))),
                       batch_sizes=list(dict.fromkeys(pick("batch_sizes"))),
                       models=list(dict.fromkeys(models)), backends=list(dict.fromkeys(args.backend)),
                       dtypes=list(dict.fromkeys(args.dtype)), device=device, warmup=pick("warmup"),
                       runs=pick("runs"), min_time_s=args.min_time, threads=args.threads,
-                      seed=args.seed, isolate=args.isolate)
+                      seed=args.seed, isolate=args.isolate, mode=args.mode, level=args.level,
+                      compile=args.compile, cuda_graphs=args.cuda_graphs, cache_kind=args.cache_kind,
+                      optimizer_step=args.optimizer_step, depth=args.depth, vocab_size=args.vocab_size)
     if s.threads is not None and s.threads > (os.cpu_count() or 1):
         raise UsageError(f"--threads: {s.threads} is more than the {os.cpu_count()} CPUs here "
                          f"(accepted: 1..{os.cpu_count()})")

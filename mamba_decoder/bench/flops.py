@@ -68,23 +68,32 @@ def mla_flops(m: MLA, B: int, S: int, T: int | None = None, causal: bool = True,
         mm += 2 * tok * H * (nope * C + C * dv)        # query into the latent, latent out to v
         mm += 2 * pairs * H * ((C + R) + C)            # scores over C+R, p @ latent over C
     else:
-        mm += 2 * B * T * C * H * (nope + dv)          # expand the T keys' latents to K/V
+        mm += 2 * tok * C * H * (nope + dv)            # expand the new keys' latents to K/V
         mm += 2 * pairs * H * (dqk + dv)
     return FlopCount(mm)
 
 
 def forward_flops(model: nn.Module, batch: int, seq: int, context: int | None = None,
-                  causal: bool = True) -> FlopCount:
-    """FLOPs of one forward over (batch, seq) tokens; `context` = keys attended (default seq)."""
+                  causal: bool = True, absorb: bool | None = None) -> FlopCount:
+    """FLOPs of one forward over (batch, seq) tokens; `context` = keys attended (default seq);
+    `absorb`: MLA attends in the latent space (decoding with a latent cache); None: what a
+    cache-less forward of the model's backend runs."""
     total = FlopCount()
     T = batch * seq
+    counted: set[int] = set()
     for mod in model.modules():
         if isinstance(mod, MambaMixer):
             total = total + mamba_flops(mod, T)
         elif isinstance(mod, MoE):
             total = total + moe_flops(mod, T)
         elif isinstance(mod, MLA):
-            total = total + mla_flops(mod, batch, seq, context, causal)
+            total = total + mla_flops(mod, batch, seq, context, causal, absorb)
+        else:
+            continue
+        counted.update(id(m) for m in mod.modules())
+    for mod in model.modules():   # what is left: a language model's head
+        if isinstance(mod, nn.Linear) and id(mod) not in counted:
+            total = total + FlopCount(2 * T * mod.in_features * mod.out_features)
     return total
 
 

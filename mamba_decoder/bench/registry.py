@@ -6,7 +6,7 @@ from typing import Callable
 from torch import nn
 
 from ..config import DEFAULT_BACKEND, MambaConfig, MoEConfig, check_backend
-from ..models import MambaDecoderBlock, MLABlock, RegularMamba
+from ..models import MambaDecoder, MambaDecoderBlock, MambaLM, MLABlock, RegularMamba
 from ..models.moe import MoE
 
 REGULAR_MAMBA = "Regular Mamba"
@@ -39,6 +39,31 @@ MODELS: dict[str, Callable[[int, str, int], nn.Module]] = {
     MAMBA_DECODER_BLOCK: _mamba_decoder_block,
     MLA_BLOCK: _mla_block,
 }
+
+
+# Language models on token ids (--level model), at the same width and depth.
+MAMBA_LM = "Mamba LM"                      # mambapy's LM layout: embedding, depth residual Mamba layers, head
+MAMBA_DECODER = "MambaDecoder"             # depth MambaDecoderBlocks
+MAMBA_DECODER_MLA = "MambaDecoder+MLA"     # the same, then one MLABlock
+LM_MODELS = (MAMBA_LM, MAMBA_DECODER, MAMBA_DECODER_MLA)
+
+
+def models_for(level: str) -> tuple[str, ...]:
+    return tuple(MODELS) if level == "block" else LM_MODELS
+
+
+def build_lm(name: str, dim: int, backend: str = DEFAULT_BACKEND, depth: int = 4,
+             vocab_size: int = 32000, max_seq_len: int = 4096) -> nn.Module:
+    """A language model (token ids (B, L) -> logits (B, L, vocab)) of the suite at `dim` x `depth`."""
+    check_backend(backend)
+    if name == MAMBA_LM:
+        return MambaLM(MambaConfig(d_model=dim, n_layers=depth), vocab_size, backend)
+    if name in (MAMBA_DECODER, MAMBA_DECODER_MLA):
+        return MambaDecoder(heads=MLA_HEADS, vocab_size=vocab_size, max_seq_len=max_seq_len, depth=depth,
+                            dim=dim, mamba_config=MambaConfig(d_model=dim, n_layers=1),
+                            moe_config=MoEConfig(dim=dim, n_experts=N_EXPERTS, n_activated=N_ACTIVATED),
+                            post_mamba_mla_block=name == MAMBA_DECODER_MLA, backend=backend)
+    raise ValueError(f"model {name!r} is not one of {', '.join(map(repr, LM_MODELS))}")
 
 
 def build_model(name: str, dim: int, backend: str = DEFAULT_BACKEND, max_seq_len: int = 4096) -> nn.Module:

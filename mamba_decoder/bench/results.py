@@ -35,10 +35,12 @@ class RecordFileError(ValueError):
 
 
 class BenchmarkResult(BaseModel):
-    """One (model, backend, mode, dtype, batch, seq, dim) measurement.
+    """One (model, backend, mode, dtype, batch, seq, dim, variant) measurement.
 
     latency_ms is the mean over `n_runs` timed runs and throughput_tokens_per_sec =
-    batch_size * sequence_length / latency_ms * 1000, from that same mean. Memory (CUDA only; None
+    tokens_per_call / latency_ms * 1000 from that same mean, where tokens_per_call is
+    batch_size * sequence_length (forward, train) or batch_size (one decode step; there
+    sequence_length is the context the step follows). Memory (CUDA only; None
     on the CPU, where no per-config peak is measured honestly in-process): peak_memory_mb is
     torch.cuda.max_memory_allocated over the timed region (weights + input + activations), and
     memory_mb is that peak minus what was allocated before the input was made (the model's
@@ -76,14 +78,31 @@ class BenchmarkResult(BaseModel):
     device: str
     threads: Optional[int] = None
     kernels: dict[str, str] = Field(default_factory=dict)
+    # the workload: what one timed call did (forward and train: the whole (batch, seq) input;
+    # decode: one token for each of `batch_size` sequences after a context of `sequence_length`)
+    variant: str = ""                           # "+"-joined: compile, cuda-graphs, cache=full, adamw
+    level: str = "block"                        # block, or model (language models on token ids)
+    tokens_per_call: Optional[int] = None       # batch*seq (forward, train) or batch (decode)
+    prefill_ms: Optional[float] = None          # decode: median prefill of the context
+    cache_bytes: Optional[int] = None           # decode: cache held at the context length
+    flops: Optional[float] = None               # analytic FLOPs per call (bench/flops.py)
+    tflops_per_sec: Optional[float] = None      # flops / median latency
+    mfu: Optional[float] = None                 # tflops_per_sec / the device's dense peak for the dtype
+    bytes_per_call: Optional[float] = None      # decode: weights + cache read per step
+    gb_per_sec: Optional[float] = None          # bytes_per_call / median latency
+    # provenance (a torchrun sweep: which process measured it)
+    rank: Optional[int] = None
+    world_size: Optional[int] = None
+    host: Optional[str] = None
+    device_name: Optional[str] = None           # e.g. "NVIDIA H100 80GB HBM3", or the CPU model
     status: Status = "ok"
     message: str = ""
     timestamp: str = ""
 
     @property
     def key(self) -> tuple:
-        return (self.model_name, self.backend, self.mode, self.dtype, self.batch_size,
-                self.sequence_length, self.dim)
+        return config_key(self.model_name, self.backend, self.mode, self.dtype, self.batch_size,
+                          self.sequence_length, self.dim, self.variant)
 
     @property
     def ok(self) -> bool:
@@ -93,7 +112,7 @@ class BenchmarkResult(BaseModel):
     def from_samples(cls, samples_ms: list[float], **fields) -> "BenchmarkResult":
         """An ok record whose statistics and throughput all come from `samples_ms`."""
         s = summarize(samples_ms)
-        tokens = fields["batch_size"] * fields["sequence_length"]
+        tokens = fields.get("tokens_per_call") or fields["batch_size"] * fields["sequence_length"]
         return cls(latency_ms=s.mean, latency_std_ms=s.std, latency_median_ms=s.median,
                    latency_iqr_ms=s.iqr, latency_p10_ms=s.p10, latency_p90_ms=s.p90,
                    throughput_tokens_per_sec=tokens / s.mean * 1e3, samples_ms=list(samples_ms),
@@ -110,8 +129,8 @@ def now() -> str:
 
 
 def config_key(model_name: str, backend: str, mode: str, dtype: str, batch_size: int,
-               sequence_length: int, dim: int) -> tuple:
-    return (model_name, backend, mode, dtype, batch_size, sequence_length, dim)
+               sequence_length: int, dim: int, variant: str = "") -> tuple:
+    return (model_name, backend, mode, dtype, batch_size, sequence_length, dim, variant)
 
 
 # ---------------------------------------------------------------- JSON Lines
@@ -174,6 +193,7 @@ def load_run(run_dir: Path | str) -> list[BenchmarkResult]:
 
 # ---------------------------------------------------------------- CSV
 _JSON_COLUMNS = ("samples_ms", "kernels")
+_EMPTY_STR_FIELDS = tuple(n for n, f in BenchmarkResult.model_fields.items() if f.default == "")
 
 
 def write_csv(records: Iterable[BenchmarkResult], path: Path | str) -> None:
@@ -199,8 +219,8 @@ def read_csv(path: Path | str) -> list[BenchmarkResult]:
                 data = {k: (None if v == "" else v) for k, v in row.items()}
                 for c in _JSON_COLUMNS:
                     data[c] = json.loads(data[c]) if data.get(c) else ([] if c == "samples_ms" else {})
-                data["message"] = data.get("message") or ""
-                data["timestamp"] = data.get("timestamp") or ""
+                for name in _EMPTY_STR_FIELDS:   # CSV writes "" and None alike
+                    data[name] = data.get(name) or ""
                 out.append(BenchmarkResult.model_validate(data))
             except (ValidationError, json.JSONDecodeError, TypeError) as e:
                 raise RecordFileError(f"{path}:{i}: not a valid record ({str(e).splitlines()[0]})") from None
@@ -215,7 +235,7 @@ def _version(dist: str) -> Optional[str]:
         return None
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
@@ -245,7 +265,7 @@ def environment(device: str = "cpu", threads: Optional[int] = None) -> dict:
     import torch
 
     cuda = torch.cuda.is_available()
-    dev_name = torch.cuda.get_device_name(0) if cuda and device.startswith("cuda") else _cpu_model()
+    dev_name = torch.cuda.get_device_name(0) if cuda and device.startswith("cuda") else cpu_model()
     return {
         "time": now(),
         "hostname": socket.gethostname(),
@@ -253,7 +273,7 @@ def environment(device: str = "cpu", threads: Optional[int] = None) -> dict:
         "python": platform.python_version(),
         "device": device,
         "device_name": dev_name,
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": threads if threads is not None else torch.get_num_threads(),
         "torch": torch.__version__,

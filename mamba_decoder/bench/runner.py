@@ -22,9 +22,11 @@ from tqdm import tqdm
 
 from ..config import BACKENDS, DEFAULT_BACKEND
 from ..models import kernel_choices
-from .registry import MODELS, build_model, parameter_counts
-from .results import BenchmarkResult, RecordWriter, config_key
+from . import flops
+from .registry import build_lm, build_model, models_for, parameter_counts
+from .results import BenchmarkResult, RecordWriter, config_key, cpu_model
 from .timing import time_callable
+from .workloads import DecodeSession, TrainStep
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16,
                                   "float16": torch.float16}
@@ -42,10 +44,9 @@ def forward_scenario(model: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
     return step
 
 
-# mode name -> (model, input) -> the callable the timer runs. Decode / train scenarios plug in here.
-SCENARIOS: dict[str, Callable[[nn.Module, torch.Tensor], Callable[[], Any]]] = {
-    "forward": forward_scenario,
-}
+MODES = ("forward", "decode", "train")
+LEVELS = ("block", "model")
+CACHE_KINDS = ("latent", "full")
 
 
 # ---------------------------------------------------------------- settings and configs
@@ -56,7 +57,7 @@ class SweepSettings:
     dim: int = 512
     sequence_lengths: list[int] = field(default_factory=lambda: [128, 256, 512, 1024, 2048])
     batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    models: list[str] = field(default_factory=lambda: list(MODELS))
+    models: list[str] = field(default_factory=list)   # empty: every model of `level`
     backends: list[str] = field(default_factory=lambda: [DEFAULT_BACKEND])
     dtypes: list[str] = field(default_factory=lambda: ["float32"])
     device: str = "cpu"
@@ -67,6 +68,25 @@ class SweepSettings:
     threads: Optional[int] = None   # torch CPU threads; None keeps torch's current setting
     seed: int = 0
     isolate: bool = False
+    level: str = "block"            # block: the three blocks; model: language models on token ids
+    compile: bool = False           # torch.compile the model's forward (nn.Module.compile)
+    cuda_graphs: bool = False       # decode: capture one step in a CUDA graph and replay it
+    cache_kind: Optional[str] = None  # decode: MLA's cache, latent (absorb) or full (naive K/V)
+    optimizer_step: bool = False    # train: add an AdamW step to forward + backward
+    depth: int = 4                  # model level: number of Mamba blocks
+    vocab_size: int = 32000         # model level
+
+    @property
+    def variant(self) -> str:
+        """What distinguishes runs of the same mode beyond the grid (part of the record key)."""
+        tags = ["compile"] * self.compile + ["cuda-graphs"] * self.cuda_graphs
+        if self.cache_kind is not None:
+            tags.append(f"cache={self.cache_kind}")
+        if self.optimizer_step:
+            tags.append("adamw")
+        if self.level == "model":
+            tags.append(f"depth={self.depth}")
+        return "+".join(tags)
 
     def validate(self) -> "SweepSettings":
         def ints(name: str, values, lo: int) -> None:
@@ -88,10 +108,16 @@ class SweepSettings:
         if isinstance(self.min_time_s, bool) or not isinstance(self.min_time_s, (int, float)) \
                 or not self.min_time_s >= 0 or self.min_time_s == float("inf"):
             raise ValueError(f"min time: {self.min_time_s!r} is not a finite number of seconds >= 0")
-        for name, values, accepted in (("model", self.models, list(MODELS)),
+        if not self.models:     # all models of the level
+            self.models = list(models_for(self.level))
+        ints("depth", self.depth, 1)
+        ints("vocab size", self.vocab_size, 2)
+        for name, values, accepted in (("model", self.models, list(models_for(self.level))),
                                        ("backend", self.backends, list(BACKENDS)),
                                        ("dtype", self.dtypes, list(DTYPES)),
-                                       ("mode", [self.mode], list(SCENARIOS))):
+                                       ("mode", [self.mode], list(MODES)),
+                                       ("level", [self.level], list(LEVELS)),
+                                       ("cache kind", [self.cache_kind or "latent"], list(CACHE_KINDS))):
             if not values:
                 raise ValueError(f"no {name} given (accepted: {', '.join(accepted)})")
             for v in values:
@@ -104,6 +130,15 @@ class SweepSettings:
             raise ValueError(f"device {self.device!r} is not 'cpu' or 'cuda'")
         if dev.type == "cpu" and "float16" in self.dtypes and not cpu_supports_float16():
             raise ValueError("dtype 'float16' is not supported on this CPU (accepted: float32, bfloat16)")
+        if self.cuda_graphs and (self.mode != "decode" or dev.type != "cuda"):
+            raise ValueError(f"--cuda-graphs applies to --mode decode on CUDA "
+                             f"(got mode {self.mode!r} on {dev.type})")
+        if self.cache_kind is not None and self.mode != "decode":
+            raise ValueError(f"--cache-kind applies to --mode decode (got mode {self.mode!r})")
+        if self.optimizer_step and self.mode != "train":
+            raise ValueError(f"--optimizer-step applies to --mode train (got mode {self.mode!r})")
+        if self.mode == "decode" and self.level != "block":
+            raise ValueError("--mode decode runs at --level block (the blocks' own caches)")
         return self
 
     @property
@@ -131,7 +166,7 @@ class Config:
 
     def key(self, s: SweepSettings) -> tuple:
         return config_key(self.model_name, self.backend, s.mode, self.dtype, self.batch_size,
-                          self.sequence_length, s.dim)
+                          self.sequence_length, s.dim, s.variant)
 
 
 def iter_configs(s: SweepSettings) -> Iterator[Config]:
@@ -153,7 +188,7 @@ def banner_kernels(s: SweepSettings) -> dict[str, dict[str, str]]:
                 label = f"{name} ({backend}, {dtype})"
                 try:
                     with torch.device("meta"):
-                        m = build_model(name, s.dim, backend, max_seq_len=_max_seq_len(s))
+                        m = registry_build(name, s, backend)
                     out[label] = kernel_choices(m, torch.device(s.device), DTYPES[dtype])
                 except Exception as e:  # noqa: BLE001 -- the banner must not stop the sweep
                     out[label] = {"unavailable": f"{type(e).__name__}: {e}".splitlines()[0][:120]}
@@ -172,13 +207,19 @@ class _Built:
 
 def _build(cfg: Config, s: SweepSettings) -> nn.Module:
     torch.manual_seed(s.seed)   # same weights for the same (model, dim, seed)
-    model = registry_build(cfg.model_name, s.dim, cfg.backend, _max_seq_len(s))
-    return model.to(device=torch.device(s.device), dtype=DTYPES[cfg.dtype])
+    model = registry_build(cfg.model_name, s, cfg.backend)
+    model = model.to(device=torch.device(s.device), dtype=DTYPES[cfg.dtype])
+    if s.compile:
+        model.compile()         # in place: the module keeps its type, its cache API and state dict
+    return model
 
 
-def registry_build(name: str, dim: int, backend: str, max_seq_len: int) -> nn.Module:
+def registry_build(name: str, s: SweepSettings, backend: str) -> nn.Module:
     """The model factory (tests patch `runner.build_model` to inject failures)."""
-    return build_model(name, dim, backend, max_seq_len=max_seq_len)
+    if s.level == "model":
+        return build_lm(name, s.dim, backend, depth=s.depth, vocab_size=s.vocab_size,
+                        max_seq_len=_max_seq_len(s))
+    return build_model(name, s.dim, backend, max_seq_len=_max_seq_len(s))
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -196,10 +237,11 @@ def measure(cfg: Config, s: SweepSettings, cache: Optional[dict] = None) -> Benc
     fields: dict[str, Any] = dict(model_name=cfg.model_name, sequence_length=cfg.sequence_length,
                                   batch_size=cfg.batch_size, dim=s.dim, mode=s.mode,
                                   backend=cfg.backend, dtype=cfg.dtype, device=str(device),
-                                  threads=torch.get_num_threads(), warmup=s.warmup)
+                                  threads=torch.get_num_threads(), warmup=s.warmup,
+                                  variant=s.variant, level=s.level, device_name=device_name(device))
     failure: Optional[tuple[str, str]] = None
     result = None
-    x = step = None
+    step = workload = None
     try:
         ck = (cfg.model_name, cfg.backend, cfg.dtype)
         if ck not in cache:
@@ -220,30 +262,74 @@ def measure(cfg: Config, s: SweepSettings, cache: Optional[dict] = None) -> Benc
         if cuda:
             torch.cuda.synchronize(device)
             base = torch.cuda.memory_allocated(device)
-        g = torch.Generator(device=device).manual_seed(
-            s.seed * 1_000_003 + cfg.sequence_length * 1009 + cfg.batch_size)
-        x = torch.randn(cfg.batch_size, cfg.sequence_length, s.dim, generator=g, device=device)
-        x = x.to(DTYPES[cfg.dtype])
-        step = SCENARIOS[s.mode](model, x)
+        torch.manual_seed(s.seed * 1_000_003 + cfg.sequence_length * 1009 + cfg.batch_size)
+        step, max_runs, workload = _workload(model, cfg, s, device, fields)
         reset = (lambda: torch.cuda.reset_peak_memory_stats(device)) if cuda else None
-        samples = time_callable(step, device, warmup=s.warmup, runs=s.runs,
+        samples = time_callable(step, device, warmup=s.warmup, runs=s.runs, max_runs=max_runs,
                                 min_time_s=s.min_time_s, before_timing=reset)
         if cuda:
             peak = torch.cuda.max_memory_allocated(device)
             fields.update(peak_memory_mb=peak / MB, memory_mb=(peak - base) / MB)
         result = BenchmarkResult.from_samples(samples, **fields)
+        _add_rates(result, s, device)
     except KeyboardInterrupt:
         raise
     except Exception as e:  # noqa: BLE001 -- one config's failure is a record, not the end of the sweep
         failure = ("oom" if _is_oom(e) else "error", f"{type(e).__name__}: {e}")
     finally:
-        del x, step
+        step = workload = None
     if failure is not None:   # outside `except`, so the traceback no longer pins the tensors
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
         result = BenchmarkResult.failed(failure[0], failure[1], **fields)
     return result
+
+
+def _workload(model: nn.Module, cfg: Config, s: SweepSettings, device: torch.device,
+              fields: dict[str, Any]) -> tuple[Callable[[], Any], int, Any]:
+    """The callable the timer runs for this mode, the most runs it may take, and the object that
+    owns its state. Adds the mode's own figures (tokens per call, FLOPs, prefill, cache) to `fields`."""
+    B, L, dtype = cfg.batch_size, cfg.sequence_length, DTYPES[cfg.dtype]
+    if s.mode == "decode":
+        # Room for every step the timer may take: warmup + runs (4x runs when --min-time asks for more).
+        max_runs = s.runs * (4 if s.min_time_s > 0 else 1)
+        session = DecodeSession(model, B, L, s.warmup + max_runs, device, dtype,
+                                cache_kind=s.cache_kind, cuda_graph=s.cuda_graphs)
+        prefill = time_callable(session.prefill, device, warmup=1, runs=3)
+        session.prefill()
+        mid = L + (s.warmup + max_runs) // 2           # the context of a typical timed step
+        f = flops.forward_flops(model, B, 1, context=mid, absorb=(s.cache_kind or "latent") == "latent")
+        elt = torch.finfo(dtype).bits // 8
+        fields.update(tokens_per_call=B, prefill_ms=sorted(prefill)[1], cache_bytes=session.cache_bytes(L),
+                      flops=f.total, bytes_per_call=flops.decode_bytes(model, B, mid, session.cache_bytes(mid), elt))
+        return session.step, max_runs, session
+    if s.level == "model":
+        x = torch.randint(0, s.vocab_size, (B, L), device=device)
+    else:
+        x = torch.randn(B, L, s.dim, device=device, dtype=dtype)
+    fields.update(tokens_per_call=B * L)
+    if s.mode == "train":
+        fields.update(flops=flops.train_flops(model, B, L).total)
+        step = TrainStep(model, x, optimizer_step=s.optimizer_step)
+        return step, 10_000, step
+    fields.update(flops=flops.forward_flops(model, B, L).total)
+    return forward_scenario(model, x), 10_000, x
+
+
+def _add_rates(r: BenchmarkResult, s: SweepSettings, device: torch.device) -> None:
+    """Achieved TFLOP/s, MFU against the device's peak for the dtype, and GB/s (decode)."""
+    sec = r.latency_median_ms / 1e3
+    if r.flops:
+        r.tflops_per_sec = r.flops / sec / 1e12
+        peak = flops.peak_tflops(r.device_name or "", r.dtype)
+        r.mfu = r.tflops_per_sec / peak if peak else None
+    if r.bytes_per_call:
+        r.gb_per_sec = r.bytes_per_call / sec / 1e9
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
 
 
 # ---------------------------------------------------------------- isolation
@@ -263,7 +349,7 @@ def measure_isolated(cfg: Config, s: SweepSettings) -> BenchmarkResult:
             return BenchmarkResult.model_validate_json(line[len(RECORD_PREFIX):])
     fields = dict(model_name=cfg.model_name, sequence_length=cfg.sequence_length,
                   batch_size=cfg.batch_size, dim=s.dim, mode=s.mode, backend=cfg.backend,
-                  dtype=cfg.dtype, device=s.device, warmup=s.warmup)
+                  dtype=cfg.dtype, device=s.device, warmup=s.warmup, variant=s.variant, level=s.level)
     if proc.returncode < 0:
         try:
             name = signal.Signals(-proc.returncode).name

@@ -22,12 +22,14 @@ class TrainStep:
     def __init__(self, model: nn.Module, x: torch.Tensor, optimizer_step: bool = False,
                  keep_grads: bool = False):
         self.model, self.x, self.keep_grads = model.train(), x, keep_grads
-        self.grad_out = torch.randn_like(x)
+        self.grad_out: Optional[torch.Tensor] = None   # drawn at the first call, shaped like the output
         fused = x.is_cuda
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused) if optimizer_step else None
 
     def __call__(self) -> None:
         y = self.model(self.x)
+        if self.grad_out is None:
+            self.grad_out = torch.randn_like(y)
         y.backward(self.grad_out)
         if self.opt is not None:
             self.opt.step()
@@ -43,7 +45,7 @@ class DecodeSession:
     """Prefill `context` tokens, then decode one token at a time with the model's own cache.
 
     `cache_kind` picks MLA's cache: "latent" (absorb) or "full" (naive per-head K/V); Mamba's
-    cache is its conv window and SSM state. With `cuda_graph=True` one step is captured once and
+    only cache is its conv window and SSM state (cache_kind does not apply). With `cuda_graph=True` one step is captured once and
     replayed (fast backend, CUDA only); the MLA step then runs at a device-tensor position.
     `capacity` is the number of tokens that can be decoded after a prefill.
     """
@@ -62,9 +64,7 @@ class DecodeSession:
         self.token = torch.randn(batch, 1, dim, device=device, dtype=dtype)   # static input buffer
         if self.is_mla:
             self.cache = model.init_cache(batch, context + capacity, kind=cache_kind, device=device, dtype=dtype)
-        else:
-            if cache_kind not in (None, "state"):
-                raise ValueError(f"cache kind {cache_kind!r} is not one of: state (Mamba's only cache)")
+        else:   # Mamba has one kind of cache: cache_kind concerns MLA only
             self.cache = model.init_cache(batch, device=device, dtype=dtype)
         self.pos = context
         self.pos_t = torch.tensor(context, device=device)

@@ -228,3 +228,23 @@ class RegularMamba(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, None if cache is None else cache[i])
         return x
+
+
+class MambaLM(nn.Module):
+    """mambapy's `LM` (embedding, `mamba` = depth residual layers, `norm_f`, `lm_head`; the same
+    state dict) with this project's mixer. mambapy's own module can't be imported without
+    mamba_ssm (its lm.py imports mamba2, which needs it). Token ids (B, L) -> logits (B, L, vocab).
+    mambapy's muP and custom init are not reproduced: the benchmark times the function."""
+
+    def __init__(self, config: MambaConfig, vocab_size: int, backend: str = DEFAULT_BACKEND):
+        super().__init__()
+        if config.mup:
+            raise ValueError("MambaConfig.mup=True is not supported by MambaLM (accepted: mup=False)")
+        self.config = config
+        self.embedding = nn.Embedding(vocab_size, config.d_model, padding_idx=0)
+        self.mamba = RegularMamba(config, backend)
+        self.norm_f = MambaRMSNorm(config.d_model, config.rms_norm_eps, config.mup)
+        self.lm_head = nn.Linear(config.d_model, vocab_size, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm_f(self.mamba(self.embedding(tokens))))

@@ -21,6 +21,15 @@ LINE_RE = re.compile(
 FAILED_RE = re.compile(r"^(?P<name>.{26}) \| SeqLen: +\d+ \| Batch: +\d+ \| (?P<status>OOM|ERROR): .+$")
 
 
+def run(argv, capsys):
+    """`mamba-bench ARGV` in this process: (exit code, stdout, stderr)."""
+    from mamba_decoder.bench.cli import main
+
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def png_dpi(path: Path) -> tuple[float, float]:
     """(x, y) dots per inch from a PNG's pHYs chunk (struct only, no PIL)."""
     data = Path(path).read_bytes()

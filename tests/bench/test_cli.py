@@ -12,15 +12,10 @@ from mamba_decoder.bench import runner
 from mamba_decoder.bench.cli import main
 from mamba_decoder.bench.results import BenchmarkResult, RecordWriter, read_csv, read_jsonl
 
-from .conftest import LINE_RE, TINY, make_record
+from .conftest import LINE_RE, TINY, make_record, run
 
 ROOT = Path(__file__).resolve().parents[2]
 
-
-def run(argv, capsys):
-    code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_run_prints_spec_lines_and_writes_records(tiny_run, capsys):

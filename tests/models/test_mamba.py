@@ -91,3 +91,12 @@ def test_fast_mixer_gradients_equal_reference():
 def test_use_cuda_config_is_rejected():
     with pytest.raises(ValueError, match="use_cuda"):
         MambaMixer(MambaConfig(d_model=16, n_layers=1, use_cuda=True))
+
+
+def test_mamba_lm_has_mambapy_lm_state_dict_names():
+    from mamba_decoder.models import MambaLM
+
+    lm = MambaLM(MambaConfig(d_model=16, n_layers=2), vocab_size=30)
+    names = set(lm.state_dict())
+    assert {"embedding.weight", "mamba.layers.1.mixer.A_log", "norm_f.weight", "lm_head.weight"} <= names
+    assert lm(torch.randint(0, 30, (2, 7))).shape == (2, 7, 30)
