@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -176,8 +177,11 @@ def prepare_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
             raise UsageError(f"--output-dir: {str(out)!r} is not empty "
                              "(pass --resume to continue it, --overwrite to replace its results)")
         if overwrite:
-            for name in (JSONL_NAME, CSV_NAME, ENV_NAME, "report.md", "report.html"):
+            from .distributed import PROVENANCE_NAME, RANKS_DIR
+
+            for name in (JSONL_NAME, CSV_NAME, ENV_NAME, "report.md", "report.html", PROVENANCE_NAME):
                 (out / name).unlink(missing_ok=True)
+            shutil.rmtree(out / RANKS_DIR, ignore_errors=True)   # a torchrun run's per-rank files
             for png in out.glob(PLOT_GLOB):
                 png.unlink()
     try:
@@ -213,6 +217,13 @@ def run_command(args: argparse.Namespace) -> int:
                           read_environment, read_jsonl, write_csv, write_environment)
     from .runner import banner_kernels, run_sweep
 
+    from .distributed import dist_env
+
+    env = dist_env()
+    if env is not None and env.world_size > 1:   # under torchrun: shard the sweep, rank 0 merges
+        from .distributed import run_distributed
+
+        return run_distributed(args)
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output-dir: {str(out)!r} exists and is not a directory")

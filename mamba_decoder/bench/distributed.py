@@ -29,7 +29,6 @@ key and timestamp). `device_kinds` reads either.
 from __future__ import annotations
 
 import datetime as _dt
-import gc
 import heapq
 import json
 import os
@@ -49,7 +48,7 @@ import torch.distributed as dist
 from .results import (CSV_NAME, ENV_NAME, JSONL_NAME, BenchmarkResult, RecordWriter,
                       environment, latest, read_environment, read_jsonl, write_csv,
                       write_environment)
-from .runner import Config, SweepSettings, iter_configs, measure, measure_isolated
+from .runner import Config, SweepSettings, iter_configs, measure_each
 
 RANKS_DIR = "ranks"
 PROVENANCE_NAME = "provenance.jsonl"
@@ -322,15 +321,8 @@ def run_shard(configs: Sequence[Config], s: SweepSettings, path: Path, info: dic
         torch.set_num_threads(s.threads)
     path.parent.mkdir(parents=True, exist_ok=True)
     results: list[BenchmarkResult] = []
-    cache: dict = {}
-    cache_for = None
     with open(path, "a", encoding="utf-8") as f:
-        for cfg in configs:
-            if (cfg.backend, cfg.dtype) != cache_for:   # free the previous backend/dtype's models
-                cache.clear()
-                gc.collect()
-                cache_for = (cfg.backend, cfg.dtype)
-            r = measure_isolated(cfg, s) if s.isolate else measure(cfg, s, cache)
+        for r in measure_each(configs, s):
             r = with_provenance(r, info)
             with _no_interrupt():
                 f.write(rank_line(r, info) + "\n")

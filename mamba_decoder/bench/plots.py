@@ -1,4 +1,26 @@
-"""The spec's eight plots, drawn from records only (so a saved run can be redrawn).
+"""The spec's eight plots and the decode / train plots, drawn from records only (so a saved run
+can be redrawn).
+
+Which records each plot shows:
+  * The spec's eight plots (PLOT_FILES, fixed names) show ONE mode: the forward records when the
+    run has any, else the records of the run's mode (decode before train if a run holds both
+    and no forward). A decode-only run therefore still gets all eight, drawn from its decode
+    records: x is the context length and latency is per decode step, i.e. per generated token
+    of each sequence; a train-only run's eight show the training step (forward + backward, plus
+    AdamW when the variant says so). Axis labels and titles name the mode. Records of the other
+    modes never mix into these eight.
+  * Decode records also get decode_latency_vs_context.png (median latency per generated token,
+    p10-p90 bars) and cache_memory_vs_context.png (the cache held at the context, MiB, log-log:
+    Mamba's state is flat, MLA's latent or full K/V cache grows); train records get
+    train_step_time_vs_seq.png (median step time, p10-p90 bars). One panel per batch size.
+  * One line per (model, backend, dtype, variant): colour = model, line style = backend,
+    marker = dtype (dtype and variant when the run has several variants). Legends name the model and backend, the
+    dtype and variant when a run has several; a single non-default variant is named in the title.
+  * Plot 6 (efficiency) shows tokens/s per million TOTAL parameters (solid) and per million
+    ACTIVE parameters (dashed; the MoE activates n_activated of n_experts), the latter drawn only
+    where it differs from the total; there markers, not line styles, tell backends apart.
+  * Titles name the device (the records' device_name, else environment.json's, else the device
+    type) and dtype; records from more than one device_name say "MIXED DEVICES: a, b".
 
 matplotlib is imported inside `plot_benchmark_results`, not when the package is imported, and
 figures are drawn on the Agg canvas directly (no pyplot, no global backend switch). Failed
@@ -26,10 +48,18 @@ PLOT_FILES = {
     "heatmaps": "7_heatmaps_latency_throughput.png",
     "speedup_heatmaps": "8_speedup_heatmaps.png",
 }
+# Drawn in addition to the eight when the run has records of that mode.
+MODE_PLOT_FILES = {
+    "decode_latency": "decode_latency_vs_context.png",
+    "cache_memory": "cache_memory_vs_context.png",
+    "train_step": "train_step_time_vs_seq.png",
+}
 # Okabe-Ito colours: one per model, the same in every plot.
 MODEL_COLORS = {REGULAR_MAMBA: "#0072B2", MAMBA_DECODER_BLOCK: "#D55E00", MLA_BLOCK: "#009E73"}
 _EXTRA_COLORS = ["#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
 BACKEND_STYLES = {"reference": "-", "fast": "--"}
+_LINESTYLES = ["-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 1)), (0, (8, 2))]
+_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">"]
 DTYPE_MARKERS = {"float32": "o", "bfloat16": "s", "float16": "^"}
 STYLE = {
     "font.size": 8, "axes.titlesize": 9, "axes.labelsize": 8, "legend.fontsize": 8,
@@ -37,33 +67,83 @@ STYLE = {
     "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3, "grid.linewidth": 0.5,
     "lines.linewidth": 1.6, "lines.markersize": 4.5, "figure.facecolor": "white",
 }
+MODES_ORDER = ("forward", "decode", "train")
+# What the x axis and the latency / throughput of a record mean in each mode.
+MODE_TEXT = {
+    "forward": dict(x="sequence length", latency="latency", lat_unit="ms", throughput="throughput",
+                    tp_unit="tokens/s", title=""),
+    "decode": dict(x="context length", latency="latency per generated token", lat_unit="ms",
+                   throughput="decode throughput", tp_unit="generated tokens/s",
+                   title=" (decode)"),
+    "train": dict(x="sequence length", latency="training step time", lat_unit="ms",
+                  throughput="training throughput", tp_unit="tokens/s",
+                  title=" (train step)"),
+}
 
-Series = tuple[str, str, str]   # (model, backend, dtype)
+Series = tuple[str, str, str, str]   # (model, backend, dtype, variant)
+
+
+def _backend_order(b: str) -> tuple:
+    order = list(BACKEND_STYLES)
+    return (order.index(b) if b in order else len(order), b)
+
+
+def _mixed_devices(names) -> str:
+    return "MIXED DEVICES: " + ", ".join(sorted(names))
+
+
+def _mode_of(records: Sequence[BenchmarkResult]) -> str:
+    modes = {r.mode for r in records}
+    return next((m for m in MODES_ORDER if m in modes), min(modes) if modes else "forward")
 
 
 class _Data:
-    """Records indexed for plotting: series -> (seq, batch) -> record."""
+    """Records of one mode indexed for plotting: series -> (seq, batch) -> record."""
 
-    def __init__(self, records: Sequence[BenchmarkResult]):
+    def __init__(self, records: Sequence[BenchmarkResult], mode: Optional[str] = None):
         self.records = list(records)
+        self.mode = mode or _mode_of(self.records)
+        self.text = MODE_TEXT.get(self.mode, MODE_TEXT["forward"])
         self.by_series: dict[Series, dict[tuple[int, int], BenchmarkResult]] = defaultdict(dict)
         for r in self.records:
-            self.by_series[(r.model_name, r.backend, r.dtype)][(r.sequence_length, r.batch_size)] = r
+            self.by_series[(r.model_name, r.backend, r.dtype, r.variant)][(r.sequence_length, r.batch_size)] = r
         self.seqs = sorted({r.sequence_length for r in self.records})
         self.batches = sorted({r.batch_size for r in self.records})
-        self.backends = sorted({r.backend for r in self.records})
+        self.backends = sorted({r.backend for r in self.records}, key=_backend_order)
         self.dtypes = sorted({r.dtype for r in self.records})
+        self.variants = sorted({r.variant for r in self.records})
+        self.models = list(dict.fromkeys(r.model_name for r in self.records))
         self.failed = [r for r in self.records if not r.ok]
+        # marker per (dtype, variant) when variants differ; per (backend, dtype, variant) in plot 6
+        self._dv = sorted({(s[2], s[3]) for s in self.by_series})
+        self._markers = sorted({(s[1], s[2], s[3]) for s in self.by_series},
+                               key=lambda c: (_backend_order(c[0]), c[1], c[2]))
+
+    @staticmethod
+    def variant_name(v: str) -> str:
+        return v or "default"
 
     def label(self, s: Series) -> str:
-        extra = [s[1]] + ([s[2]] if len(self.dtypes) > 1 else [])
+        extra = ([s[1]] + ([s[2]] if len(self.dtypes) > 1 else [])
+                 + ([self.variant_name(s[3])] if len(self.variants) > 1 else []))
         return f"{s[0]} ({', '.join(extra)})"
 
+    def color(self, model: str) -> str:
+        return MODEL_COLORS.get(model) or _EXTRA_COLORS[self.models.index(model) % len(_EXTRA_COLORS)]
+
     def style(self, s: Series) -> dict:
-        models = list(dict.fromkeys(r.model_name for r in self.records))
-        color = MODEL_COLORS.get(s[0]) or _EXTRA_COLORS[models.index(s[0]) % len(_EXTRA_COLORS)]
-        return dict(color=color, linestyle=BACKEND_STYLES.get(s[1], ":"),
-                    marker=DTYPE_MARKERS.get(s[2], "D"), label=self.label(s))
+        if len(self.variants) > 1:
+            marker = _MARKERS[self._dv.index((s[2], s[3])) % len(_MARKERS)]
+        else:
+            marker = DTYPE_MARKERS.get(s[2], "D")
+        return dict(color=self.color(s[0]), linestyle=BACKEND_STYLES.get(s[1], ":"), marker=marker,
+                    label=self.label(s))
+
+    def marker_style(self, s: Series) -> dict:
+        """Colour = model, marker = (backend, dtype, variant), solid line: for plots whose line
+        style says something else (plot 6: total vs active parameters)."""
+        marker = _MARKERS[self._markers.index((s[1], s[2], s[3])) % len(_MARKERS)]
+        return dict(color=self.color(s[0]), linestyle="-", marker=marker, label=self.label(s))
 
     def value(self, s: Series, seq: int, batch: int, metric: str) -> float:
         """The metric of a config, NaN when it failed or was not run (a gap in the plot)."""
@@ -72,26 +152,51 @@ class _Data:
             return math.nan
         if metric == "latency":
             return r.latency_ms
+        if metric == "latency_median":
+            return _nan(r.latency_median_ms)
         if metric == "latency_p10":
-            return r.latency_p10_ms
+            return _nan(r.latency_p10_ms)
         if metric == "latency_p90":
-            return r.latency_p90_ms
+            return _nan(r.latency_p90_ms)
         if metric == "throughput":
             return r.throughput_tokens_per_sec
         if metric == "efficiency":
             return r.throughput_tokens_per_sec / (r.num_parameters / 1e6) if r.num_parameters else math.nan
+        if metric == "efficiency_active":
+            return (r.throughput_tokens_per_sec / (r.active_parameters / 1e6)
+                    if r.active_parameters else math.nan)
+        if metric == "cache_mib":
+            return r.cache_bytes / 2 ** 20 if r.cache_bytes else math.nan
         if metric == "speedup":
-            base = self.by_series.get((REGULAR_MAMBA, s[1], s[2]), {}).get((seq, batch))
+            base = self.by_series.get((REGULAR_MAMBA, s[1], s[2], s[3]), {}).get((seq, batch))
             return base.latency_ms / r.latency_ms if base is not None and base.ok else math.nan
         raise ValueError(metric)
 
+    def device_text(self, env: Optional[dict]) -> str:
+        """The device for a title: the records' device_name, else the environment's, else the type."""
+        names = {r.device_name for r in self.records if r.device_name}
+        if len(names) > 1:
+            return _mixed_devices(names)
+        name = next(iter(names), None) or (env or {}).get("device_name")
+        if name and str(name).startswith("MIXED"):
+            return str(name)
+        devices = ", ".join(sorted({r.device for r in self.records}))
+        return f"{devices} ({name})" if name else devices
+
     def title_suffix(self, env: Optional[dict]) -> str:
-        devices = sorted({r.device for r in self.records})
-        dev = ", ".join(devices)
-        if env and env.get("device_name"):
-            dev += f" ({env['device_name']})"
         dims = sorted({r.dim for r in self.records})
-        return f"{dev} · {', '.join(self.dtypes)} · dim {', '.join(map(str, dims))}"
+        out = f"{self.device_text(env)} · {', '.join(self.dtypes)} · dim {', '.join(map(str, dims))}"
+        if self.mode != "forward":
+            out += f" · mode {self.mode}"
+        if {r.level for r in self.records} == {"model"}:
+            out += " · language models"
+        if len(self.variants) == 1 and self.variants[0]:
+            out += f" · variant {self.variants[0]}"
+        return out
+
+
+def _nan(v: Optional[float]) -> float:
+    return math.nan if v is None else v
 
 
 def _grid(fig, n: int):
@@ -119,8 +224,10 @@ def _finish(fig, data: _Data, title: str, env: Optional[dict], path: Path, handl
         sub += (f"\n{n} failed config{'s' if n != 1 else ''} ({n_oom} OOM, {n - n_oom} error): "
                 "gaps in lines, hatched cells in heatmaps")
     fig.suptitle(f"{title}\n{sub}", fontsize=10, fontweight="bold")
-    if handles and handles[0]:
-        fig.legend(*handles, loc="outside lower center", ncols=min(4, len(handles[0])), frameon=False)
+    if handles and handles[0]:   # as many columns as fit the figure's width, at most 4
+        per_col = (34 + 4.6 * max(len(label) for label in handles[1])) / 72   # inches at 8 pt
+        ncols = max(1, min(4, len(handles[0]), int(fig.get_figwidth() * 0.95 / per_col)))
+        fig.legend(*handles, loc="outside lower center", ncols=ncols, frameon=False)
     fig.savefig(path, dpi=DPI)
     return path
 
@@ -157,13 +264,20 @@ def _log2_axis(ax, ticks: Sequence[int]) -> None:
 
 
 def _line_figure(data: _Data, *, x: str, metric: str, ylabel: str, title: str, env, path: Path,
-                 logy: bool, series: Optional[list[Series]] = None, baseline_line: bool = False):
+                 logy: bool, series: Optional[list[Series]] = None, baseline_line: bool = False,
+                 active_metric: Optional[str] = None):
+    """One panel per batch size (x = seq) or per sequence length (x = batch), a line per series.
+
+    Latency metrics get p10-p90 bars. With `active_metric`, each series is drawn twice: `metric`
+    solid and `active_metric` dashed (where it differs), markers telling the series apart.
+    """
     xs = data.seqs if x == "seq" else data.batches
     panels = data.batches if x == "seq" else data.seqs
     series = series if series is not None else list(data.by_series)
     fig = _new_figure(max(1, len(panels)))
     axes, _, _ = _grid(fig, max(1, len(panels)))
     handles: dict[str, object] = {}
+    any_active = False
     for ax, p in zip(axes, panels):
         for s in series:
             def at(v, m=metric):
@@ -171,8 +285,8 @@ def _line_figure(data: _Data, *, x: str, metric: str, ylabel: str, title: str, e
             ys = [at(v) for v in xs]
             if all(math.isnan(y) for y in ys):
                 continue
-            st = data.style(s)
-            if metric == "latency":   # p10-p90 bars: positive on a log axis, unlike mean - std
+            st = data.marker_style(s) if active_metric else data.style(s)
+            if metric in ("latency", "latency_median"):   # p10-p90 bars: positive on a log axis
                 lo = [max(y - at(v, "latency_p10"), 0.0) if not math.isnan(y) else math.nan
                       for v, y in zip(xs, ys)]
                 hi = [max(at(v, "latency_p90") - y, 0.0) if not math.isnan(y) else math.nan
@@ -181,18 +295,32 @@ def _line_figure(data: _Data, *, x: str, metric: str, ylabel: str, title: str, e
             else:
                 (h,) = ax.plot(xs, ys, **st)
             handles[st["label"]] = h
+            if active_metric:
+                ya = [at(v, active_metric) for v in xs]
+                differs = any(not math.isnan(a) and not math.isnan(t) and not math.isclose(a, t, rel_tol=1e-9)
+                              for a, t in zip(ya, ys))
+                if differs:
+                    ax.plot(xs, ya, **{**st, "linestyle": "--", "markerfacecolor": "white", "label": None})
+                    any_active = True
         if baseline_line:
             ax.axhline(1.0, color=MODEL_COLORS[REGULAR_MAMBA], linewidth=1, linestyle=":")
         _log2_axis(ax, xs)
         if logy:
             ax.set_yscale("log")
             _plain_log_ticks(ax.yaxis, *ax.get_ylim())
-        ax.set_title(f"batch size {p}" if x == "seq" else f"sequence length {p}")
-        ax.set_xlabel("sequence length (tokens, log2)" if x == "seq" else "batch size (log2)")
+        ax.set_title(f"batch size {p}" if x == "seq" else f"{data.text['x']} {p}")
+        ax.set_xlabel(f"{data.text['x']} (tokens, log2)" if x == "seq" else "batch size (log2)")
         ax.set_ylabel(ylabel)
     if not handles:
         axes[0].text(0.5, 0.5, "no successful configs to plot", ha="center", va="center",
                      transform=axes[0].transAxes, color="0.4")
+    if active_metric:
+        from matplotlib.lines import Line2D
+
+        handles["solid: per M total parameters"] = Line2D([], [], color="0.3", linestyle="-")
+        handles["dashed, open markers: per M active parameters"
+                + ("" if any_active else " (= total here)")] = Line2D(
+            [], [], color="0.3", linestyle="--", marker="o", markerfacecolor="white")
     return _finish(fig, data, title, env, path, (list(handles.values()), list(handles)))
 
 
@@ -269,8 +397,9 @@ def _heatmaps_figure(data: _Data, env, path: Path) -> Path:
     series = list(data.by_series)
     fig = _new_figure(2, panel_w=0.55 * len(data.seqs) + 2.2, panel_h=0.35 * len(data.batches) + 1.2)
     fig.set_size_inches(fig.get_figwidth(), (0.35 * len(data.batches) + 1.2) * len(series) + 1.0)
-    for k, (metric, cmap, label) in enumerate((("latency", "magma_r", "latency (ms, mean)"),
-                                               ("throughput", "viridis", "throughput (tokens/s)"))):
+    t = data.text
+    for k, (metric, cmap, label) in enumerate((("latency", "magma_r", f"{t['latency']} ({t['lat_unit']}, mean)"),
+                                               ("throughput", "viridis", f"{t['throughput']} ({t['tp_unit']})"))):
         vals = [data.value(s, q, b, metric) for s in series for q in data.seqs for b in data.batches]
         finite = [v for v in vals if not math.isnan(v) and v > 0]
         norm = LogNorm(min(finite), max(finite)) if finite and min(finite) < max(finite) else None
@@ -280,16 +409,16 @@ def _heatmaps_figure(data: _Data, env, path: Path) -> Path:
             _heatmap(ax, matrix, _status_grid(data, s), data.batches, data.seqs, cmap=cmap, norm=norm,
                      fmt=_fmt_num, cbar_label=label, fig=fig)
             ax.set_title(f"{data.label(s)}: {metric}")
-            ax.set_xlabel("sequence length (tokens)")
+            ax.set_xlabel(f"{t['x']} (tokens)")
             ax.set_ylabel("batch size")
-    return _finish(fig, data, "Latency and throughput of every configuration", env, path)
+    return _finish(fig, data, "Latency and throughput of every configuration" + t["title"], env, path)
 
 
 def _speedup_heatmaps_figure(data: _Data, env, path: Path) -> Path:
     from matplotlib.colors import LogNorm
 
     series = [s for s in data.by_series if s[0] != REGULAR_MAMBA]
-    title = "Speedup vs Regular Mamba (Regular Mamba latency / model latency)"
+    title = "Speedup vs Regular Mamba (Regular Mamba latency / model latency)" + data.text["title"]
     if not any(s[0] == REGULAR_MAMBA for s in data.by_series) or not series:
         return _no_baseline(data, title, env, path,
                             "needs Regular Mamba and at least one other model in the run")
@@ -307,47 +436,137 @@ def _speedup_heatmaps_figure(data: _Data, env, path: Path) -> Path:
                  cbar_ticks=[2.0 ** k for k in range(-math.ceil(span), math.ceil(span) + 1)
                              if abs(k) <= span + 1e-9])
         ax.set_title(data.label(s))
-        ax.set_xlabel("sequence length (tokens)")
+        ax.set_xlabel(f"{data.text['x']} (tokens)")
         ax.set_ylabel("batch size")
     return _finish(fig, data, title, env, path)
 
 
+def _cache_tag(variant: str) -> str:
+    """The cache part of a variant ("cache=full"); "" when the run used the default cache."""
+    return next((t for t in variant.split("+") if t.startswith("cache=")), "")
+
+
+def _cache_figure(data: _Data, env, path: Path) -> Path:
+    """Decode cache (MiB) vs context, log-log, a panel per batch size; one line per (model, dtype,
+    cache kind): backends and other variant tags (compile, cuda-graphs) hold the same cache, so
+    their lines merge, and say which when they do not. A line hidden under an equal one of an
+    earlier model is drawn thin on top of it."""
+    groups: dict[tuple[str, str, str], list[Series]] = defaultdict(list)
+    for s in data.by_series:
+        groups[(s[0], s[2], _cache_tag(s[3]))].append(s)
+    tags = sorted({k[2] for k in groups})
+    tags_of = {m: {k[2] for k in groups if k[0] == m} for m in data.models}
+    fig = _new_figure(max(1, len(data.batches)))
+    axes, _, _ = _grid(fig, max(1, len(data.batches)))
+    handles: dict[str, object] = {}
+    for ax, b in zip(axes, data.batches):
+        drawn: set[tuple] = set()
+        for (model, dtype, tag), members in groups.items():
+            curves: dict[tuple, list[Series]] = {}
+            for s in members:
+                ys = tuple(data.value(s, q, b, "cache_mib") for q in data.seqs)
+                if not all(math.isnan(y) for y in ys):
+                    curves.setdefault(tuple(None if math.isnan(y) else round(y, 9) for y in ys), []).append(s)
+            for key, ss in curves.items():
+                extra = ([", ".join(dict.fromkeys(f"{s[1]} {data.variant_name(s[3])}" for s in ss))]
+                         if len(curves) > 1 else []) + ([dtype] if len(data.dtypes) > 1 else [])
+                if len(tags_of[model]) > 1 or (tag and len(tags) > 1):
+                    extra.append(tag or "cache=latent")
+                label = model + (f" ({', '.join(extra)})" if extra else "")
+                hidden = key in drawn
+                drawn.add(key)
+                (h,) = ax.plot(data.seqs, [math.nan if y is None else y for y in key], label=label,
+                               color=data.color(model), linestyle=_LINESTYLES[tags.index(tag) % len(_LINESTYLES)],
+                               marker=DTYPE_MARKERS.get(dtype, "D"), zorder=3 if hidden else 2,
+                               linewidth=0.9 if hidden else None, markersize=2.5 if hidden else None)
+                handles.setdefault(label, h)
+        _log2_axis(ax, data.seqs)
+        ax.set_yscale("log")
+        _plain_log_ticks(ax.yaxis, *ax.get_ylim())
+        ax.set_title(f"batch size {b}")
+        ax.set_xlabel("context length (tokens, log2)")
+        ax.set_ylabel("cache held (MiB, log)")
+    if not handles:
+        axes[0].text(0.5, 0.5, "no cache sizes recorded", ha="center", va="center",
+                     transform=axes[0].transAxes, color="0.4")
+    return _finish(fig, data, "Decode cache memory vs context length (whole batch: Mamba state, MLA K/V cache)",
+                   env, path, (list(handles.values()), list(handles)))
+
+
+def _spec_plots(data: _Data, env, f: dict[str, Path]) -> list[Path]:
+    """The spec's eight plots of one mode's records (labels say what latency means in that mode)."""
+    t = data.text
+    cap = lambda v: v[:1].upper() + v[1:]   # noqa: E731
+    sep = " " if data.mode == "forward" else "\n"   # the spec's labels stay one line
+    lat_label = f"{t['latency']}{sep}({t['lat_unit']}, mean; bars p10-p90)"
+    tp_label = f"{t['throughput']}{sep}({t['tp_unit']}, log)"
+    others = [s for s in data.by_series if s[0] != REGULAR_MAMBA]
+    has_base = any(s[0] == REGULAR_MAMBA for s in data.by_series)
+    return [
+        _line_figure(data, x="seq", metric="latency", ylabel=lat_label, logy=True, env=env,
+                     title=f"{cap(t['latency'])} vs {t['x']}{t['title']}", path=f["latency_vs_seq_len"]),
+        _line_figure(data, x="seq", metric="throughput", ylabel=tp_label, logy=True, env=env,
+                     title=f"{cap(t['throughput'])} vs {t['x']}{t['title']}", path=f["throughput_vs_seq_len"]),
+        _line_figure(data, x="batch", metric="latency", ylabel=lat_label, logy=True, env=env,
+                     title=f"{cap(t['latency'])} vs batch size{t['title']}", path=f["latency_vs_batch"]),
+        _line_figure(data, x="batch", metric="throughput", ylabel=tp_label, logy=True, env=env,
+                     title=f"{cap(t['throughput'])} vs batch size{t['title']}", path=f["throughput_vs_batch"]),
+        _line_figure(data, x="seq", metric="speedup", series=others, baseline_line=True,
+                     ylabel="speedup vs Regular Mamba (x, log)", logy=True,
+                     title="Speedup vs Regular Mamba (> 1 is faster; dotted line = Regular Mamba)" + t["title"],
+                     env=env, path=f["speedup"])
+        if has_base and others else
+        _no_baseline(data, "Speedup vs Regular Mamba" + t["title"], env, f["speedup"],
+                     "needs Regular Mamba and at least one other model in the run"),
+        _line_figure(data, x="seq", metric="efficiency", active_metric="efficiency_active",
+                     ylabel=f"{t['tp_unit']}{sep}per million parameters (log)", logy=True, env=env,
+                     title="Scaling efficiency: throughput per parameter (total and active)" + t["title"],
+                     path=f["efficiency"]),
+        _heatmaps_figure(data, env, f["heatmaps"]),
+        _speedup_heatmaps_figure(data, env, f["speedup_heatmaps"]),
+    ]
+
+
 def plot_benchmark_results(results: Sequence[BenchmarkResult], output_dir: str | Path = "benchmark_plots",
                            env: Optional[dict] = None) -> list[Path]:
-    """Draw the eight plots of `results` into `output_dir` as 300 DPI PNGs; returns their paths."""
+    """Draw the plots of `results` into `output_dir` as 300 DPI PNGs; returns their paths.
+
+    Always the spec's eight (of the forward records, else of the run's one mode: see the module
+    docstring), then decode_latency_vs_context.png and cache_memory_vs_context.png when there are
+    decode records and train_step_time_vs_seq.png when there are train records.
+    """
     import matplotlib
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = _Data(results)
+    by_mode: dict[str, list[BenchmarkResult]] = defaultdict(list)
+    for r in results:
+        by_mode[r.mode].append(r)
+    spec_mode = _mode_of(list(results))
+    data = _Data(by_mode.get(spec_mode, []), spec_mode)
     f = {k: out / v for k, v in PLOT_FILES.items()}
+    m = {k: out / v for k, v in MODE_PLOT_FILES.items()}
     with matplotlib.rc_context(STYLE):
         if not data.records:
             return [_no_baseline(data, t, env, p, "no records") for t, p in
                     zip(PLOT_FILES, f.values())]
-        others = [s for s in data.by_series if s[0] != REGULAR_MAMBA]
-        has_base = any(s[0] == REGULAR_MAMBA for s in data.by_series)
-        paths = [
-            _line_figure(data, x="seq", metric="latency", ylabel="latency (ms, mean; bars p10-p90)",
-                         title="Latency vs sequence length", env=env, path=f["latency_vs_seq_len"], logy=True),
-            _line_figure(data, x="seq", metric="throughput", ylabel="throughput (tokens/s, log)",
-                         title="Throughput vs sequence length", env=env, path=f["throughput_vs_seq_len"],
-                         logy=True),
-            _line_figure(data, x="batch", metric="latency", ylabel="latency (ms, mean; bars p10-p90)",
-                         title="Latency vs batch size", env=env, path=f["latency_vs_batch"], logy=True),
-            _line_figure(data, x="batch", metric="throughput", ylabel="throughput (tokens/s, log)",
-                         title="Throughput vs batch size", env=env, path=f["throughput_vs_batch"], logy=True),
-            _line_figure(data, x="seq", metric="speedup", series=others, baseline_line=True,
-                         ylabel="speedup vs Regular Mamba (x, log)", logy=True,
-                         title="Speedup vs Regular Mamba (> 1 is faster; dotted line = Regular Mamba)",
-                         env=env, path=f["speedup"])
-            if has_base and others else
-            _no_baseline(data, "Speedup vs Regular Mamba", env, f["speedup"],
-                         "needs Regular Mamba and at least one other model in the run"),
-            _line_figure(data, x="seq", metric="efficiency", ylabel="tokens/s per million parameters (log)",
-                         title="Scaling efficiency: throughput per parameter", env=env,
-                         path=f["efficiency"], logy=True),
-            _heatmaps_figure(data, env, f["heatmaps"]),
-            _speedup_heatmaps_figure(data, env, f["speedup_heatmaps"]),
-        ]
+        paths = _spec_plots(data, env, f)
+        if by_mode.get("decode"):
+            dec = data if spec_mode == "decode" else _Data(by_mode["decode"], "decode")
+            paths += [
+                _line_figure(dec, x="seq", metric="latency_median", logy=True, env=env,
+                             ylabel="latency per generated token\n(ms, median; bars p10-p90)",
+                             title="Decode latency per generated token vs context length",
+                             path=m["decode_latency"]),
+                _cache_figure(dec, env, m["cache_memory"]),
+            ]
+        if by_mode.get("train"):
+            tr = data if spec_mode == "train" else _Data(by_mode["train"], "train")
+            step = ("forward + backward" + (" + AdamW" if all("adamw" in v.split("+") for v in tr.variants)
+                                            else " (+ AdamW where the variant says adamw)"
+                                            if any("adamw" in v.split("+") for v in tr.variants) else ""))
+            paths.append(_line_figure(tr, x="seq", metric="latency_median", logy=True, env=env,
+                                      ylabel="training step time\n(ms, median; bars p10-p90)",
+                                      title=f"Training step time vs sequence length (step = {step})",
+                                      path=m["train_step"]))
     return paths

@@ -86,28 +86,53 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]], align: str) -> 
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows])
 
 
-def _label(r: BenchmarkResult, many: bool) -> str:
-    return f"{r.model_name} ({r.backend}, {r.dtype})" if many else r.model_name
+def _label(r: BenchmarkResult, many: bool, modes: bool = False, variants: bool = False) -> str:
+    extra = ([r.backend, r.dtype] if many else []) + ([r.mode] if modes else []) \
+        + ([r.variant or "default"] if variants else [])
+    return f"{r.model_name} ({', '.join(extra)})" if extra else r.model_name
+
+
+def _opt(v: Optional[float], fmt: str, scale: float = 1.0) -> str:
+    return "n/a" if v is None else format(v * scale, fmt)
 
 
 def summary_table(results: Sequence[BenchmarkResult]) -> str:
+    """One row per record. Where the records carry them, compute columns (TFLOP/s, MFU in percent
+    of the device's dense peak) for forward and train records, and memory-traffic columns (GB/s,
+    prefill ms, cache MiB) for decode records; a record of the other kind shows "-" there."""
     many = len({(r.backend, r.dtype) for r in results}) > 1
+    modes = len({r.mode for r in results}) > 1
+    variants = len({r.variant for r in results}) > 1
+    ok = [r for r in results if r.ok]
+    compute = any(r.mode != "decode" and r.tflops_per_sec is not None for r in ok)
+    decode = any(r.mode == "decode" for r in ok)
     rows = []
     for r in results:
+        label = _label(r, many, modes, variants)
         if r.ok:
             mem = "n/a" if r.memory_mb is None else f"{r.memory_mb:.1f}"
             tpm = r.throughput_tokens_per_sec / (r.num_parameters / 1e6) if r.num_parameters else float("nan")
-            rows.append([_label(r, many), r.sequence_length, r.batch_size,
-                         f"{r.latency_ms:.2f}±{r.latency_std_ms:.2f}",
-                         f"{r.latency_median_ms:.2f}", f"{r.latency_iqr_ms:.2f}" + (" !" if r.high_spread else ""),
-                         f"{r.throughput_tokens_per_sec:.1f}", f"{tpm:.1f}", mem,
-                         f"{format_params(r.num_parameters)}/{format_params(r.active_parameters)}", "ok"])
+            row = [label, r.sequence_length, r.batch_size,
+                   f"{r.latency_ms:.2f}±{r.latency_std_ms:.2f}",
+                   f"{r.latency_median_ms:.2f}", f"{r.latency_iqr_ms:.2f}" + (" !" if r.high_spread else ""),
+                   f"{r.throughput_tokens_per_sec:.1f}", f"{tpm:.1f}", mem]
+            if compute:
+                row += (["-", "-"] if r.mode == "decode" else
+                        [_opt(r.tflops_per_sec, ".3f"), _opt(r.mfu, ".1f", 100.0)])
+            if decode:
+                row += ([_opt(r.gb_per_sec, ".1f"), _opt(r.prefill_ms, ".2f"),
+                         _opt(r.cache_bytes, ".2f", 1 / 2 ** 20)] if r.mode == "decode" else ["-", "-", "-"])
+            rows.append(row + [f"{format_params(r.num_parameters)}/{format_params(r.active_parameters)}", "ok"])
         else:
-            rows.append([_label(r, many), r.sequence_length, r.batch_size, "-", "-", "-", "-", "-", "-",
-                         format_params(r.num_parameters), f"{r.status.upper()}: {r.message[:60]}"])
+            rows.append([label, r.sequence_length, r.batch_size, "-", "-", "-", "-", "-", "-"]
+                        + ["-"] * (2 * compute + 3 * decode)
+                        + [format_params(r.num_parameters), f"{r.status.upper()}: {r.message[:60]}"])
     header = ["Model", "SeqLen", "Batch", "Mean±Std ms", "Median ms", "IQR ms", "Tokens/s",
-              "Tok/s per M", "Mem MB", "Params tot/act", "Status"]
-    return "SUMMARY\n" + _table(header, rows, "lrrrrrrrrrl")
+              "Tok/s per M", "Mem MB"] + ["TFLOP/s", "MFU %"] * compute \
+        + ["GB/s", "Prefill ms", "Cache MiB"] * decode + ["Params tot/act", "Status"]
+    if decode and not modes:
+        header[1] = "Context"   # decode: the context each generated token follows
+    return "SUMMARY\n" + _table(header, rows, "l" + "r" * (len(header) - 2) + "l")
 
 
 def speedups(results: Sequence[BenchmarkResult], baseline: str = REGULAR_MAMBA
@@ -164,17 +189,35 @@ def print_summary_table(results: Sequence[BenchmarkResult], file=None) -> None:
 
 
 # ---------------------------------------------------------------- compare two saved runs
+def _run_devices(run_dir, records: Sequence[BenchmarkResult]) -> str:
+    """The device(s) a run measured on: its records' device_name, else environment.json's
+    device_name or device; "" when neither says."""
+    from pathlib import Path
+
+    from .results import ENV_NAME, read_environment
+
+    names = sorted({r.device_name for r in records if r.device_name})
+    if names:
+        return ", ".join(names)
+    env = read_environment(Path(run_dir) / ENV_NAME)
+    return str(env.get("device_name") or env.get("device") or "")
+
+
 def compare_runs(base_dir, new_dir, *, threshold: float = 0.05, alpha: float = 0.05) -> tuple[str, bool]:
     """Per-config median latency ratio NEW/BASE with a Mann-Whitney U test on the raw samples.
 
     A config regresses when NEW is slower by more than `threshold` (ratio > 1 + threshold) and the
-    U test says the difference is significant (p < alpha). Returns (text, any regression).
+    U test says the difference is significant (p < alpha). Returns (text, any regression). When the
+    runs were measured on different devices, the text's first line is a warning that says so (the
+    regression verdict is unchanged).
     """
     from .results import load_run
     from .timing import mann_whitney_u
 
-    base = {r.key: r for r in load_run(base_dir)}
-    new = {r.key: r for r in load_run(new_dir)}
+    base_records, new_records = load_run(base_dir), load_run(new_dir)
+    base = {r.key: r for r in base_records}
+    new = {r.key: r for r in new_records}
+    base_dev, new_dev = _run_devices(base_dir, base_records), _run_devices(new_dir, new_records)
     rows, regressed = [], []
     for key, n in new.items():
         b = base.get(key)
@@ -197,7 +240,9 @@ def compare_runs(base_dir, new_dir, *, threshold: float = 0.05, alpha: float = 0
             verdict = "same" if not significant else "within threshold"
         rows.append([label, n.sequence_length, n.batch_size, f"{b.latency_median_ms:.3f}",
                      f"{n.latency_median_ms:.3f}", f"{ratio:.3f}", f"{p:.3g}", verdict])
-    lines = [f"COMPARE  base: {base_dir}  new: {new_dir}",
+    lines = [f"warning: comparing different devices: base {base_dev}, new {new_dev}"] \
+        if base_dev and new_dev and base_dev != new_dev else []
+    lines += [f"COMPARE  base: {base_dir}  new: {new_dir}",
              f"ratio = new median / base median latency; regression: ratio > {1 + threshold:.3f} "
              f"and Mann-Whitney U p < {alpha}",
              _table(["Config", "SeqLen", "Batch", "Base ms", "New ms", "Ratio", "p", "Verdict"],

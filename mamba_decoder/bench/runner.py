@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -367,6 +367,19 @@ def measure_isolated(cfg: Config, s: SweepSettings) -> BenchmarkResult:
 
 
 # ---------------------------------------------------------------- the sweep
+def measure_each(configs: Iterable[Config], s: SweepSettings) -> Iterator[BenchmarkResult]:
+    """Measure `configs` in order (lazily): each model is built once per (model, backend, dtype),
+    and a backend/dtype's models are freed when the next one starts."""
+    cache: dict = {}
+    cache_for: Optional[tuple] = None
+    for cfg in configs:
+        if (cfg.backend, cfg.dtype) != cache_for:
+            cache.clear()
+            gc.collect()
+            cache_for = (cfg.backend, cfg.dtype)
+        yield measure_isolated(cfg, s) if s.isolate else measure(cfg, s, cache)
+
+
 def run_sweep(s: SweepSettings, *, writer: Optional[RecordWriter] = None,
               on_record: Optional[Callable[[BenchmarkResult], None]] = None,
               done: Optional[dict[tuple, BenchmarkResult]] = None,
@@ -380,27 +393,19 @@ def run_sweep(s: SweepSettings, *, writer: Optional[RecordWriter] = None,
     if s.threads is not None:
         torch.set_num_threads(s.threads)
     results: list[BenchmarkResult] = []
-    cache: dict = {}
-    cache_for: Optional[tuple] = None
+    measured = measure_each((c for c in iter_configs(s) if c.key(s) not in done), s)
     bar = tqdm(total=s.n_configs, file=sys.stderr, disable=not progress, unit="config",
                dynamic_ncols=True, leave=False)
     try:
         for cfg in iter_configs(s):
             key = cfg.key(s)
             if key in done:   # recorded ok by the run being resumed: shown, not measured again
-                results.append(done[key])
-                if on_record is not None:
-                    on_record(done[key])
-                bar.update()
-                continue
-            bar.set_description(f"{cfg.model_name} L={cfg.sequence_length} B={cfg.batch_size}")
-            if (cfg.backend, cfg.dtype) != cache_for:   # free the previous backend/dtype's models
-                cache.clear()
-                gc.collect()
-                cache_for = (cfg.backend, cfg.dtype)
-            r = measure_isolated(cfg, s) if s.isolate else measure(cfg, s, cache)
-            if writer is not None:
-                writer.write(r)
+                r = done[key]
+            else:
+                bar.set_description(f"{cfg.model_name} L={cfg.sequence_length} B={cfg.batch_size}")
+                r = next(measured)
+                if writer is not None:
+                    writer.write(r)
             results.append(r)
             if on_record is not None:
                 on_record(r)

@@ -68,3 +68,81 @@ def test_speedup_relative_to_regular_mamba():
     assert "2.00x" in text and "0.25x" in text
     table = summary_table([rm, fast, slow])
     assert "MambaDecoderBlock" in table and "10.00±0.00" in table
+
+
+def _columns(table: str) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of a summary table, cells split on runs of 2+ spaces."""
+    import re
+
+    lines = table.splitlines()[1:]   # after "SUMMARY"
+    split = [re.split(r" {2,}", ln.strip()) for ln in lines if not set(ln) <= {"-", " "}]
+    return split[0], split[1:]
+
+
+def test_summary_shows_compute_columns_for_forward_and_train():
+    r = make_record(samples=[2.0], tflops_per_sec=1.234, mfu=0.0567)
+    n = make_record(seq=16, samples=[2.0])            # no FLOPs measured: n/a
+    header, rows = _columns(summary_table([r, n]))
+    assert header[-4:] == ["TFLOP/s", "MFU %", "Params tot/act", "Status"] and "GB/s" not in header
+    assert rows[0][header.index("TFLOP/s")] == "1.234" and rows[0][header.index("MFU %")] == "5.7"
+    assert rows[1][header.index("TFLOP/s")] == "n/a"
+    header, _ = _columns(summary_table([make_record()]))
+    assert "TFLOP/s" not in header and "MFU %" not in header   # absent when no record has them
+
+
+def test_summary_shows_decode_columns():
+    d = make_record("MLABlock", seq=128, mode="decode", tokens_per_call=1, gb_per_sec=45.67, prefill_ms=3.21,
+                    cache_bytes=3 * 2 ** 20, tflops_per_sec=0.5, mfu=0.01)
+    header, rows = _columns(summary_table([d]))
+    assert header[1] == "Context" and "TFLOP/s" not in header
+    cells = dict(zip(header, rows[0]))
+    assert (cells["GB/s"], cells["Prefill ms"], cells["Cache MiB"]) == ("45.7", "3.21", "3.00")
+    # a mixed run: each record fills its own mode's columns, "-" in the other's; labels name the mode
+    f = make_record(tflops_per_sec=1.0, mfu=0.5)
+    header, rows = _columns(summary_table([f, d]))
+    assert header[1] == "SeqLen"
+    fwd, dec = (dict(zip(header, row)) for row in rows)
+    assert fwd["Model"] == "Regular Mamba (forward)" and dec["Model"] == "MLABlock (decode)"
+    assert (fwd["MFU %"], fwd["GB/s"], dec["MFU %"], dec["Cache MiB"]) == ("50.0", "-", "-", "3.00")
+
+
+def test_summary_failed_rows_keep_the_columns():
+    ok = make_record(tflops_per_sec=1.0, mfu=0.1)
+    bad = BenchmarkResult.failed("oom", "out of memory", model_name="MLABlock", sequence_length=8, batch_size=1,
+                                 dim=32, backend="reference", dtype="float32", device="cpu")
+    header, rows = _columns(summary_table([ok, bad]))
+    assert len(rows[1]) == len(header) and rows[1][-1] == "OOM: out of memory"
+
+
+def _run_dir(d, device_name=None, env=None, scale=1.0):
+    import json
+
+    from mamba_decoder.bench.results import RecordWriter
+
+    d.mkdir()
+    base = [10.0, 10.2, 9.9, 10.1, 10.05, 9.95, 10.15, 10.0, 9.85, 10.1]
+    with RecordWriter(d / "results.jsonl", "w") as w:
+        w.write(make_record(samples=[x * scale for x in base], device_name=device_name))
+    if env is not None:
+        (d / "environment.json").write_text(json.dumps(env))
+    return d
+
+
+def test_compare_warns_when_devices_differ(tmp_path):
+    from mamba_decoder.bench.report import compare_runs
+
+    a = _run_dir(tmp_path / "a", "NVIDIA H100 80GB HBM3")
+    b = _run_dir(tmp_path / "b", "NVIDIA A100-SXM4-80GB", scale=1.3)
+    text, regressed = compare_runs(a, b)
+    assert text.splitlines()[0] == ("warning: comparing different devices: "
+                                    "base NVIDIA H100 80GB HBM3, new NVIDIA A100-SXM4-80GB")
+    assert regressed   # the verdict is unchanged by the warning
+    text, regressed = compare_runs(a, a)
+    assert text.startswith("COMPARE") and not regressed
+    # no device_name on the records: environment.json's device_name, else its device
+    c = _run_dir(tmp_path / "c", env={"device": "cuda", "device_name": "NVIDIA H100 80GB HBM3"})
+    d = _run_dir(tmp_path / "d", env={"device": "cpu"})
+    assert compare_runs(a, c)[0].startswith("COMPARE")
+    text, regressed = compare_runs(c, d)
+    assert text.splitlines()[0] == "warning: comparing different devices: base NVIDIA H100 80GB HBM3, new cpu"
+    assert not regressed

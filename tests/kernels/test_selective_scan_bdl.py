@@ -87,6 +87,7 @@ def small_tiles(monkeypatch):
         monkeypatch.setitem(triton_bdl.FWD_CONFIG, "CHUNK", 8)
         monkeypatch.setitem(triton_bdl.BWD_CONFIG, "BLOCK_D", 16)
         monkeypatch.setitem(triton_bdl.BWD_CONFIG, "CHUNK", 8)
+        monkeypatch.setattr(triton_bdl, "SEGT_CONFIG", {})  # no dtype routing: test as named
     return triton_bdl
 
 
@@ -95,7 +96,7 @@ IMPLS = [pytest.param("cpu", id="cpu"), pytest.param("reference", id="reference"
 TOL = {"cpu": 1e-5, "reference": 1e-6, "triton": 1e-4}
 
 
-@pytest.mark.parametrize("variant", ["assoc", "seq", "seqt"])
+@pytest.mark.parametrize("variant", ["assoc", "seq", "seqt", "segt"])
 @pytest.mark.parametrize("shape,dtype", [
     ((2, 37, 48, 16), torch.float32),   # L not a multiple of CHUNK, partial ED block
     ((1, 70, 20, 16), torch.float32),   # batch 1, ED not a power of two
@@ -106,8 +107,11 @@ TOL = {"cpu": 1e-5, "reference": 1e-6, "triton": 1e-4}
 @pytest.mark.triton
 def test_triton_bdl_forward(small_tiles, variant, shape, dtype, monkeypatch):
     monkeypatch.setitem(small_tiles.FWD_CONFIG, "variant", variant)
-    if variant == "seqt":
+    if variant in ("seqt", "segt"):
         monkeypatch.setitem(small_tiles.FWD_CONFIG, "CHUNK", 4)  # steps per register tile
+    if variant == "segt":  # many 8-step segments (L=5: one segment -> the seqt fallback)
+        monkeypatch.setitem(small_tiles.FWD_CONFIG, "SEG_PROGRAMS", 10**6)
+        monkeypatch.setitem(small_tiles.FWD_CONFIG, "SEG_MIN", 8)
     inp, h0 = make_bdl(*shape, dtype=dtype)
     with torch.no_grad():
         out, hf = selective_scan(**inp, initial_state=h0, return_final_state=True,
@@ -242,3 +246,57 @@ def test_fast_mixer_bdl_path_equals_reference():
     x.requires_grad_(True)
     fast(x).square().sum().backward()
     assert all(p.grad is not None for p in fast.parameters())
+
+
+def test_seg_len_table():
+    pytest.importorskip("triton")
+    from mamba_decoder.kernels.selective_scan.triton_bdl import seg_len
+    # (8, 2048, 1024) with 8-channel programs: 1024 programs per segment -> 8 segments of 256
+    assert seg_len(8, 1024, 2048, 8, 32, 8192, 128) == (256, 8)
+    assert seg_len(8, 1024, 8192, 8, 32, 8192, 128) == (1024, 8)
+    assert seg_len(1, 1024, 128, 8, 32, 8192, 128) == (128, 1)  # too short: no split
+    seg, n = seg_len(1, 1000, 1000, 8, 32, 8192, 100)  # rounded to the state chunk
+    assert seg % 32 == 0 and seg >= 128 and n == -(-1000 // seg)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("seg,shape,dtype", [
+    (8, (2, 37, 24, 16), torch.float32),    # 5 segments, last partial, 1 tile each 2
+    (16, (1, 70, 20, 8), torch.float32),    # state chunks (8) inside segments, ED % 16 != 0
+    (16, (1, 30, 24, 8), torch.bfloat16),
+])
+def test_triton_bdl_segt_fwd_bwd(small_tiles, monkeypatch, seg, shape, dtype):
+    """Segmented forward + the (unchanged) backward from its chunk-boundary states."""
+    monkeypatch.setitem(small_tiles.FWD_CONFIG, "variant", "segt")
+    monkeypatch.setitem(small_tiles.FWD_CONFIG, "CHUNK", 4)
+    monkeypatch.setitem(small_tiles.FWD_CONFIG, "SEG_PROGRAMS", 10**6)
+    monkeypatch.setitem(small_tiles.FWD_CONFIG, "SEG_MIN", seg)
+    inp, h0 = make_bdl(*shape, dtype=dtype)
+    o, hf, g = run_with_grads(bdl_fn("triton"), inp, h0, GRAD_NAMES)
+    ro, rhf, rg = run_with_grads(ref_on_bdl, inp, h0, GRAD_NAMES)
+    tol_f, tol_g = (1e-4, 1e-3) if dtype == torch.float32 else (2e-2, 2e-2)
+    assert rel(o, ro) <= tol_f and rel(hf, rhf) <= max(tol_f, 1e-4)
+    for k in GRAD_NAMES + ["initial_state"]:
+        assert rel(g[k], rg[k]) <= tol_g, (k, rel(g[k], rg[k]))
+    # no initial state, no final state requested
+    with torch.no_grad():
+        out = selective_scan(**inp, impl="triton", layout="BDL")
+        ref = selective_scan_ref(**to_bld(inp)).transpose(1, 2)
+    assert rel(out, ref) <= tol_f
+
+
+@pytest.mark.triton
+def test_triton_bdl_bf16_routes_to_segt(small_tiles, monkeypatch):
+    """The default forward for 16-bit inputs is the segmented one (SEGT_CONFIG)."""
+    monkeypatch.setattr(small_tiles, "SEGT_CONFIG", dict(
+        variant="segt", BLOCK_D=16, CHUNK=16, num_warps=1, SEG_PROGRAMS=10**6, SEG_MIN=8))
+    calls = []
+    real = small_tiles._fwd_segt
+    monkeypatch.setattr(small_tiles, "_fwd_segt", lambda *a: calls.append(a[-3:-1]) or real(*a))
+    inp, h0 = make_bdl(1, 30, 24, 8, dtype=torch.bfloat16)
+    o, hf, g = run_with_grads(bdl_fn("triton"), inp, h0, GRAD_NAMES)
+    ro, rhf, rg = run_with_grads(ref_on_bdl, inp, h0, GRAD_NAMES)
+    assert calls == [(8, 4)]  # SEG 8 (state chunk 8 -> register tile gcd(16, 8) = 8), 4 segments
+    assert rel(o, ro) <= 2e-2 and rel(hf, rhf) <= 1e-4
+    for k in GRAD_NAMES + ["initial_state"]:
+        assert rel(g[k], rg[k]) <= 2e-2, k

@@ -384,6 +384,188 @@ def bench_layer(rows, Bsz=8, L=2048, dim=512):
                  rel_vs_reference=rel(outs[lay], outs["reference"]))
 
 
+# ------------------------------------------------------------------ segmented ("segt") forward
+
+SEQT_OLD = dict(variant="seqt", BLOCK_D=8, CHUNK=16, num_warps=1)
+
+
+def check_seg(shapes=CHECK_SHAPES):
+    """segt forward (forced small segments and auto) vs the reference; fwd+bwd through the
+    autograd Function with segt forward + the old backward."""
+    names = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias"]
+    worst = {}
+    for (Bsz, L, ED, N) in shapes:
+        for dname, dtype in DTYPES.items():
+            inp = make_bdl(Bsz, L, ED, N, dtype)
+            h0 = torch.randn(Bsz, ED, N, device="cuda")
+            with torch.no_grad():
+                ref, rhf = selective_scan_ref(**_bld_view(inp), initial_state=h0,
+                                              return_final_state=True)
+                for tag, vcfg in (("seg64", dict(SEG=64)), ("auto", {})):
+                    o, hf = tb._fwd(*_args(inp), h0, True, False,
+                                    **dict(SEQT_OLD, variant="segt", **vcfg))[:2]
+                    e = max(rel(o, ref.transpose(1, 2)), rel(hf, rhf))
+                    emit(kind="check_seg_fwd", cfg=tag, shape=[Bsz, L, ED, N], dtype=dname,
+                         max_rel=e)
+                    worst[(dname, "fwd")] = max(worst.get((dname, "fwd"), 0), e)
+            leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inp.items()}
+            h0l = h0.clone().requires_grad_(True)
+            res = {}
+            for impl in ("ref", "segt"):
+                for v in list(leaves.values()) + [h0l]:
+                    v.grad = None
+                if impl == "ref":
+                    out, hf = selective_scan_ref(**_bld_view(leaves), initial_state=h0l,
+                                                 return_final_state=True)
+                    out = out.transpose(1, 2)
+                else:
+                    out, hf = tb.selective_scan_triton_bdl(
+                        **leaves, initial_state=h0l, return_final_state=True,
+                        **dict(SEQT_OLD, variant="segt", SEG=64))
+                gen = torch.Generator(device="cuda").manual_seed(1)
+                go = torch.randn(out.shape, device="cuda", generator=gen)
+                gh = torch.randn(hf.shape, device="cuda", generator=gen)
+                ((out.float() * go).sum() + (hf * gh).sum()).backward()
+                res[impl] = (out.detach(), hf.detach(),
+                             {k: leaves[k].grad.clone() for k in names}, h0l.grad.clone())
+            r, t = res["ref"], res["segt"]
+            errs = {"out": rel(t[0], r[0]), "final_state": rel(t[1], r[1]),
+                    "d_initial_state": rel(t[3], r[3])}
+            errs.update({f"d_{k}": rel(t[2][k], r[2][k]) for k in names})
+            m = max(errs.values())
+            worst[(dname, "grad")] = max(worst.get((dname, "grad"), 0), m)
+            emit(kind="check_seg_grad", shape=[Bsz, L, ED, N], dtype=dname, max_rel=m,
+                 **{k: float(f"{v:.2e}") for k, v in errs.items()})
+    emit(kind="check_seg_worst", **{f"{d}_{w}": float(f"{v:.2e}") for (d, w), v in worst.items()})
+
+
+SEG_SWEEP = {
+    (8, 2048, 1024, 16): [dict(SEG=sg, BLOCK_D=bd, CHUNK=u, num_warps=nw)
+                          for sg, bd, u, nw in [(256, 8, 16, 1), (128, 8, 16, 1), (512, 8, 16, 1),
+                                                (256, 8, 8, 1), (128, 8, 8, 1), (256, 16, 8, 1),
+                                                (128, 16, 16, 1), (256, 16, 16, 2),
+                                                (128, 4, 16, 1)]]
+    + [dict(SEG=256, BLOCK_D=8, CHUNK=16, num_warps=1, num_stages=ns) for ns in (1, 2, 4)],
+    (8, 8192, 1024, 16): [dict(SEG=sg, BLOCK_D=8, CHUNK=16, num_warps=1)
+                          for sg in (512, 1024, 2048)],
+}
+
+
+def sweep_seg(deadline):
+    import time
+    best = {}
+    for shape, cfgs in SEG_SWEEP.items():
+        Bsz, L, ED, N = shape
+        inp = make_bdl(Bsz, L, ED, N, torch.bfloat16)
+        args = _args(inp)
+        it = 20 if L <= 2048 else 10
+        for cfg in [SEQT_OLD] + [dict(SEQT_OLD, variant="segt", **c) for c in cfgs]:
+            if time.time() > deadline:
+                emit(kind="sweep_seg_skipped", cfg=cfg)
+                continue
+            try:
+                ms = cuda_time(lambda: tb._fwd(*args, None, True, False, **cfg), iters=it)
+            except Exception as e:
+                emit(kind="sweep_seg", shape=list(shape), cfg=cfg, error=repr(e)[:200])
+                continue
+            emit(kind="sweep_seg", shape=list(shape), cfg=cfg, ms=round(ms, 4))
+            if cfg["variant"] == "segt" and (shape not in best or ms < best[shape][0]):
+                best[shape] = (ms, cfg)
+        del inp, args
+        torch.cuda.empty_cache()
+    emit(kind="sweep_seg_best", **{"x".join(map(str, k)): v for k, v in best.items()})
+    return best
+
+
+def bench_seg(rows, new_cfg):
+    """Old seqt vs new segt (fwd no-grad; fwd+bwd through autograd), BENCH_SHAPES, both dtypes."""
+    for shape in BENCH_SHAPES:
+        Bsz, L, ED, N = shape
+        big = Bsz * L > 8 * 2048
+        for dname, dtype in DTYPES.items():
+            es = torch.tensor([], dtype=dtype).element_size()
+            nbytes = es * (4 * Bsz * L * ED + 2 * Bsz * L * N)
+            inp = make_bdl(Bsz, L, ED, N, dtype)
+            for tag, cfg in (("seqt(old)", SEQT_OLD), ("segt(new)", new_cfg)):
+                with torch.no_grad():
+                    ms = cuda_time(lambda: tb._fwd(*_args(inp), None, True, False, **cfg),
+                                   iters=10 if big else 30)
+                    msf = cuda_time(lambda: tb.selective_scan_triton_bdl(**inp, **cfg),
+                                    iters=10 if big else 30)
+                leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inp.items()}
+                go = torch.randn_like(inp["x"])
+                msb = cuda_time(lambda: tb.selective_scan_triton_bdl(**leaves, **cfg).backward(go),
+                                iters=3 if big else 10, warmup=2)
+                del leaves
+                emit(kind="bench_seg", impl=tag, shape=list(shape), dtype=dname,
+                     kernel_fwd_ms=round(ms, 4), fn_fwd_ms=round(msf, 4), fwd_bwd_ms=round(msb, 4),
+                     GBps=round(nbytes / ms / 1e6, 1))
+                rows.append((tag, shape, dname, ms, msb, nbytes / ms / 1e6))
+            del inp
+            torch.cuda.empty_cache()
+
+
+def bench_layer_seg(rows, new_cfg, Bsz=8, L=2048, dim=512):
+    """Fast MambaMixer (BDL) forward / fwd+bwd, bf16, with the old seqt vs the new segt default."""
+    from mambapy.mamba import MambaConfig
+
+    from mamba_decoder.models import MambaMixer
+    torch.manual_seed(0)
+    x = torch.randn(Bsz, L, dim, device="cuda", dtype=torch.bfloat16)
+    m = MambaMixer(MambaConfig(d_model=dim, n_layers=1), "fast").cuda().to(torch.bfloat16)
+    m.fast_layout = "BDL"
+    saved = dict(tb.FWD_CONFIG)
+    outs = {}
+    try:
+        for tag, cfg in (("seqt(old)", SEQT_OLD), ("segt(new)", new_cfg)):
+            tb.FWD_CONFIG.clear()
+            tb.FWD_CONFIG.update(saved, **cfg)
+            with torch.no_grad():
+                outs[tag] = m(x).float()
+                ms = cuda_time(lambda: m(x), iters=30)
+            xx = x.clone().requires_grad_(True)
+            go = torch.randn_like(x)
+            msb = cuda_time(lambda: m(xx).backward(go), iters=10, warmup=2)
+            emit(kind="bench_layer_seg", impl=tag, fwd_ms=round(ms, 4), fwd_bwd_ms=round(msb, 4))
+            rows.append((f"MambaMixer:{tag}", (Bsz, L, dim), "bf16", ms, msb, None))
+    finally:
+        tb.FWD_CONFIG.clear()
+        tb.FWD_CONFIG.update(saved)
+    emit(kind="check_layer_seg", rel_new_vs_old=rel(outs["segt(new)"], outs["seqt(old)"]))
+
+
+def run_seg(budget_s=200.0):
+    import time
+    t0 = time.time()
+    rows = []
+    new_cfg = dict(tb.FWD_CONFIG, variant="segt")
+    new_cfg.pop("SEG", None)
+    steps = (("check", lambda: check_seg([CHECK_SHAPES[0], CHECK_SHAPES[1], CHECK_SHAPES[3]])),
+             ("sweep", lambda: sweep_seg(t0 + 0.55 * budget_s)),
+             ("bench", lambda: bench_seg(rows, new_cfg)),
+             ("layer", lambda: bench_layer_seg(rows, new_cfg)))
+    for step, fn in steps:
+        if time.time() - t0 > budget_s:
+            emit(kind="skipped", step=step)
+            continue
+        try:
+            r = fn()
+            if step == "sweep" and r and (8, 2048, 1024, 16) in r:
+                # the table-driven default: best tile config at (8, 2048); its segment count
+                # expressed as a program target so other shapes scale (seg_len)
+                best = dict(r[(8, 2048, 1024, 16)][1])
+                sg = best.pop("SEG")
+                best["SEG_PROGRAMS"] = 8 * (1024 // best["BLOCK_D"]) * (2048 // sg)
+                new_cfg.clear()
+                new_cfg.update(best)
+                emit(kind="seg_new_cfg", cfg=new_cfg)
+        except Exception as e:
+            import traceback
+            emit(kind="error", step=step, error=traceback.format_exc()[-1500:])
+        emit(kind="elapsed", step=step, s=round(time.time() - t0, 1))
+    print_table(rows)
+
+
 def print_table(rows):
     print("\n%-24s %-20s %-5s %10s %12s %8s" % ("what", "shape", "dtype", "fwd_ms",
                                                "fwd_bwd_ms", "fwd_GB/s"))
@@ -402,11 +584,17 @@ def main():
                     help="channel-major kernels: check, tune, table, layer timings")
     ap.add_argument("--no-bdl-tune", action="store_true")
     ap.add_argument("--no-bdl-check", action="store_true")
+    ap.add_argument("--seg", action="store_true",
+                    help="segmented BDL forward: check, sweep, old-vs-new table, mixer")
+    ap.add_argument("--budget", type=float, default=200.0)
     a = ap.parse_args()
     assert torch.cuda.is_available(), "bench_gpu needs a CUDA device"
     emit(kind="env", device=torch.cuda.get_device_name(), torch=torch.__version__,
          triton=__import__("triton").__version__, fwd_config=ts.FWD_CONFIG,
          bwd_config=ts.BWD_CONFIG)
+    if a.seg:
+        run_seg(a.budget)
+        return
     if a.bdl:
         import time
         t0 = time.time()

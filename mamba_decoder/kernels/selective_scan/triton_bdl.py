@@ -20,6 +20,7 @@ partials (n_dblocks, B, N, L) summed in torch; over batch (dA, dD, dt_bias) like
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -36,6 +37,12 @@ LOG2E = 1.4426950408889634
 # For seqt CHUNK is the number of steps per register tile (BWD_CONFIG["CHUNK"] must be a
 # multiple of it). Backward: 2 channels, CHUNK 32, 1 warp: 3.5 ms (4 ch / 64 / 4 warps: 4.6).
 FWD_CONFIG = dict(variant="seqt", BLOCK_D=8, CHUNK=16, num_warps=1)
+# Segmented forward (GPU run 4, NOTES.md): faster than seqt only for 16-bit inputs
+# ((8,2048) bf16 0.57 vs 0.63 ms, (8,8192) 1.71 vs 1.98), slower for fp32 (0.74 vs 0.68,
+# 2.43 vs 2.33). Used, when FWD_CONFIG["variant"] is "seqt" (not overridden), for 16-bit x.
+SEGT_CONFIG = dict(variant="segt", BLOCK_D=16, CHUNK=16, num_warps=1, SEG_PROGRAMS=8192,
+                   SEG_MIN=128)
+SEGT_DTYPES = (torch.bfloat16, torch.float16)
 BWD_CONFIG = dict(BLOCK_D=2, CHUNK=32, num_warps=1)
 FWD_TUNE = (
     [dict(variant="seqt", BLOCK_D=bd, CHUNK=u, num_warps=nw)
@@ -324,6 +331,121 @@ def _bdl_fwd_seqt_kernel(
 
 
 @triton.jit
+def _bdl_fwd_segt_kernel(
+    x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, h0_ptr,
+    out_ptr, hfin_ptr, states_ptr, hseg_ptr, dsum_ptr,
+    L, ED, N, SEG, n_seg,
+    sx_b, sx_d, sx_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l,
+    sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sA_d, sA_n,
+    so_b, so_d, so_l,
+    HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
+    SOFTPLUS: tl.constexpr, STORE_STATES: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    STATE_CHUNK: tl.constexpr, FIRST_PASS: tl.constexpr,
+):
+    """Segmented seqt. Program (d-block, segment s, batch) scans steps [s*SEG, (s+1)*SEG).
+    FIRST_PASS: from a zero state; stores the segment's end state hseg (B, n_seg, ED, N) and
+    sum_t delta_t dsum (B, n_seg, ED) (the segment's decay is exp2(A*log2e * dsum), A being per
+    (d, n)); no output. Otherwise: the carry-in H_in[s] = P[s-1] H_in[s-1] + hseg[s-1] (from
+    initial_state) is folded in a prologue loop over the earlier segments, then the segment is
+    re-scanned from it writing y, the backward's chunk-boundary states and (last segment) the
+    final state. Per-tile / per-step structure exactly as _bdl_fwd_seqt_kernel."""
+    pid_d = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_u = tl.arange(0, CHUNK)
+    mask_d = offs_d < ED
+    mask_n = offs_n < N
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+
+    A2 = tl.load(A_ptr + offs_d[None, :] * sA_d + offs_n[:, None] * sA_n,
+                 mask=mask_nd, other=0.0).to(tl.float32) * 1.4426950408889634  # (BN, BD)
+    if not FIRST_PASS:
+        if HAS_D:
+            Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    st_off = offs_d[None, :] * N + offs_n[:, None]  # (BN, BD) into a (ED, N) slab
+
+    if FIRST_PASS:
+        h = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dsum = tl.zeros([BLOCK_D], dtype=tl.float32)
+    else:
+        if HAS_H0:
+            h = tl.load(h0_ptr + pid_b * ED * N + st_off, mask=mask_nd,
+                        other=0.0).to(tl.float32)
+        else:
+            h = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        # carry over the earlier segments (pass 2, folded in)
+        for sp in range(0, pid_s):
+            row = pid_b * n_seg + sp
+            ds = tl.load(dsum_ptr + row * ED + offs_d, mask=mask_d, other=0.0)
+            hs = tl.load(hseg_ptr + row * ED * N + st_off, mask=mask_nd, other=0.0)
+            h = tl.exp2(ds[None, :] * A2) * h + hs
+
+    x_base = x_ptr + pid_b * sx_b + offs_d[None, :] * sx_d
+    dt_base = dt_ptr + pid_b * sdt_b + offs_d[None, :] * sdt_d
+    z_base = z_ptr + pid_b * sz_b + offs_d[None, :] * sz_d
+    o_base = out_ptr + pid_b * so_b + offs_d[None, :] * so_d
+    zero_d = (offs_d * 0)[None, :]
+    B_base = B_ptr + pid_b * sB_b + offs_n[:, None] * sB_n + zero_d  # (BN, BD), same per d
+    C_base = C_ptr + pid_b * sC_b + offs_n[:, None] * sC_n + zero_d
+
+    start = pid_s * SEG
+    n_tiles = tl.cdiv(tl.minimum(SEG, L - start), CHUNK)
+    for c in range(0, n_tiles):
+        t0 = start + c * CHUNK
+        if not FIRST_PASS:
+            if STORE_STATES:
+                if t0 % STATE_CHUNK == 0:
+                    tl.store(states_ptr + (pid_b * tl.cdiv(L, STATE_CHUNK) + t0 // STATE_CHUNK)
+                             * ED * N + st_off, h, mask=mask_nd)
+        t = t0 + offs_u
+        m = (t < L)[:, None] & mask_d[None, :]  # (U, BD)
+        xt = tl.load(x_base + t[:, None] * sx_l, mask=m, other=0.0).to(tl.float32)
+        ut = tl.load(dt_base + t[:, None] * sdt_l, mask=m, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            ut = ut + bias[None, :]
+        if SOFTPLUS:
+            dlt = _softplus(ut)
+        else:
+            dlt = ut
+        dlt = tl.where(m, dlt, 0.0)
+        dxt = dlt * xt
+        if FIRST_PASS:
+            dsum += tl.sum(dlt, axis=0)
+        else:
+            yt = tl.zeros([CHUNK, BLOCK_D], dtype=tl.float32)
+        for k in tl.static_range(CHUNK):
+            sel = (offs_u == k)[:, None]
+            d_k = tl.sum(tl.where(sel, dlt, 0.0), axis=0)  # (BD,)
+            dx_k = tl.sum(tl.where(sel, dxt, 0.0), axis=0)
+            mk = mask_n[:, None] & ((zero_d + (t0 + k)) < L)  # (BN, BD)
+            B_k = tl.load(B_base + (t0 + k) * sB_l, mask=mk, other=0.0).to(tl.float32)
+            h = tl.exp2(d_k[None, :] * A2) * h + dx_k[None, :] * B_k
+            if not FIRST_PASS:
+                C_k = tl.load(C_base + (t0 + k) * sC_l, mask=mk, other=0.0).to(tl.float32)
+                y_k = tl.sum(h * C_k, axis=0)  # (BD,)
+                yt = tl.where(sel, y_k[None, :], yt)
+        if not FIRST_PASS:
+            if HAS_D:
+                yt = yt + Dv[None, :] * xt
+            if HAS_Z:
+                zt = tl.load(z_base + t[:, None] * sz_l, mask=m, other=0.0).to(tl.float32)
+                yt = yt * zt * tl.sigmoid(zt)
+            tl.store(o_base + t[:, None] * so_l, yt.to(out_ptr.dtype.element_ty), mask=m)
+    if FIRST_PASS:
+        row = pid_b * n_seg + pid_s
+        tl.store(hseg_ptr + row * ED * N + st_off, h, mask=mask_nd)
+        tl.store(dsum_ptr + row * ED + offs_d, dsum, mask=mask_d)
+    else:
+        if pid_s == n_seg - 1:
+            tl.store(hfin_ptr + pid_b * ED * N + st_off, h, mask=mask_nd)
+
+
+@triton.jit
 def _bdl_bwd_kernel(
     x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, states_ptr,
     dout_ptr, dhfin_ptr,
@@ -486,15 +608,54 @@ def _check_device(x: torch.Tensor):
             f"{x.device}); set TRITON_INTERPRET=1 to run the Triton kernels on CPU tensors")
 
 
+def seg_len(Bsz, ED, L, BLOCK_D, unit, target_programs=None, seg_min=None):
+    """Segment length for the "segt" forward: enough segments that the grid has about
+    target_programs programs, each segment a multiple of `unit` (the backward's state chunk)
+    and >= seg_min steps. Returns (SEG, n_seg); n_seg == 1 means: no split (plain seqt)."""
+    target = target_programs or FWD_CONFIG.get("SEG_PROGRAMS", 8192)
+    seg_min = seg_min or FWD_CONFIG.get("SEG_MIN", 128)
+    seg_min = triton.cdiv(seg_min, unit) * unit
+    n_prog = Bsz * triton.cdiv(ED, BLOCK_D)
+    s_want = max(1, triton.cdiv(target, n_prog))
+    seg = max(seg_min, triton.cdiv(triton.cdiv(L, s_want), unit) * unit)
+    return seg, triton.cdiv(L, seg)
+
+
 def _fwd(x, dt, A, B, C, D, z, dt_bias, initial_state, softplus, store_states,
-         variant=None, BLOCK_D=None, CHUNK=None, num_warps=None, STATE_CHUNK=None):
+         variant=None, BLOCK_D=None, CHUNK=None, num_warps=None, STATE_CHUNK=None,
+         SEG=None, num_stages=None, SEG_PROGRAMS=None, SEG_MIN=None):
     """x, dt, z: (B, ED, L); B, C: (B, N, L). Returns out (B, ED, L), hfin, states, CHUNK."""
     Bsz, ED, L = x.shape
     N = A.shape[1]
+    if (variant is None and BLOCK_D is None and FWD_CONFIG["variant"] == "seqt"
+            and x.dtype in SEGT_DTYPES and SEGT_CONFIG):
+        # table-driven default (by dtype): the segmented forward for 16-bit inputs
+        variant = SEGT_CONFIG["variant"]
+        BLOCK_D = SEGT_CONFIG["BLOCK_D"]
+        CHUNK = CHUNK or math.gcd(SEGT_CONFIG["CHUNK"], STATE_CHUNK or BWD_CONFIG["CHUNK"])
+        num_warps = num_warps or SEGT_CONFIG["num_warps"]
+        SEG_PROGRAMS = SEG_PROGRAMS or SEGT_CONFIG["SEG_PROGRAMS"]
+        SEG_MIN = SEG_MIN or SEGT_CONFIG["SEG_MIN"]
     variant = variant or FWD_CONFIG["variant"]
     BLOCK_D = BLOCK_D or FWD_CONFIG["BLOCK_D"]
     num_warps = num_warps or FWD_CONFIG["num_warps"]
-    extra = {}
+    num_stages = num_stages or FWD_CONFIG.get("num_stages")
+    extra = {} if num_stages is None else dict(num_stages=num_stages)
+    if variant == "segt":
+        CHUNK = CHUNK or FWD_CONFIG["CHUNK"]
+        state_chunk = STATE_CHUNK or BWD_CONFIG["CHUNK"]
+        assert state_chunk % CHUNK == 0, (state_chunk, CHUNK)
+        if SEG:
+            assert SEG % state_chunk == 0, (SEG, state_chunk)
+            n_seg = triton.cdiv(L, SEG)
+        else:
+            SEG, n_seg = seg_len(Bsz, ED, L, BLOCK_D, state_chunk, SEG_PROGRAMS, SEG_MIN)
+        if n_seg == 1:
+            variant = "seqt"  # nothing to split: the single-pass kernel
+        else:
+            return _fwd_segt(x, dt, A, B, C, D, z, dt_bias, initial_state, softplus,
+                             store_states, BLOCK_D, CHUNK, num_warps, state_chunk, SEG, n_seg,
+                             extra)
     if variant == "seqt":
         # CHUNK here is the register tile of steps; states go out every STATE_CHUNK steps
         CHUNK = CHUNK or FWD_CONFIG["CHUNK"]
@@ -528,6 +689,38 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, initial_state, softplus, store_states,
         BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, CHUNK=CHUNK, SEQ_SCAN=_seq_scan_flag(),
         num_warps=num_warps, **extra,
     )
+    return out, hfin, (states if store_states else None), state_chunk
+
+
+def _fwd_segt(x, dt, A, B, C, D, z, dt_bias, initial_state, softplus, store_states,
+              BLOCK_D, CHUNK, num_warps, state_chunk, SEG, n_seg, extra):
+    """Two launches: pass 1 (segment end states from zero + sum delta, segments 0..S-2),
+    pass 3 (carry prologue + re-scan with outputs, all segments)."""
+    Bsz, ED, L = x.shape
+    N = A.shape[1]
+    BLOCK_N = triton.next_power_of_2(N)
+    dev = x.device
+    out = torch.empty((Bsz, ED, L), device=dev, dtype=x.dtype)
+    hfin = torch.empty((Bsz, ED, N), device=dev, dtype=torch.float32)
+    n_chunks = triton.cdiv(L, state_chunk)
+    states = (torch.empty((Bsz, n_chunks, ED, N), device=dev, dtype=torch.float32)
+              if store_states else hfin)
+    hseg = torch.empty((Bsz, n_seg, ED, N), device=dev, dtype=torch.float32)
+    dsum = torch.empty((Bsz, n_seg, ED), device=dev, dtype=torch.float32)
+    h0 = initial_state.float().contiguous() if initial_state is not None else hfin
+    zz = z if z is not None else x
+    n_db = triton.cdiv(ED, BLOCK_D)
+    args = (x, dt, zz, B, C, A, D if D is not None else A,
+            dt_bias if dt_bias is not None else A, h0, out, hfin, states, hseg, dsum,
+            L, ED, N, SEG, n_seg,
+            *x.stride(), *dt.stride(), *zz.stride(), *B.stride(), *C.stride(), *A.stride(),
+            *out.stride())
+    kw = dict(HAS_Z=z is not None, HAS_D=D is not None, HAS_BIAS=dt_bias is not None,
+              HAS_H0=initial_state is not None, SOFTPLUS=softplus, STORE_STATES=store_states,
+              BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, CHUNK=CHUNK, STATE_CHUNK=state_chunk,
+              num_warps=num_warps, **extra)
+    _bdl_fwd_segt_kernel[(n_db, n_seg - 1, Bsz)](*args, FIRST_PASS=True, **kw)
+    _bdl_fwd_segt_kernel[(n_db, n_seg, Bsz)](*args, FIRST_PASS=False, **kw)
     return out, hfin, (states if store_states else None), state_chunk
 
 
