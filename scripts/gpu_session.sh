@@ -27,6 +27,11 @@ check)
   runs+=(targets_bf16)
   ;;
 sweep)
+  log tests; timeout 200 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -4
+  log targets, graphed forward
+  timeout 120 $BENCH --dim 512 --seq-lens 128 2048 8192 --batch-sizes 1 8 --cuda-graphs \
+      --dtype bfloat16 --output-dir /tmp/r/targets_bf16_graphs --overwrite 2>&1 | grep -E "SeqLen|error"
+  runs+=(targets_bf16_graphs)
   log default sweep fp32+bf16, both backends
   timeout 560 $BENCH --backend fast reference --dtype float32 bfloat16 --output-dir /tmp/r/default_sweep \
       --overwrite 2>&1 | tail -60
@@ -47,6 +52,7 @@ workloads)
       --output-dir /tmp/r/train --overwrite 2>&1 | grep -E "SeqLen|error"
   runs+=(train)
   log timer vs do_bench; timeout 60 python3 scripts/timer_vs_do_bench.py | tee "$OUT/timer_vs_do_bench.txt"
+  log profile; timeout 90 python3 scripts/profile_gpu.py | tee "$OUT/profile.txt"
   ;;
 esac
 [ ${#runs[@]} -gt 0 ] && tar czf "$OUT/runs-${1:-check}.tgz" -C /tmp/r "${runs[@]}"

@@ -103,7 +103,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="block: the three blocks; model: language models on token ids (default: block)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model's forward")
     p.add_argument("--cuda-graphs", action="store_true",
-                   help="decode: capture one step in a CUDA graph and replay it (fast backend, CUDA)")
+                   help="forward or decode: capture one forward / one decode step in a CUDA graph "
+                        "and replay it (fast backend, CUDA)")
     p.add_argument("--cache-kind", default=None, choices=CACHE_KINDS,
                    help="decode: MLA's cache, latent (absorb; the default) or full per-head K/V (naive)")
     p.add_argument("--optimizer-step", action="store_true", help="train: add an AdamW step")

@@ -26,7 +26,7 @@ from . import flops
 from .registry import build_lm, build_model, models_for, parameter_counts
 from .results import BenchmarkResult, RecordWriter, config_key, cpu_model
 from .timing import time_callable
-from .workloads import DecodeSession, TrainStep
+from .workloads import DecodeSession, GraphedForward, TrainStep
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16,
                                   "float16": torch.float16}
@@ -130,8 +130,8 @@ class SweepSettings:
             raise ValueError(f"device {self.device!r} is not 'cpu' or 'cuda'")
         if dev.type == "cpu" and "float16" in self.dtypes and not cpu_supports_float16():
             raise ValueError("dtype 'float16' is not supported on this CPU (accepted: float32, bfloat16)")
-        if self.cuda_graphs and (self.mode != "decode" or dev.type != "cuda"):
-            raise ValueError(f"--cuda-graphs applies to --mode decode on CUDA "
+        if self.cuda_graphs and (self.mode == "train" or dev.type != "cuda"):
+            raise ValueError(f"--cuda-graphs applies to --mode forward or decode on CUDA "
                              f"(got mode {self.mode!r} on {dev.type})")
         if self.cache_kind is not None and self.mode != "decode":
             raise ValueError(f"--cache-kind applies to --mode decode (got mode {self.mode!r})")
@@ -314,6 +314,9 @@ def _workload(model: nn.Module, cfg: Config, s: SweepSettings, device: torch.dev
         step = TrainStep(model, x, optimizer_step=s.optimizer_step)
         return step, 10_000, step
     fields.update(flops=flops.forward_flops(model, B, L).total)
+    if s.cuda_graphs:
+        graphed = GraphedForward(model, x)
+        return graphed, 10_000, graphed
     return forward_scenario(model, x), 10_000, x
 
 

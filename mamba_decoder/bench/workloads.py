@@ -37,6 +37,27 @@ class TrainStep:
             self.model.zero_grad(set_to_none=True)
 
 
+class GraphedForward:
+    """One inference forward captured in a CUDA graph and replayed: what a serving stack does to
+    take the launch overhead of many small kernels out of small shapes. Needs a forward with no
+    host sync (the fast backend); a capture failure surfaces as the config's error."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor):
+        self.model, self.x = model.eval(), x
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(3):                      # compile kernels and fill caches outside the graph
+                model(x)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(self.graph):
+            self.out = model(x)                     # the graph's output buffer, kept alive
+
+    def __call__(self) -> None:
+        self.graph.replay()
+
+
 def supports_decode(model: nn.Module) -> bool:
     return isinstance(model, (RegularMamba, MambaDecoderBlock, MLABlock))
 

@@ -58,7 +58,8 @@ def test_compile_runs_or_records_its_failure(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,needle", [
     (["--mode", "decode", "--level", "model"], "--mode decode runs at --level block"),
-    (["--cuda-graphs", "--mode", "decode"], "--cuda-graphs applies to --mode decode on CUDA"),
+    (["--cuda-graphs", "--mode", "decode"], "--cuda-graphs applies to --mode forward or decode on CUDA"),
+    (["--cuda-graphs", "--mode", "train"], "--cuda-graphs applies to --mode forward or decode on CUDA"),
     (["--cache-kind", "full"], "--cache-kind applies to --mode decode"),
     (["--optimizer-step"], "--optimizer-step applies to --mode train"),
     (["--mode", "sideways"], "sideways"),

@@ -171,3 +171,14 @@ def test_legend_names_backend_and_variant_when_several():
         "MLABlock (reference, cache=full)", "MLABlock (reference, default)"]
     styles = {s: d.style(s) for s in d.by_series}
     assert len({(st["linestyle"], st["marker"]) for st in styles.values()}) == 4   # all tell apart
+
+
+def test_train_only_run_draws_the_eight_as_step_time(tmp_path, figures):
+    from mamba_decoder.bench.plots import MODE_PLOT_FILES, plot_benchmark_results
+
+    paths = plot_benchmark_results([_train("Regular Mamba", 8, 2.0), _train("MLABlock", 8, 4.0)], tmp_path)
+    assert [p.name for p in paths] == list(PLOT_FILES.values()) + [MODE_PLOT_FILES["train_step"]]
+    fig, title = figures["1_latency_vs_sequence_length.png"]
+    assert title == "Training step time vs sequence length (train step)"
+    assert _lines(fig) == {"Regular Mamba (reference)": pytest.approx([2.0]),
+                           "MLABlock (reference)": pytest.approx([4.0])}
