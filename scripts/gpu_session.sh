@@ -38,6 +38,8 @@ sweep)
   runs+=(default_sweep)
   ;;
 workloads)
+  log tests; timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=short tests/gpu > "$OUT/gpu_tests.txt" 2>&1
+  grep -E "^(FAILED|E  )|passed|failed" "$OUT/gpu_tests.txt" | head -30
   log decode eager + graphs
   for v in "" "--cuda-graphs"; do
     timeout 150 $BENCH --mode decode $v --seq-lens 512 2048 8192 --batch-sizes 8 --dtype bfloat16 --runs 50 \
