@@ -56,6 +56,27 @@ workloads)
   log timer vs do_bench; timeout 60 python3 scripts/timer_vs_do_bench.py | tee "$OUT/timer_vs_do_bench.txt"
   log profile; timeout 90 python3 scripts/profile_gpu.py | tee "$OUT/profile.txt"
   ;;
+final)
+  log tests; timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=short tests/gpu > "$OUT/gpu_tests.txt" 2>&1
+  grep -E "^(FAILED|E  )|passed|failed" "$OUT/gpu_tests.txt" | head -20
+  for v in "" "--cuda-graphs"; do
+    log targets $v
+    timeout 150 $BENCH --dim 512 --seq-lens 128 2048 8192 --batch-sizes 1 8 $v --dtype bfloat16 \
+        --output-dir "/tmp/r/final_targets${v:+_graphs}" --overwrite 2>&1 | grep -E "SeqLen|error"
+    runs+=("final_targets${v:+_graphs}")
+  done
+  log timer vs do_bench; timeout 60 python3 scripts/timer_vs_do_bench.py | tee "$OUT/timer_vs_do_bench.txt"
+  for v in "" "--cuda-graphs"; do
+    log decode $v
+    timeout 120 $BENCH --mode decode $v --seq-lens 512 2048 8192 --batch-sizes 8 --dtype bfloat16 --runs 50 \
+        --warmup 10 --output-dir "/tmp/r/final_decode${v:+_graphs}" --overwrite 2>&1 | grep -E "SeqLen|error"
+    runs+=("final_decode${v:+_graphs}")
+  done
+  log train
+  timeout 100 $BENCH --mode train --seq-lens 2048 --batch-sizes 8 --dtype bfloat16 \
+      --output-dir /tmp/r/final_train --overwrite 2>&1 | grep -E "SeqLen|error"
+  runs+=(final_train)
+  ;;
 esac
 [ ${#runs[@]} -gt 0 ] && tar czf "$OUT/runs-${1:-check}.tgz" -C /tmp/r "${runs[@]}"
 log done

@@ -1,7 +1,7 @@
 """One timer for the whole suite: warm up, then time a callable run by run.
 
-On CUDA each run is bracketed by CUDA events and the device is synchronized before the clock is
-read, so the figure is device time of the work, not launch time. On the CPU each run is timed with
+On CUDA each run is bracketed by CUDA events, and the device is synchronized once per batch of
+runs before the events are read, so the figure is device time of the work, not launch time. On the CPU each run is timed with
 `time.perf_counter` under a fixed torch thread count, which the caller sets and the record reports.
 The timer returns the raw per-run samples in milliseconds; `summarize` turns them into statistics.
 """
@@ -39,21 +39,34 @@ def time_callable(fn: Callable[[], Any], device: torch.device | str = "cpu", *, 
     if before_timing is not None:
         before_timing()
     samples: list[float] = []
-    total_s = 0.0
-    while len(samples) < runs or (total_s < min_time_s and len(samples) < max_runs):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            ms = start.elapsed_time(end)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            ms = (time.perf_counter() - t0) * 1e3
-        samples.append(ms)
-        total_s += ms / 1e3
+    while len(samples) < runs or (sum(samples) < min_time_s * 1e3 and len(samples) < max_runs):
+        todo = runs - len(samples) if len(samples) < runs else min(runs, max_runs - len(samples))
+        samples += _cuda_batch(fn, todo, device) if cuda else _cpu_batch(fn, todo)
+    return samples
+
+
+def _cpu_batch(fn: Callable[[], Any], n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def _cuda_batch(fn: Callable[[], Any], n: int, device: torch.device) -> list[float]:
+    """Events around each run and one synchronize after the batch: the host may enqueue the next
+    run while the device works, as in a training or serving loop, so each sample is the device's
+    time for one run (launch gaps included wherever the host falls behind), as
+    triton.testing.do_bench measures it."""
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(n)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize(device)
+    return [start.elapsed_time(end) for start, end in events]
     return samples
 
 

@@ -60,12 +60,10 @@ def naive_sdpa(q, k, v, scale: float, mask=None):
     S, T = q.shape[1], k.shape[1]
     attn_mask, causal = _sdpa_mask(mask, S, T, q.device, q.dtype)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))             # (B, H, *, d)
-    dv = v.shape[-1]
-    if q.is_cuda and dv != q.shape[-1]:
-        # The flash kernel wants one head dim for q, k and v: pad v (zeros add nothing to p @ v).
-        v = F.pad(v, (0, q.shape[-1] - dv))
+    # Dv (128) != Dqk (192): SDPA picks a kernel that takes it (cuDNN on Hopper, else the
+    # memory-efficient one); padding v for flash would copy V for nothing there.
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=scale)
-    return o[..., :dv].transpose(1, 2)                           # (B, S, H, Dv)
+    return o.transpose(1, 2)                                     # (B, S, H, Dv)
 
 
 def absorb_sdpa(q_lat, q_pe, kv, pe, scale: float, mask=None):

@@ -56,8 +56,11 @@ def routed_grouped(x, weights, indices, w1, w2, w3):
     h = _swiglu(torch._grouped_mm(xs, w1.transpose(1, 2), offs=offs),
                 torch._grouped_mm(xs, w3.transpose(1, 2), offs=offs))              # (T*K, I)
     y = torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)                        # (T*K, D)
-    y = y * weights.reshape(-1).index_select(0, order).unsqueeze(-1).to(y.dtype)
-    return torch.zeros_like(x).index_add_(0, tok, y)
+    # Back to (token, slot) order by a gather, then the weighted sum over the K slots: no
+    # scatter-add (bf16 atomics cost 0.14 ms per call at T=16K on an H100) and deterministic.
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
+    y = y.index_select(0, inverse).view(T, K, -1)                                   # (T, K, D)
+    return (y * weights.unsqueeze(-1).to(y.dtype)).sum(1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -78,6 +81,13 @@ def grouped_mm_works(device_type: str, device_index: int | None, dtype: torch.dt
 
 
 def auto_impl(device: torch.device, dtype: torch.dtype) -> str:
+    """grouped_mm where it is a real grouped kernel: on CUDA that is bf16 on sm90+ (for other
+    dtypes torch 2.11 falls back to a loop that copies the offsets to the host: a sync, and no
+    CUDA graph); on the CPU wherever it runs. Elsewhere the sync-free dense path."""
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        native = dtype == torch.bfloat16 and torch.cuda.get_device_capability(idx) >= (9, 0)
+        return "grouped_mm" if native and grouped_mm_works("cuda", idx, dtype) else "dense"
     return "grouped_mm" if grouped_mm_works(device.type, device.index, dtype) else "dense"
 
 
