@@ -30,6 +30,7 @@ heatmap cells of failed configs are hatched and say OOM or ERR.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional, Sequence
@@ -223,7 +224,10 @@ def _finish(fig, data: _Data, title: str, env: Optional[dict], path: Path, handl
         n = len(data.failed)
         sub += (f"\n{n} failed config{'s' if n != 1 else ''} ({n_oom} OOM, {n - n_oom} error): "
                 "gaps in lines, hatched cells in heatmaps")
-    fig.suptitle(f"{title}\n{sub}", fontsize=10, fontweight="bold")
+    # Wrap to the figure's width (a one-panel figure is narrow): about 11 bold characters per inch at 10 pt.
+    width = max(40, int(fig.get_figwidth() * 11))
+    lines = [w for part in f"{title}\n{sub}".split("\n") for w in textwrap.wrap(part, width) or [""]]
+    fig.suptitle("\n".join(lines), fontsize=10, fontweight="bold")
     if handles and handles[0]:   # as many columns as fit the figure's width, at most 4
         per_col = (34 + 4.6 * max(len(label) for label in handles[1])) / 72   # inches at 8 pt
         ncols = max(1, min(4, len(handles[0]), int(fig.get_figwidth() * 0.95 / per_col)))
