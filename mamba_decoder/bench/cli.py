@@ -284,13 +284,19 @@ def report_command(args: argparse.Namespace) -> int:
 
 def compare_command(args: argparse.Namespace) -> int:
     from .report import compare_runs
+    from .results import RecordFileError
 
     if not (0 <= args.threshold < 10):
         raise UsageError(f"--threshold: {args.threshold!r} is not a fraction in [0, 10) (e.g. 0.05 = 5%)")
     if not (0 < args.alpha < 1):
         raise UsageError(f"--alpha: {args.alpha!r} is not a probability in (0, 1)")
-    text, regressed = compare_runs(Path(args.base_dir), Path(args.new_dir), threshold=args.threshold,
-                                   alpha=args.alpha)
+    try:
+        text, regressed = compare_runs(Path(args.base_dir), Path(args.new_dir), threshold=args.threshold,
+                                       alpha=args.alpha, ignore=args.ignore)
+    except ValueError as e:
+        if isinstance(e, RecordFileError):
+            raise
+        raise UsageError(str(e)) from None
     print(text)
     return EXIT_REGRESSION if regressed else EXIT_OK
 
@@ -317,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="slowdown (median ratio - 1) that counts as a regression (default: 0.05)")
     cmp_.add_argument("--alpha", type=_float, default=0.05,
                       help="significance level of the Mann-Whitney U test (default: 0.05)")
+    cmp_.add_argument("--ignore", nargs="+", default=[], choices=["backend", "dtype", "variant"],
+                      help="pair configs without these fields, e.g. --ignore backend to compare a "
+                           "fast run with a reference run")
     return p
 
 

@@ -203,8 +203,28 @@ def _run_devices(run_dir, records: Sequence[BenchmarkResult]) -> str:
     return str(env.get("device_name") or env.get("device") or "")
 
 
-def compare_runs(base_dir, new_dir, *, threshold: float = 0.05, alpha: float = 0.05) -> tuple[str, bool]:
+# Record-key fields that `compare --ignore` may leave out when pairing configs of two runs.
+IGNORABLE = {"backend": 1, "dtype": 3, "variant": 7}
+
+
+def _pairing(records, ignore: Sequence[str], run_dir) -> dict:
+    drop = {IGNORABLE[f] for f in ignore}
+    out: dict = {}
+    for r in records:
+        k = tuple(v for i, v in enumerate(r.key) if i not in drop)
+        if k in out:
+            raise ValueError(f"{run_dir}: with --ignore {' '.join(ignore)}, two configs pair with one "
+                             f"({r.model_name} L={r.sequence_length} B={r.batch_size}); ignore fewer fields")
+        out[k] = r
+    return out
+
+
+def compare_runs(base_dir, new_dir, *, threshold: float = 0.05, alpha: float = 0.05,
+                 ignore: Sequence[str] = ()) -> tuple[str, bool]:
     """Per-config median latency ratio NEW/BASE with a Mann-Whitney U test on the raw samples.
+
+    Configs pair by their record key; `ignore` leaves fields out of it (backend, dtype, variant),
+    e.g. to compare a fast-backend run with a reference-backend run of the same grid.
 
     A config regresses when NEW is slower by more than `threshold` (ratio > 1 + threshold) and the
     U test says the difference is significant (p < alpha). Returns (text, any regression). When the
@@ -215,15 +235,14 @@ def compare_runs(base_dir, new_dir, *, threshold: float = 0.05, alpha: float = 0
     from .timing import mann_whitney_u
 
     base_records, new_records = load_run(base_dir), load_run(new_dir)
-    base = {r.key: r for r in base_records}
-    new = {r.key: r for r in new_records}
+    base, new = _pairing(base_records, ignore, base_dir), _pairing(new_records, ignore, new_dir)
     base_dev, new_dev = _run_devices(base_dir, base_records), _run_devices(new_dir, new_records)
     rows, regressed = [], []
     for key, n in new.items():
         b = base.get(key)
         if b is None:
             continue
-        label = f"{n.model_name} ({n.backend}, {n.dtype}, {n.mode})"
+        label = f"{n.model_name} ({_side(b.backend, n.backend)}, {_side(b.dtype, n.dtype)}, {n.mode})"
         if not (b.ok and n.ok) or not b.samples_ms or not n.samples_ms:
             rows.append([label, n.sequence_length, n.batch_size, "-", "-", "-", "-",
                          f"not comparable (base {b.status}, new {n.status})"])
@@ -247,12 +266,18 @@ def compare_runs(base_dir, new_dir, *, threshold: float = 0.05, alpha: float = 0
              f"and Mann-Whitney U p < {alpha}",
              _table(["Config", "SeqLen", "Batch", "Base ms", "New ms", "Ratio", "p", "Verdict"],
                     rows, "lrrrrrrl") if rows else "(no config present in both runs)"]
-    for name, only in (("base", [k for k in base if k not in new]), ("new", [k for k in new if k not in base])):
+    for name, run, other in (("base", base, new), ("new", new, base)):
+        only = [r for k, r in run.items() if k not in other]
         if only:
             lines.append(f"only in {name} ({len(only)}): " + "; ".join(
-                f"{k[0]} ({k[1]}, {k[3]}, {k[2]}) L={k[5]} B={k[4]} dim={k[6]}" for k in only))
+                f"{r.model_name} ({r.backend}, {r.dtype}, {r.mode}) L={r.sequence_length} "
+                f"B={r.batch_size} dim={r.dim}" for r in only))
     lines.append(f"{len(regressed)} regression(s)" + (": " + ", ".join(dict.fromkeys(regressed)) if regressed else ""))
     return "\n".join(lines), bool(regressed)
+
+
+def _side(base: str, new: str) -> str:
+    return base if base == new else f"{base} -> {new}"
 
 
 # ---------------------------------------------------------------- report.md / report.html

@@ -146,3 +146,19 @@ def test_compare_warns_when_devices_differ(tmp_path):
     text, regressed = compare_runs(c, d)
     assert text.splitlines()[0] == "warning: comparing different devices: base NVIDIA H100 80GB HBM3, new cpu"
     assert not regressed
+
+
+def test_compare_across_backends_pairs_configs_and_flags_the_slower_one(tmp_path):
+    from mamba_decoder.bench.report import compare_runs
+    from mamba_decoder.bench.results import RecordWriter
+
+    from .conftest import make_record
+
+    for name, backend, ms in (("fast", "fast", 1.0), ("ref", "reference", 3.0)):
+        (tmp_path / name).mkdir()
+        with RecordWriter(tmp_path / name / "results.jsonl", "w") as w:
+            w.write(make_record(backend=backend, samples=(ms, ms * 1.01, ms * 0.99, ms) * 3))
+    text, regressed = compare_runs(tmp_path / "fast", tmp_path / "ref")
+    assert not regressed and "no config present in both runs" in text
+    text, regressed = compare_runs(tmp_path / "fast", tmp_path / "ref", ignore=["backend"])
+    assert regressed and "fast -> reference" in text and "SLOWER (regression)" in text
