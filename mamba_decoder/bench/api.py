@@ -41,7 +41,7 @@ def run_scaling_benchmarks(dim: int = 512, sequence_lengths: Optional[Sequence[i
         dtypes=[dtype] if isinstance(dtype, str) else list(dtype),
         device="cpu", warmup=warmup, runs=runs, min_time_s=min_time, threads=threads, seed=seed,
         isolate=isolate).validate()
-    s.device = resolve_device(use_cuda)
+    s.device = resolve_device(use_cuda, silence_hint="pass use_cuda=False")
     if s.threads is not None:
         torch.set_num_threads(s.threads)
     if verbose:

@@ -150,19 +150,19 @@ def settings_from_args(args: argparse.Namespace, device: str):
     return s
 
 
-def resolve_device(use_cuda: bool, notify: bool = True) -> str:
+def resolve_device(use_cuda: bool, notify: bool = True, silence_hint: str = "pass --no-cuda") -> str:
     """'cuda' when asked for and present; otherwise 'cpu', with one notice line if CUDA was asked for."""
     import torch
 
     if use_cuda and torch.cuda.is_available():
         return "cuda"
     if use_cuda and notify:
-        cuda_notice()
+        cuda_notice(silence_hint)
     return "cpu"
 
 
-def cuda_notice() -> None:
-    print("notice: CUDA is not available; running on CPU (pass --no-cuda to silence this)",
+def cuda_notice(silence_hint: str = "pass --no-cuda") -> None:
+    print(f"notice: CUDA is not available; running on CPU ({silence_hint} to silence this)",
           file=sys.stderr)
 
 

@@ -85,7 +85,7 @@ def test_use_cuda_without_cuda_prints_one_notice(tmp_path, capsys):
                           "1", "--no-plots", "--output-dir", str(tmp_path / "o")], capsys)
     assert code == 0
     notices = [ln for ln in (out + err).splitlines() if "CUDA is not available" in ln]
-    assert len(notices) == 1 and "Device: cpu" in out
+    assert len(notices) == 1 and "pass --no-cuda" in notices[0] and "Device: cpu" in out
 
 
 def test_interrupt_keeps_records_then_resume_finishes(tmp_path, capsys, monkeypatch):
@@ -219,7 +219,7 @@ assert len(results) == 6 and all(r.ok for r in results)
     assert out.returncode == 0, out.stderr
     assert sum(bool(LINE_RE.match(ln)) for ln in out.stdout.splitlines()) == 6
     assert "SUMMARY" in out.stdout and len(list((tmp_path / "my_results").glob("*.png"))) == 8
-    assert out.stderr.count("CUDA is not available") == 1
+    assert out.stderr.count("CUDA is not available") == 1 and "pass use_cuda=False" in out.stderr
 
 
 _TOKENS = st.sampled_from([
