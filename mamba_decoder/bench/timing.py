@@ -67,7 +67,6 @@ def _cuda_batch(fn: Callable[[], Any], n: int, device: torch.device) -> list[flo
         end.record()
     torch.cuda.synchronize(device)
     return [start.elapsed_time(end) for start, end in events]
-    return samples
 
 
 @dataclass(frozen=True)

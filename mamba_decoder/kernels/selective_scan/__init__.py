@@ -99,37 +99,30 @@ def selective_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=Tru
 
     layout="BDL" (channel-major): x, dt, z and the output are (B, ED, L) and B, C are (B, N, L),
     all with L the contiguous axis (B, C typically slices of one (B, R+2N, L) tensor). The
-    triton impl runs its own channel-major kernels on them without copies; reference / cpu
-    transpose internally (as views) and transpose the output back.
+    triton kernels are channel-major (coalesced along time); reference / cpu are (B, L, ED);
+    either runs the other layout on transposed views, without copies.
     """
     _validate(x, dt, A, B, C, D, z, dt_bias, initial_state, layout)
     if impl == "auto":
         impl = auto_impl(x.device)
     kw = dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, initial_state=initial_state,
               return_final_state=return_final_state)
-    if layout == "BDL":
-        if impl == "triton":
-            if not _triton_importable():
-                raise ValueError("selective_scan impl='triton': triton is not importable")
-            from .triton_bdl import selective_scan_triton_bdl
-            return selective_scan_triton_bdl(x, dt, A, B, C, **kw)
-        if impl not in ("reference", "cpu"):
-            raise ValueError(f"selective_scan: unknown impl {impl!r}; expected 'auto' or one of "
-                             f"{_IMPLS}")
-        tr = (lambda t: t.transpose(1, 2) if t is not None else None)
-        kw["z"] = tr(z)
-        fn = selective_scan_ref if impl == "reference" else selective_scan_cpu
-        res = fn(tr(x), tr(dt), A, tr(B), tr(C), **kw)
-        if return_final_state:
-            return res[0].transpose(1, 2), res[1]
-        return res.transpose(1, 2)
-    if impl == "reference":
-        return selective_scan_ref(x, dt, A, B, C, **kw)
-    if impl == "cpu":
-        return selective_scan_cpu(x, dt, A, B, C, **kw)
     if impl == "triton":
         if not _triton_importable():
             raise ValueError("selective_scan impl='triton': triton is not importable")
-        from .triton_scan import selective_scan_triton  # raises ValueError on non-CUDA tensors
-        return selective_scan_triton(x, dt, A, B, C, **kw)
-    raise ValueError(f"selective_scan: unknown impl {impl!r}; expected 'auto' or one of {_IMPLS}")
+        from .triton_bdl import selective_scan_triton_bdl as fn  # raises ValueError off CUDA
+        native = "BDL"
+    elif impl in ("reference", "cpu"):
+        fn = selective_scan_ref if impl == "reference" else selective_scan_cpu
+        native = "BLD"
+    else:
+        raise ValueError(f"selective_scan: unknown impl {impl!r}; expected 'auto' or one of {_IMPLS}")
+    if layout == native:
+        return fn(x, dt, A, B, C, **kw)
+    # The other layout: the same kernel on transposed views (every impl reads by stride), the
+    # output transposed back. For triton that is slower than channel-major inputs, which the
+    # fast mixer produces on CUDA.
+    tr = (lambda t: t.transpose(1, 2) if t is not None else None)
+    kw["z"] = tr(z)
+    res = fn(tr(x), tr(dt), A, tr(B), tr(C), **kw)
+    return (tr(res[0]), res[1]) if return_final_state else tr(res)

@@ -7,7 +7,9 @@ Prints one JSON line per measurement:
   (1) rel. errors of triton fwd + bwd vs selective_scan_ref (fp32 and bf16, incl. odd shapes);
   (2) CUDA-event timings (median of 50 after warmup) of triton fwd, triton fwd+bwd and the
       mambapy pscan path, with GB/s (bytes: read x, dt, z, B, C once, write y) and peak memory;
-  (3) with --tune, a sweep of (BLOCK_D, CHUNK, num_warps) for fwd and bwd.
+  (3) with --tune, a sweep of the channel-major kernels' tile configs.
+(B, L, ED) inputs go through the dispatcher, which runs the channel-major kernels on transposed
+views.
 """
 
 from __future__ import annotations
@@ -18,8 +20,12 @@ import json
 import torch
 
 from mamba_decoder.kernels.selective_scan import selective_scan_pscan, selective_scan_ref
+from mamba_decoder.kernels.selective_scan import selective_scan
 from mamba_decoder.kernels.selective_scan import triton_bdl as tb
-from mamba_decoder.kernels.selective_scan import triton_scan as ts
+
+
+def _triton_bld(**kw):
+    return selective_scan(**kw, impl="triton")
 
 BENCH_SHAPES = [(1, 128, 1024, 16), (8, 2048, 1024, 16), (8, 8192, 1024, 16)]
 CHECK_SHAPES = [(2, 37, 48, 16), (1, 200, 1000, 16), (3, 130, 96, 8), (2, 513, 256, 16)]
@@ -61,7 +67,7 @@ def check():
             leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inp.items()}
             h0 = torch.randn(Bsz, ED, N, device="cuda").requires_grad_(True)
             res = {}
-            for impl, fn in (("ref", selective_scan_ref), ("triton", ts.selective_scan_triton)):
+            for impl, fn in (("ref", selective_scan_ref), ("triton", _triton_bld)):
                 for v in list(leaves.values()) + [h0]:
                     v.grad = None
                 out, hf = fn(**leaves, initial_state=h0, return_final_state=True)
@@ -121,13 +127,13 @@ def bench():
             # read x, dt, z, B, C once, write y
             nbytes = es * (4 * Bsz * L * ED + 2 * Bsz * L * N)
             with torch.no_grad():
-                measure("triton_fwd", lambda: ts.selective_scan_triton(**inp), shape, dname, nbytes)
+                measure("triton_fwd", lambda: _triton_bld(**inp), shape, dname, nbytes)
             leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inp.items()}
             # B and C are separate leaves here; fine for timing
             go = torch.randn(Bsz, L, ED, device="cuda", dtype=dtype)
 
             def fb():
-                out = ts.selective_scan_triton(**leaves)
+                out = _triton_bld(**leaves)
                 out.backward(go)
 
             measure("triton_fwd_bwd", fb, shape, dname, nbytes)
@@ -148,43 +154,6 @@ def bench():
             measure("mambapy_pscan_fwd_bwd", pb, shape, dname, nbytes, iters=iters)
             del leaves, inp
             torch.cuda.empty_cache()
-
-
-def tune():
-    shape = (8, 2048, 1024, 16)
-    Bsz, L, ED, N = shape
-    for dname, dtype in DTYPES.items():
-        inp = make_inputs(Bsz, L, ED, N, dtype)
-        go = torch.randn(Bsz, L, ED, device="cuda", dtype=dtype)
-        args = [inp[k] for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")]
-        best_f, best_b = None, None
-        for cfg in ts.TUNE_CONFIGS:
-            try:
-                ms = cuda_time(lambda: ts._fwd(*args, None, True, False, **cfg), iters=20)
-            except Exception as e:  # e.g. out of resources
-                emit(kind="tune_fwd", dtype=dname, cfg=cfg, error=type(e).__name__)
-                continue
-            emit(kind="tune_fwd", dtype=dname, cfg=cfg, ms=round(ms, 4))
-            if best_f is None or ms < best_f[0]:
-                best_f = (ms, cfg)
-        for chunk in (32, 64):
-            _, _, states, _ = ts._fwd(*args, None, True, True, CHUNK=chunk)
-            for bd in (4, 8, 16):
-                for nw in (2, 4, 8):
-                    try:
-                        ms = cuda_time(lambda: ts._bwd(go, None, *args, states, True, chunk,
-                                                       BLOCK_D=bd, num_warps=nw), iters=10)
-                    except Exception as e:
-                        emit(kind="tune_bwd", dtype=dname, error=type(e).__name__,
-                             cfg=dict(CHUNK=chunk, BLOCK_D=bd, num_warps=nw))
-                        continue
-                    cfg = dict(CHUNK=chunk, BLOCK_D=bd, num_warps=nw)
-                    emit(kind="tune_bwd", dtype=dname, cfg=cfg, ms=round(ms, 4))
-                    if best_b is None or ms < best_b[0]:
-                        best_b = (ms, cfg)
-        emit(kind="tune_best", dtype=dname, shape=list(shape),
-             fwd=best_f and {"ms": round(best_f[0], 4), **best_f[1]},
-             bwd=best_b and {"ms": round(best_b[0], 4), **best_b[1]})
 
 
 # ------------------------------------------------------------------ channel-major ("BDL")
@@ -320,7 +289,7 @@ def bench_bdl(rows):
             for lay in ("BLD", "BDL"):
                 inp = make_inputs(Bsz, L, ED, N, dtype) if lay == "BLD" else \
                     make_bdl(Bsz, L, ED, N, dtype)
-                fn = ts.selective_scan_triton if lay == "BLD" else tb.selective_scan_triton_bdl
+                fn = _triton_bld if lay == "BLD" else tb.selective_scan_triton_bdl
                 res = {}
                 for mode in ("fwd", "fwd_bwd"):
                     try:
@@ -590,8 +559,8 @@ def main():
     a = ap.parse_args()
     assert torch.cuda.is_available(), "bench_gpu needs a CUDA device"
     emit(kind="env", device=torch.cuda.get_device_name(), torch=torch.__version__,
-         triton=__import__("triton").__version__, fwd_config=ts.FWD_CONFIG,
-         bwd_config=ts.BWD_CONFIG)
+         triton=__import__("triton").__version__, fwd_config=tb.FWD_CONFIG,
+         bwd_config=tb.BWD_CONFIG)
     if a.seg:
         run_seg(a.budget)
         return
@@ -617,7 +586,7 @@ def main():
     if not a.skip_check:
         check()
     if a.tune:
-        tune()
+        tune_bdl()
     if not a.skip_bench:
         bench()
 
