@@ -23,3 +23,21 @@ def randomize_(module: torch.nn.Module, scale: float = 0.5) -> torch.nn.Module:
             else:
                 p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
     return module
+
+
+SCAN_GRAD_NAMES = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias"]
+
+
+def run_with_grads(fn, inp, h0=None, seed=1, names=SCAN_GRAD_NAMES, **kw):
+    """Forward + backward of a random linear functional of (out, final state)."""
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inp.items()}
+    h0l = h0.detach().clone().requires_grad_(True) if h0 is not None else None
+    out, hf = fn(**leaves, initial_state=h0l, return_final_state=True, **kw)
+    g = torch.Generator().manual_seed(seed)
+    go = torch.randn(out.shape, generator=g).to(out.device)
+    gh = torch.randn(hf.shape, generator=g).to(out.device)
+    ((out.float() * go).sum() + (hf * gh).sum()).backward()
+    grads = {k: leaves[k].grad for k in names}
+    if h0l is not None:
+        grads["initial_state"] = h0l.grad
+    return out.detach(), hf.detach(), grads

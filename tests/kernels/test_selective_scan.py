@@ -19,9 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # repo root, for m
 
 from mamba_decoder.kernels.selective_scan import (  # noqa: E402
     auto_impl, available_impls, selective_scan, selective_scan_pscan, selective_scan_ref)
+from helpers import SCAN_GRAD_NAMES as GRAD_NAMES  # noqa: E402
+from helpers import run_with_grads  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-GRAD_NAMES = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias"]
 
 
 def rel(a, b):
@@ -55,21 +56,6 @@ def make_inputs(Bsz, L, ED, N, dtype=torch.float32, seed=0, R=3, device=DEV):
     assert not out["B"].is_contiguous()
     h0 = rn(Bsz, ED, N).to(device)
     return out, h0
-
-
-def run_with_grads(fn, inp, h0=None, seed=1, names=GRAD_NAMES, **kw):
-    """Forward + backward of a random linear functional of (out, final state)."""
-    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inp.items()}
-    h0l = h0.detach().clone().requires_grad_(True) if h0 is not None else None
-    out, hf = fn(**leaves, initial_state=h0l, return_final_state=True, **kw)
-    g = torch.Generator().manual_seed(seed)
-    go = torch.randn(out.shape, generator=g).to(out.device)
-    gh = torch.randn(hf.shape, generator=g).to(out.device)
-    ((out.float() * go).sum() + (hf * gh).sum()).backward()
-    grads = {k: leaves[k].grad for k in names}
-    if h0l is not None:
-        grads["initial_state"] = h0l.grad
-    return out.detach(), hf.detach(), grads
 
 
 def impl_fn(impl):

@@ -18,9 +18,10 @@ if not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from mamba_decoder.kernels.selective_scan import selective_scan, selective_scan_ref  # noqa: E402
+from helpers import SCAN_GRAD_NAMES as GRAD_NAMES  # noqa: E402
+from helpers import run_with_grads  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-GRAD_NAMES = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias"]
 SEQ_KEYS = ("x", "dt", "z", "B", "C")
 
 
@@ -62,19 +63,6 @@ def ref_on_bdl(**kw):
     kw = to_bld(kw)
     out, hf = selective_scan_ref(**kw)
     return out.transpose(1, 2), hf
-
-
-def run_with_grads(fn, inp, h0, names, seed=1, **kw):
-    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inp.items()}
-    h0l = h0.detach().clone().requires_grad_(True)
-    out, hf = fn(**leaves, initial_state=h0l, return_final_state=True, **kw)
-    g = torch.Generator().manual_seed(seed)
-    go = torch.randn(out.shape, generator=g).to(out.device)
-    gh = torch.randn(hf.shape, generator=g).to(out.device)
-    ((out.float() * go).sum() + (hf * gh).sum()).backward()
-    grads = {k: leaves[k].grad for k in names}
-    grads["initial_state"] = h0l.grad
-    return out.detach(), hf.detach(), grads
 
 
 @pytest.fixture
@@ -151,8 +139,8 @@ def test_triton_bdl_gradients(small_tiles, opts, shape):
     names = [k for k in GRAD_NAMES if k in use]
     kw = {"dt_softplus": opts.get("dt_softplus", True)}
     kw.update({k: None for k in GRAD_NAMES if k not in use})
-    o, hf, g = run_with_grads(bdl_fn("triton"), use, h0, names, **kw)
-    ro, rhf, rg = run_with_grads(ref_on_bdl, use, h0, names, **kw)
+    o, hf, g = run_with_grads(bdl_fn("triton"), use, h0, names=names, **kw)
+    ro, rhf, rg = run_with_grads(ref_on_bdl, use, h0, names=names, **kw)
     assert rel(o, ro) <= 1e-4 and rel(hf, rhf) <= 1e-4
     for k in names + ["initial_state"]:
         assert g[k] is not None and g[k].shape == use.get(k, h0).shape, k
@@ -162,8 +150,8 @@ def test_triton_bdl_gradients(small_tiles, opts, shape):
 @pytest.mark.triton
 def test_triton_bdl_gradients_bf16(small_tiles):
     inp, h0 = make_bdl(1, 30, 24, 8, dtype=torch.bfloat16)
-    o, hf, g = run_with_grads(bdl_fn("triton"), inp, h0, GRAD_NAMES)
-    ro, rhf, rg = run_with_grads(ref_on_bdl, inp, h0, GRAD_NAMES)
+    o, hf, g = run_with_grads(bdl_fn("triton"), inp, h0)
+    ro, rhf, rg = run_with_grads(ref_on_bdl, inp, h0)
     assert rel(o, ro) <= 2e-2
     for k in GRAD_NAMES:
         assert g[k].dtype == inp[k].dtype
@@ -173,8 +161,8 @@ def test_triton_bdl_gradients_bf16(small_tiles):
 @pytest.mark.parametrize("impl", ["cpu", "reference"])
 def test_bdl_grads_cpu_and_reference(impl):
     inp, h0 = make_bdl(1, 13, 12, 4)
-    o, hf, g = run_with_grads(bdl_fn(impl), inp, h0, GRAD_NAMES)
-    ro, rhf, rg = run_with_grads(ref_on_bdl, inp, h0, GRAD_NAMES)
+    o, hf, g = run_with_grads(bdl_fn(impl), inp, h0)
+    ro, rhf, rg = run_with_grads(ref_on_bdl, inp, h0)
     for k in GRAD_NAMES + ["initial_state"]:
         assert rel(g[k], rg[k]) <= 1e-4, k
 
@@ -207,8 +195,8 @@ def test_triton_bdl_real_associative_scan_path(monkeypatch):
     monkeypatch.setitem(triton_bdl.BWD_CONFIG, "BLOCK_D", 4)
     monkeypatch.setitem(triton_bdl.BWD_CONFIG, "CHUNK", 8)
     inp, h0 = make_bdl(1, 11, 6, 4)
-    o, hf, g = run_with_grads(bdl_fn("triton"), inp, h0, GRAD_NAMES)
-    ro, rhf, rg = run_with_grads(ref_on_bdl, inp, h0, GRAD_NAMES)
+    o, hf, g = run_with_grads(bdl_fn("triton"), inp, h0)
+    ro, rhf, rg = run_with_grads(ref_on_bdl, inp, h0)
     assert rel(o, ro) <= 1e-4 and rel(hf, rhf) <= 1e-4
     for k in GRAD_NAMES + ["initial_state"]:
         assert rel(g[k], rg[k]) <= 1e-3, k
@@ -272,8 +260,8 @@ def test_triton_bdl_segt_fwd_bwd(small_tiles, monkeypatch, seg, shape, dtype):
     monkeypatch.setitem(small_tiles.FWD_CONFIG, "SEG_PROGRAMS", 10**6)
     monkeypatch.setitem(small_tiles.FWD_CONFIG, "SEG_MIN", seg)
     inp, h0 = make_bdl(*shape, dtype=dtype)
-    o, hf, g = run_with_grads(bdl_fn("triton"), inp, h0, GRAD_NAMES)
-    ro, rhf, rg = run_with_grads(ref_on_bdl, inp, h0, GRAD_NAMES)
+    o, hf, g = run_with_grads(bdl_fn("triton"), inp, h0)
+    ro, rhf, rg = run_with_grads(ref_on_bdl, inp, h0)
     tol_f, tol_g = (1e-4, 1e-3) if dtype == torch.float32 else (2e-2, 2e-2)
     assert rel(o, ro) <= tol_f and rel(hf, rhf) <= max(tol_f, 1e-4)
     for k in GRAD_NAMES + ["initial_state"]:
@@ -297,8 +285,8 @@ def test_triton_bdl_bf16_routes_to_segt(small_tiles, monkeypatch):
     real = small_tiles._fwd_segt
     monkeypatch.setattr(small_tiles, "_fwd_segt", lambda *a: calls.append(a[-3:-1]) or real(*a))
     inp, h0 = make_bdl(1, 30, 24, 8, dtype=torch.bfloat16)
-    o, hf, g = run_with_grads(bdl_fn("triton"), inp, h0, GRAD_NAMES)
-    ro, rhf, rg = run_with_grads(ref_on_bdl, inp, h0, GRAD_NAMES)
+    o, hf, g = run_with_grads(bdl_fn("triton"), inp, h0)
+    ro, rhf, rg = run_with_grads(ref_on_bdl, inp, h0)
     assert calls == [(8, 4)]  # SEG 8 (state chunk 8 -> register tile gcd(16, 8) = 8), 4 segments
     assert rel(o, ro) <= 2e-2 and rel(hf, rhf) <= 1e-4
     for k in GRAD_NAMES + ["initial_state"]:
