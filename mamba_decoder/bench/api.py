@@ -6,8 +6,8 @@ from typing import Optional, Sequence
 
 from ..config import DEFAULT_BACKEND
 from .registry import MODELS
-from .results import (CSV_NAME, ENV_NAME, JSONL_NAME, BenchmarkResult, RecordWriter, environment,
-                      latest, read_jsonl, write_csv, write_environment)
+from .results import (ENV_NAME, JSONL_NAME, BenchmarkResult, RecordWriter, environment, recorded_ok,
+                      rewrite_csv, write_environment)
 
 
 def run_scaling_benchmarks(dim: int = 512, sequence_lengths: Optional[Sequence[int]] = None,
@@ -51,8 +51,8 @@ def run_scaling_benchmarks(dim: int = 512, sequence_lengths: Optional[Sequence[i
     if output_dir is not None:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        if resume and (out / JSONL_NAME).is_file():
-            done = {r.key: r for r in latest(read_jsonl(out / JSONL_NAME)) if r.ok}
+        if resume:
+            done = recorded_ok(out)
         write_environment(environment(s.device, torch.get_num_threads()), out / ENV_NAME)
         writer = RecordWriter(out / JSONL_NAME, "a" if resume else "w")
 
@@ -62,4 +62,4 @@ def run_scaling_benchmarks(dim: int = 512, sequence_lengths: Optional[Sequence[i
     finally:
         if writer is not None:
             writer.close()
-            write_csv(latest(read_jsonl(Path(output_dir) / JSONL_NAME)), Path(output_dir) / CSV_NAME)
+            rewrite_csv(output_dir)

@@ -214,8 +214,8 @@ def _restore_sigterm(previous) -> None:
 def run_command(args: argparse.Namespace) -> int:
     """Validate, sweep (records written as they finish), then summary table and plots."""
     from . import report
-    from .results import (JSONL_NAME, CSV_NAME, ENV_NAME, RecordWriter, environment, latest,
-                          read_environment, read_jsonl, write_csv, write_environment)
+    from .results import (CSV_NAME, JSONL_NAME, ENV_NAME, RecordWriter, environment, read_environment,
+                          recorded_ok, rewrite_csv, write_environment)
     from .runner import banner_kernels, run_sweep
 
     from .distributed import dist_env
@@ -233,9 +233,8 @@ def run_command(args: argparse.Namespace) -> int:
     prepare_output_dir(out, resume=args.resume, overwrite=args.overwrite)
     if device == "cpu" and not args.no_cuda:   # after validation: bad input stays one line
         cuda_notice()
-    done = {}
+    done = recorded_ok(out) if args.resume else {}
     if args.resume and (out / JSONL_NAME).is_file():
-        done = {r.key: r for r in latest(read_jsonl(out / JSONL_NAME)) if r.ok}
         print(f"resume: {len(done)} configs already recorded ok in {out / JSONL_NAME}", file=sys.stderr)
     import torch
 
@@ -252,14 +251,14 @@ def run_command(args: argparse.Namespace) -> int:
         results = run_sweep(s, writer=writer, on_record=show, done=done, progress=not args.no_progress)
     except KeyboardInterrupt:
         writer.close()
-        write_csv(latest(read_jsonl(out / JSONL_NAME)), out / CSV_NAME)
+        rewrite_csv(out)
         print(f"interrupted: every finished record is kept in {out / JSONL_NAME} "
               f"(continue with --resume)", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
         _restore_sigterm(previous)
     writer.close()
-    write_csv(latest(read_jsonl(out / JSONL_NAME)), out / CSV_NAME)
+    rewrite_csv(out)
     report.print_summary_table(results)
     paths = []
     if not args.no_plots:

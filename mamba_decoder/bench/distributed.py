@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 from .results import (CSV_NAME, ENV_NAME, JSONL_NAME, BenchmarkResult, RecordWriter,
-                      environment, latest, read_environment, read_jsonl, write_csv,
+                      environment, latest, read_environment, read_jsonl, recorded_ok, write_csv,
                       write_environment)
 from .runner import Config, SweepSettings, iter_configs, measure_each
 
@@ -459,7 +459,7 @@ def _plan(args, s: SweepSettings, out: Path, world: int) -> dict:
         recovered = reconcile(out)
         if recovered:
             print(f"resume: recovered {recovered} records from rank files", file=sys.stderr)
-        done = {r.key for r in latest(read_jsonl(out / JSONL_NAME)) if r.ok} if resume else set()
+        done = set(recorded_ok(out)) if resume else set()
         todo = [c for c in iter_configs(s) if c.key(s) not in done]
         if resume:
             print(f"resume: {len(done)} configs already recorded ok; {len(todo)} to measure "

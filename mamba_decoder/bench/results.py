@@ -191,6 +191,19 @@ def load_run(run_dir: Path | str) -> list[BenchmarkResult]:
     return latest(read_jsonl(run_dir / JSONL_NAME))
 
 
+def recorded_ok(run_dir: Path | str) -> dict[tuple, "BenchmarkResult"]:
+    """Key -> record of the configs a run directory already holds with status ok (what --resume
+    skips); empty when it has no results file yet."""
+    path = Path(run_dir) / JSONL_NAME
+    return {r.key: r for r in latest(read_jsonl(path)) if r.ok} if path.is_file() else {}
+
+
+def rewrite_csv(run_dir: Path | str) -> None:
+    """results.csv from results.jsonl (latest record per key)."""
+    run_dir = Path(run_dir)
+    write_csv(latest(read_jsonl(run_dir / JSONL_NAME)), run_dir / CSV_NAME)
+
+
 # ---------------------------------------------------------------- CSV
 _JSON_COLUMNS = ("samples_ms", "kernels")
 _EMPTY_STR_FIELDS = tuple(n for n, f in BenchmarkResult.model_fields.items() if f.default == "")
