@@ -8,6 +8,8 @@ future), and a plain forward needs no preallocated cache (open_kimi writes every
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -20,6 +22,12 @@ from ..config import DEFAULT_BACKEND, check_backend
 from ..kernels import attention as attn_kernels
 
 ATTN_IMPLS = ("naive", "absorb")
+DECODE_KERNELS = ("auto", "triton", "sdpa")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 @dataclass
@@ -85,6 +93,10 @@ class MLA(nn.Module):
         # open_kimi scales by mscale only with YaRN (original_seq_len set), which this block does
         # not take: the scale is 1/sqrt(qk_head_dim), as there.
         self.softmax_scale = self.qk_head_dim ** -0.5
+        # One-token attention over a latent cache in the fast backend: "auto" runs the Triton
+        # split-K kernel on CUDA (SDPA elsewhere), "triton" forces it (on CPU tensors it needs
+        # TRITON_INTERPRET=1: what the tests do), "sdpa" never uses it.
+        self.decode_kernel: str = "auto"
         # RoPE table, complex64 and per device. Not a buffer: Module.to(bfloat16) would cast a
         # complex buffer to real and drop the imaginary part (it does so to open_kimi's MLA).
         self._freqs: dict[torch.device, torch.Tensor] = {}
@@ -140,20 +152,33 @@ class MLA(nn.Module):
     def decode_step(self, x: torch.Tensor, pos: torch.Tensor, cache: MLACache) -> torch.Tensor:
         """One token x (B, 1, D) at position `pos` (a 0-d long tensor on x's device).
 
-        Shapes don't depend on the position: the key is written with index_copy_ and the query
-        attends to the whole cache with positions after `pos` masked out. No host sync, so a
-        step can be captured in a CUDA graph and replayed with `pos` updated in place."""
+        Shapes don't depend on the position: the key is written with index_copy_, and the query
+        attends over the whole cache, either through the Triton kernel, which reads `pos` on the
+        device and stops at it, or through SDPA with positions after `pos` masked out. No host
+        sync, so a step can be captured in a CUDA graph and replayed with `pos` updated in place."""
         T = cache.max_len
         freqs = self.freqs(T, x.device).index_select(0, pos.view(1))          # (1, R/2)
+        if self._triton_decode(x, cache):
+            return self._attend(x, freqs, None, cache, pos.view(1), length=(pos.view(1), 1))
         k_pos = torch.arange(T, device=x.device)
         mask = torch.zeros(1, T, device=x.device).masked_fill(k_pos > pos, float("-inf"))
         return self._attend(x, freqs, mask, cache, pos.view(1))
 
-    def _attend(self, x, freqs, mask, cache: Optional[MLACache], where) -> torch.Tensor:
+    def _triton_decode(self, x: torch.Tensor, cache: Optional[MLACache]) -> bool:
+        if self.decode_kernel not in DECODE_KERNELS:
+            raise ValueError(f"decode_kernel={self.decode_kernel!r} is not one of {', '.join(DECODE_KERNELS)}")
+        if self.backend != "fast" or cache is None or cache.kind != "latent" or x.shape[1] != 1:
+            return False
+        if self.decode_kernel == "auto":
+            return x.is_cuda and _triton_importable()
+        return self.decode_kernel == "triton"
+
+    def _attend(self, x, freqs, mask, cache: Optional[MLACache], where, length=None) -> torch.Tensor:
         """Attention of x's tokens (rotated by `freqs`); with a cache, their keys are written at
         `where` (a slice, or an index tensor for decode_step) and the queries read the cache up
-        to the end of `where` (or all of it, for an index)."""
-        bsz = x.shape[0]
+        to the end of `where` (or all of it, for an index). `length`: (device tensor, offset) of
+        decode_step's valid length for the Triton kernel, else None."""
+        bsz, seqlen = x.shape[:2]
         q_nope, q_pe = torch.split(self._query(x), [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         q_pe = apply_rotary_emb(q_pe, freqs)
         kv, k_pe = torch.split(self.wkv_a(x), [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
@@ -169,11 +194,16 @@ class MLA(nn.Module):
             buf[:bsz].index_copy_(1, where, val)
             return buf[:bsz]
 
-        # Without a cache the fast backend always expands the latent to per-head K/V ("naive"):
-        # the same function, and for prefill far fewer FLOPs than attending over the 576-wide
-        # latent keys. attn_impl then picks the decoding cache (absorb -> latent).
+        if mask is None and self._triton_decode(x, cache):
+            kv, k_pe = store(cache.a, kv), store(cache.b, k_pe)
+            return self._decode_triton(q_nope, q_pe, kv, k_pe, wkv_b,
+                                       length or (where.stop, 0))
+        # The fast backend expands the latent to per-head K/V ("naive") for every multi-token
+        # call, with or without a (latent) cache: the same function, and for prefill far fewer
+        # FLOPs than attending over the 576-wide latent keys. attn_impl then picks only the
+        # decoding cache (absorb -> latent), which one-token steps read in latent form.
         if cache is not None:
-            use_latent = cache.kind == "latent"
+            use_latent = cache.kind == "latent" and not (fast and seqlen > 1)
         else:
             use_latent = self.attn_impl == "absorb" and not fast
         if use_latent:
@@ -184,18 +214,42 @@ class MLA(nn.Module):
             o = attend(q_lat, q_pe, kv, k_pe, self.softmax_scale, mask)           # (B, S, H, C)
             o = torch.einsum("bshc,hdc->bshd", o, wkv_b[:, -self.v_head_dim:])
         else:
-            kvb = torch.einsum("btc,hdc->bthd", kv, wkv_b)                    # (B, S, H, nope + v)
+            if cache is not None and cache.kind == "latent":
+                # Latent prefill: store the latent, then expand all of [0, end) (earlier
+                # positions come from the cache) to per-head K/V.
+                kv, k_pe = store(cache.a, kv), store(cache.b, k_pe)
+            kvb = torch.einsum("btc,hdc->bthd", kv, wkv_b)                    # (B, T, H, nope + v)
             k_nope, v = torch.split(kvb, [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
             k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1)
-            if cache is not None:
+            if cache is not None and cache.kind == "full":
                 k, v = store(cache.a, k), store(cache.b, v)
             q = torch.cat([q_nope, q_pe], dim=-1)
             attend = attn_kernels.naive_sdpa if fast else attn_kernels.naive_ref
             o = attend(q, k, v, self.softmax_scale, mask)                     # (B, S, H, Dv)
         return self.wo(o.flatten(2))
 
+    def _decode_triton(self, q_nope, q_pe, kv, k_pe, wkv_b, length) -> torch.Tensor:
+        """One token per sequence over the latent cache kv (B, T, C) / k_pe (B, T, R) with the
+        Triton split-K kernel; positions [0, length) count (length: (int or device tensor, offset)).
+        Heads are the batch of both projections: (H, B, *) bmm's on strided views, no copies."""
+        from ..kernels.mla_decode import mla_decode
+
+        bsz = q_nope.shape[0]
+        q_nope = q_nope.view(bsz, self.n_heads, self.qk_nope_head_dim).transpose(0, 1)  # (H, B, nope)
+        q_lat = torch.bmm(q_nope, wkv_b[:, : self.qk_nope_head_dim])                    # (H, B, C)
+        o_lat = torch.empty_like(q_lat)
+        mla_decode(q_lat.transpose(0, 1), q_pe.view(bsz, self.n_heads, -1), kv, k_pe,
+                   length[0], self.softmax_scale, length_offset=length[1],
+                   out=o_lat.transpose(0, 1))                                           # (B, H, C)
+        o = torch.bmm(o_lat, wkv_b[:, -self.v_head_dim:].transpose(1, 2))               # (H, B, Dv)
+        return self.wo(o.transpose(0, 1).reshape(bsz, 1, -1))
+
     def kernel_choice(self, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
         if self.backend == "reference":
             return {"attn": f"{self.attn_impl}-einsum"}
-        cache = "latent" if self.attn_impl == "absorb" else "full"
-        return {"attn": f"prefill naive-sdpa, decode {cache}-cache sdpa"}
+        if self.attn_impl != "absorb":
+            return {"attn": "prefill naive-sdpa, decode full-cache sdpa"}
+        triton_ok = self.decode_kernel == "triton" or (
+            self.decode_kernel == "auto" and torch.device(device).type == "cuda" and _triton_importable())
+        decode = "latent-cache triton split-k" if triton_ok else "latent-cache sdpa"
+        return {"attn": f"prefill naive-sdpa, decode {decode}"}

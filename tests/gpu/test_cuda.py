@@ -94,3 +94,65 @@ def test_cuda_graph_decode_equals_eager(name, dtype):
         outs[graph] = [t.clone() for t in s._tensors()]
     for a, b in zip(outs[False], outs[True]):
         assert rel_err(b, a) < (2e-2 if dtype == torch.bfloat16 else 1e-4)
+
+
+# -- Triton split-K decode over MLA's latent cache, at the benchmark's sizes.
+
+@pytest.mark.parametrize("length", [1, 513, 8192])
+def test_triton_mla_decode_equals_absorb_ref_on_cuda(length):
+    from mamba_decoder.kernels.attention import absorb_ref
+    from mamba_decoder.kernels.mla_decode import mla_decode
+
+    B, H, C, R, T = 8, 16, 512, 64, 8192 + 64
+    g = torch.Generator(device=DEV).manual_seed(0)
+    a = torch.randn(B + 1, T, C, device=DEV, generator=g).bfloat16()     # cache rows beyond B
+    b = torch.randn(B + 1, T, R, device=DEV, generator=g).bfloat16()
+    kv, pe = a[:B], b[:B]
+    q_lat = torch.randn(H, B, C, device=DEV, generator=g).bfloat16().transpose(0, 1)   # strided
+    q_pe = torch.randn(B, H, R, device=DEV, generator=g).bfloat16()
+    scale = 192 ** -0.5
+    got = mla_decode(q_lat, q_pe, kv, pe, torch.tensor([length], device=DEV), scale)
+    mask = torch.zeros(1, T, device=DEV)
+    mask[:, length:] = float("-inf")
+    want = absorb_ref(q_lat[:, None].float(), q_pe[:, None].float(), kv.float(), pe.float(), scale, mask)[:, 0]
+    assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+    assert rel_err(got, want) < 2e-2
+
+
+def test_mla_block_graphed_triton_decode_step_equals_eager():
+    from mamba_decoder.models import MLABlock
+    from mamba_decoder.models.mla import MLACache
+
+    torch.manual_seed(0)
+    B, P, steps, T = 8, 700, 6, 1024 + 64
+    model = randomize_(MLABlock(dim=512, n_heads=16, n_experts=6, n_activated=2, max_seq_len=T,
+                                backend="fast")).to(DEV, torch.bfloat16).eval()
+    assert model.attn.kernel_choice(DEV, torch.bfloat16)["attn"].endswith("triton split-k")
+    x = torch.randn(B, P + steps, 512, device=DEV, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        cache = model.init_cache(B, T)
+        model(x[:, :P], 0, None, cache)
+        gcache = MLACache(cache.kind, cache.a.clone(), cache.b.clone())
+        want = [model.decode_step(x[:, t:t + 1], torch.tensor(t, device=DEV), cache)
+                for t in range(P, P + steps)]
+        tok, pos = x[:, P:P + 1].clone(), torch.tensor(P, device=DEV)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):                   # compile and warm up outside the graph
+                model.decode_step(tok, pos, gcache)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = model.decode_step(tok, pos, gcache)
+        got = []
+        for t in range(P, P + steps):
+            tok.copy_(x[:, t:t + 1])
+            pos.fill_(t)
+            out.fill_(float("nan"))              # the replay must write every element
+            graph.replay()
+            got.append(out.clone())
+    assert torch.equal(gcache.a, cache.a) and torch.equal(gcache.b, cache.b)
+    for t, (g, w) in enumerate(zip(got, want)):
+        assert torch.isfinite(g).all() and rel_err(g, w) < 1e-2, t
+

@@ -1,11 +1,17 @@
 """Incremental decoding equals the full forward, for every block and backend."""
+import os
+
 import pytest
 import torch
-from helpers import randomize_, rel_err
-from mambapy.mamba import MambaBlock
 
-from mamba_decoder import MambaConfig, MambaDecoder, MambaDecoderBlock, MLABlock, MoEConfig
-from mamba_decoder.models import MambaMixer, RegularMamba
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton MLA decode test; before any triton import
+
+from helpers import randomize_, rel_err  # noqa: E402
+from mambapy.mamba import MambaBlock  # noqa: E402
+
+from mamba_decoder import MambaConfig, MambaDecoder, MambaDecoderBlock, MLABlock, MoEConfig  # noqa: E402
+from mamba_decoder.models import MambaMixer, RegularMamba  # noqa: E402
 
 D = 40
 MOE = MoEConfig(dim=D, n_experts=4, n_activated=2, expert_inter_dim=48)
@@ -100,3 +106,24 @@ def test_mla_decode_step_with_a_tensor_position_equals_forward(backend, kind):
         for t in range(5, 11):
             outs.append(model.decode_step(x[:, t:t + 1], torch.tensor(t), cache))
     assert rel_err(torch.cat(outs, 1), want) < 1e-5
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="forcing the Triton decode on CPU needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("prefill", [1, 7])
+def test_mla_block_triton_decode_step_equals_forward(prefill):
+    """MLABlock.decode_step through the Triton split-K kernel (forced on CPU, interpreted),
+    as the CUDA-graphed step runs it: token by token equal to the full causal forward."""
+    model = randomize_(_build("MLABlock", "fast")).eval()
+    model.attn.decode_kernel = "triton"
+    x = torch.randn(3, 12, D)
+    with torch.no_grad():
+        want = model(x)
+        cache = model.init_cache(3, 16)
+        outs = [model(x[:, :prefill], 0, None, cache)]
+        pos = torch.tensor(prefill)
+        for t in range(prefill, 12):
+            outs.append(model.decode_step(x[:, t:t + 1], pos, cache))
+            pos.add_(1)                                 # in place, as a graph replay sees it
+    assert rel_err(torch.cat(outs, 1), want) < 1e-5
+

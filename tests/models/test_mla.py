@@ -1,11 +1,18 @@
 """MLA against open_kimi's, causality, naive == absorb, fast == reference, cached decoding."""
+import os
+
 import pytest
 import torch
-from helpers import randomize_, rel_err
-from open_kimi.mla import MLA as KimiMLA
 
-from mamba_decoder.kernels.attention import causal_mask
-from mamba_decoder.models import MLA
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton decode tests; before any triton import
+
+from helpers import randomize_, rel_err  # noqa: E402
+from open_kimi.mla import MLA as KimiMLA  # noqa: E402
+
+from mamba_decoder.kernels import attention as attn_kernels  # noqa: E402
+from mamba_decoder.kernels.attention import causal_mask  # noqa: E402
+from mamba_decoder.models import MLA  # noqa: E402
 
 SMALL = dict(dim=48, n_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12)
 
@@ -117,3 +124,107 @@ def test_bf16_module_keeps_its_rope_table():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MLA(**{**SMALL, **kwargs})
+
+
+# -- Triton split-K decode over the latent cache (forced on CPU under TRITON_INTERPRET=1) and
+#    the fast latent prefill through per-head K/V.
+
+needs_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                       reason="forcing the Triton decode on CPU needs TRITON_INTERPRET=1")
+
+
+def _count_kernel_calls(monkeypatch):
+    from mamba_decoder.kernels import mla_decode as md
+    calls = []
+    real = md.mla_decode
+
+    def counted(*args, **kw):
+        calls.append(args[4])                 # the length it was given
+        return real(*args, **kw)
+
+    monkeypatch.setattr(md, "mla_decode", counted)
+    monkeypatch.setitem(md.CONFIG, "MIN_SPLIT", 32)   # several splits even in a short cache
+    return calls
+
+
+@needs_interpreter
+@pytest.mark.parametrize("q_lora_rank", [0, 24], ids=["no-qlora", "qlora24"])
+@pytest.mark.parametrize("B", [1, 3])
+def test_triton_decode_equals_full_forward(monkeypatch, B, q_lora_rank):
+    calls = _count_kernel_calls(monkeypatch)
+    m = randomize_(_mla("fast", q_lora_rank=q_lora_rank))
+    m.decode_kernel = "triton"
+    x = torch.randn(B, 40, 48)
+    with torch.no_grad():
+        want = m(x)
+        cache = m.init_cache(B, 80)
+        outs = [m(x[:, :30], 0, None, cache)]
+        for t in range(30, 35):                            # eager forward: int length
+            outs.append(m(x[:, t:t + 1], t, None, cache))
+        for t in range(35, 40):                            # decode_step: device-tensor length
+            outs.append(m.decode_step(x[:, t:t + 1], torch.tensor(t), cache))
+    assert len(calls) == 10 and calls[:5] == [31, 32, 33, 34, 35]
+    assert all(isinstance(c, torch.Tensor) for c in calls[5:])
+    assert rel_err(torch.cat(outs, 1), want) < 1e-5
+
+
+@needs_interpreter
+def test_triton_decode_in_bf16_follows_fp32(monkeypatch):
+    _count_kernel_calls(monkeypatch)
+    m = randomize_(_mla("fast"))
+    m.decode_kernel = "triton"
+    x = torch.randn(2, 12, 48)
+    outs = {}
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16):
+            m = m.to(dtype)
+            cache = m.init_cache(2, 40)
+            seq = [m(x[:, :6].to(dtype), 0, None, cache)]
+            seq += [m.decode_step(x[:, t:t + 1].to(dtype), torch.tensor(t), cache) for t in range(6, 12)]
+            outs[dtype] = torch.cat(seq, 1)
+    assert outs[torch.bfloat16].dtype == torch.bfloat16
+    assert rel_err(outs[torch.bfloat16], outs[torch.float32]) < 2e-2
+
+
+def test_decode_kernel_choice_follows_the_device():
+    m = _mla("fast")
+    cpu = m.kernel_choice(torch.device("cpu"), torch.bfloat16)["attn"]
+    assert cpu == "prefill naive-sdpa, decode latent-cache sdpa"
+    m.decode_kernel = "triton"
+    assert m.kernel_choice(torch.device("cpu"), torch.bfloat16)["attn"].endswith("triton split-k")
+    m.decode_kernel = "sdpa"
+    assert m.kernel_choice(torch.device("cuda"), torch.bfloat16)["attn"].endswith("latent-cache sdpa")
+    m.decode_kernel = "flash"
+    with pytest.raises(ValueError, match="decode_kernel='flash'"):
+        m(torch.randn(1, 1, 48), 0, None, m.init_cache(1, 4))
+
+
+@pytest.mark.parametrize("q_lora_rank", [0, 24], ids=["no-qlora", "qlora24"])
+def test_fast_latent_prefill_expands_keys_and_equals_latent_attention(monkeypatch, q_lora_rank):
+    """Fast prefill into a latent cache goes through per-head K/V (naive_sdpa), also for a
+    second chunk whose earlier positions come from the cache; the reference backend still
+    attends in the latent space (absorb_ref): outputs and caches must agree."""
+    ref = randomize_(_mla("reference", q_lora_rank=q_lora_rank))
+    fast = _mla("fast", q_lora_rank=q_lora_rank)
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 20, 48)
+    c_ref, c_fast = ref.init_cache(2, 24), fast.init_cache(2, 24)
+    naive_calls = []
+    real_naive = attn_kernels.naive_sdpa
+
+    def naive(*a, **k):
+        naive_calls.append(a[1].shape)       # the expanded keys (B, T, H, Dqk)
+        return real_naive(*a, **k)
+
+    def no_latent(*a, **k):
+        raise AssertionError("latent prefill must not attend in the latent space")
+
+    monkeypatch.setattr(attn_kernels, "naive_sdpa", naive)
+    monkeypatch.setattr(attn_kernels, "absorb_sdpa", no_latent)
+    with torch.no_grad():
+        for lo, hi in [(0, 12), (12, 20)]:
+            want = ref(x[:, lo:hi], lo, None, c_ref)
+            got = fast(x[:, lo:hi], lo, None, c_fast)
+            assert rel_err(got, want) < 1e-5, (lo, hi)
+    assert naive_calls == [(2, 12, 4, 24), (2, 20, 4, 24)]
+    assert torch.equal(c_fast.a, c_ref.a) and torch.equal(c_fast.b, c_ref.b)
