@@ -105,11 +105,10 @@ def impl(request):
         # the interpreter fast and still leave partial ED blocks and chunks
         mp = pytest.MonkeyPatch()
         if DEV == "cpu":
-            mp.setitem(triton_bdl.FWD_CONFIG, "BLOCK_D", 16)
-            mp.setitem(triton_bdl.FWD_CONFIG, "CHUNK", 8)
+            mp.setitem(triton_bdl.FWD_TILES, "seqt", dict(BLOCK_D=16, CHUNK=8, num_warps=1))
+            mp.setitem(triton_bdl.FWD_TILES, "chan", dict(BLOCK_D=4, CHUNK=16, num_warps=1))
             mp.setitem(triton_bdl.BWD_CONFIG, "BLOCK_D", 16)
             mp.setitem(triton_bdl.BWD_CONFIG, "CHUNK", 8)
-            mp.setattr(triton_bdl, "SEGT_CONFIG", {})
         yield name
         mp.undo()
     else:

@@ -67,16 +67,21 @@ def ref_on_bdl(**kw):
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    """Small tiles keep the interpreter fast and leave partial ED blocks and chunks."""
+    """Small tiles keep the interpreter fast and leave partial ED blocks, time tiles and chunks."""
     pytest.importorskip("triton")
     from mamba_decoder.kernels.selective_scan import triton_bdl
     if DEV == "cpu":
-        monkeypatch.setitem(triton_bdl.FWD_CONFIG, "BLOCK_D", 16)
-        monkeypatch.setitem(triton_bdl.FWD_CONFIG, "CHUNK", 8)
+        monkeypatch.setitem(triton_bdl.FWD_TILES, "seqt", dict(BLOCK_D=16, CHUNK=4, num_warps=1))
+        monkeypatch.setitem(triton_bdl.FWD_TILES, "chan", dict(BLOCK_D=4, CHUNK=16, num_warps=1))
         monkeypatch.setitem(triton_bdl.BWD_CONFIG, "BLOCK_D", 16)
         monkeypatch.setitem(triton_bdl.BWD_CONFIG, "CHUNK", 8)
-        monkeypatch.setattr(triton_bdl, "SEGT_CONFIG", {})  # no dtype routing: test as named
     return triton_bdl
+
+
+def use_variant(tb, monkeypatch, variant):
+    """Route every dtype to one forward kernel."""
+    for dt in list(tb.FWD_BY_DTYPE):
+        monkeypatch.setitem(tb.FWD_BY_DTYPE, dt, variant)
 
 
 IMPLS = [pytest.param("cpu", id="cpu"), pytest.param("reference", id="reference"),
@@ -84,22 +89,17 @@ IMPLS = [pytest.param("cpu", id="cpu"), pytest.param("reference", id="reference"
 TOL = {"cpu": 1e-5, "reference": 1e-6, "triton": 1e-4}
 
 
-@pytest.mark.parametrize("variant", ["assoc", "seq", "seqt", "segt"])
+@pytest.mark.parametrize("variant", ["seqt", "chan"])
 @pytest.mark.parametrize("shape,dtype", [
-    ((2, 37, 48, 16), torch.float32),   # L not a multiple of CHUNK, partial ED block
+    ((2, 37, 48, 16), torch.float32),   # L not a multiple of the tiles, partial ED block
     ((1, 70, 20, 16), torch.float32),   # batch 1, ED not a power of two
-    ((2, 5, 16, 4), torch.float32),     # L < CHUNK
+    ((2, 5, 16, 4), torch.float32),     # L shorter than a tile
     ((1, 33, 40, 8), torch.float32),
     ((2, 37, 48, 16), torch.bfloat16),
 ], ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v).split(".")[-1])
 @pytest.mark.triton
 def test_triton_bdl_forward(small_tiles, variant, shape, dtype, monkeypatch):
-    monkeypatch.setitem(small_tiles.FWD_CONFIG, "variant", variant)
-    if variant in ("seqt", "segt"):
-        monkeypatch.setitem(small_tiles.FWD_CONFIG, "CHUNK", 4)  # steps per register tile
-    if variant == "segt":  # many 8-step segments (L=5: one segment -> the seqt fallback)
-        monkeypatch.setitem(small_tiles.FWD_CONFIG, "SEG_PROGRAMS", 10**6)
-        monkeypatch.setitem(small_tiles.FWD_CONFIG, "SEG_MIN", 8)
+    use_variant(small_tiles, monkeypatch, variant)
     inp, h0 = make_bdl(*shape, dtype=dtype)
     with torch.no_grad():
         out, hf = selective_scan(**inp, initial_state=h0, return_final_state=True,
@@ -186,15 +186,16 @@ def test_triton_bdl_two_halves_equal_whole(small_tiles):
 
 @pytest.mark.triton
 def test_triton_bdl_real_associative_scan_path(monkeypatch):
-    """Interpret tl.associative_scan itself (slow in the interpreter: tiny shape)."""
+    """Interpret tl.associative_scan itself (the chan forward's and the backward's; slow in
+    the interpreter, so a tiny shape), against the reference, outputs and gradients."""
     pytest.importorskip("triton")
     from mamba_decoder.kernels.selective_scan import triton_bdl
     monkeypatch.setattr(triton_bdl, "INTERPRET_SEQ_SCAN", False)
-    monkeypatch.setitem(triton_bdl.FWD_CONFIG, "variant", "assoc")
-    monkeypatch.setitem(triton_bdl.FWD_CONFIG, "BLOCK_D", 4)
+    use_variant(triton_bdl, monkeypatch, "chan")
+    monkeypatch.setitem(triton_bdl.FWD_TILES, "chan", dict(BLOCK_D=2, CHUNK=16, num_warps=1))
     monkeypatch.setitem(triton_bdl.BWD_CONFIG, "BLOCK_D", 4)
     monkeypatch.setitem(triton_bdl.BWD_CONFIG, "CHUNK", 8)
-    inp, h0 = make_bdl(1, 11, 6, 4)
+    inp, h0 = make_bdl(1, 21, 6, 4)
     o, hf, g = run_with_grads(bdl_fn("triton"), inp, h0)
     ro, rhf, rg = run_with_grads(ref_on_bdl, inp, h0)
     assert rel(o, ro) <= 1e-4 and rel(hf, rhf) <= 1e-4
@@ -236,29 +237,17 @@ def test_fast_mixer_bdl_path_equals_reference():
     assert all(p.grad is not None for p in fast.parameters())
 
 
-def test_seg_len_table():
-    pytest.importorskip("triton")
-    from mamba_decoder.kernels.selective_scan.triton_bdl import seg_len
-    # (8, 2048, 1024) with 8-channel programs: 1024 programs per segment -> 8 segments of 256
-    assert seg_len(8, 1024, 2048, 8, 32, 8192, 128) == (256, 8)
-    assert seg_len(8, 1024, 8192, 8, 32, 8192, 128) == (1024, 8)
-    assert seg_len(1, 1024, 128, 8, 32, 8192, 128) == (128, 1)  # too short: no split
-    seg, n = seg_len(1, 1000, 1000, 8, 32, 8192, 100)  # rounded to the state chunk
-    assert seg % 32 == 0 and seg >= 128 and n == -(-1000 // seg)
-
-
 @pytest.mark.triton
-@pytest.mark.parametrize("seg,shape,dtype", [
-    (8, (2, 37, 24, 16), torch.float32),    # 5 segments, last partial, 1 tile each 2
-    (16, (1, 70, 20, 8), torch.float32),    # state chunks (8) inside segments, ED % 16 != 0
-    (16, (1, 30, 24, 8), torch.bfloat16),
+@pytest.mark.parametrize("variant,shape,dtype", [
+    ("chan", (2, 37, 24, 16), torch.float32),    # 3 time tiles, the last partial; 5 state chunks
+    ("chan", (1, 70, 20, 8), torch.float32),     # ED % BLOCK_D != 0
+    ("chan", (1, 30, 24, 8), torch.bfloat16),
+    ("seqt", (2, 37, 24, 16), torch.float32),
+    ("seqt", (1, 30, 24, 8), torch.bfloat16),
 ])
-def test_triton_bdl_segt_fwd_bwd(small_tiles, monkeypatch, seg, shape, dtype):
-    """Segmented forward + the (unchanged) backward from its chunk-boundary states."""
-    monkeypatch.setitem(small_tiles.FWD_CONFIG, "variant", "segt")
-    monkeypatch.setitem(small_tiles.FWD_CONFIG, "CHUNK", 4)
-    monkeypatch.setitem(small_tiles.FWD_CONFIG, "SEG_PROGRAMS", 10**6)
-    monkeypatch.setitem(small_tiles.FWD_CONFIG, "SEG_MIN", seg)
+def test_triton_bdl_fwd_bwd(small_tiles, monkeypatch, variant, shape, dtype):
+    """Each forward stores the backward's chunk-boundary states; gradients from them match."""
+    use_variant(small_tiles, monkeypatch, variant)
     inp, h0 = make_bdl(*shape, dtype=dtype)
     o, hf, g = run_with_grads(bdl_fn("triton"), inp, h0)
     ro, rhf, rg = run_with_grads(ref_on_bdl, inp, h0)
@@ -274,20 +263,17 @@ def test_triton_bdl_segt_fwd_bwd(small_tiles, monkeypatch, seg, shape, dtype):
 
 
 @pytest.mark.triton
-def test_triton_bdl_bf16_routes_to_segt(small_tiles, monkeypatch):
-    """The default forward for 16-bit inputs is the segmented one (SEGT_CONFIG)."""
-    monkeypatch.setattr(small_tiles, "SEGT_CONFIG", dict(
-        variant="segt", BLOCK_D=16, CHUNK=16, num_warps=1, SEG_PROGRAMS=10**6, SEG_MIN=8))
-    # the state chunk sets the segment unit; pin it (small_tiles shrinks it on the CPU only, and
-    # the H100 run failed this test with the default 32)
-    monkeypatch.setitem(small_tiles.BWD_CONFIG, "CHUNK", 8)
+@pytest.mark.parametrize("dtype,variant", [(torch.bfloat16, "chan"), (torch.float16, "chan"),
+                                           (torch.float32, "seqt")])
+def test_triton_bdl_forward_by_dtype(small_tiles, monkeypatch, dtype, variant):
+    """The dtype table picks the forward: chan for 16-bit inputs, seqt for fp32."""
     calls = []
-    real = small_tiles._fwd_segt
-    monkeypatch.setattr(small_tiles, "_fwd_segt", lambda *a: calls.append(a[-3:-1]) or real(*a))
-    inp, h0 = make_bdl(1, 30, 24, 8, dtype=torch.bfloat16)
-    o, hf, g = run_with_grads(bdl_fn("triton"), inp, h0)
-    ro, rhf, rg = run_with_grads(ref_on_bdl, inp, h0)
-    assert calls == [(8, 4)]  # SEG 8 (state chunk 8 -> register tile gcd(16, 8) = 8), 4 segments
-    assert rel(o, ro) <= 2e-2 and rel(hf, rhf) <= 1e-4
-    for k in GRAD_NAMES + ["initial_state"]:
-        assert rel(g[k], rg[k]) <= 2e-2, k
+    real = small_tiles._fwd_chan
+    monkeypatch.setattr(small_tiles, "_fwd_chan", lambda *a: calls.append("chan") or real(*a))
+    inp, _ = make_bdl(1, 12, 8, 4, dtype=dtype)
+    with torch.no_grad():
+        selective_scan(**inp, impl="triton", layout="BDL")
+    assert calls == (["chan"] if variant == "chan" else [])
+    with pytest.raises(ValueError, match="variant"):
+        small_tiles._fwd(*[inp[k] for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")], None,
+                         True, False, variant="segt")
