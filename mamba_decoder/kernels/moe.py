@@ -1,6 +1,7 @@
-"""Routed-expert computation of the MoE: a sort + grouped-GEMM path with no host sync, and twins.
+"""Routed-expert computation of the MoE: a sort + grouped-GEMM path with no host sync, and twins;
+and a "dense-small" path for few tokens (decoding), which runs every expert on every token.
 
-All take the flat tokens x (T, D), the router's weights and indices (T, K) and the experts'
+The routed paths take the flat tokens x (T, D), the router's weights and indices (T, K) and the experts'
 stacked weights in nn.Linear layout: w1, w3 (E, I, D) and w2 (E, D, I); they return the weighted
 sum over each token's K experts, (T, D), without the shared expert.
 """
@@ -61,6 +62,47 @@ def routed_grouped(x, weights, indices, w1, w2, w3):
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
     y = y.index_select(0, inverse).view(T, K, -1)                                   # (T, K, D)
     return (y * weights.unsqueeze(-1).to(y.dtype)).sum(1)
+
+
+# "dense-small": at most this many tokens, every expert runs on every token as two plain GEMMs
+# over stacked weights (kernels below). Weight reads dominate there: the GEMMs read all
+# E' * 3 * I * D expert weights and do 2T FLOPs per weight element read (T FLOPs a byte in bf16),
+# far under an H100's ~300 FLOPs/byte ridge at T <= 64 (and small-M GEMMs stay read-bound well
+# past it), while the grouped path reads the same weights (T*K >= E: every expert has tokens)
+# plus sort / cumsum / index / gather launches that cost more than the GEMMs at decode sizes.
+# For E >> T*K it reads experts no token picked: the limit assumes the benchmark's few experts.
+DENSE_SMALL_MAX_TOKENS = 64
+
+
+def stack_dense_small(w1s, w2s, w3s):
+    """Per-expert nn.Linear weights (sequences over experts; always-on experts last) -> the
+    stacked weights of `routed_dense_small`: W13 (E' * 2I, D) = [w1_0; w3_0; w1_1; w3_1; ...]
+    and W2 (D, E' * I) = [w2_0, w2_1, ...] (each expert's w2 (D, I) side by side)."""
+    W13 = torch.cat([w for pair in zip(w1s, w3s) for w in pair], dim=0)
+    W2 = torch.cat(list(w2s), dim=1)
+    return W13, W2
+
+
+def dense_gate(weights, indices, n_experts: int, n_always_on: int = 0):
+    """The router's top-k (weights, indices) (T, K) as a dense (T, E) gate, exactly zero for the
+    experts a token did not pick, and `n_always_on` columns of ones appended (a shared expert)."""
+    gate = weights.new_zeros(indices.shape[0], n_experts + n_always_on)
+    if n_always_on:
+        gate[:, n_experts:] = 1
+    # in place into a fresh tensor: one launch fewer than scatter + cat (decode counts launches)
+    return gate.scatter_add_(1, indices, weights)
+
+
+def routed_dense_small(x, gate, W13, W2):
+    """Every expert on every token, weighted by the dense gate: x (T, D), gate (T, E'),
+    W13 (E' * 2I, D), W2 (D, E' * I) (`stack_dense_small`) -> sum_e gate[:, e] * expert_e(x).
+    Two GEMMs and one elementwise op: no sort, no index, no host sync. The gate scales the
+    hidden activations (linear in W2), so unpicked experts contribute exactly zero."""
+    T, E = gate.shape
+    I = W2.shape[1] // E
+    H = F.linear(x, W13).view(T, E, 2, I)                                          # (T, E', 2, I)
+    h = _swiglu(H[:, :, 0], H[:, :, 1]) * gate.unsqueeze(-1).to(H.dtype)           # (T, E', I)
+    return F.linear(h.reshape(T, E * I), W2)                                       # (T, D)
 
 
 @functools.lru_cache(maxsize=None)

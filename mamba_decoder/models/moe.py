@@ -3,7 +3,9 @@
 The module *is* open_kimi's MoE (same parameters and buffers: gate.gate_weight,
 gate.adaptive_bias, gate.expert_usage, experts.{i}.w1/w2/w3, shared_expert.w1/w2/w3). The
 reference backend runs open_kimi's loop (one host sync per expert); the fast backend routes with
-the same gate math and applies the experts through `kernels.moe` with no host sync.
+the same gate math and applies the experts through `kernels.moe` with no host sync: grouped GEMMs
+over the sorted (token, expert) pairs, or for few tokens (decoding) "dense-small", every expert
+(the shared one folded in) on every token in two GEMMs weighted by a dense gate.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ class MoE(KimiMoE):
         super().__init__(dim, n_experts, n_activated, expert_inter_dim, shared_expert_inter_dim,
                          use_adaptive_bias, bias_update_rate)
         self.backend = check_backend(backend)
-        self._stack_cache: tuple | None = None
+        self._stack_cache: dict[str, tuple] = {}
 
     @classmethod
     def from_config(cls, cfg: MoEConfig, backend: str = DEFAULT_BACKEND) -> "MoE":
@@ -59,29 +61,57 @@ class MoE(KimiMoE):
                 g.expert_usage = 0.9 * g.expert_usage + 0.1 * usage
         return w, idx
 
-    def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(w1, w2, w3) of the routed experts stacked to (E, I, D), (E, D, I), (E, I, D).
-
-        With autograd on, stacked every call (gradients reach experts.{i}); in inference,
-        cached and rebuilt only when a weight is replaced or modified in place."""
-        params = [(e.w1.weight, e.w2.weight, e.w3.weight) for e in self.experts]
-        if torch.is_grad_enabled() and any(p.requires_grad for trio in params for p in trio):
-            return tuple(torch.stack(ws) for ws in zip(*params))
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for trio in params for p in trio)
-        if self._stack_cache is None or self._stack_cache[0] != key:
+    def _stacked(self, name: str, params: list, build):
+        """build(params) with autograd on (stacked every call: gradients reach experts.{i});
+        in inference cached under `name`, rebuilt only when a weight is replaced or modified
+        in place."""
+        flat = [p for group in params for p in group]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in flat):
+            return build(params)
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in flat)
+        hit = self._stack_cache.get(name)
+        if hit is None or hit[0] != key:
             with torch.no_grad():
-                self._stack_cache = (key, tuple(torch.stack(ws) for ws in zip(*params)))
-        return self._stack_cache[1]
+                hit = self._stack_cache[name] = (key, build(params))
+        return hit[1]
+
+    def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(w1, w2, w3) of the routed experts stacked to (E, I, D), (E, D, I), (E, I, D)."""
+        params = [(e.w1.weight, e.w2.weight, e.w3.weight) for e in self.experts]
+        return self._stacked("grouped", params, lambda ps: tuple(torch.stack(ws) for ws in zip(*ps)))
+
+    def folds_shared_expert(self) -> bool:
+        """Whether dense-small runs the shared expert as one more expert (gate 1): it needs the
+        routed experts' inner dim."""
+        return self.shared_expert.w1.weight.shape[0] == self.experts[0].w1.weight.shape[0]
+
+    def dense_small_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W13, W2) of kernels.moe.routed_dense_small: the routed experts, then the shared one
+        where it folds in."""
+        experts = list(self.experts) + ([self.shared_expert] if self.folds_shared_expert() else [])
+        params = [(e.w1.weight, e.w2.weight, e.w3.weight) for e in experts]
+        return self._stacked("dense_small", params,
+                             lambda ps: moe_kernels.stack_dense_small(*zip(*ps)))
 
     def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x_flat = x.reshape(-1, shape[-1])                                 # (T, D)
         w, idx = self.route(x_flat)
+        if x_flat.shape[0] <= self._dense_small_max_tokens():
+            fold = self.folds_shared_expert()
+            gate = moe_kernels.dense_gate(w, idx, self.n_experts, int(fold))   # (T, E [+ 1])
+            out = moe_kernels.routed_dense_small(x_flat, gate, *self.dense_small_weights())
+            return (out if fold else out + self.shared_expert(x_flat)).view(shape)
         w1, w2, w3 = self.stacked_weights()
         out = moe_kernels.routed_experts(x_flat, w, idx, w1, w2, w3)
         return (out + self.shared_expert(x_flat)).view(shape)
 
+    def _dense_small_max_tokens(self) -> int:
+        # an instance attribute overrides the module default (benchmarks, tests); 0 turns it off
+        return getattr(self, "dense_small_max_tokens", moe_kernels.DENSE_SMALL_MAX_TOKENS)
+
     def kernel_choice(self, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
         if self.backend == "reference":
             return {"moe": "open_kimi-loop"}
-        return {"moe": moe_kernels.auto_impl(device, dtype)}
+        n = self._dense_small_max_tokens()
+        return {"moe": f"{moe_kernels.auto_impl(device, dtype)} (T > {n}), dense-small (T <= {n})"}

@@ -1,6 +1,7 @@
 """The MoE against open_kimi's, and the fast routed-expert paths against the loop."""
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import randomize_, rel_err
 from open_kimi.moe import MoE as KimiMoE
 from pydantic import ValidationError
@@ -58,12 +59,13 @@ def test_routed_handles_an_expert_with_no_tokens():
         assert rel_err(K.routed_experts(x, w, idx, *ws, impl="grouped_mm"), want) < 1e-5
 
 
+@pytest.mark.parametrize("shape", [(3, 17), (5, 17)], ids=["dense-small-T51", "routed-T85"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
-def test_fast_moe_equals_reference(dtype, tol):
+def test_fast_moe_equals_reference(dtype, tol, shape):
     ref, _ = _pair()
     fast = MoE(32, 6, 2, 48, 40, backend="fast")
     fast.load_state_dict(ref.state_dict())
-    x = torch.randn(3, 17, 32, dtype=dtype)
+    x = torch.randn(*shape, 32, dtype=dtype)
     ref, fast = ref.to(dtype), fast.to(dtype)
     # Same dtype on both sides: a bf16 router may pick other experts than an fp32 one on near
     # ties, and that is not the fast path's doing. The routing itself must be identical.
@@ -84,11 +86,13 @@ def test_fast_routing_and_training_bias_update_equal_open_kimi():
         assert rel_err(getattr(fast.gate, name), getattr(theirs.gate, name)) < 1e-6, name
 
 
-def test_fast_moe_gradients_equal_reference():
-    ref, _ = _pair()
-    fast = MoE(32, 6, 2, 48, 40, backend="fast")
+@pytest.mark.parametrize("shared,shape", [(40, (2, 13)), (48, (2, 13)), (48, (5, 17))],
+                         ids=["dense-small", "dense-small-folded", "routed"])
+def test_fast_moe_gradients_equal_reference(shared, shape):
+    ref, _ = _pair(shared=shared)
+    fast = MoE(32, 6, 2, 48, shared, backend="fast")
     fast.load_state_dict(ref.state_dict())
-    x = torch.randn(2, 13, 32)
+    x = torch.randn(*shape, 32)
     g = torch.randn_like(x)
     (ref(x) * g).sum().backward()
     (fast(x) * g).sum().backward()
@@ -110,6 +114,134 @@ def test_inference_weight_cache_follows_in_place_updates():
         for m in (ref, fast):
             m.experts[1].w2.weight.mul_(2.0)
         assert rel_err(fast(x), ref(x)) < 1e-5
+
+
+# -- dense-small: every expert on every token, weighted by a dense gate (few tokens: decoding)
+
+def _experts(E, D, I, dtype=torch.float32):
+    w1, w3 = torch.randn(E, I, D) / D ** 0.5, torch.randn(E, I, D) / D ** 0.5
+    w2 = torch.randn(E, D, I) / I ** 0.5
+    return tuple(t.to(dtype) for t in (w1, w2, w3))
+
+
+def _picks(T, E, k):
+    w = torch.rand(T, k).softmax(-1)
+    return w, torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+
+
+@pytest.mark.parametrize("T", [1, 5, 64])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+def test_dense_small_equals_loop(T, dtype, tol):
+    D, E, I, k = 24, 5, 40, 2
+    x, (w, idx), ws = torch.randn(T, D), _picks(T, E, k), _experts(E, D, I)
+    want = K.routed_loop(x, w, idx, *ws)
+    w1, w2, w3 = (t.to(dtype) for t in ws)
+    gate = K.dense_gate(w.to(dtype), idx, E)
+    got = K.routed_dense_small(x.to(dtype), gate, *K.stack_dense_small(w1, w2, w3))
+    assert got.dtype == dtype and rel_err(got, want) < tol
+
+
+def test_dense_small_folds_an_always_on_expert():
+    """The shared expert as expert E with gate 1: routed experts + shared expert."""
+    T, D, E, I, k = 7, 24, 5, 40, 2
+    x, (w, idx), ws = torch.randn(T, D), _picks(T, E, k), _experts(E, D, I)
+    sw1, sw2, sw3 = _experts(1, D, I)
+    want = K.routed_loop(x, w, idx, *ws) + (F.silu(x @ sw1[0].t()) * (x @ sw3[0].t())) @ sw2[0].t()
+    stacked = K.stack_dense_small(*(torch.cat([a, b]) for a, b in zip(ws, (sw1, sw2, sw3))))
+    got = K.routed_dense_small(x, K.dense_gate(w, idx, E, n_always_on=1), *stacked)
+    assert rel_err(got, want) < 1e-5
+
+
+def test_dense_gate_is_exactly_zero_off_the_picks():
+    T, E, k = 9, 6, 2
+    w, idx = _picks(T, E, k)
+    gate = K.dense_gate(w, idx, E, n_always_on=1)
+    assert gate.shape == (T, E + 1) and torch.equal(gate[:, E], torch.ones(T))
+    picked = torch.zeros(T, E, dtype=torch.bool).scatter(1, idx, True)
+    assert torch.equal(gate[:, :E][~picked], torch.zeros(int((~picked).sum())))
+    assert torch.equal(gate[:, :E].gather(1, idx), w)
+
+
+def _fast_like(theirs, **kw):
+    fast = MoE(theirs.dim, theirs.n_experts, theirs.n_activated, theirs.expert_inter_dim,
+               theirs.shared_expert_inter_dim, backend="fast", **kw)
+    fast.load_state_dict(theirs.state_dict(), strict=True)
+    return fast
+
+
+@pytest.mark.parametrize("shared", [40, 48, None], ids=["separate-shared", "folded-shared", "default-shared"])
+@pytest.mark.parametrize("shape", [(8, 1), (1, 1), (4, 16)], ids=["decode-B8", "decode-B1", "T64"])
+def test_dense_small_moe_equals_open_kimi(shared, shape, monkeypatch):
+    """The fast MoE takes dense-small at T <= 64 (counted) and equals open_kimi's loop, with a
+    random adaptive bias (randomize_) routing the tokens."""
+    theirs = randomize_(KimiMoE(32, 6, 2, 48, shared))
+    assert theirs.gate.adaptive_bias.abs().min() > 0
+    fast = _fast_like(theirs)
+    assert fast.folds_shared_expert() == (shared != 40)
+    calls = []
+    real = K.routed_dense_small
+    monkeypatch.setattr(K, "routed_dense_small", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(*shape, 32)
+    with torch.no_grad():
+        assert rel_err(fast(x), theirs(x)) < 1e-5
+    assert calls == [1]
+
+
+def test_dense_small_off_above_the_threshold(monkeypatch):
+    theirs = randomize_(KimiMoE(32, 6, 2, 48, 48))
+    fast = _fast_like(theirs)
+    monkeypatch.setattr(K, "routed_dense_small", None)   # would fail if called
+    x = torch.randn(5, 13, 32)                             # T = 65
+    with torch.no_grad():
+        assert rel_err(fast(x), theirs(x)) < 1e-5
+
+
+def test_dense_small_with_routing_ties_equals_open_kimi():
+    """Experts 0 and 1 (and 2 and 3) with identical gate rows and biases: equal probabilities,
+    so top-k breaks ties; the fast path must route (and weigh) exactly like open_kimi."""
+    theirs = randomize_(KimiMoE(32, 6, 2, 48, 48))
+    with torch.no_grad():
+        g = theirs.gate
+        g.gate_weight[1] = g.gate_weight[0]
+        g.gate_weight[3] = g.gate_weight[2]
+        g.adaptive_bias[1] = g.adaptive_bias[0]
+        g.adaptive_bias[3] = g.adaptive_bias[2]
+    fast = _fast_like(theirs)
+    x = torch.randn(8, 1, 32)
+    with torch.no_grad():
+        w, idx = fast.route(x.view(-1, 32))
+        assert torch.equal(idx, theirs.gate(x.view(-1, 32))[1])
+        assert (w[:, 0] == w[:, 1]).any()                   # some token took a tied pair
+        assert rel_err(fast(x), theirs(x)) < 1e-5
+
+
+def test_dense_small_training_forward_and_bias_update_equal_open_kimi():
+    theirs = randomize_(KimiMoE(32, 6, 2, 48, 48)).train()
+    fast = _fast_like(theirs).train()
+    for _ in range(3):                                      # the bias moves every forward
+        x = torch.randn(8, 1, 32)
+        assert rel_err(fast(x), theirs(x)) < 1e-5
+    for name in ("adaptive_bias", "expert_usage"):
+        assert rel_err(getattr(fast.gate, name), getattr(theirs.gate, name)) < 1e-6, name
+
+
+def test_dense_small_weight_cache_follows_the_shared_expert():
+    theirs = randomize_(KimiMoE(32, 6, 2, 48, 48)).eval()
+    fast = _fast_like(theirs).eval()
+    x = torch.randn(8, 1, 32)
+    with torch.no_grad():
+        W13, _ = fast.dense_small_weights()
+        assert fast.dense_small_weights()[0] is W13             # cached in inference
+        fast(x)
+        for m in (theirs, fast):
+            m.shared_expert.w3.weight.mul_(-1.5)
+        assert rel_err(fast(x), theirs(x)) < 1e-5
+
+
+def test_kernel_choice_names_both_paths():
+    fast = MoE(32, 6, 2, 48, 48, backend="fast")
+    choice = fast.kernel_choice(torch.device("cpu"), torch.float32)["moe"]
+    assert choice == f"{K.auto_impl(torch.device('cpu'), torch.float32)} (T > 64), dense-small (T <= 64)"
 
 
 @pytest.mark.parametrize("kwargs,match", [
