@@ -71,22 +71,31 @@ class MambaMixer(MambaBlock):
 
     def ssm_step(self, x, h):
         # mambapy's step with its state in fp32 and its output in x's dtype (mambapy's own
-        # mixes an fp32 state with bf16 C in one matmul and fails outside fp32).
+        # mixes an fp32 state with bf16 C in one matmul and fails outside fp32). The math is
+        # kernels.mamba_step's twin, which the fused Triton step is tested against.
+        from ..kernels.mamba_step import ssm_step_torch
+
         cfg = self.config
-        A = -torch.exp(self.A_log.float())                              # (ED, N)
         dt, B, C = torch.split(self.x_proj(x), [cfg.dt_rank, cfg.d_state, cfg.d_state], dim=-1)
         dt, B, C = self._apply_layernorms(dt, B, C)
-        dt = F.softplus(self.dt_proj(dt)).float()                       # (B, ED)
-        h = torch.exp(dt.unsqueeze(-1) * A) * h + (dt * x.float()).unsqueeze(-1) * B.float().unsqueeze(1)
-        y = (h @ C.float().unsqueeze(-1)).squeeze(2) + self.D.float() * x.float()
-        return y.to(x.dtype), h                                         # (B, ED), (B, ED, N)
+        return ssm_step_torch(x, self.dt_proj(dt), self.A_log, B, C, self.D, h)  # (B, ED), (B, ED, N)
 
-    def _conv(self, x: torch.Tensor, channel_major: bool = False) -> torch.Tensor:
-        """Causal depthwise conv. x (B, L, ED) -> (B, L, ED), or with channel_major
-        (B, ED, L) -> (B, ED, L) (no transposes)."""
-        if channel_major:
-            L = x.shape[2]
-            return self.conv1d(x)[:, :, :L]
+    def _fused_impl(self, x: torch.Tensor) -> str:
+        """"triton" or "torch" for the conv + SiLU of the channel-major forward and the decode
+        step. `fused_impl` (an instance attribute: "auto" / "triton" / "torch") overrides;
+        "auto" is Triton on CUDA. Forcing "triton" on CPU tensors needs TRITON_INTERPRET=1."""
+        from ..kernels.mamba_step import HAS_TRITON
+
+        impl = getattr(self, "fused_impl", None) or "auto"
+        if impl == "auto":
+            return "triton" if x.is_cuda and HAS_TRITON else "torch"
+        if impl not in ("triton", "torch"):
+            raise ValueError(f"fused_impl={impl!r} is not one of auto, triton, torch")
+        return impl
+
+    def _conv(self, x: torch.Tensor) -> torch.Tensor:
+        """Causal depthwise conv, x (B, L, ED) -> (B, L, ED) (the channel-major path runs
+        kernels.causal_conv)."""
         L = x.shape[1]
         return self.conv1d(x.transpose(1, 2))[:, :, :L].transpose(1, 2)  # causal depthwise, (B, L, ED)
 
@@ -156,14 +165,13 @@ class MambaMixer(MambaBlock):
         if self.in_proj.bias is not None:
             xi = xi + self.in_proj.bias[:ED, None]
             z = z + self.in_proj.bias[ED:, None]
-        if cache is None:
-            xi = self._conv(xi, channel_major=True)
+        # causal conv + SiLU, (B, ED, L); with a cache, prepend its window and write the new one
+        state = None if cache is None else cache.conv
+        if self._fused_impl(xi) == "triton":
+            from ..kernels.causal_conv import causal_conv1d_silu as conv_silu
         else:
-            K = self.config.d_conv
-            xt = torch.cat([cache.conv, xi], dim=2)                     # (B, ED, K - 1 + L)
-            cache.conv.copy_(xt[:, :, -(K - 1):])
-            xi = F.conv1d(xt, self.conv1d.weight, self.conv1d.bias, groups=ED)
-        xi = F.silu(xi)                                                 # (B, ED, L)
+            from ..kernels.causal_conv import causal_conv1d_silu_torch as conv_silu
+        xi = conv_silu(xi, self.conv1d.weight, self.conv1d.bias, state, state)
         dt, A, B, C = self._ssm_inputs(xi, channel_major=True)
         y = selective_scan(xi, dt, A, B, C, self.D.float(), z=z, dt_bias=self.dt_proj.bias.float(),
                            dt_softplus=True, initial_state=None if cache is None else cache.ssm,
@@ -178,14 +186,23 @@ class MambaMixer(MambaBlock):
 
     def _step_fast(self, x: torch.Tensor, cache: MambaCache) -> torch.Tensor:
         """One token, x (B, D) -> (B, D): a fixed sequence of device ops with no host sync and
-        in-place cache updates, so it can be captured in a CUDA graph."""
-        x, z = self.in_proj(x).chunk(2, dim=-1)                         # (B, ED) each
-        window = torch.cat([cache.conv, x.unsqueeze(2)], dim=2)         # (B, ED, K)
-        cache.conv.copy_(window[:, :, 1:])
-        x = (window * self.conv1d.weight.squeeze(1)).sum(-1)
-        if self.conv1d.bias is not None:
-            x = x + self.conv1d.bias
-        x = F.silu(x)
+        in-place cache updates, so it can be captured in a CUDA graph. On CUDA: in_proj, the
+        fused conv step, x_proj, dt_proj (bias in the SSM kernel), the fused SSM step, out_proj."""
+        from ..kernels import mamba_step as ms
+
+        cfg = self.config
+        x, z = self.in_proj(x).chunk(2, dim=-1)                         # (B, ED) views each
+        conv_w, conv_b = self.conv1d.weight[:, 0], self.conv1d.bias      # (ED, K), (ED,)
+        # The Triton step has no backward and inner_layernorms normalize B, C, dt in between:
+        # both keep the PyTorch ops.
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.in_proj.weight.requires_grad)
+        if self._fused_impl(x) == "triton" and not needs_grad and not cfg.inner_layernorms:
+            x = ms.conv_step(x, cache.conv, conv_w, conv_b)             # (B, ED), cache shifted
+            dt, B, C = torch.split(self.x_proj(x), [cfg.dt_rank, cfg.d_state, cfg.d_state], dim=-1)
+            dt = F.linear(dt, self.dt_proj.weight)                      # (B, ED), bias fused
+            y = ms.ssm_step(x, dt, self.A_log, B, C, self.D, cache.ssm, self.dt_proj.bias, z)
+            return self.out_proj(y)
+        x = ms.conv_step_torch(x, cache.conv, conv_w, conv_b)
         y, h = self.ssm_step(x, cache.ssm)
         cache.ssm.copy_(h)
         return self.out_proj(y * F.silu(z))
@@ -195,7 +212,15 @@ class MambaMixer(MambaBlock):
             return {"scan": "mambapy-pscan" if self.config.pscan else "mambapy-seq"}
         from ..kernels.selective_scan import auto_impl
 
-        return {"scan": auto_impl(device)}
+        from ..kernels.mamba_step import HAS_TRITON
+
+        impl = getattr(self, "fused_impl", None) or "auto"
+        fused = impl == "triton" or (impl == "auto" and device.type == "cuda" and HAS_TRITON)
+        layout = getattr(self, "fast_layout", None) or ("BDL" if device.type == "cuda" else "BLD")
+        bdl = layout == "BDL" and not self.config.inner_layernorms
+        return {"scan": auto_impl(device),
+                "conv": "triton-conv-silu" if fused and bdl else "torch-conv1d",
+                "step": "triton-fused" if fused and not self.config.inner_layernorms else "torch"}
 
 
 class ResidualLayer(nn.Module):

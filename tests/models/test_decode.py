@@ -127,3 +127,62 @@ def test_mla_block_triton_decode_step_equals_forward(prefill):
             pos.add_(1)                                 # in place, as a graph replay sees it
     assert rel_err(torch.cat(outs, 1), want) < 1e-5
 
+
+# -- the fused Triton decode step (and the Triton conv of the channel-major prefill), forced on
+# CPU tensors under TRITON_INTERPRET=1 (set at the top of this module without CUDA)
+
+NEEDS_INTERPRET = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                     reason="forcing the Triton kernels on CPU needs TRITON_INTERPRET=1")
+
+
+def _force_fused(model, layout):
+    mixers = [m for m in model.modules() if isinstance(m, MambaMixer)]
+    for m in mixers:
+        m.fused_impl, m.fast_layout = "triton", layout
+    return mixers
+
+
+def _count_kernel_calls(monkeypatch):
+    from mamba_decoder.kernels import causal_conv, mamba_step
+
+    calls = {"conv_step": 0, "ssm_step": 0, "causal_conv1d_silu": 0}
+    for mod, name in ((mamba_step, "conv_step"), (mamba_step, "ssm_step"),
+                      (causal_conv, "causal_conv1d_silu")):
+        real = getattr(mod, name)
+
+        def wrapped(*a, _real=real, _name=name, **k):
+            calls[_name] += 1
+            return _real(*a, **k)
+        monkeypatch.setattr(mod, name, wrapped)
+    return calls
+
+
+@NEEDS_INTERPRET
+@pytest.mark.parametrize("name,layout,batch", [   # both blocks, layouts and an odd / unit batch
+    ("Regular Mamba", "BDL", 3), ("Regular Mamba", "BLD", 1),
+    ("MambaDecoderBlock", "BDL", 1), ("MambaDecoderBlock", "BLD", 3)])
+def test_fused_triton_decode_equals_forward(name, layout, batch, monkeypatch):
+    model = randomize_(_build(name, "fast")).eval()
+    x = torch.randn(batch, 13, D)
+    with torch.no_grad():
+        want = model(x)                                   # PyTorch ops only on CPU
+        mixers = _force_fused(model, layout)
+        calls = _count_kernel_calls(monkeypatch)
+        got = _run(model, name, x, 7, 16)
+    assert rel_err(got, want) < 1e-5
+    n_steps = (13 - 7) * len(mixers)
+    assert calls["conv_step"] == calls["ssm_step"] == n_steps
+    # the cached BDL prefill runs the Triton conv (initial state in, new state written in place)
+    assert calls["causal_conv1d_silu"] == (len(mixers) if layout == "BDL" else 0)
+
+
+@NEEDS_INTERPRET
+def test_fused_triton_decode_in_bf16_follows_fp32():
+    name = "MambaDecoderBlock"
+    model = randomize_(_build(name, "fast")).eval()
+    x = torch.randn(3, 10, D)
+    with torch.no_grad():
+        want = _run(model, name, x, 4, 12)               # fp32, PyTorch ops
+        _force_fused(model, "BDL")
+        got = _run(model.to(torch.bfloat16), name, x.bfloat16(), 4, 12)
+    assert got.dtype == torch.bfloat16 and rel_err(got, want) < 3e-2

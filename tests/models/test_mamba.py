@@ -1,10 +1,19 @@
 """The Mamba mixer and Regular Mamba against mambapy, under shared weights."""
+import os
+
 import pytest
 import torch
-from helpers import randomize_, rel_err
-from mambapy.mamba import Mamba, MambaBlock, MambaConfig
 
-from mamba_decoder.models import MambaMixer, RegularMamba
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # the forced Triton conv tests; before any triton import
+
+from helpers import randomize_, rel_err  # noqa: E402
+from mambapy.mamba import Mamba, MambaBlock, MambaConfig  # noqa: E402
+
+from mamba_decoder.models import MambaMixer, RegularMamba  # noqa: E402
+
+NEEDS_INTERPRET = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                     reason="forcing the Triton kernels on CPU needs TRITON_INTERPRET=1")
 
 CASES = [(2, 16, 32), (1, 37, 48), (3, 8, 40)]  # (B, L, D): odd L, batch 1, D not a power of two
 
@@ -100,3 +109,56 @@ def test_mamba_lm_has_mambapy_lm_state_dict_names():
     names = set(lm.state_dict())
     assert {"embedding.weight", "mamba.layers.1.mixer.A_log", "norm_f.weight", "lm_head.weight"} <= names
     assert lm(torch.randint(0, 30, (2, 7))).shape == (2, 7, 30)
+
+
+# -- the channel-major fast path with the Triton causal conv + SiLU, forced on CPU tensors
+
+def _fused_bdl(mixer):
+    mixer.fast_layout, mixer.fused_impl = "BDL", "triton"
+    return mixer
+
+
+@NEEDS_INTERPRET
+@pytest.mark.parametrize("case", CASES[1:], ids=_ids)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)],
+                         ids=["fp32", "bf16"])
+def test_fast_mixer_with_triton_conv_equals_reference(case, dtype, tol, monkeypatch):
+    from mamba_decoder.kernels import causal_conv
+
+    B, L, D = case
+    ref = randomize_(MambaMixer(MambaConfig(d_model=D, n_layers=1), backend="reference"))
+    fast = _fused_bdl(MambaMixer(MambaConfig(d_model=D, n_layers=1), backend="fast"))
+    fast.load_state_dict(ref.state_dict(), strict=True)
+    calls = []
+    real = causal_conv.causal_conv1d_silu
+    monkeypatch.setattr(causal_conv, "causal_conv1d_silu", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(B, L, D)
+    want = ref(x)
+    with torch.no_grad():
+        got = fast.to(dtype)(x.to(dtype))
+    assert got.dtype == dtype and calls == [1]
+    assert rel_err(got, want) < tol
+
+
+@NEEDS_INTERPRET
+def test_fast_mixer_with_triton_conv_gradients_equal_reference():
+    ref = randomize_(MambaMixer(MambaConfig(d_model=24, n_layers=1), backend="reference"))
+    fast = _fused_bdl(MambaMixer(MambaConfig(d_model=24, n_layers=1), backend="fast"))
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 19, 24)
+    g = torch.randn(2, 19, 24)
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (ref(xr) * g).sum().backward()
+    (fast(xf) * g).sum().backward()
+    assert rel_err(xf.grad, xr.grad) < 1e-5
+    for (name, pr), (_, pf) in zip(ref.named_parameters(), fast.named_parameters()):
+        assert rel_err(pf.grad, pr.grad) < 1e-5, name
+
+
+def test_kernel_choice_names_conv_and_step():
+    fast = MambaMixer(MambaConfig(d_model=24, n_layers=1), backend="fast")
+    cpu = torch.device("cpu")
+    assert fast.kernel_choice(cpu, torch.float32) == {"scan": "cpu", "conv": "torch-conv1d", "step": "torch"}
+    _fused_bdl(fast)
+    assert fast.kernel_choice(cpu, torch.float32) == {
+        "scan": "cpu", "conv": "triton-conv-silu", "step": "triton-fused"}
