@@ -45,7 +45,8 @@ def test_sweep_records_every_config_in_spec_order():
         assert r.memory_mb is None and r.weights_mb > 0        # CPU: no per-config memory figure
         assert r.kernels and r.threads == torch.get_num_threads()
     mdb = next(r for r in out if r.model_name == "MambaDecoderBlock")
-    assert mdb.kernels == {"scan": "cpu", "moe": "grouped_mm"}
+    assert mdb.kernels == {"scan": "cpu", "conv": "torch-conv1d", "step": "torch",
+                           "moe": "grouped_mm (T > 64), dense-small (T <= 64)"}
 
 
 def test_model_built_once_per_model_backend_dtype(monkeypatch):
