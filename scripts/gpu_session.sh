@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Measurements on a lent GPU, one stage per call (each fits a 10-minute command).
-#   bash scripts/gpu_session.sh check|sweep|final   (writes under $OUT, or ./gpu_out)
+#   bash scripts/gpu_session.sh check|targets|workloads|sweep   (writes under $OUT, or ./gpu_out)
 # Needs the runtime wheels in .whl/ (mambapy, open-kimi, pydantic...) and gpu_floor.py in .devcarry/.
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -11,6 +11,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 else
   export PYTHONPATH=$PWD
 fi
+# the tree arrives without its history: records take the commit from .devcarry/COMMIT
+[ -f .devcarry/COMMIT ] && export MAMBA_BENCH_GIT_COMMIT=$(cat .devcarry/COMMIT)
 BENCH="python3 -m mamba_decoder.bench.cli run --no-progress --no-plots"
 runs=()
 log() { echo "== $* ($(date -u +%T))"; }
@@ -30,23 +32,33 @@ sweep)   # the spec's default grid, fp32 and bf16, both backends
       --overwrite 2>&1 | tail -60
   runs+=(default_sweep)
   ;;
-final)   # issue 3 and 4 figures: forward targets, decode, train, timer check
+targets)   # issue 3: the floor, the reference and the fast backend (eager and graphed), one call
+  log floor; timeout 150 python3 .devcarry/gpu_floor.py | tee "$OUT/floor.jsonl"
   for v in "" "--cuda-graphs"; do
     log targets $v
     timeout 150 $BENCH --dim 512 --seq-lens 128 2048 8192 --batch-sizes 1 8 $v --dtype bfloat16 \
-        --output-dir "/tmp/r/final_targets${v:+_graphs}" --overwrite 2>&1 | grep -E "SeqLen|error"
-    runs+=("final_targets${v:+_graphs}")
+        --output-dir "/tmp/r/targets${v:+_graphs}" --overwrite 2>&1 | grep -E "SeqLen|error"
+    runs+=("targets${v:+_graphs}")
   done
+  log targets reference
+  timeout 200 $BENCH --dim 512 --seq-lens 128 2048 8192 --batch-sizes 1 8 --backend reference --dtype bfloat16 \
+      --output-dir /tmp/r/targets_reference --overwrite 2>&1 | grep -E "SeqLen|error"
+  runs+=(targets_reference)
+  ;;
+workloads)   # issue 4: decode (eager, graphed, full cache), train, and the timer check
   for v in "" "--cuda-graphs"; do
     log decode $v
     timeout 120 $BENCH --mode decode $v --seq-lens 512 2048 8192 --batch-sizes 8 --dtype bfloat16 --runs 50 \
-        --warmup 10 --output-dir "/tmp/r/final_decode${v:+_graphs}" --overwrite 2>&1 | grep -E "SeqLen|error"
-    runs+=("final_decode${v:+_graphs}")
+        --warmup 10 --output-dir "/tmp/r/decode${v:+_graphs}" --overwrite 2>&1 | grep -E "SeqLen|error"
+    runs+=("decode${v:+_graphs}")
   done
+  timeout 100 $BENCH --mode decode --cache-kind full --models MLABlock --seq-lens 512 2048 8192 --batch-sizes 8 \
+      --dtype bfloat16 --runs 50 --warmup 10 --output-dir /tmp/r/decode_fullcache --overwrite 2>&1 | grep -E "SeqLen|error"
+  runs+=(decode_fullcache)
   log train
-  timeout 100 $BENCH --mode train --seq-lens 2048 --batch-sizes 8 --dtype bfloat16 \
-      --output-dir /tmp/r/final_train --overwrite 2>&1 | grep -E "SeqLen|error"
-  runs+=(final_train)
+  timeout 150 $BENCH --mode train --seq-lens 2048 --batch-sizes 8 --dtype bfloat16 --backend fast reference \
+      --output-dir /tmp/r/train --overwrite 2>&1 | grep -E "SeqLen|error"
+  runs+=(train)
   log timer vs do_bench; timeout 60 python3 scripts/timer_vs_do_bench.py | tee "$OUT/timer_vs_do_bench.txt"
   ;;
 esac

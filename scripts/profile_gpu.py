@@ -60,6 +60,11 @@ def host_report():
         scan = lambda: selective_scan(xs, xs, A, BC[:, :N], BC[:, N:], D, z=xs, dt_bias=D, layout="BDL")  # noqa: E731
         print(f"selective_scan alone (1, 1024, 128): host/wall {host_ms(scan)}; "
               f"one elementwise op: {host_ms(lambda: xs.add(1))}")
+        # does an op cost more host time right after a Triton launch than after an aten op?
+        y = torch.randn(1, 128, 512, device=dev, dtype=dt)
+        print(f"pow alone {host_ms(lambda: y.pow(2))}; scan then pow "
+              f"{host_ms(lambda: (scan(), y.pow(2)))}; add then pow {host_ms(lambda: (xs.add(1), y.pow(2)))}; "
+              f"F.rms_norm alone {host_ms(lambda: torch.nn.functional.rms_norm(y, (512,)))}")
         pr = cProfile.Profile()
         pr.enable()
         for _ in range(200):

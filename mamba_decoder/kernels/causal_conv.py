@@ -104,17 +104,19 @@ def _causal_conv_kernel(x_ptr, w_ptr, bias_ptr, s0_ptr, out_ptr, sf_ptr, ED, L,
             # new state column j = xx[L + j]: x[L - (K-1) + j], or old state column L + j when
             # L < K-1. The state may be updated in place: only this (first) time tile reads it,
             # and it writes the new one after all its threads have read the old (barrier).
+            # (names distinct from the loop's: Triton rejects a variable whose shape changes
+            # inside an `if`)
             offs_s = tl.arange(0, BLOCK_S)
             ms = md[:, None] & (offs_s < K - 1)[None, :]
-            src = L - (K - 1) + offs_s
-            v = tl.load(x_row + src[None, :] * sx_l, mask=ms & (src >= 0)[None, :], other=0.0)
+            src_s = L - (K - 1) + offs_s
+            v_s = tl.load(x_row + src_s[None, :] * sx_l, mask=ms & (src_s >= 0)[None, :], other=0.0)
             if HAS_S0:
-                col = L + offs_s
-                v += tl.load(s_row + col[None, :] * s0_k, mask=ms & (col < K - 1)[None, :],
-                             other=0.0)
+                col_s = L + offs_s
+                v_s += tl.load(s_row + col_s[None, :] * s0_k, mask=ms & (col_s < K - 1)[None, :],
+                               other=0.0)
             tl.debug_barrier()
             tl.store(sf_ptr + b * sf_b + offs_d[:, None] * sf_d + offs_s[None, :] * sf_k,
-                     v.to(sf_ptr.dtype.element_ty), mask=ms)
+                     v_s.to(sf_ptr.dtype.element_ty), mask=ms)
 
 
 def _launch(x, weight, bias, initial_state, final_state, cfg):

@@ -223,13 +223,28 @@ class MambaMixer(MambaBlock):
                 "step": "triton-fused" if fused and not self.config.inner_layernorms else "torch"}
 
 
+class RMSNorm(MambaRMSNorm):
+    """mambapy's RMSNorm (same parameter, same math); the fast backend runs it as one fused
+    `F.rms_norm` (fp32 inside) instead of mambapy's five elementwise ops."""
+
+    def __init__(self, d_model: int, eps: float = 1e-5, use_mup: bool = False,
+                 backend: str = DEFAULT_BACKEND):
+        super().__init__(d_model, eps, use_mup)
+        self.backend = check_backend(backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "reference":
+            return super().forward(x)
+        return F.rms_norm(x, (x.shape[-1],), None if self.use_mup else self.weight, self.eps)
+
+
 class ResidualLayer(nn.Module):
     """mambapy's ResidualBlock, mixer(norm(x)) + x, with the mixer's backend chosen."""
 
     def __init__(self, config: MambaConfig, backend: str = DEFAULT_BACKEND):
         super().__init__()
         self.mixer = MambaMixer(config, backend)
-        self.norm = MambaRMSNorm(config.d_model, config.rms_norm_eps, config.mup)
+        self.norm = RMSNorm(config.d_model, config.rms_norm_eps, config.mup, backend)
 
     def forward(self, x: torch.Tensor, cache: Optional[MambaCache] = None) -> torch.Tensor:
         return self.mixer(self.norm(x), cache) + x
@@ -268,7 +283,7 @@ class MambaLM(nn.Module):
         self.config = config
         self.embedding = nn.Embedding(vocab_size, config.d_model, padding_idx=0)
         self.mamba = RegularMamba(config, backend)
-        self.norm_f = MambaRMSNorm(config.d_model, config.rms_norm_eps, config.mup)
+        self.norm_f = RMSNorm(config.d_model, config.rms_norm_eps, config.mup, backend)
         self.lm_head = nn.Linear(config.d_model, vocab_size, bias=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
