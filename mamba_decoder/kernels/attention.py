@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def causal_mask(S: int, T: int, device, dtype=torch.float32) -> torch.Tensor:
@@ -61,8 +62,14 @@ def naive_sdpa(q, k, v, scale: float, mask=None):
     attn_mask, causal = _sdpa_mask(mask, S, T, q.device, q.dtype)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))             # (B, H, *, d)
     # Dv (128) != Dqk (192): SDPA picks a kernel that takes it (cuDNN on Hopper, else the
-    # memory-efficient one); padding v for flash would copy V for nothing there.
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=scale)
+    # memory-efficient one); padding v for flash would copy V for nothing there. One-token
+    # decode steps see a new key length every call, and cuDNN builds a plan per shape (an
+    # eager full-cache decode step took 40-57 ms on the H100): those skip cuDNN.
+    if S == 1 and q.is_cuda:
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=scale)
+    else:
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=scale)
     return o.transpose(1, 2)                                     # (B, S, H, Dv)
 
 

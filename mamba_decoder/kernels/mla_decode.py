@@ -80,7 +80,7 @@ def split_plan(batch: int, t_max: int, n_head_groups: int, device: torch.device,
     return split, triton.cdiv(t_max, split)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["LEN"])   # an int length changes every eager step: no recompiles
 def _split_kernel(Q, QPE, KV, PE, LEN, M_OUT, L_OUT, ACC_OUT, OUT,
                   scale_log2, T, H, C, R, split_len, n_splits,
                   s_qb, s_qh, s_qc, s_pb, s_ph, s_pr,
@@ -154,7 +154,7 @@ def _split_kernel(Q, QPE, KV, PE, LEN, M_OUT, L_OUT, ACC_OUT, OUT,
                  mask=h_ld[:, None] & c_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["LEN"])
 def _combine_kernel(LEN, M_IN, L_IN, ACC_IN, OUT, T, H, C, split_len, n_splits,
                     s_ob, s_oh, s_oc,
                     LEN_IS_PTR: tl.constexpr, LEN_OFFSET: tl.constexpr,
@@ -248,4 +248,70 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: to
     return out
 
 
-__all__ = ["mla_decode", "split_plan", "CONFIG"]
+@triton.jit(do_not_specialize=["POS"])
+def _prologue_kernel(Q, KVA, POS, FREQ, NW, CKV, CPE, H, eps,
+                     s_qb, s_qh, s_qd, s_ab, s_ad, s_ft, s_fi, s_cb, s_ct, s_cc, s_eb, s_et, s_er,
+                     NOPE: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
+                     POS_IS_PTR: tl.constexpr, HAS_W: tl.constexpr,
+                     BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    if POS_IS_PTR:
+        pos = tl.load(POS).to(tl.int64)
+    else:
+        pos = tl.full([], POS, tl.int64)
+    i = tl.arange(0, R // 2)
+    cos = tl.load(FREQ + pos * s_ft + i * s_fi)              # freqs as (T, R/2, 2) real
+    sin = tl.load(FREQ + pos * s_ft + i * s_fi + 1)
+    # the query's rope half, every head, rotated in place: (x0 + i x1)(cos + i sin)
+    h = tl.arange(0, BLOCK_H)
+    hm = (h < H)[:, None]
+    qp = Q + b * s_qb + h[:, None] * s_qh + (NOPE + 2 * i)[None, :] * s_qd
+    x0 = tl.load(qp, mask=hm, other=0.0).to(tl.float32)
+    x1 = tl.load(qp + s_qd, mask=hm, other=0.0).to(tl.float32)
+    tl.store(qp, (x0 * cos - x1 * sin).to(Q.dtype.element_ty), mask=hm)
+    tl.store(qp + s_qd, (x0 * sin + x1 * cos).to(Q.dtype.element_ty), mask=hm)
+    # the latent: RMSNorm (fp32 inside), written to the cache at pos
+    c = tl.arange(0, BLOCK_C)
+    cm = c < C
+    kv = tl.load(KVA + b * s_ab + c * s_ad, mask=cm, other=0.0).to(tl.float32)
+    kv = kv * tl.rsqrt(tl.sum(kv * kv, axis=0) / C + eps)
+    if HAS_W:
+        kv = kv * tl.load(NW + c, mask=cm, other=0.0).to(tl.float32)
+    tl.store(CKV + b * s_cb + pos * s_ct + c * s_cc, kv.to(CKV.dtype.element_ty), mask=cm)
+    # the shared rope key, rotated, written to the cache at pos
+    kp = KVA + b * s_ab + (C + 2 * i) * s_ad
+    k0 = tl.load(kp).to(tl.float32)
+    k1 = tl.load(kp + s_ad).to(tl.float32)
+    ep = CPE + b * s_eb + pos * s_et + 2 * i * s_er
+    tl.store(ep, (k0 * cos - k1 * sin).to(CPE.dtype.element_ty))
+    tl.store(ep + s_er, (k0 * sin + k1 * cos).to(CPE.dtype.element_ty))
+
+
+def mla_decode_prologue(q: torch.Tensor, kva: torch.Tensor, pos: Union[torch.Tensor, int],
+                        freqs: torch.Tensor, norm_weight: Optional[torch.Tensor], eps: float,
+                        cache_kv: torch.Tensor, cache_pe: torch.Tensor, nope: int) -> None:
+    """Everything of one MLA decode step between the projections and the attention, in one
+    launch (it was ~12 small kernels): rotate the rope half of the query in place, and write
+    the step's key into the latent cache at `pos`: RMSNorm of the latent, rotated rope key.
+
+    q (B, H, nope + R) (rotated in place); kva (B, C + R): wkv_a's output; pos: a 1-element
+    device tensor (graph capture) or an int; freqs (T, R/2) complex64 (open_kimi's table);
+    norm_weight (C,) or None; cache_kv (B, T, C), cache_pe (B, T, R). Twin: MLA's PyTorch path
+    (open_kimi's apply_rotary_emb, nn.RMSNorm, index_copy_)."""
+    B, H, D = q.shape
+    R = D - nope
+    C = kva.shape[1] - R
+    if R % 2 or R & (R - 1) or kva.shape[0] != B or cache_kv.shape[2] != C or cache_pe.shape[2] != R:
+        raise ValueError(f"mla_decode_prologue: shapes q {tuple(q.shape)}, kva {tuple(kva.shape)}, "
+                         f"caches {tuple(cache_kv.shape)} / {tuple(cache_pe.shape)} (rope dim a power of 2)")
+    fr = torch.view_as_real(freqs)                                 # (T, R/2, 2) fp32, a view
+    pos_is_ptr = isinstance(pos, torch.Tensor)
+    _prologue_kernel[(B,)](
+        q, kva, pos, fr, norm_weight if norm_weight is not None else kva, cache_kv, cache_pe,
+        H, float(eps), *q.stride(), *kva.stride(), fr.stride(0), fr.stride(1),
+        *cache_kv.stride(), *cache_pe.stride(),
+        NOPE=nope, R=R, C=C, POS_IS_PTR=pos_is_ptr, HAS_W=norm_weight is not None,
+        BLOCK_H=triton.next_power_of_2(H), BLOCK_C=triton.next_power_of_2(C), num_warps=4)
+
+
+__all__ = ["mla_decode", "mla_decode_prologue", "split_plan", "CONFIG"]

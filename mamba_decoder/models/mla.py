@@ -157,9 +157,9 @@ class MLA(nn.Module):
         device and stops at it, or through SDPA with positions after `pos` masked out. No host
         sync, so a step can be captured in a CUDA graph and replayed with `pos` updated in place."""
         T = cache.max_len
-        freqs = self.freqs(T, x.device).index_select(0, pos.view(1))          # (1, R/2)
         if self._triton_decode(x, cache):
-            return self._attend(x, freqs, None, cache, pos.view(1), length=(pos.view(1), 1))
+            return self._decode_step_triton(x, cache, pos.view(1))
+        freqs = self.freqs(T, x.device).index_select(0, pos.view(1))          # (1, R/2)
         k_pos = torch.arange(T, device=x.device)
         mask = torch.zeros(1, T, device=x.device).masked_fill(k_pos > pos, float("-inf"))
         return self._attend(x, freqs, mask, cache, pos.view(1))
@@ -173,12 +173,14 @@ class MLA(nn.Module):
             return x.is_cuda and _triton_importable()
         return self.decode_kernel == "triton"
 
-    def _attend(self, x, freqs, mask, cache: Optional[MLACache], where, length=None) -> torch.Tensor:
+    def _attend(self, x, freqs, mask, cache: Optional[MLACache], where) -> torch.Tensor:
         """Attention of x's tokens (rotated by `freqs`); with a cache, their keys are written at
         `where` (a slice, or an index tensor for decode_step) and the queries read the cache up
-        to the end of `where` (or all of it, for an index). `length`: (device tensor, offset) of
-        decode_step's valid length for the Triton kernel, else None."""
+        to the end of `where` (or all of it, for an index). One-token steps over a latent cache
+        go to the Triton kernels where they run (`_triton_decode`)."""
         bsz, seqlen = x.shape[:2]
+        if mask is None and self._triton_decode(x, cache):
+            return self._decode_step_triton(x, cache, where.start)
         q_nope, q_pe = torch.split(self._query(x), [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         q_pe = apply_rotary_emb(q_pe, freqs)
         kv, k_pe = torch.split(self.wkv_a(x), [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
@@ -194,10 +196,6 @@ class MLA(nn.Module):
             buf[:bsz].index_copy_(1, where, val)
             return buf[:bsz]
 
-        if mask is None and self._triton_decode(x, cache):
-            kv, k_pe = store(cache.a, kv), store(cache.b, k_pe)
-            return self._decode_triton(q_nope, q_pe, kv, k_pe, wkv_b,
-                                       length or (where.stop, 0))
         # The fast backend expands the latent to per-head K/V ("naive") for every multi-token
         # call, with or without a (latent) cache: the same function, and for prefill far fewer
         # FLOPs than attending over the 576-wide latent keys. attn_impl then picks only the
@@ -228,19 +226,26 @@ class MLA(nn.Module):
             o = attend(q, k, v, self.softmax_scale, mask)                     # (B, S, H, Dv)
         return self.wo(o.flatten(2))
 
-    def _decode_triton(self, q_nope, q_pe, kv, k_pe, wkv_b, length) -> torch.Tensor:
-        """One token per sequence over the latent cache kv (B, T, C) / k_pe (B, T, R) with the
-        Triton split-K kernel; positions [0, length) count (length: (int or device tensor, offset)).
-        Heads are the batch of both projections: (H, B, *) bmm's on strided views, no copies."""
-        from ..kernels.mla_decode import mla_decode
+    def _decode_step_triton(self, x: torch.Tensor, cache: MLACache, pos) -> torch.Tensor:
+        """One token per sequence, x (B, 1, D) at position `pos` (an int, or a 1-element device
+        tensor for graph capture), over the latent cache with the Triton kernels: a prologue
+        (query rope in place, the step's normalized latent and rotated rope key into the cache)
+        and the split-K attention over positions [0, pos]. Heads are the batch of both latent
+        projections: (H, B, *) bmm's on strided views, no copies. Inference only (no backward)."""
+        from ..kernels.mla_decode import mla_decode, mla_decode_prologue
 
-        bsz = q_nope.shape[0]
-        q_nope = q_nope.view(bsz, self.n_heads, self.qk_nope_head_dim).transpose(0, 1)  # (H, B, nope)
+        bsz = x.shape[0]
+        q = self._query(x).view(bsz, self.n_heads, self.qk_head_dim)                   # (B, H, Dqk)
+        kv_a, pe = cache.a[:bsz], cache.b[:bsz]
+        eps = self.kv_norm.eps if self.kv_norm.eps is not None else torch.finfo(x.dtype).eps
+        mla_decode_prologue(q, self.wkv_a(x).view(bsz, -1), pos, self.freqs(cache.max_len, x.device),
+                            self.kv_norm.weight, eps, kv_a, pe, self.qk_nope_head_dim)
+        wkv_b = self.wkv_b.weight.view(self.n_heads, -1, self.kv_lora_rank)            # (H, nope + v, C)
+        q_nope = q[..., : self.qk_nope_head_dim].transpose(0, 1)                        # (H, B, nope)
         q_lat = torch.bmm(q_nope, wkv_b[:, : self.qk_nope_head_dim])                    # (H, B, C)
         o_lat = torch.empty_like(q_lat)
-        mla_decode(q_lat.transpose(0, 1), q_pe.view(bsz, self.n_heads, -1), kv, k_pe,
-                   length[0], self.softmax_scale, length_offset=length[1],
-                   out=o_lat.transpose(0, 1))                                           # (B, H, C)
+        mla_decode(q_lat.transpose(0, 1), q[..., self.qk_nope_head_dim:], kv_a, pe,
+                   pos, self.softmax_scale, length_offset=1, out=o_lat.transpose(0, 1))  # (B, H, C)
         o = torch.bmm(o_lat, wkv_b[:, -self.v_head_dim:].transpose(1, 2))               # (H, B, Dv)
         return self.wo(o.transpose(0, 1).reshape(bsz, 1, -1))
 
@@ -251,5 +256,5 @@ class MLA(nn.Module):
             return {"attn": "prefill naive-sdpa, decode full-cache sdpa"}
         triton_ok = self.decode_kernel == "triton" or (
             self.decode_kernel == "auto" and torch.device(device).type == "cuda" and _triton_importable())
-        decode = "latent-cache triton split-k" if triton_ok else "latent-cache sdpa"
-        return {"attn": f"prefill naive-sdpa, decode {decode}"}
+        decode = "triton prologue + split-k" if triton_ok else "sdpa"
+        return {"attn": f"prefill naive-sdpa, decode latent cache {decode} (full cache sdpa)"}

@@ -127,7 +127,7 @@ def test_mla_block_graphed_triton_decode_step_equals_eager():
     B, P, steps, T = 8, 700, 6, 1024 + 64
     model = randomize_(MLABlock(dim=512, n_heads=16, n_experts=6, n_activated=2, max_seq_len=T,
                                 backend="fast")).to(DEV, torch.bfloat16).eval()
-    assert model.attn.kernel_choice(DEV, torch.bfloat16)["attn"].endswith("triton split-k")
+    assert "triton prologue + split-k" in model.attn.kernel_choice(DEV, torch.bfloat16)["attn"]
     x = torch.randn(B, P + steps, 512, device=DEV, dtype=torch.bfloat16)
     with torch.inference_mode():
         cache = model.init_cache(B, T)
@@ -155,6 +155,15 @@ def test_mla_block_graphed_triton_decode_step_equals_eager():
     assert torch.equal(gcache.a, cache.a) and torch.equal(gcache.b, cache.b)
     for t, (g, w) in enumerate(zip(got, want)):
         assert torch.isfinite(g).all() and rel_err(g, w) < 1e-2, t
+    # and the Triton steps (prologue + split-k) against the causal full forward of the attention
+    with torch.inference_mode():
+        h = model.norm1(x)
+        full = model.attn(h)[:, P:P + steps]
+        c2 = model.init_cache(B, T)
+        model.attn(h[:, :P], 0, None, c2)
+        steps_out = torch.cat([model.attn.decode_step(h[:, t:t + 1], torch.tensor(t, device=DEV), c2)
+                               for t in range(P, P + steps)], 1)
+    assert rel_err(steps_out, full) < 2e-2
 
 
 # -- The fused Mamba decode step, the Triton causal conv + SiLU and the dense-small MoE, at the

@@ -123,3 +123,34 @@ def test_bad_arguments(bad, match):
     args.update({k: (v.to(DEV) if isinstance(v, torch.Tensor) else v) for k, v in bad.items()})
     with pytest.raises(ValueError, match=match):
         md.mla_decode(**args)
+
+
+@pytest.mark.parametrize("pos_kind", ["tensor", "int"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("H,C,nope", [(4, 32, 16), (3, 40, 12)], ids=["H4-C32", "H3-C40"])
+def test_prologue_equals_rope_norm_and_cache_write(H, C, nope, dtype, tol, pos_kind):
+    """The prologue against its twin: open_kimi's apply_rotary_emb on the query's rope half and
+    on the rope key, nn.RMSNorm on the latent, both written at pos; nothing else touched."""
+    from open_kimi.mla import apply_rotary_emb, precompute_freqs_cis
+
+    B, R, T, pos = 3, 8, 20, 13
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(B, H, nope + R, generator=g).to(DEV, dtype)
+    kva = torch.randn(B, C + R, generator=g).to(DEV, dtype)
+    norm = torch.nn.RMSNorm(C).to(DEV)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(C, generator=g))
+    freqs = precompute_freqs_cis(R, T).to(DEV)
+    ckv = torch.randn(B + 1, T, C, generator=g).to(DEV, dtype)   # rows past the batch stay
+    cpe = torch.randn(B + 1, T, R, generator=g).to(DEV, dtype)
+    want_q = q.clone()
+    want_q[..., nope:] = apply_rotary_emb(q[:, None, :, nope:], freqs[pos:pos + 1])[:, 0]
+    want_kv, want_pe = ckv.clone(), cpe.clone()
+    want_kv[:B, pos] = norm.to(dtype)(kva[:, :C])
+    want_pe[:B, pos] = apply_rotary_emb(kva[:, None, None, C:], freqs[pos:pos + 1])[:, 0, 0]
+    p = torch.tensor([pos], device=DEV) if pos_kind == "tensor" else pos
+    eps = torch.finfo(dtype).eps                                  # nn.RMSNorm's eps=None
+    md.mla_decode_prologue(q, kva, p, freqs, norm.weight.to(dtype), eps, ckv[:B], cpe[:B], nope)
+    assert rel_err(q, want_q) <= tol
+    assert rel_err(ckv, want_kv) <= tol and rel_err(cpe, want_pe) <= tol
+    assert torch.equal(ckv[B], want_kv[B]) and torch.equal(ckv[:, :pos], want_kv[:, :pos])

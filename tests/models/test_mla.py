@@ -139,7 +139,7 @@ def _count_kernel_calls(monkeypatch):
     real = md.mla_decode
 
     def counted(*args, **kw):
-        calls.append(args[4])                 # the length it was given
+        calls.append(args[4])                 # the position it was given
         return real(*args, **kw)
 
     monkeypatch.setattr(md, "mla_decode", counted)
@@ -163,7 +163,7 @@ def test_triton_decode_equals_full_forward(monkeypatch, B, q_lora_rank):
             outs.append(m(x[:, t:t + 1], t, None, cache))
         for t in range(35, 40):                            # decode_step: device-tensor length
             outs.append(m.decode_step(x[:, t:t + 1], torch.tensor(t), cache))
-    assert len(calls) == 10 and calls[:5] == [31, 32, 33, 34, 35]
+    assert len(calls) == 10 and calls[:5] == [30, 31, 32, 33, 34]   # positions (length_offset=1)
     assert all(isinstance(c, torch.Tensor) for c in calls[5:])
     assert rel_err(torch.cat(outs, 1), want) < 1e-5
 
@@ -189,11 +189,11 @@ def test_triton_decode_in_bf16_follows_fp32(monkeypatch):
 def test_decode_kernel_choice_follows_the_device():
     m = _mla("fast")
     cpu = m.kernel_choice(torch.device("cpu"), torch.bfloat16)["attn"]
-    assert cpu == "prefill naive-sdpa, decode latent-cache sdpa"
+    assert cpu == "prefill naive-sdpa, decode latent cache sdpa (full cache sdpa)"
     m.decode_kernel = "triton"
-    assert m.kernel_choice(torch.device("cpu"), torch.bfloat16)["attn"].endswith("triton split-k")
+    assert "latent cache triton prologue + split-k" in m.kernel_choice(torch.device("cpu"), torch.bfloat16)["attn"]
     m.decode_kernel = "sdpa"
-    assert m.kernel_choice(torch.device("cuda"), torch.bfloat16)["attn"].endswith("latent-cache sdpa")
+    assert "latent cache sdpa" in m.kernel_choice(torch.device("cuda"), torch.bfloat16)["attn"]
     m.decode_kernel = "flash"
     with pytest.raises(ValueError, match="decode_kernel='flash'"):
         m(torch.randn(1, 1, 48), 0, None, m.init_cache(1, 4))
