@@ -47,7 +47,7 @@ class MambaDecoderBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: Optional[MambaCache] = None) -> torch.Tensor:
         """x (B, L, D) -> (B, L, D); with `cache`, x continues the cached sequence (updated in place)."""
-        h = x + self.mixer(self.norm1(x), cache)
+        h = self.mixer(self.norm1(x), cache, residual=x)
         return h + self.moe(self.norm2(h))
 
 

@@ -51,9 +51,17 @@ class MambaMixer(MambaBlock):
         return MambaCache(torch.zeros(batch_size, ED, K - 1, device=device, dtype=dtype),
                           torch.zeros(batch_size, ED, N, device=device, dtype=torch.float32))
 
-    def forward(self, x: torch.Tensor, cache: Optional[MambaCache] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Optional[MambaCache] = None,
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x (B, L, D) -> (B, L, D). With `cache`, x continues the sequence the cache has seen,
-        and the cache is updated in place to include x."""
+        and the cache is updated in place to include x. `residual` (B, L, D), if given, is added
+        to the output (the fast channel-major path adds it inside the output projection's GEMM)."""
+        if self.backend == "fast" and cache is None and self._layout(x) == "BDL":
+            return self._forward_fast(x, residual=residual)
+        out = self._forward(x, cache)
+        return out if residual is None else out + residual
+
+    def _forward(self, x: torch.Tensor, cache: Optional[MambaCache]) -> torch.Tensor:
         if cache is None:
             return super().forward(x) if self.backend == "reference" else self._forward_fast(x)
         if self.backend == "reference":
@@ -119,19 +127,22 @@ class MambaMixer(MambaBlock):
         dt = F.linear(dt, self.dt_proj.weight)                          # (B, L, ED); bias fused in the scan
         return dt, A, B, C
 
-    def _forward_fast(self, x: torch.Tensor, cache: Optional[MambaCache] = None) -> torch.Tensor:
+    def _layout(self, x: torch.Tensor) -> str:
+        # Channel-major ("BDL": activations (B, ED, L), L contiguous) on CUDA, where the Triton
+        # scan reads coalesced time rows and the GEMMs write that layout directly; (B, L, ED) on
+        # CPU, where it measured faster (NOTES.md). `fast_layout` (an instance attribute, "BLD" /
+        # "BDL") overrides. inner_layernorms normalize over dt_rank / d_state, which is the BLD
+        # path's last axis: that config always runs BLD.
+        if self.config.inner_layernorms:
+            return "BLD"
+        return getattr(self, "fast_layout", None) or ("BDL" if x.is_cuda else "BLD")
+
+    def _forward_fast(self, x: torch.Tensor, cache: Optional[MambaCache] = None,
+                      residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         from ..kernels.selective_scan import selective_scan
 
-        # Layout: channel-major ("BDL": activations (B, ED, L), L contiguous) on CUDA, where the
-        # Triton scan reads coalesced time rows and the GEMMs write that layout directly; the
-        # (B, L, ED) path on CPU, where it measured faster (NOTES.md). `fast_layout` (an
-        # instance attribute, "BLD" / "BDL") overrides. inner_layernorms normalize over
-        # dt_rank / d_state, which is the BLD path's last axis: that config always runs BLD.
-        layout = getattr(self, "fast_layout", None) or ("BDL" if x.is_cuda else "BLD")
-        if self.config.inner_layernorms:
-            layout = "BLD"
-        if layout == "BDL":
-            return self._forward_fast_bdl(x, cache, selective_scan)
+        if self._layout(x) == "BDL":
+            return self._forward_fast_bdl(x, cache, selective_scan, residual)
 
         xz = self.in_proj(x)                                            # (B, L, 2 ED)
         x, z = xz.chunk(2, dim=-1)                                      # (B, L, ED) each
@@ -153,7 +164,7 @@ class MambaMixer(MambaBlock):
             cache.ssm.copy_(h)
         return self.out_proj(y)
 
-    def _forward_fast_bdl(self, x, cache, selective_scan):
+    def _forward_fast_bdl(self, x, cache, selective_scan, residual=None):
         """Channel-major fast path: x (B, L, D) -> (B, L, D) (a transposed view of (B, D, L))."""
         Bsz = x.shape[0]
         ED = self.config.d_inner
@@ -179,10 +190,16 @@ class MambaMixer(MambaBlock):
         if cache is not None:
             y, h = y
             cache.ssm.copy_(h)
-        out = torch.bmm(self.out_proj.weight.expand(Bsz, -1, -1), y)   # (B, D, L)
+        # y^T W^T straight into (B, L, D) (cuBLAS reads both transposed operands in place), the
+        # residual accumulated by the same GEMM: no strided (B, D, L) -> (B, L, D) add after it.
+        wT = self.out_proj.weight.t().expand(Bsz, -1, -1)               # (B, ED, D)
+        if residual is not None:
+            out = torch.baddbmm(residual, y.transpose(1, 2), wT)
+        else:
+            out = torch.bmm(y.transpose(1, 2), wT)                      # (B, L, D)
         if self.out_proj.bias is not None:
-            out = out + self.out_proj.bias[:, None]
-        return out.transpose(1, 2)
+            out = out + self.out_proj.bias
+        return out
 
     def _step_fast(self, x: torch.Tensor, cache: MambaCache) -> torch.Tensor:
         """One token, x (B, D) -> (B, D): a fixed sequence of device ops with no host sync and
@@ -247,7 +264,7 @@ class ResidualLayer(nn.Module):
         self.norm = RMSNorm(config.d_model, config.rms_norm_eps, config.mup, backend)
 
     def forward(self, x: torch.Tensor, cache: Optional[MambaCache] = None) -> torch.Tensor:
-        return self.mixer(self.norm(x), cache) + x
+        return self.mixer(self.norm(x), cache, residual=x)
 
 
 class RegularMamba(nn.Module):

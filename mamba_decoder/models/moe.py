@@ -68,7 +68,8 @@ class MoE(KimiMoE):
         flat = [p for group in params for p in group]
         if torch.is_grad_enabled() and any(p.requires_grad for p in flat):
             return build(params)
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in flat)
+        # (inference tensors have no version counter; they can't change outside inference mode)
+        key = tuple((p.data_ptr(), 0 if p.is_inference() else p._version, p.dtype, p.device) for p in flat)
         hit = self._stack_cache.get(name)
         if hit is None or hit[0] != key:
             with torch.no_grad():
@@ -78,7 +79,18 @@ class MoE(KimiMoE):
     def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(w1, w2, w3) of the routed experts stacked to (E, I, D), (E, D, I), (E, I, D)."""
         params = [(e.w1.weight, e.w2.weight, e.w3.weight) for e in self.experts]
-        return self._stacked("grouped", params, lambda ps: tuple(torch.stack(ws) for ws in zip(*ps)))
+        return self._stacked("stacked", params, lambda ps: tuple(torch.stack(ws) for ws in zip(*ps)))
+
+    def grouped_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(w1, w2, w3, w13) of kernels.moe.routed_grouped: the routed experts, then the shared
+        one where it folds in (it runs as expert E on every token, weight 1)."""
+        experts = list(self.experts) + ([self.shared_expert] if self.folds_shared_expert() else [])
+        params = [(e.w1.weight, e.w2.weight, e.w3.weight) for e in experts]
+
+        def build(ps):
+            w1, w2, w3 = (torch.stack(ws) for ws in zip(*ps))
+            return w1, w2, w3, torch.cat([w1, w3], dim=1)
+        return self._stacked("grouped", params, build)
 
     def folds_shared_expert(self) -> bool:
         """Whether dense-small runs the shared expert as one more expert (gate 1): it needs the
@@ -102,8 +114,20 @@ class MoE(KimiMoE):
             gate = moe_kernels.dense_gate(w, idx, self.n_experts, int(fold))   # (T, E [+ 1])
             out = moe_kernels.routed_dense_small(x_flat, gate, *self.dense_small_weights())
             return (out if fold else out + self.shared_expert(x_flat)).view(shape)
-        w1, w2, w3 = self.stacked_weights()
-        out = moe_kernels.routed_experts(x_flat, w, idx, w1, w2, w3)
+        impl = moe_kernels.auto_impl(x_flat.device, x_flat.dtype)
+        if impl == "grouped_mm":
+            w1, w2, w3, w13 = self.grouped_weights()
+            if self.folds_shared_expert():
+                # the shared expert as one more group holding every token with weight 1: its
+                # GEMMs join the grouped ones and its output the sum over slots
+                T = x_flat.shape[0]
+                idx = torch.cat([idx, idx.new_full((T, 1), self.n_experts)], dim=1)
+                w = torch.cat([w, w.new_ones(T, 1)], dim=1)
+                return moe_kernels.routed_grouped(x_flat, w, idx, w1, w2, w3, w13).view(shape)
+            out = moe_kernels.routed_grouped(x_flat, w, idx, w1, w2, w3, w13)
+        else:
+            w1, w2, w3 = self.stacked_weights()
+            out = moe_kernels.routed_experts(x_flat, w, idx, w1, w2, w3, impl=impl)
         return (out + self.shared_expert(x_flat)).view(shape)
 
     def _dense_small_max_tokens(self) -> int:

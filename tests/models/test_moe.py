@@ -258,3 +258,48 @@ def test_config_is_validated(kwargs, match):
 def test_config_defaults():
     c = MoEConfig()
     assert (c.dim, c.n_experts, c.n_activated) == (512, 6, 2)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)], ids=["fp32", "bf16"])
+def test_triton_swiglu_rows_equals_twin(monkeypatch, dtype, tol, scaled):
+    """The fused SwiGLU (+ row scale) against its PyTorch twin; I not a power of two."""
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    pytest.importorskip("triton")
+    from mamba_decoder.kernels import moe as mk
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    h13 = torch.randn(37, 2 * 45, device=dev).to(dtype)
+    scale = torch.rand(37, device=dev).to(dtype) if scaled else None
+    monkeypatch.setattr(mk, "SWIGLU_IMPL", "torch")
+    want = mk.swiglu_rows(h13.float(), None if scale is None else scale.float())
+    monkeypatch.setattr(mk, "SWIGLU_IMPL", "triton")
+    got = mk.swiglu_rows(h13, scale)
+    assert got.dtype == dtype and got.shape == (37, 45)
+    assert rel_err(got, want) <= tol
+
+
+@pytest.mark.triton
+def test_grouped_path_with_folded_shared_expert_equals_reference(monkeypatch):
+    """The fast MoE's grouped path (shared expert folded in as an always-on group, Triton SwiGLU
+    with the routing weight) against open_kimi's loop, with the grouped path forced."""
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    pytest.importorskip("triton")
+    from mamba_decoder.kernels import moe as mk
+    if not mk.grouped_mm_works("cpu", None, torch.float32) and not torch.cuda.is_available():
+        pytest.skip("torch._grouped_mm does not run here")
+    monkeypatch.setattr(mk, "SWIGLU_IMPL", "triton")
+    monkeypatch.setattr(mk, "auto_impl", lambda device, dtype: "grouped_mm")
+    torch.manual_seed(0)
+    ref = randomize_(MoE(24, n_experts=4, n_activated=2, expert_inter_dim=20,
+                         shared_expert_inter_dim=20, backend="reference")).eval()
+    fast = MoE(24, n_experts=4, n_activated=2, expert_inter_dim=20, shared_expert_inter_dim=20,
+               backend="fast").eval()
+    fast.load_state_dict(ref.state_dict())
+    fast.dense_small_max_tokens = 0          # the grouped path even for few tokens
+    assert fast.folds_shared_expert()
+    x = torch.randn(3, 29, 24)
+    with torch.no_grad():
+        assert rel_err(fast(x), ref(x)) < 1e-5
