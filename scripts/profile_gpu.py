@@ -53,6 +53,9 @@ def host_report():
                 parts["moe"] = lambda: m.moe(x)
             for k, f in parts.items():
                 print(f"  {k}: host/wall {host_ms(f)}")
+        xb = torch.randn(8, 2048, 512, device=dev, dtype=dt)
+        for name, m in models.items():
+            print(f"{name} batch 8 seq 2048: host/wall ms per forward {host_ms(lambda: m(xb), n=30)}")
         ED, N, L = 1024, 16, 128
         xs = torch.randn(1, ED, L, device=dev, dtype=dt)
         A, D = -torch.rand(ED, N, device=dev), torch.randn(ED, device=dev)

@@ -107,9 +107,26 @@ class MambaMixer(MambaBlock):
         L = x.shape[1]
         return self.conv1d(x.transpose(1, 2))[:, :, :L].transpose(1, 2)  # causal depthwise, (B, L, ED)
 
+    def _scan_params(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(A = -exp(A_log), D, dt bias), fp32, as the scan takes them. With autograd on, computed
+        every call (gradients reach the parameters); in inference cached until a parameter is
+        replaced or modified in place (five small ops fewer per forward: eager forwards at small
+        shapes are launch-bound)."""
+        params = (self.A_log, self.D, self.dt_proj.bias)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return -torch.exp(self.A_log.float()), self.D.float(), self.dt_proj.bias.float()
+        key = tuple((p.data_ptr(), 0 if p.is_inference() else p._version, p.dtype, p.device)
+                    for p in params)
+        hit = getattr(self, "_scan_params_cache", None)
+        if hit is None or hit[0] != key:
+            with torch.no_grad():
+                hit = (key, (-torch.exp(self.A_log.float()), self.D.float(), self.dt_proj.bias.float()))
+            self._scan_params_cache = hit
+        return hit[1]
+
     def _ssm_inputs(self, x: torch.Tensor, channel_major: bool = False):
         cfg = self.config
-        A = -torch.exp(self.A_log.float())                              # (ED, N)
+        A = self._scan_params()[0]                                      # (ED, N) = -exp(A_log)
         if channel_major:
             # x (B, ED, L): dBC^T = W_x x -> (B, R + 2N, L); B^T, C^T are (B, N, L) slices
             Bsz = x.shape[0]
@@ -156,7 +173,8 @@ class MambaMixer(MambaBlock):
             x = x.transpose(1, 2)                                       # (B, L, ED)
         x = F.silu(x)
         dt, A, B, C = self._ssm_inputs(x)
-        y = selective_scan(x, dt, A, B, C, self.D.float(), z=z, dt_bias=self.dt_proj.bias.float(),
+        _, D, dt_bias = self._scan_params()
+        y = selective_scan(x, dt, A, B, C, D, z=z, dt_bias=dt_bias,
                            dt_softplus=True, initial_state=None if cache is None else cache.ssm,
                            return_final_state=cache is not None)        # (B, L, ED), gated by silu(z)
         if cache is not None:
@@ -170,12 +188,10 @@ class MambaMixer(MambaBlock):
         ED = self.config.d_inner
         xT = x.transpose(1, 2)                                          # (B, D, L) view
         W = self.in_proj.weight                                         # (2 ED, D)
-        # two GEMMs writing (B, ED, L) each, contiguous (the conv wants a dense input)
-        xi = torch.bmm(W[:ED].expand(Bsz, -1, -1), xT)                  # (B, ED, L)
-        z = torch.bmm(W[ED:].expand(Bsz, -1, -1), xT)                   # (B, ED, L)
+        xz = torch.bmm(W.expand(Bsz, -1, -1), xT)                       # (B, 2 ED, L)
         if self.in_proj.bias is not None:
-            xi = xi + self.in_proj.bias[:ED, None]
-            z = z + self.in_proj.bias[ED:, None]
+            xz = xz + self.in_proj.bias[:, None]
+        xi, z = xz[:, :ED], xz[:, ED:]                                  # (B, ED, L) views, read by stride
         # causal conv + SiLU, (B, ED, L); with a cache, prepend its window and write the new one
         state = None if cache is None else cache.conv
         if self._fused_impl(xi) == "triton":
@@ -184,7 +200,8 @@ class MambaMixer(MambaBlock):
             from ..kernels.causal_conv import causal_conv1d_silu_torch as conv_silu
         xi = conv_silu(xi, self.conv1d.weight, self.conv1d.bias, state, state)
         dt, A, B, C = self._ssm_inputs(xi, channel_major=True)
-        y = selective_scan(xi, dt, A, B, C, self.D.float(), z=z, dt_bias=self.dt_proj.bias.float(),
+        _, D, dt_bias = self._scan_params()
+        y = selective_scan(xi, dt, A, B, C, D, z=z, dt_bias=dt_bias,
                            dt_softplus=True, initial_state=None if cache is None else cache.ssm,
                            return_final_state=cache is not None, layout="BDL")  # (B, ED, L)
         if cache is not None:

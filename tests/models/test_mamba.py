@@ -162,3 +162,19 @@ def test_kernel_choice_names_conv_and_step():
     _fused_bdl(fast)
     assert fast.kernel_choice(cpu, torch.float32) == {
         "scan": "cpu", "conv": "triton-conv-silu", "step": "triton-fused"}
+
+
+def test_fast_mixer_sees_in_place_parameter_updates_in_inference():
+    """The fp32 (A, D, dt bias) the fast mixer caches in inference follow in-place updates."""
+    torch.manual_seed(0)
+    cfg = MambaConfig(d_model=16, n_layers=1)
+    ref, fast = MambaMixer(cfg, backend="reference"), MambaMixer(cfg, backend="fast")
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 9, 16)
+    with torch.no_grad():
+        fast(x)                                          # fills the cache
+        for m in (ref, fast):
+            m.A_log.add_(0.3)
+            m.D.mul_(-2.0)
+            m.dt_proj.bias.add_(0.5)
+        assert rel_err(fast(x), ref(x)) < 1e-5

@@ -599,8 +599,13 @@ def selective_scan_triton_bdl(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_s
     """Channel-major Triton selective scan: x, dt, z (B, ED, L); B, C (B, N, L); out (B, ED, L).
     cfg may override variant / BLOCK_D / CHUNK / num_warps of the forward (no-grad calls)."""
     _check_device(x)
-    out, hfin = _SelectiveScanBDL.apply(x, dt, A, B, C, D, z, dt_bias, initial_state,
-                                        bool(dt_softplus), cfg)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x, dt, A, B, C, D, z, dt_bias, initial_state)):
+        out, hfin = _SelectiveScanBDL.apply(x, dt, A, B, C, D, z, dt_bias, initial_state,
+                                            bool(dt_softplus), cfg)
+    else:   # inference: no autograd node, no saved states (host time counts at small shapes)
+        out, hfin = _fwd(x, dt, A, B, C, D, z, dt_bias, initial_state, bool(dt_softplus), False,
+                         **cfg)[:2]
     if return_final_state:
         return out, hfin
     return out
