@@ -83,13 +83,12 @@ def routed_grouped(x, weights, indices, w1, w2, w3, w13=None):
     """Sort the T*K (token, expert) pairs by expert, run the experts as grouped GEMMs over
     contiguous row ranges, gather back and sum the K slots. No host sync anywhere.
 
-    w1 and w3 run as one grouped GEMM on `w13` = cat([w1, w3], 1) (E, 2I, D) (built here if not
-    given), and each pair's routing weight scales its hidden row before w2 (linear in w2), in
-    the same pass as the SwiGLU (`swiglu_rows`)."""
+    Given `w13` = cat([w1, w3], 1) (E, 2I, D) (inference: the model caches it), w1 and w3 run
+    as one grouped GEMM; without it (training: no per-step weight copy) as two. Each pair's
+    routing weight scales its hidden row before w2 (linear in w2), in the same pass as the
+    SwiGLU (`swiglu_rows`)."""
     T, K = indices.shape
     E = w1.shape[0]
-    if w13 is None:
-        w13 = torch.cat([w1, w3], dim=1)
     flat = indices.reshape(-1)                                                     # (T*K,)
     order = torch.argsort(flat, stable=True)                                       # pairs by expert
     tok = order // K                                                               # token of each pair
@@ -97,8 +96,14 @@ def routed_grouped(x, weights, indices, w1, w2, w3, w13=None):
         0, flat, torch.ones_like(flat, dtype=torch.int32))
     offs = torch.cumsum(counts, 0, dtype=torch.int32)                              # (E,) row ends
     xs = x.index_select(0, tok)                                                    # (T*K, D)
-    h13 = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs)                    # (T*K, 2I)
-    h = swiglu_rows(h13, weights.reshape(-1).index_select(0, order).to(h13.dtype))  # (T*K, I)
+    pair_w = weights.reshape(-1).index_select(0, order)                           # (T*K,)
+    if w13 is not None:
+        h13 = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs)                # (T*K, 2I)
+        h = swiglu_rows(h13, pair_w.to(h13.dtype))                                 # (T*K, I)
+    else:
+        h = _swiglu(torch._grouped_mm(xs, w1.transpose(1, 2), offs=offs),
+                    torch._grouped_mm(xs, w3.transpose(1, 2), offs=offs))
+        h = h * pair_w.unsqueeze(-1).to(h.dtype)
     y = torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)                        # (T*K, D), weighted
     # Back to (token, slot) order by a gather, then the sum over the K slots: no scatter-add
     # (bf16 atomics cost 0.14 ms per call at T=16K on an H100) and deterministic.

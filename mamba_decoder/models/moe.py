@@ -115,7 +115,12 @@ class MoE(KimiMoE):
             out = moe_kernels.routed_dense_small(x_flat, gate, *self.dense_small_weights())
             return (out if fold else out + self.shared_expert(x_flat)).view(shape)
         impl = moe_kernels.auto_impl(x_flat.device, x_flat.dtype)
-        if impl == "grouped_mm":
+        training = torch.is_grad_enabled() and (x.requires_grad or self.experts[0].w1.weight.requires_grad)
+        if impl == "grouped_mm" and training:
+            # training: no per-step concatenated weight copies; the shared expert on its own
+            w1, w2, w3 = self.stacked_weights()
+            out = moe_kernels.routed_grouped(x_flat, w, idx, w1, w2, w3)
+        elif impl == "grouped_mm":
             w1, w2, w3, w13 = self.grouped_weights()
             if self.folds_shared_expert():
                 # the shared expert as one more group holding every token with weight 1: its
