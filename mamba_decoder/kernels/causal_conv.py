@@ -15,22 +15,10 @@ training and prefill both run, is the part this kernel speeds up.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-    HAS_TRITON = True
-except ImportError:  # triton is optional: the PyTorch twins still import and run
-    triton = tl = None
-    HAS_TRITON = False
-
-
-def _jit(fn):
-    return triton.jit(fn) if HAS_TRITON else fn
+from ._triton import HAS_TRITON, interpreting as _interpreting, jit as _jit, tl, triton
 
 
 # (8, 1024, 2048) bf16 is 32 MB in, 32 MB out: memory bound. (8 channels, 256 steps) tiles,
@@ -38,10 +26,6 @@ def _jit(fn):
 # can vectorize along time; the K-1 shifted taps (not provably aligned) re-read the same lines
 # from L1, and the K-1 halo adds ~1% of DRAM reads. Untuned (no GPU yet): cfg overrides.
 CONV_CONFIG = dict(BLOCK_D=8, BLOCK_L=256, num_warps=4)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def causal_conv1d_silu_torch(x, weight, bias=None, initial_state=None, final_state=None):

@@ -18,22 +18,10 @@ output), never sync with the host, and so can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-    HAS_TRITON = True
-except ImportError:  # triton is optional: the PyTorch twins still import and run
-    triton = tl = None
-    HAS_TRITON = False
-
-
-def _jit(fn):
-    return triton.jit(fn) if HAS_TRITON else fn
+from ._triton import HAS_TRITON, interpreting as _interpreting, jit as _jit, tl, triton
 
 
 # Launch-latency bound at the target (B=8, ED=1024, N=16: 64 KB of conv data, 512 KB of state):
@@ -43,10 +31,6 @@ def _jit(fn):
 # yet): **cfg overrides both.
 CONV_STEP_CONFIG = dict(BLOCK_D=128, num_warps=4)
 SSM_STEP_CONFIG = dict(BLOCK_D=64, num_warps=4)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _check_device(*ts):

@@ -21,12 +21,13 @@ cache dtype, as flash attention does.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional, Union
 
 import torch
 import triton
 import triton.language as tl
+
+from ._triton import interpreting as _interpreting
 
 LOG2E = 1.4426950408889634
 
@@ -42,10 +43,6 @@ CONFIG = dict(BLOCK_T=32, num_warps=4, num_stages=2, MIN_SPLIT=128, MAX_SPLITS=1
 # at 255 registers); 16 rows fit in 142 registers.
 CONFIG_FP32 = dict(BLOCK_T=16)
 NOMINAL_SMS = 132   # for the interpreter (no device to ask): an H100's count
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 _DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -80,6 +77,17 @@ def split_plan(batch: int, t_max: int, n_head_groups: int, device: torch.device,
     return split, triton.cdiv(t_max, split)
 
 
+@triton.jit
+def _valid_length(LEN, T, LEN_IS_PTR: tl.constexpr, LEN_OFFSET: tl.constexpr):
+    """The number of positions that count: a device scalar (graphs) or an int, plus the offset,
+    at most T; always a tensor."""
+    if LEN_IS_PTR:
+        n = tl.load(LEN).to(tl.int32) + LEN_OFFSET
+    else:
+        n = tl.full([], LEN + LEN_OFFSET, tl.int32)
+    return tl.minimum(n, T)
+
+
 @triton.jit(do_not_specialize=["LEN"])   # an int length changes every eager step: no recompiles
 def _split_kernel(Q, QPE, KV, PE, LEN, M_OUT, L_OUT, ACC_OUT, OUT,
                   scale_log2, T, H, C, R, split_len, n_splits,
@@ -92,11 +100,7 @@ def _split_kernel(Q, QPE, KV, PE, LEN, M_OUT, L_OUT, ACC_OUT, OUT,
     b = tl.program_id(0)
     sp = tl.program_id(1)
     hg = tl.program_id(2)
-    if LEN_IS_PTR:
-        n = tl.load(LEN).to(tl.int32) + LEN_OFFSET
-    else:
-        n = tl.full([], LEN + LEN_OFFSET, tl.int32)   # a tensor even if LEN is specialized to 1
-    n = tl.minimum(n, T)
+    n = _valid_length(LEN, T, LEN_IS_PTR, LEN_OFFSET)
     start = sp * split_len
     stop = tl.minimum(start + split_len, n)
     # A split past the valid length is a neutral partial: no rows are loaded or stored but
@@ -162,11 +166,7 @@ def _combine_kernel(LEN, M_IN, L_IN, ACC_IN, OUT, T, H, C, split_len, n_splits,
     b = tl.program_id(0)
     h = tl.program_id(1)
     cb = tl.program_id(2)
-    if LEN_IS_PTR:
-        n = tl.load(LEN).to(tl.int32) + LEN_OFFSET
-    else:
-        n = tl.full([], LEN + LEN_OFFSET, tl.int32)   # a tensor even if LEN is specialized to 1
-    n = tl.minimum(n, T)
+    n = _valid_length(LEN, T, LEN_IS_PTR, LEN_OFFSET)
     n_live = tl.minimum(tl.cdiv(n, split_len), n_splits)    # splits past it were never filled
     offs_s = tl.arange(0, BLOCK_S)
     offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -249,7 +249,7 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: to
 
 
 @triton.jit(do_not_specialize=["POS"])
-def _prologue_kernel(Q, KVA, POS, FREQ, NW, CKV, CPE, H, eps,
+def _prologue_kernel(Q, KVA, POS, FREQ, NW, CKV, CPE, H, T, eps,
                      s_qb, s_qh, s_qd, s_ab, s_ad, s_ft, s_fi, s_cb, s_ct, s_cc, s_eb, s_et, s_er,
                      NOPE: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
                      POS_IS_PTR: tl.constexpr, HAS_W: tl.constexpr,
@@ -259,9 +259,12 @@ def _prologue_kernel(Q, KVA, POS, FREQ, NW, CKV, CPE, H, eps,
         pos = tl.load(POS).to(tl.int64)
     else:
         pos = tl.full([], POS, tl.int64)
+    # a position past the cache (a graph replayed too often) writes nothing and leaves q as is
+    # (bounds through tl.where: the interpreter takes no 0-d masks)
     i = tl.arange(0, R // 2)
-    cos = tl.load(FREQ + pos * s_ft + i * s_fi)              # freqs as (T, R/2, 2) real
-    sin = tl.load(FREQ + pos * s_ft + i * s_fi + 1)
+    im = i < tl.where(pos < T, R // 2, 0)
+    cos = tl.load(FREQ + pos * s_ft + i * s_fi, mask=im, other=1.0)   # freqs as (T, R/2, 2) real
+    sin = tl.load(FREQ + pos * s_ft + i * s_fi + 1, mask=im, other=0.0)
     # the query's rope half, every head, rotated in place: (x0 + i x1)(cos + i sin)
     h = tl.arange(0, BLOCK_H)
     hm = (h < H)[:, None]
@@ -273,18 +276,19 @@ def _prologue_kernel(Q, KVA, POS, FREQ, NW, CKV, CPE, H, eps,
     # the latent: RMSNorm (fp32 inside), written to the cache at pos
     c = tl.arange(0, BLOCK_C)
     cm = c < C
+    cw = c < tl.where(pos < T, C, 0)
     kv = tl.load(KVA + b * s_ab + c * s_ad, mask=cm, other=0.0).to(tl.float32)
     kv = kv * tl.rsqrt(tl.sum(kv * kv, axis=0) / C + eps)
     if HAS_W:
         kv = kv * tl.load(NW + c, mask=cm, other=0.0).to(tl.float32)
-    tl.store(CKV + b * s_cb + pos * s_ct + c * s_cc, kv.to(CKV.dtype.element_ty), mask=cm)
+    tl.store(CKV + b * s_cb + pos * s_ct + c * s_cc, kv.to(CKV.dtype.element_ty), mask=cw)
     # the shared rope key, rotated, written to the cache at pos
     kp = KVA + b * s_ab + (C + 2 * i) * s_ad
     k0 = tl.load(kp).to(tl.float32)
     k1 = tl.load(kp + s_ad).to(tl.float32)
     ep = CPE + b * s_eb + pos * s_et + 2 * i * s_er
-    tl.store(ep, (k0 * cos - k1 * sin).to(CPE.dtype.element_ty))
-    tl.store(ep + s_er, (k0 * sin + k1 * cos).to(CPE.dtype.element_ty))
+    tl.store(ep, (k0 * cos - k1 * sin).to(CPE.dtype.element_ty), mask=im)
+    tl.store(ep + s_er, (k0 * sin + k1 * cos).to(CPE.dtype.element_ty), mask=im)
 
 
 def mla_decode_prologue(q: torch.Tensor, kva: torch.Tensor, pos: Union[torch.Tensor, int],
@@ -308,7 +312,7 @@ def mla_decode_prologue(q: torch.Tensor, kva: torch.Tensor, pos: Union[torch.Ten
     pos_is_ptr = isinstance(pos, torch.Tensor)
     _prologue_kernel[(B,)](
         q, kva, pos, fr, norm_weight if norm_weight is not None else kva, cache_kv, cache_pe,
-        H, float(eps), *q.stride(), *kva.stride(), fr.stride(0), fr.stride(1),
+        H, cache_kv.shape[1], float(eps), *q.stride(), *kva.stride(), fr.stride(0), fr.stride(1),
         *cache_kv.stride(), *cache_pe.stride(),
         NOPE=nope, R=R, C=C, POS_IS_PTR=pos_is_ptr, HAS_W=norm_weight is not None,
         BLOCK_H=triton.next_power_of_2(H), BLOCK_C=triton.next_power_of_2(C), num_warps=4)

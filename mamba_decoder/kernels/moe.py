@@ -8,11 +8,12 @@ sum over each token's K experts, (T, D), without the shared expert.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 
 import torch
 import torch.nn.functional as F
+
+from . import triton_installed
 
 IMPLS = ("grouped_mm", "dense", "loop")
 
@@ -38,18 +39,13 @@ def swiglu_rows(h13: torch.Tensor, scale: torch.Tensor | None = None) -> torch.T
     return swiglu_rows_triton(h13, scale)
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 # "auto": the Triton SwiGLU on CUDA; "triton" also on CPU tensors under TRITON_INTERPRET=1
 # (tests); "torch": never.
 SWIGLU_IMPL = "auto"
 
 
 def _triton_runs(device: torch.device) -> bool:
-    if SWIGLU_IMPL == "torch" or not _triton_installed():
+    if SWIGLU_IMPL == "torch" or not triton_installed():
         return False
     if SWIGLU_IMPL == "triton":
         return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"

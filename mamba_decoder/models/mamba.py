@@ -16,6 +16,8 @@ from mambapy.mamba import RMSNorm as MambaRMSNorm
 from torch import nn
 
 from ..config import DEFAULT_BACKEND, check_backend
+from ..kernels import triton_installed
+from .derived import derived
 
 
 @dataclass
@@ -92,11 +94,12 @@ class MambaMixer(MambaBlock):
         """"triton" or "torch" for the conv + SiLU of the channel-major forward and the decode
         step. `fused_impl` (an instance attribute: "auto" / "triton" / "torch") overrides;
         "auto" is Triton on CUDA. Forcing "triton" on CPU tensors needs TRITON_INTERPRET=1."""
-        from ..kernels.mamba_step import HAS_TRITON
+        return self._fused_impl_on(x.device)
 
+    def _fused_impl_on(self, device: torch.device) -> str:
         impl = getattr(self, "fused_impl", None) or "auto"
         if impl == "auto":
-            return "triton" if x.is_cuda and HAS_TRITON else "torch"
+            return "triton" if device.type == "cuda" and triton_installed() else "torch"
         if impl not in ("triton", "torch"):
             raise ValueError(f"fused_impl={impl!r} is not one of auto, triton, torch")
         return impl
@@ -108,21 +111,11 @@ class MambaMixer(MambaBlock):
         return self.conv1d(x.transpose(1, 2))[:, :, :L].transpose(1, 2)  # causal depthwise, (B, L, ED)
 
     def _scan_params(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(A = -exp(A_log), D, dt bias), fp32, as the scan takes them. With autograd on, computed
-        every call (gradients reach the parameters); in inference cached until a parameter is
-        replaced or modified in place (five small ops fewer per forward: eager forwards at small
-        shapes are launch-bound)."""
-        params = (self.A_log, self.D, self.dt_proj.bias)
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            return -torch.exp(self.A_log.float()), self.D.float(), self.dt_proj.bias.float()
-        key = tuple((p.data_ptr(), 0 if p.is_inference() else p._version, p.dtype, p.device)
-                    for p in params)
-        hit = getattr(self, "_scan_params_cache", None)
-        if hit is None or hit[0] != key:
-            with torch.no_grad():
-                hit = (key, (-torch.exp(self.A_log.float()), self.D.float(), self.dt_proj.bias.float()))
-            self._scan_params_cache = hit
-        return hit[1]
+        """(A = -exp(A_log), D, dt bias), fp32, as the scan takes them; cached in inference
+        (models/derived.py): five small ops fewer per eager forward, which is launch-bound at
+        small shapes."""
+        return derived(self, "scan_params", (self.A_log, self.D, self.dt_proj.bias),
+                       lambda: (-torch.exp(self.A_log.float()), self.D.float(), self.dt_proj.bias.float()))
 
     def _ssm_inputs(self, x: torch.Tensor, channel_major: bool = False):
         cfg = self.config
@@ -150,9 +143,12 @@ class MambaMixer(MambaBlock):
         # CPU, where it measured faster (NOTES.md). `fast_layout` (an instance attribute, "BLD" /
         # "BDL") overrides. inner_layernorms normalize over dt_rank / d_state, which is the BLD
         # path's last axis: that config always runs BLD.
+        return self._layout_on(x.device)
+
+    def _layout_on(self, device: torch.device) -> str:
         if self.config.inner_layernorms:
             return "BLD"
-        return getattr(self, "fast_layout", None) or ("BDL" if x.is_cuda else "BLD")
+        return getattr(self, "fast_layout", None) or ("BDL" if device.type == "cuda" else "BLD")
 
     def _forward_fast(self, x: torch.Tensor, cache: Optional[MambaCache] = None,
                       residual: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -229,7 +225,7 @@ class MambaMixer(MambaBlock):
         conv_w, conv_b = self.conv1d.weight[:, 0], self.conv1d.bias      # (ED, K), (ED,)
         # The Triton step has no backward and inner_layernorms normalize B, C, dt in between:
         # both keep the PyTorch ops.
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.in_proj.weight.requires_grad)
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
         if self._fused_impl(x) == "triton" and not needs_grad and not cfg.inner_layernorms:
             x = ms.conv_step(x, cache.conv, conv_w, conv_b)             # (B, ED), cache shifted
             dt, B, C = torch.split(self.x_proj(x), [cfg.dt_rank, cfg.d_state, cfg.d_state], dim=-1)
@@ -237,7 +233,8 @@ class MambaMixer(MambaBlock):
             y = ms.ssm_step(x, dt, self.A_log, B, C, self.D, cache.ssm, self.dt_proj.bias, z)
             return self.out_proj(y)
         x = ms.conv_step_torch(x, cache.conv, conv_w, conv_b)
-        y, h = self.ssm_step(x, cache.ssm)
+        # with autograd on, the step's backward needs the old state: don't overwrite it in place
+        y, h = self.ssm_step(x, cache.ssm.clone() if needs_grad else cache.ssm)
         cache.ssm.copy_(h)
         return self.out_proj(y * F.silu(z))
 
@@ -246,12 +243,8 @@ class MambaMixer(MambaBlock):
             return {"scan": "mambapy-pscan" if self.config.pscan else "mambapy-seq"}
         from ..kernels.selective_scan import auto_impl
 
-        from ..kernels.mamba_step import HAS_TRITON
-
-        impl = getattr(self, "fused_impl", None) or "auto"
-        fused = impl == "triton" or (impl == "auto" and device.type == "cuda" and HAS_TRITON)
-        layout = getattr(self, "fast_layout", None) or ("BDL" if device.type == "cuda" else "BLD")
-        bdl = layout == "BDL" and not self.config.inner_layernorms
+        fused = self._fused_impl_on(device) == "triton"
+        bdl = self._layout_on(device) == "BDL"
         return {"scan": auto_impl(device),
                 "conv": "triton-conv-silu" if fused and bdl else "torch-conv1d",
                 "step": "triton-fused" if fused and not self.config.inner_layernorms else "torch"}

@@ -8,7 +8,6 @@ future), and a plain forward needs no preallocated cache (open_kimi writes every
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -20,14 +19,10 @@ from torch.nn import RMSNorm
 
 from ..config import DEFAULT_BACKEND, check_backend
 from ..kernels import attention as attn_kernels
+from ..kernels import triton_installed
 
 ATTN_IMPLS = ("naive", "absorb")
 DECODE_KERNELS = ("auto", "triton", "sdpa")
-
-
-@functools.lru_cache(maxsize=None)
-def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
 
 
 @dataclass
@@ -169,8 +164,14 @@ class MLA(nn.Module):
             raise ValueError(f"decode_kernel={self.decode_kernel!r} is not one of {', '.join(DECODE_KERNELS)}")
         if self.backend != "fast" or cache is None or cache.kind != "latent" or x.shape[1] != 1:
             return False
+        # the kernels have no backward (a step with autograd on takes the PyTorch path), and
+        # the prologue takes a power-of-two rope dim
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return False
+        if self.qk_rope_head_dim & (self.qk_rope_head_dim - 1):
+            return False
         if self.decode_kernel == "auto":
-            return x.is_cuda and _triton_importable()
+            return x.is_cuda and triton_installed()
         return self.decode_kernel == "triton"
 
     def _attend(self, x, freqs, mask, cache: Optional[MLACache], where) -> torch.Tensor:
@@ -255,6 +256,6 @@ class MLA(nn.Module):
         if self.attn_impl != "absorb":
             return {"attn": "prefill naive-sdpa, decode full-cache sdpa"}
         triton_ok = self.decode_kernel == "triton" or (
-            self.decode_kernel == "auto" and torch.device(device).type == "cuda" and _triton_importable())
+            self.decode_kernel == "auto" and torch.device(device).type == "cuda" and triton_installed())
         decode = "triton prologue + split-k" if triton_ok else "sdpa"
         return {"attn": f"prefill naive-sdpa, decode latent cache {decode} (full cache sdpa)"}

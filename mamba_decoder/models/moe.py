@@ -17,6 +17,7 @@ from open_kimi.moe import MoE as KimiMoE
 
 from ..config import DEFAULT_BACKEND, MoEConfig, check_backend
 from ..kernels import moe as moe_kernels
+from .derived import derived
 
 
 class MoE(KimiMoE):
@@ -30,7 +31,6 @@ class MoE(KimiMoE):
         super().__init__(dim, n_experts, n_activated, expert_inter_dim, shared_expert_inter_dim,
                          use_adaptive_bias, bias_update_rate)
         self.backend = check_backend(backend)
-        self._stack_cache: dict[str, tuple] = {}
 
     @classmethod
     def from_config(cls, cfg: MoEConfig, backend: str = DEFAULT_BACKEND) -> "MoE":
@@ -61,49 +61,44 @@ class MoE(KimiMoE):
                 g.expert_usage = 0.9 * g.expert_usage + 0.1 * usage
         return w, idx
 
-    def _stacked(self, name: str, params: list, build):
-        """build(params) with autograd on (stacked every call: gradients reach experts.{i});
-        in inference cached under `name`, rebuilt only when a weight is replaced or modified
-        in place."""
-        flat = [p for group in params for p in group]
-        if torch.is_grad_enabled() and any(p.requires_grad for p in flat):
-            return build(params)
-        # (inference tensors have no version counter; they can't change outside inference mode)
-        key = tuple((p.data_ptr(), 0 if p.is_inference() else p._version, p.dtype, p.device) for p in flat)
-        hit = self._stack_cache.get(name)
-        if hit is None or hit[0] != key:
-            with torch.no_grad():
-                hit = self._stack_cache[name] = (key, build(params))
-        return hit[1]
-
     def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(w1, w2, w3) of the routed experts stacked to (E, I, D), (E, D, I), (E, I, D)."""
-        params = [(e.w1.weight, e.w2.weight, e.w3.weight) for e in self.experts]
-        return self._stacked("stacked", params, lambda ps: tuple(torch.stack(ws) for ws in zip(*ps)))
+        """(w1, w2, w3) of the routed experts stacked to (E, I, D), (E, D, I), (E, I, D): rebuilt
+        every call with autograd on, else cached (models/derived.py)."""
+        params = [p for e in self.experts for p in (e.w1.weight, e.w2.weight, e.w3.weight)]
+        return derived(self, "stacked", params, lambda: tuple(
+            torch.stack(ws) for ws in zip(*[(e.w1.weight, e.w2.weight, e.w3.weight) for e in self.experts])))
+
+    def _all_experts(self) -> list:
+        """The routed experts, then the shared one where it folds in (`folds_shared_expert`)."""
+        return list(self.experts) + ([self.shared_expert] if self.folds_shared_expert() else [])
 
     def grouped_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(w1, w2, w3, w13) of kernels.moe.routed_grouped: the routed experts, then the shared
-        one where it folds in (it runs as expert E on every token, weight 1)."""
-        experts = list(self.experts) + ([self.shared_expert] if self.folds_shared_expert() else [])
-        params = [(e.w1.weight, e.w2.weight, e.w3.weight) for e in experts]
+        """(w1, w2, w3, w13) of kernels.moe.routed_grouped over `_all_experts()` (the shared
+        expert runs as expert E on every token, weight 1). w13 (E', 2I, D) holds each expert's
+        [w1; w3]; w1 and w3 are views of it, and dense-small reads the same storage: the cache
+        holds one copy of the w1/w3 weights (and w2 twice, in two layouts)."""
+        experts = self._all_experts()
+        params = [p for e in experts for p in (e.w1.weight, e.w2.weight, e.w3.weight)]
 
-        def build(ps):
-            w1, w2, w3 = (torch.stack(ws) for ws in zip(*ps))
-            return w1, w2, w3, torch.cat([w1, w3], dim=1)
-        return self._stacked("grouped", params, build)
+        def build():
+            w13 = torch.stack([torch.cat([e.w1.weight, e.w3.weight]) for e in experts])
+            I = experts[0].w1.weight.shape[0]
+            return w13[:, :I], torch.stack([e.w2.weight for e in experts]), w13[:, I:], w13
+        return derived(self, "grouped", params, build)
 
     def folds_shared_expert(self) -> bool:
-        """Whether dense-small runs the shared expert as one more expert (gate 1): it needs the
-        routed experts' inner dim."""
+        """Whether the shared expert runs as one more expert (gate 1) in dense-small and in the
+        grouped path: it needs the routed experts' inner dim."""
         return self.shared_expert.w1.weight.shape[0] == self.experts[0].w1.weight.shape[0]
 
     def dense_small_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W13, W2) of kernels.moe.routed_dense_small: the routed experts, then the shared one
-        where it folds in."""
-        experts = list(self.experts) + ([self.shared_expert] if self.folds_shared_expert() else [])
-        params = [(e.w1.weight, e.w2.weight, e.w3.weight) for e in experts]
-        return self._stacked("dense_small", params,
-                             lambda ps: moe_kernels.stack_dense_small(*zip(*ps)))
+        """(W13, W2) of kernels.moe.routed_dense_small over `_all_experts()`: W13 is the grouped
+        w13 seen as (E' * 2I, D); W2 (D, E' * I) the w2's side by side."""
+        w13 = self.grouped_weights()[3]
+        experts = self._all_experts()
+        w2s = [e.w2.weight for e in experts]
+        return w13.reshape(-1, w13.shape[-1]), derived(self, "dense_small_w2", w2s,
+                                                       lambda: torch.cat(w2s, dim=1))
 
     def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

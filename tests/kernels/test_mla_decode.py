@@ -154,3 +154,18 @@ def test_prologue_equals_rope_norm_and_cache_write(H, C, nope, dtype, tol, pos_k
     assert rel_err(q, want_q) <= tol
     assert rel_err(ckv, want_kv) <= tol and rel_err(cpe, want_pe) <= tol
     assert torch.equal(ckv[B], want_kv[B]) and torch.equal(ckv[:, :pos], want_kv[:, :pos])
+
+
+def test_prologue_past_the_cache_writes_nothing():
+    """A device position at or past the cache end (a graph replayed once too often) leaves the
+    caches and the query untouched instead of writing into the next sequence's rows."""
+    from open_kimi.mla import precompute_freqs_cis
+
+    B, H, nope, R, C, T = 2, 4, 16, 8, 32, 10
+    q = torch.randn(B, H, nope + R, device=DEV)
+    kva = torch.randn(B, C + R, device=DEV)
+    ckv, cpe = torch.randn(B + 1, T, C, device=DEV), torch.randn(B + 1, T, R, device=DEV)
+    before = [t.clone() for t in (q, ckv, cpe)]
+    md.mla_decode_prologue(q, kva, torch.tensor([T], device=DEV), precompute_freqs_cis(R, 2 * T).to(DEV),
+                           None, 1e-6, ckv[:B], cpe[:B], nope)
+    assert all(torch.equal(a, b) for a, b in zip((q, ckv, cpe), before))

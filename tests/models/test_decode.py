@@ -186,3 +186,33 @@ def test_fused_triton_decode_in_bf16_follows_fp32():
         _force_fused(model, "BDL")
         got = _run(model.to(torch.bfloat16), name, x.bfloat16(), 4, 12)
     assert got.dtype == torch.bfloat16 and rel_err(got, want) < 3e-2
+
+
+@NEEDS_INTERPRET
+@pytest.mark.parametrize("name", ["MambaDecoderBlock", "MLABlock"])
+def test_decode_steps_with_autograd_on_keep_every_gradient(name, monkeypatch):
+    """A one-token step with autograd on must not take the Triton step kernels (no backward),
+    even with the input projection frozen: every other parameter still gets its gradient."""
+    calls = _count_kernel_calls(monkeypatch)
+    from mamba_decoder.kernels import mla_decode as md
+    mla_calls = []
+    real = md.mla_decode
+    monkeypatch.setattr(md, "mla_decode", lambda *a, **k: mla_calls.append(1) or real(*a, **k))
+    model = randomize_(_build(name, "fast"))
+    if name == "MambaDecoderBlock":
+        _force_fused(model, "BDL")
+        model.mixer.in_proj.weight.requires_grad_(False)
+        cache = model.init_cache(2)
+        out = model(torch.randn(2, 1, D), cache)
+    else:
+        model.attn.decode_kernel = "triton"
+        model.attn.wq.weight.requires_grad_(False)
+        cache = model.init_cache(2, 8)
+        model(torch.randn(2, 3, D), 0, None, cache)
+        out = model(torch.randn(2, 1, D), 3, None, cache)
+    out.square().sum().backward()
+    assert calls["conv_step"] == calls["ssm_step"] == 0 and not mla_calls
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad and "gate" not in n
+               and "experts" not in n]   # (unrouted experts get no gradient, as in the reference)
+    assert trained and all(p.grad is not None for _, p in trained), \
+        [n for n, p in trained if p.grad is None]

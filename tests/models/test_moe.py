@@ -231,7 +231,8 @@ def test_dense_small_weight_cache_follows_the_shared_expert():
     x = torch.randn(8, 1, 32)
     with torch.no_grad():
         W13, _ = fast.dense_small_weights()
-        assert fast.dense_small_weights()[0] is W13             # cached in inference
+        assert fast.dense_small_weights()[0].data_ptr() == W13.data_ptr()   # cached in inference
+        assert W13.data_ptr() == fast.grouped_weights()[3].data_ptr()       # one copy, shared
         fast(x)
         for m in (theirs, fast):
             m.shared_expert.w3.weight.mul_(-1.5)
@@ -302,4 +303,35 @@ def test_grouped_path_with_folded_shared_expert_equals_reference(monkeypatch):
     assert fast.folds_shared_expert()
     x = torch.randn(3, 29, 24)
     with torch.no_grad():
+        assert rel_err(fast(x), ref(x)) < 1e-5
+
+
+def test_weights_cached_under_inference_mode_serve_a_later_backward():
+    """The stacked-weight cache filled under inference_mode holds ordinary tensors: a later
+    forward with autograd on (frozen experts, an input that wants its gradient) backpropagates."""
+    moe = randomize_(MoE(16, n_experts=4, n_activated=2, expert_inter_dim=24, backend="fast")).eval()
+    moe.requires_grad_(False)
+    x = torch.randn(2, 40, 16)
+    with torch.inference_mode():
+        want = moe(x)
+    xg = x.clone().requires_grad_(True)
+    got = moe(xg)
+    got.sum().backward()
+    assert xg.grad is not None and rel_err(got.detach(), want) < 1e-6
+
+
+def test_derived_weights_follow_in_place_updates_and_clear_derived():
+    from mamba_decoder.models.derived import clear_derived
+    ref = randomize_(MoE(16, n_experts=4, n_activated=2, expert_inter_dim=24, backend="reference")).eval()
+    fast = MoE(16, n_experts=4, n_activated=2, expert_inter_dim=24, backend="fast").eval()
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 40, 16)
+    with torch.no_grad():
+        fast(x)
+        for m in (ref, fast):
+            m.experts[1].w3.weight.mul_(-1.5)          # in place: the version counter moves
+        assert rel_err(fast(x), ref(x)) < 1e-5
+        for m in (ref, fast):
+            m.experts[2].w1.weight.data.mul_(2.0)      # through .data: not seen until cleared
+        clear_derived(fast)
         assert rel_err(fast(x), ref(x)) < 1e-5

@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from .. import triton_installed
 from .cpu import selective_scan_cpu
 from .reference import selective_scan_pscan, selective_scan_ref
 
@@ -24,19 +25,13 @@ _IMPLS = ("reference", "cpu", "triton")
 _LAYOUTS = ("BLD", "BDL")
 
 
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
 
 
 def available_impls(device) -> list[str]:
     """Impls that can run on tensors of `device`."""
     device = torch.device(device)
     impls = ["reference", "cpu"]
-    if _triton_importable() and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+    if triton_installed() and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
         impls.append("triton")
     return impls
 
@@ -108,7 +103,7 @@ def selective_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=Tru
     kw = dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, initial_state=initial_state,
               return_final_state=return_final_state)
     if impl == "triton":
-        if not _triton_importable():
+        if not triton_installed():
             raise ValueError("selective_scan impl='triton': triton is not importable")
         from .triton_bdl import selective_scan_triton_bdl as fn  # raises ValueError off CUDA
         native = "BDL"

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._triton import interpreting as _interpreting
+
 LOG2E = 1.4426950408889634
 
 # Forward kernel by input dtype, and each kernel's tiles (H100 runs, NOTES.md). At
@@ -47,10 +49,6 @@ FWD_TUNE = ([dict(variant="seqt", BLOCK_D=bd, CHUNK=u, num_warps=1)
                                   (4, 512, 4), (1, 1024, 2)]])
 BWD_TUNE = [dict(BLOCK_D=bd, CHUNK=ch, num_warps=nw)
             for bd, ch, nw in [(4, 64, 4), (2, 64, 2), (4, 64, 2), (2, 32, 1), (4, 128, 4)]]
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # As in triton_scan.py: the interpreter runs tl.associative_scan element by element in Python,
