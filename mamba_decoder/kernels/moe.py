@@ -117,15 +117,6 @@ def routed_grouped(x, weights, indices, w1, w2, w3, w13=None):
 DENSE_SMALL_MAX_TOKENS = 64
 
 
-def stack_dense_small(w1s, w2s, w3s):
-    """Per-expert nn.Linear weights (sequences over experts; always-on experts last) -> the
-    stacked weights of `routed_dense_small`: W13 (E' * 2I, D) = [w1_0; w3_0; w1_1; w3_1; ...]
-    and W2 (D, E' * I) = [w2_0, w2_1, ...] (each expert's w2 (D, I) side by side)."""
-    W13 = torch.cat([w for pair in zip(w1s, w3s) for w in pair], dim=0)
-    W2 = torch.cat(list(w2s), dim=1)
-    return W13, W2
-
-
 def dense_gate(weights, indices, n_experts: int, n_always_on: int = 0):
     """The router's top-k (weights, indices) (T, K) as a dense (T, E) gate, exactly zero for the
     experts a token did not pick, and `n_always_on` columns of ones appended (a shared expert)."""
@@ -138,7 +129,9 @@ def dense_gate(weights, indices, n_experts: int, n_always_on: int = 0):
 
 def routed_dense_small(x, gate, W13, W2):
     """Every expert on every token, weighted by the dense gate: x (T, D), gate (T, E'),
-    W13 (E' * 2I, D), W2 (D, E' * I) (`stack_dense_small`) -> sum_e gate[:, e] * expert_e(x).
+    W13 (E' * 2I, D) = [w1_0; w3_0; w1_1; w3_1; ...] (the grouped path's w13 (E', 2I, D) seen
+    flat) and W2 (D, E' * I) = [w2_0, w2_1, ...] (each expert's w2 side by side), always-on
+    experts last -> sum_e gate[:, e] * expert_e(x).
     Two GEMMs and one elementwise op: no sort, no index, no host sync. The gate scales the
     hidden activations (linear in W2), so unpicked experts contribute exactly zero."""
     T, E = gate.shape

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # repo root, for m
 from mamba_decoder.kernels.selective_scan import (  # noqa: E402
     auto_impl, available_impls, selective_scan, selective_scan_pscan, selective_scan_ref)
 from helpers import SCAN_GRAD_NAMES as GRAD_NAMES  # noqa: E402
-from helpers import run_with_grads  # noqa: E402
+from helpers import run_with_grads, small_scan_tiles  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -105,10 +105,7 @@ def impl(request):
         # the interpreter fast and still leave partial ED blocks and chunks
         mp = pytest.MonkeyPatch()
         if DEV == "cpu":
-            mp.setitem(triton_bdl.FWD_TILES, "seqt", dict(BLOCK_D=16, CHUNK=8, num_warps=1))
-            mp.setitem(triton_bdl.FWD_TILES, "chan", dict(BLOCK_D=4, CHUNK=16, num_warps=1))
-            mp.setitem(triton_bdl.BWD_CONFIG, "BLOCK_D", 16)
-            mp.setitem(triton_bdl.BWD_CONFIG, "CHUNK", 8)
+            small_scan_tiles(mp, triton_bdl, seqt_chunk=8)
         yield name
         mp.undo()
     else:

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from mamba_decoder.kernels.selective_scan import selective_scan, selective_scan_ref  # noqa: E402
 from helpers import SCAN_GRAD_NAMES as GRAD_NAMES  # noqa: E402
-from helpers import run_with_grads  # noqa: E402
+from helpers import run_with_grads, small_scan_tiles  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 SEQ_KEYS = ("x", "dt", "z", "B", "C")
@@ -71,10 +71,7 @@ def small_tiles(monkeypatch):
     pytest.importorskip("triton")
     from mamba_decoder.kernels.selective_scan import triton_bdl
     if DEV == "cpu":
-        monkeypatch.setitem(triton_bdl.FWD_TILES, "seqt", dict(BLOCK_D=16, CHUNK=4, num_warps=1))
-        monkeypatch.setitem(triton_bdl.FWD_TILES, "chan", dict(BLOCK_D=4, CHUNK=16, num_warps=1))
-        monkeypatch.setitem(triton_bdl.BWD_CONFIG, "BLOCK_D", 16)
-        monkeypatch.setitem(triton_bdl.BWD_CONFIG, "CHUNK", 8)
+        small_scan_tiles(monkeypatch, triton_bdl, seqt_chunk=4)
     return triton_bdl
 
 

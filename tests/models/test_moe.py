@@ -11,6 +11,12 @@ from mamba_decoder.kernels import moe as K
 from mamba_decoder.models import MoE
 
 
+def stack_dense_small(w1s, w2s, w3s):
+    """routed_dense_small's weight layout built independently of the model: W13 (E' * 2I, D) =
+    [w1_0; w3_0; w1_1; w3_1; ...], W2 (D, E' * I) = [w2_0, w2_1, ...]."""
+    return torch.cat([w for pair in zip(w1s, w3s) for w in pair], dim=0), torch.cat(list(w2s), dim=1)
+
+
 def _pair(dim=32, E=6, k=2, inter=48, shared=40):
     theirs = randomize_(KimiMoE(dim, E, k, inter, shared))
     ours = MoE(dim, E, k, inter, shared, backend="reference")
@@ -137,7 +143,7 @@ def test_dense_small_equals_loop(T, dtype, tol):
     want = K.routed_loop(x, w, idx, *ws)
     w1, w2, w3 = (t.to(dtype) for t in ws)
     gate = K.dense_gate(w.to(dtype), idx, E)
-    got = K.routed_dense_small(x.to(dtype), gate, *K.stack_dense_small(w1, w2, w3))
+    got = K.routed_dense_small(x.to(dtype), gate, *stack_dense_small(w1, w2, w3))
     assert got.dtype == dtype and rel_err(got, want) < tol
 
 
@@ -147,7 +153,7 @@ def test_dense_small_folds_an_always_on_expert():
     x, (w, idx), ws = torch.randn(T, D), _picks(T, E, k), _experts(E, D, I)
     sw1, sw2, sw3 = _experts(1, D, I)
     want = K.routed_loop(x, w, idx, *ws) + (F.silu(x @ sw1[0].t()) * (x @ sw3[0].t())) @ sw2[0].t()
-    stacked = K.stack_dense_small(*(torch.cat([a, b]) for a, b in zip(ws, (sw1, sw2, sw3))))
+    stacked = stack_dense_small(*(torch.cat([a, b]) for a, b in zip(ws, (sw1, sw2, sw3))))
     got = K.routed_dense_small(x, K.dense_gate(w, idx, E, n_always_on=1), *stacked)
     assert rel_err(got, want) < 1e-5
 
