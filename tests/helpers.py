@@ -43,11 +43,10 @@ def run_with_grads(fn, inp, h0=None, seed=1, names=SCAN_GRAD_NAMES, **kw):
     return out.detach(), hf.detach(), grads
 
 
-def small_scan_tiles(mp, triton_bdl, seqt_chunk: int) -> None:
+def small_scan_tiles(mp, triton_bdl) -> None:
     """Shrink the Triton scan's tiles through `mp` (a pytest MonkeyPatch) so the interpreter stays
-    fast and partial ED blocks, time tiles and state chunks (8 steps) still occur. `seqt_chunk`
-    (seqt's register tile) must divide the state chunk."""
-    mp.setitem(triton_bdl.FWD_TILES, "seqt", dict(BLOCK_D=16, CHUNK=seqt_chunk, num_warps=1))
+    fast and partial ED blocks, time tiles and state chunks (8 steps) still occur."""
     mp.setitem(triton_bdl.FWD_TILES, "chan", dict(BLOCK_D=4, CHUNK=16, num_warps=1))
+    mp.setitem(triton_bdl.FWD_TILES, "lane", dict(BLOCK_D=16, CHUNK=4, NS=2, num_warps=1))
     mp.setitem(triton_bdl.BWD_CONFIG, "BLOCK_D", 16)
     mp.setitem(triton_bdl.BWD_CONFIG, "CHUNK", 8)

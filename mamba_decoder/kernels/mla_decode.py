@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import interpreting as _interpreting
+from ._triton import interpreting as _interpreting, launch
 
 LOG2E = 1.4426950408889634
 
@@ -229,7 +229,7 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: to
         l_buf = torch.empty_like(m_buf)
         acc_buf = torch.empty(B, n_splits, H, C, device=kv.device, dtype=torch.float32)
     common = dict(LEN_IS_PTR=len_is_ptr, LEN_OFFSET=length_offset)
-    _split_kernel[(B, n_splits, n_hg)](
+    launch(_split_kernel, (B, n_splits, n_hg),
         q_lat, q_pe, kv, pe, len_arg, m_buf, l_buf, acc_buf, out,
         float(scale) * LOG2E, T, H, C, R, split_len, n_splits,
         *q_lat.stride(), *q_pe.stride(), *kv.stride(), *pe.stride(), *out.stride(),
@@ -241,7 +241,7 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: to
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
     if not single:
         bc = min(cfg["COMBINE_BLOCK_C"], triton.next_power_of_2(C))
-        _combine_kernel[(B, H, triton.cdiv(C, bc))](
+        launch(_combine_kernel, (B, H, triton.cdiv(C, bc)),
             len_arg, m_buf, l_buf, acc_buf, out, T, H, C, split_len, n_splits, *out.stride(),
             BLOCK_S=triton.next_power_of_2(n_splits), BLOCK_C=bc,
             num_warps=cfg["combine_warps"], **common)
@@ -250,15 +250,18 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: to
 
 @triton.jit(do_not_specialize=["POS"])
 def _prologue_kernel(Q, KVA, POS, FREQ, NW, CKV, CPE, H, T, eps,
-                     s_qb, s_qh, s_qd, s_ab, s_ad, s_ft, s_fi, s_cb, s_ct, s_cc, s_eb, s_et, s_er,
+                     s_qb, s_qs, s_qh, s_qd, s_ab, s_as, s_ad, s_ft, s_fi,
+                     s_cb, s_ct, s_cc, s_eb, s_et, s_er,
                      NOPE: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
                      POS_IS_PTR: tl.constexpr, HAS_W: tl.constexpr,
                      BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr):
+    # program (b, s): token s of sequence b, at position POS + s
     b = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1).to(tl.int64)
     if POS_IS_PTR:
-        pos = tl.load(POS).to(tl.int64)
+        pos = tl.load(POS).to(tl.int64) + s
     else:
-        pos = tl.full([], POS, tl.int64)
+        pos = tl.full([], POS, tl.int64) + s
     # a position past the cache (a graph replayed too often) writes nothing and leaves q as is
     # (bounds through tl.where: the interpreter takes no 0-d masks)
     i = tl.arange(0, R // 2)
@@ -268,22 +271,23 @@ def _prologue_kernel(Q, KVA, POS, FREQ, NW, CKV, CPE, H, T, eps,
     # the query's rope half, every head, rotated in place: (x0 + i x1)(cos + i sin)
     h = tl.arange(0, BLOCK_H)
     hm = (h < H)[:, None]
-    qp = Q + b * s_qb + h[:, None] * s_qh + (NOPE + 2 * i)[None, :] * s_qd
+    qp = Q + b * s_qb + s * s_qs + h[:, None] * s_qh + (NOPE + 2 * i)[None, :] * s_qd
     x0 = tl.load(qp, mask=hm, other=0.0).to(tl.float32)
     x1 = tl.load(qp + s_qd, mask=hm, other=0.0).to(tl.float32)
     tl.store(qp, (x0 * cos - x1 * sin).to(Q.dtype.element_ty), mask=hm)
     tl.store(qp + s_qd, (x0 * sin + x1 * cos).to(Q.dtype.element_ty), mask=hm)
     # the latent: RMSNorm (fp32 inside), written to the cache at pos
+    a_row = KVA + b * s_ab + s * s_as
     c = tl.arange(0, BLOCK_C)
     cm = c < C
     cw = c < tl.where(pos < T, C, 0)
-    kv = tl.load(KVA + b * s_ab + c * s_ad, mask=cm, other=0.0).to(tl.float32)
+    kv = tl.load(a_row + c * s_ad, mask=cm, other=0.0).to(tl.float32)
     kv = kv * tl.rsqrt(tl.sum(kv * kv, axis=0) / C + eps)
     if HAS_W:
         kv = kv * tl.load(NW + c, mask=cm, other=0.0).to(tl.float32)
     tl.store(CKV + b * s_cb + pos * s_ct + c * s_cc, kv.to(CKV.dtype.element_ty), mask=cw)
     # the shared rope key, rotated, written to the cache at pos
-    kp = KVA + b * s_ab + (C + 2 * i) * s_ad
+    kp = a_row + (C + 2 * i) * s_ad
     k0 = tl.load(kp).to(tl.float32)
     k1 = tl.load(kp + s_ad).to(tl.float32)
     ep = CPE + b * s_eb + pos * s_et + 2 * i * s_er
@@ -302,15 +306,27 @@ def mla_decode_prologue(q: torch.Tensor, kva: torch.Tensor, pos: Union[torch.Ten
     device tensor (graph capture) or an int; freqs (T, R/2) complex64 (open_kimi's table);
     norm_weight (C,) or None; cache_kv (B, T, C), cache_pe (B, T, R). Twin: MLA's PyTorch path
     (open_kimi's apply_rotary_emb, nn.RMSNorm, index_copy_)."""
-    B, H, D = q.shape
+    mla_prologue(q.unsqueeze(1), kva.unsqueeze(1), pos, freqs, norm_weight, eps, cache_kv,
+                 cache_pe, nope)
+
+
+def mla_prologue(q: torch.Tensor, kva: torch.Tensor, pos: Union[torch.Tensor, int],
+                 freqs: torch.Tensor, norm_weight: Optional[torch.Tensor], eps: float,
+                 cache_kv: torch.Tensor, cache_pe: torch.Tensor, nope: int) -> None:
+    """`mla_decode_prologue` for S tokens per sequence at positions pos .. pos + S - 1 (a
+    prefill, or one decode step with S = 1): q (B, S, H, nope + R), kva (B, S, C + R); the
+    keys go to cache_kv / cache_pe (B, T, *) at those positions (for a cache-less forward, a
+    (B, S, *) buffer and pos 0). One launch, grid (B, S)."""
+    B, S, H, D = q.shape
     R = D - nope
-    C = kva.shape[1] - R
-    if R % 2 or R & (R - 1) or kva.shape[0] != B or cache_kv.shape[2] != C or cache_pe.shape[2] != R:
-        raise ValueError(f"mla_decode_prologue: shapes q {tuple(q.shape)}, kva {tuple(kva.shape)}, "
+    C = kva.shape[2] - R
+    if (R % 2 or R & (R - 1) or kva.shape[:2] != (B, S) or cache_kv.shape[2] != C
+            or cache_pe.shape[2] != R):
+        raise ValueError(f"mla_prologue: shapes q {tuple(q.shape)}, kva {tuple(kva.shape)}, "
                          f"caches {tuple(cache_kv.shape)} / {tuple(cache_pe.shape)} (rope dim a power of 2)")
     fr = torch.view_as_real(freqs)                                 # (T, R/2, 2) fp32, a view
     pos_is_ptr = isinstance(pos, torch.Tensor)
-    _prologue_kernel[(B,)](
+    launch(_prologue_kernel, (B, S),
         q, kva, pos, fr, norm_weight if norm_weight is not None else kva, cache_kv, cache_pe,
         H, cache_kv.shape[1], float(eps), *q.stride(), *kva.stride(), fr.stride(0), fr.stride(1),
         *cache_kv.stride(), *cache_pe.stride(),
@@ -318,4 +334,4 @@ def mla_decode_prologue(q: torch.Tensor, kva: torch.Tensor, pos: Union[torch.Ten
         BLOCK_H=triton.next_power_of_2(H), BLOCK_C=triton.next_power_of_2(C), num_warps=4)
 
 
-__all__ = ["mla_decode", "mla_decode_prologue", "split_plan", "CONFIG"]
+__all__ = ["mla_decode", "mla_decode_prologue", "mla_prologue", "split_plan", "CONFIG"]

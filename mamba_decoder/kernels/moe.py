@@ -108,13 +108,13 @@ def routed_grouped(x, weights, indices, w1, w2, w3, w13=None):
 
 
 # "dense-small": at most this many tokens, every expert runs on every token as two plain GEMMs
-# over stacked weights (kernels below). Weight reads dominate there: the GEMMs read all
-# E' * 3 * I * D expert weights and do 2T FLOPs per weight element read (T FLOPs a byte in bf16),
-# far under an H100's ~300 FLOPs/byte ridge at T <= 64 (and small-M GEMMs stay read-bound well
-# past it), while the grouped path reads the same weights (T*K >= E: every expert has tokens)
-# plus sort / cumsum / index / gather launches that cost more than the GEMMs at decode sizes.
-# For E >> T*K it reads experts no token picked: the limit assumes the benchmark's few experts.
-DENSE_SMALL_MAX_TOKENS = 64
+# over stacked weights (kernels below): (E' / (K + 1)) times the grouped path's expert FLOPs
+# (7/3 for the benchmark's 6 experts, top-2 and a shared one), but no sort / count / index /
+# gather, ~15 launches fewer. Measured on an H200 (bf16, dim 512, `scripts/profile_gpu.py --moe`,
+# docs/BENCHMARKS.md): graphed, dense-small is faster up to 4096 tokens (0.23 vs 0.30 ms) and
+# slower at 16384 (0.75 vs 0.64); eager it is ~0.6 ms faster at every size (host launches).
+# For E >> K it computes experts no token picked: the limit assumes the benchmark's few experts.
+DENSE_SMALL_MAX_TOKENS = 4096
 
 
 def dense_gate(weights, indices, n_experts: int, n_always_on: int = 0):
@@ -127,18 +127,33 @@ def dense_gate(weights, indices, n_experts: int, n_always_on: int = 0):
     return gate.scatter_add_(1, indices, weights)
 
 
-def routed_dense_small(x, gate, W13, W2):
-    """Every expert on every token, weighted by the dense gate: x (T, D), gate (T, E'),
-    W13 (E' * 2I, D) = [w1_0; w3_0; w1_1; w3_1; ...] (the grouped path's w13 (E', 2I, D) seen
-    flat) and W2 (D, E' * I) = [w2_0, w2_1, ...] (each expert's w2 side by side), always-on
-    experts last -> sum_e gate[:, e] * expert_e(x).
-    Two GEMMs and one elementwise op: no sort, no index, no host sync. The gate scales the
+def gated_swiglu(H, weights, indices, n_experts: int, n_always_on: int = 0):
+    """H (T, E' * 2I) = x @ W13^T -> (T, E' * I): each expert's silu(h1) * h3 times its dense
+    gate (`dense_gate`: the routing weight if the token picked it, exactly 0 if not, 1 for the
+    always-on experts appended last). One Triton pass on CUDA in inference (no gate tensor, one
+    launch instead of five); the PyTorch ops elsewhere and with autograd (the twin)."""
+    T = H.shape[0]
+    E = n_experts + n_always_on
+    needs_grad = torch.is_grad_enabled() and (H.requires_grad or weights.requires_grad)
+    if not needs_grad and H.stride(1) == 1 and _triton_runs(H.device):
+        from .swiglu import gated_swiglu_triton   # imports triton: only when it runs
+
+        return gated_swiglu_triton(H, weights, indices, n_experts, n_always_on)
+    Hv = H.view(T, E, 2, -1)
+    gate = dense_gate(weights, indices, n_experts, n_always_on)                    # (T, E')
+    h = _swiglu(Hv[:, :, 0], Hv[:, :, 1]) * gate.unsqueeze(-1).to(H.dtype)         # (T, E', I)
+    return h.reshape(T, -1)
+
+
+def routed_dense_small(x, weights, indices, n_experts: int, n_always_on: int, W13, W2):
+    """Every expert on every token, weighted by the dense gate of the router's (weights,
+    indices) (T, K): x (T, D), W13 (E' * 2I, D) = [w1_0; w3_0; w1_1; w3_1; ...] (the grouped
+    path's w13 (E', 2I, D) seen flat) and W2 (D, E' * I) = [w2_0, w2_1, ...] (each expert's w2
+    side by side), the `n_always_on` experts last -> sum_e gate[:, e] * expert_e(x).
+    Two GEMMs and one elementwise pass: no sort, no index, no host sync. The gate scales the
     hidden activations (linear in W2), so unpicked experts contribute exactly zero."""
-    T, E = gate.shape
-    I = W2.shape[1] // E
-    H = F.linear(x, W13).view(T, E, 2, I)                                          # (T, E', 2, I)
-    h = _swiglu(H[:, :, 0], H[:, :, 1]) * gate.unsqueeze(-1).to(H.dtype)           # (T, E', I)
-    return F.linear(h.reshape(T, E * I), W2)                                       # (T, D)
+    H = F.linear(x, W13)                                                           # (T, E' * 2I)
+    return F.linear(gated_swiglu(H, weights, indices, n_experts, n_always_on), W2)  # (T, D)
 
 
 @functools.lru_cache(maxsize=None)

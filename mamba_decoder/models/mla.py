@@ -92,6 +92,10 @@ class MLA(nn.Module):
         # split-K kernel on CUDA (SDPA elsewhere), "triton" forces it (on CPU tensors it needs
         # TRITON_INTERPRET=1: what the tests do), "sdpa" never uses it.
         self.decode_kernel: str = "auto"
+        # The fast backend's multi-token forward between the projections and the attention
+        # (query RoPE, latent RMSNorm, rope key) as one Triton launch: "auto" on CUDA,
+        # "triton" forced (CPU tensors need TRITON_INTERPRET=1), "torch" never.
+        self.fused_impl: str = "auto"
         # RoPE table, complex64 and per device. Not a buffer: Module.to(bfloat16) would cast a
         # complex buffer to real and drop the imaginary part (it does so to open_kimi's MLA).
         self._freqs: dict[torch.device, torch.Tensor] = {}
@@ -100,8 +104,11 @@ class MLA(nn.Module):
         """(end, rope/2) complex rotations; grown on demand (plain RoPE: values don't depend on the length)."""
         f = self._freqs.get(device)
         if f is None or f.shape[0] < end:
-            f = precompute_freqs_cis(self.qk_rope_head_dim, max(end, self.max_seq_len),
-                                     self.rope_theta).to(device)
+            # an ordinary tensor even when first built under inference_mode: a later forward
+            # with autograd on saves it for backward (an inference tensor can't be)
+            with torch.inference_mode(False):
+                f = precompute_freqs_cis(self.qk_rope_head_dim, max(end, self.max_seq_len),
+                                         self.rope_theta).to(device)
             self._freqs[device] = f
         return f[:end]
 
@@ -139,10 +146,61 @@ class MLA(nn.Module):
                              "(MLA.init_cache); without one, start_pos must be 0")
         if cache is not None and end > cache.max_len:
             raise ValueError(f"start_pos + seq_len = {end} exceeds the cache length {cache.max_len}")
+        if mask is None and self._fused_prologue(x, cache):
+            return self._prefill_fused(x, start_pos, cache)
         freqs = self.freqs(end, x.device)[start_pos:end]
         if cache is None:
             return self._attend(x, freqs, mask, None, None)
         return self._attend(x, freqs, mask, cache, slice(start_pos, end))
+
+    def _fused_prologue(self, x: torch.Tensor, cache: Optional[MLACache]) -> bool:
+        """Whether a causal multi-token forward takes `_prefill_fused` (`fused_impl`)."""
+        if self.fused_impl not in ("auto", "triton", "torch"):
+            raise ValueError(f"fused_impl={self.fused_impl!r} is not one of auto, triton, torch")
+        if self.backend != "fast" or self.fused_impl == "torch" or (cache is not None and x.shape[1] == 1):
+            return False
+        # the kernel rotates in place and has no backward; it takes a power-of-two rope dim
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return False
+        if self.qk_rope_head_dim & (self.qk_rope_head_dim - 1):
+            return False
+        if self.fused_impl == "auto":
+            return x.is_cuda and triton_installed()
+        return True
+
+    def _prefill_fused(self, x: torch.Tensor, start_pos: int, cache: Optional[MLACache]) -> torch.Tensor:
+        """The fast causal forward of S tokens at start_pos..: the projections, one Triton
+        prologue (query RoPE in place, latent RMSNorm and rotated rope key written to the latent
+        cache at their positions, or to fresh (B, S, *) buffers without one), the latent
+        expanded to per-head K/V, SDPA. The same function as `_attend`'s fast multi-token path
+        (its twin in the tests)."""
+        from ..kernels.mla_decode import mla_prologue
+
+        bsz, seqlen, _ = x.shape
+        end = start_pos + seqlen
+        q = self._query(x)                                                    # (B, S, H, Dqk)
+        kva = self.wkv_a(x)                                                   # (B, S, C + R)
+        C, R = self.kv_lora_rank, self.qk_rope_head_dim
+        if cache is not None and cache.kind == "latent":
+            kv_buf, pe_buf, p0 = cache.a[:bsz], cache.b[:bsz], start_pos
+        else:
+            kv_buf = x.new_empty(bsz, seqlen, C)
+            pe_buf = x.new_empty(bsz, seqlen, R)
+            p0 = 0
+        eps = self.kv_norm.eps if self.kv_norm.eps is not None else torch.finfo(x.dtype).eps
+        freqs = self.freqs(end, x.device)[start_pos - p0:]                   # row p0 + s: position start_pos + s
+        mla_prologue(q, kva, p0, freqs, self.kv_norm.weight, eps, kv_buf, pe_buf, self.qk_nope_head_dim)
+        kv, k_pe = kv_buf[:, : p0 + seqlen], pe_buf[:, : p0 + seqlen]          # keys [0, end) (latent cache) or [0, S)
+        wkv_b = self.wkv_b.weight.view(self.n_heads, -1, C)                   # (H, nope + v, C)
+        kvb = torch.einsum("btc,hdc->bthd", kv, wkv_b)                        # (B, T, H, nope + v)
+        k_nope, v = torch.split(kvb, [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1)
+        if cache is not None and cache.kind == "full":
+            cache.a[:bsz, start_pos:end] = k
+            cache.b[:bsz, start_pos:end] = v
+            k, v = cache.a[:bsz, :end], cache.b[:bsz, :end]
+        o = attn_kernels.naive_sdpa(q, k, v, self.softmax_scale, None)      # (B, S, H, Dv)
+        return self.wo(o.flatten(2))
 
     def decode_step(self, x: torch.Tensor, pos: torch.Tensor, cache: MLACache) -> torch.Tensor:
         """One token x (B, 1, D) at position `pos` (a 0-d long tensor on x's device).

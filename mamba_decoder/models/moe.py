@@ -20,6 +20,12 @@ from ..kernels import moe as moe_kernels
 from .derived import derived
 
 
+def _expert_params(experts) -> list[torch.Tensor]:
+    """[w1, w2, w3 of expert 0, of expert 1, ...]: by the modules' dicts (nn.Module attribute
+    lookups cost ~1 us each, and the fast path gathers these every forward)."""
+    return [e._modules[n]._parameters["weight"] for e in experts for n in ("w1", "w2", "w3")]
+
+
 class MoE(KimiMoE):
     def __init__(self, dim: int, n_experts: int = 6, n_activated: int = 2,
                  expert_inter_dim: Optional[int] = None, shared_expert_inter_dim: Optional[int] = None,
@@ -64,9 +70,8 @@ class MoE(KimiMoE):
     def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(w1, w2, w3) of the routed experts stacked to (E, I, D), (E, D, I), (E, I, D): rebuilt
         every call with autograd on, else cached (models/derived.py)."""
-        params = [p for e in self.experts for p in (e.w1.weight, e.w2.weight, e.w3.weight)]
-        return derived(self, "stacked", params, lambda: tuple(
-            torch.stack(ws) for ws in zip(*[(e.w1.weight, e.w2.weight, e.w3.weight) for e in self.experts])))
+        params = _expert_params(self.experts)
+        return derived(self, "stacked", params, lambda: tuple(torch.stack(params[i::3]) for i in range(3)))
 
     def _all_experts(self) -> list:
         """The routed experts, then the shared one where it folds in (`folds_shared_expert`)."""
@@ -78,7 +83,7 @@ class MoE(KimiMoE):
         [w1; w3]; w1 and w3 are views of it, and dense-small reads the same storage: the cache
         holds one copy of the w1/w3 weights (and w2 twice, in two layouts)."""
         experts = self._all_experts()
-        params = [p for e in experts for p in (e.w1.weight, e.w2.weight, e.w3.weight)]
+        params = _expert_params(experts)
 
         def build():
             w13 = torch.stack([torch.cat([e.w1.weight, e.w3.weight]) for e in experts])
@@ -93,12 +98,14 @@ class MoE(KimiMoE):
 
     def dense_small_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(W13, W2) of kernels.moe.routed_dense_small over `_all_experts()`: W13 is the grouped
-        w13 seen as (E' * 2I, D); W2 (D, E' * I) the w2's side by side."""
-        w13 = self.grouped_weights()[3]
-        experts = self._all_experts()
-        w2s = [e.w2.weight for e in experts]
-        return w13.reshape(-1, w13.shape[-1]), derived(self, "dense_small_w2", w2s,
-                                                       lambda: torch.cat(w2s, dim=1))
+        w13 seen as (E' * 2I, D); W2 (D, E' * I) the w2's side by side. One cache entry (one
+        check of the expert weights per forward: decoding steps count host time)."""
+        params = _expert_params(self._all_experts())
+
+        def build():
+            w13 = self.grouped_weights()[3]
+            return w13.reshape(-1, w13.shape[-1]), torch.cat(params[1::3], dim=1)
+        return derived(self, "dense_small", params, build)
 
     def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -106,8 +113,8 @@ class MoE(KimiMoE):
         w, idx = self.route(x_flat)
         if x_flat.shape[0] <= self._dense_small_max_tokens():
             fold = self.folds_shared_expert()
-            gate = moe_kernels.dense_gate(w, idx, self.n_experts, int(fold))   # (T, E [+ 1])
-            out = moe_kernels.routed_dense_small(x_flat, gate, *self.dense_small_weights())
+            out = moe_kernels.routed_dense_small(x_flat, w, idx, self.n_experts, int(fold),
+                                                 *self.dense_small_weights())
             return (out if fold else out + self.shared_expert(x_flat)).view(shape)
         impl = moe_kernels.auto_impl(x_flat.device, x_flat.dtype)
         training = torch.is_grad_enabled() and (x.requires_grad or self.experts[0].w1.weight.requires_grad)

@@ -105,7 +105,7 @@ def impl(request):
         # the interpreter fast and still leave partial ED blocks and chunks
         mp = pytest.MonkeyPatch()
         if DEV == "cpu":
-            small_scan_tiles(mp, triton_bdl, seqt_chunk=8)
+            small_scan_tiles(mp, triton_bdl)
         yield name
         mp.undo()
     else:

@@ -71,7 +71,7 @@ def small_tiles(monkeypatch):
     pytest.importorskip("triton")
     from mamba_decoder.kernels.selective_scan import triton_bdl
     if DEV == "cpu":
-        small_scan_tiles(monkeypatch, triton_bdl, seqt_chunk=4)
+        small_scan_tiles(monkeypatch, triton_bdl)
     return triton_bdl
 
 
@@ -86,7 +86,7 @@ IMPLS = [pytest.param("cpu", id="cpu"), pytest.param("reference", id="reference"
 TOL = {"cpu": 1e-5, "reference": 1e-6, "triton": 1e-4}
 
 
-@pytest.mark.parametrize("variant", ["seqt", "chan"])
+@pytest.mark.parametrize("variant", ["chan", "lane"])
 @pytest.mark.parametrize("shape,dtype", [
     ((2, 37, 48, 16), torch.float32),   # L not a multiple of the tiles, partial ED block
     ((1, 70, 20, 16), torch.float32),   # batch 1, ED not a power of two
@@ -239,8 +239,9 @@ def test_fast_mixer_bdl_path_equals_reference():
     ("chan", (2, 37, 24, 16), torch.float32),    # 3 time tiles, the last partial; 5 state chunks
     ("chan", (1, 70, 20, 8), torch.float32),     # ED % BLOCK_D != 0
     ("chan", (1, 30, 24, 8), torch.bfloat16),
-    ("seqt", (2, 37, 24, 16), torch.float32),
-    ("seqt", (1, 30, 24, 8), torch.bfloat16),
+    ("lane", (2, 37, 24, 16), torch.float32),
+    ("lane", (1, 70, 20, 8), torch.float32),
+    ("lane", (1, 30, 24, 8), torch.bfloat16),
 ])
 def test_triton_bdl_fwd_bwd(small_tiles, monkeypatch, variant, shape, dtype):
     """Each forward stores the backward's chunk-boundary states; gradients from them match."""
@@ -261,16 +262,18 @@ def test_triton_bdl_fwd_bwd(small_tiles, monkeypatch, variant, shape, dtype):
 
 @pytest.mark.triton
 @pytest.mark.parametrize("dtype,variant", [(torch.bfloat16, "chan"), (torch.float16, "chan"),
-                                           (torch.float32, "seqt")])
+                                           (torch.float32, "lane")])
 def test_triton_bdl_forward_by_dtype(small_tiles, monkeypatch, dtype, variant):
-    """The dtype table picks the forward: chan for 16-bit inputs, seqt for fp32."""
+    """The dtype table picks the forward: chan for 16-bit inputs, lane for fp32."""
     calls = []
-    real = small_tiles._fwd_chan
-    monkeypatch.setattr(small_tiles, "_fwd_chan", lambda *a: calls.append("chan") or real(*a))
+    for name in ("chan", "lane"):
+        real = getattr(small_tiles, f"_fwd_{name}")
+        monkeypatch.setattr(small_tiles, f"_fwd_{name}",
+                            lambda *a, _n=name, _r=real, **k: calls.append(_n) or _r(*a, **k))
     inp, _ = make_bdl(1, 12, 8, 4, dtype=dtype)
     with torch.no_grad():
         selective_scan(**inp, impl="triton", layout="BDL")
-    assert calls == (["chan"] if variant == "chan" else [])
+    assert calls == [variant]
     with pytest.raises(ValueError, match="variant"):
         small_tiles._fwd(*[inp[k] for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")], None,
                          True, False, variant="segt")

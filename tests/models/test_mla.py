@@ -228,3 +228,63 @@ def test_fast_latent_prefill_expands_keys_and_equals_latent_attention(monkeypatc
             assert rel_err(got, want) < 1e-5, (lo, hi)
     assert naive_calls == [(2, 12, 4, 24), (2, 20, 4, 24)]
     assert torch.equal(c_fast.a, c_ref.a) and torch.equal(c_fast.b, c_ref.b)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("q_lora_rank", [0, 24], ids=["no-qlora", "qlora24"])
+@pytest.mark.parametrize("kind", [None, "latent", "full"], ids=["no-cache", "latent", "full"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+def test_fused_prologue_prefill_equals_the_torch_path(monkeypatch, q_lora_rank, kind, dtype, tol):
+    """The fast forward with the Triton prologue (query RoPE in place, latent RMSNorm, rope
+    key) against the same module's PyTorch path on fresh inputs: a first chunk and, with a
+    cache, a second one at start_pos > 0 whose earlier keys come from the cache; cache contents
+    too. Then decode steps continue from the prologue-filled cache."""
+    from mamba_decoder.kernels import mla_decode as md
+    calls = []
+    real = md.mla_prologue
+    monkeypatch.setattr(md, "mla_prologue", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    torch_path = randomize_(_mla("fast", q_lora_rank=q_lora_rank)).to(dtype)
+    torch_path.fused_impl = "torch"
+    fused = _mla("fast", q_lora_rank=q_lora_rank).to(dtype)
+    fused.load_state_dict(torch_path.state_dict())
+    fused.fused_impl = "triton"
+    x = torch.randn(2, 21, 48).to(dtype)
+    with torch.no_grad():
+        if kind is None:
+            assert rel_err(fused(x), torch_path(x)) < tol
+            assert calls == [0]
+            return
+        c_t, c_f = torch_path.init_cache(2, 32, kind), fused.init_cache(2, 32, kind)
+        for lo, hi in [(0, 13), (13, 20)]:
+            assert rel_err(fused(x[:, lo:hi], lo, None, c_f), torch_path(x[:, lo:hi], lo, None, c_t)) < tol
+        assert rel_err(c_f.a[:, :20], c_t.a[:, :20]) < tol and rel_err(c_f.b[:, :20], c_t.b[:, :20]) < tol
+        # the latent cache is written at the chunk's positions; full K/V go through a (B, S) buffer
+        assert calls == ([0, 13] if kind == "latent" else [0, 0])
+        # a one-token step is not a prefill: it takes the decode path
+        assert rel_err(fused(x[:, 20:21], 20, None, c_f), torch_path(x[:, 20:21], 20, None, c_t)) < tol
+    assert len(calls) == 2
+
+
+def test_fused_prologue_is_off_with_autograd_and_for_a_bad_name():
+    m = _mla("fast")
+    m.fused_impl = "triton"
+    x = torch.randn(1, 5, 48)
+    assert not m._fused_prologue(x, None)          # parameters want gradients: the PyTorch path
+    with torch.no_grad():
+        assert m._fused_prologue(x, None)
+    m.fused_impl = "cuda"
+    with pytest.raises(ValueError, match="fused_impl='cuda'"):
+        m(x)
+
+
+def test_rope_table_built_under_inference_mode_serves_a_later_backward():
+    """The cached RoPE table is an ordinary tensor even when the first forward ran under
+    inference_mode: a later forward with autograd on (as in a benchmark's train step after an
+    inference one) backpropagates instead of failing to save an inference tensor."""
+    m = randomize_(_mla("fast"))
+    x = torch.randn(2, 9, 48)
+    with torch.inference_mode():
+        want = m(x)
+    got = m(x)
+    got.square().sum().backward()
+    assert m.wq.weight.grad is not None and rel_err(got.detach(), want) < 1e-6

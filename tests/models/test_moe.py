@@ -142,8 +142,7 @@ def test_dense_small_equals_loop(T, dtype, tol):
     x, (w, idx), ws = torch.randn(T, D), _picks(T, E, k), _experts(E, D, I)
     want = K.routed_loop(x, w, idx, *ws)
     w1, w2, w3 = (t.to(dtype) for t in ws)
-    gate = K.dense_gate(w.to(dtype), idx, E)
-    got = K.routed_dense_small(x.to(dtype), gate, *stack_dense_small(w1, w2, w3))
+    got = K.routed_dense_small(x.to(dtype), w.to(dtype), idx, E, 0, *stack_dense_small(w1, w2, w3))
     assert got.dtype == dtype and rel_err(got, want) < tol
 
 
@@ -154,8 +153,35 @@ def test_dense_small_folds_an_always_on_expert():
     sw1, sw2, sw3 = _experts(1, D, I)
     want = K.routed_loop(x, w, idx, *ws) + (F.silu(x @ sw1[0].t()) * (x @ sw3[0].t())) @ sw2[0].t()
     stacked = stack_dense_small(*(torch.cat([a, b]) for a, b in zip(ws, (sw1, sw2, sw3))))
-    got = K.routed_dense_small(x, K.dense_gate(w, idx, E, n_always_on=1), *stacked)
+    got = K.routed_dense_small(x, w, idx, E, 1, *stacked)
     assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("T,E,fold,I", [(1, 6, 1, 40), (9, 5, 0, 48), (70, 6, 1, 1100)],
+                         ids=["T1-fold", "T9-nofold", "T70-I1100"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)], ids=["fp32", "bf16"])
+def test_gated_swiglu_triton_equals_twin(monkeypatch, T, E, fold, I, dtype, tol):
+    """The one-pass Triton gated SwiGLU of dense-small against its PyTorch twin (dense gate,
+    silu, products), fresh random inputs; I > 1024 spans two column blocks."""
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    pytest.importorskip("triton")
+    from mamba_decoder.kernels.swiglu import gated_swiglu_triton
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    w, idx = _picks(T, E, 2)
+    H = torch.randn(T, (E + fold) * 2 * I).to(dev, dtype)
+    w, idx = w.to(dev, dtype), idx.to(dev)
+    monkeypatch.setattr(K, "SWIGLU_IMPL", "torch")
+    want = K.gated_swiglu(H, w, idx, E, fold)
+    got = gated_swiglu_triton(H, w, idx, E, fold)
+    assert got.shape == (T, (E + fold) * I) and got.dtype == dtype
+    assert rel_err(got, want) < tol
+    # unpicked experts are exactly zero
+    picked = torch.zeros(T, E + fold, dtype=torch.bool, device=dev).scatter(1, idx, True)
+    if fold:
+        picked[:, E] = True
+    assert torch.all(got.view(T, E + fold, I)[~picked] == 0)
 
 
 def test_dense_gate_is_exactly_zero_off_the_picks():
@@ -178,7 +204,7 @@ def _fast_like(theirs, **kw):
 @pytest.mark.parametrize("shared", [40, 48, None], ids=["separate-shared", "folded-shared", "default-shared"])
 @pytest.mark.parametrize("shape", [(8, 1), (1, 1), (4, 16)], ids=["decode-B8", "decode-B1", "T64"])
 def test_dense_small_moe_equals_open_kimi(shared, shape, monkeypatch):
-    """The fast MoE takes dense-small at T <= 64 (counted) and equals open_kimi's loop, with a
+    """The fast MoE takes dense-small for few tokens (counted) and equals open_kimi's loop, with a
     random adaptive bias (randomize_) routing the tokens."""
     theirs = randomize_(KimiMoE(32, 6, 2, 48, shared))
     assert theirs.gate.adaptive_bias.abs().min() > 0
@@ -197,7 +223,7 @@ def test_dense_small_off_above_the_threshold(monkeypatch):
     theirs = randomize_(KimiMoE(32, 6, 2, 48, 48))
     fast = _fast_like(theirs)
     monkeypatch.setattr(K, "routed_dense_small", None)   # would fail if called
-    x = torch.randn(5, 13, 32)                             # T = 65
+    x = torch.randn(1, K.DENSE_SMALL_MAX_TOKENS + 1, 32)
     with torch.no_grad():
         assert rel_err(fast(x), theirs(x)) < 1e-5
 
@@ -248,7 +274,8 @@ def test_dense_small_weight_cache_follows_the_shared_expert():
 def test_kernel_choice_names_both_paths():
     fast = MoE(32, 6, 2, 48, 48, backend="fast")
     choice = fast.kernel_choice(torch.device("cpu"), torch.float32)["moe"]
-    assert choice == f"{K.auto_impl(torch.device('cpu'), torch.float32)} (T > 64), dense-small (T <= 64)"
+    n = K.DENSE_SMALL_MAX_TOKENS
+    assert choice == f"{K.auto_impl(torch.device('cpu'), torch.float32)} (T > {n}), dense-small (T <= {n})"
 
 
 @pytest.mark.parametrize("kwargs,match", [

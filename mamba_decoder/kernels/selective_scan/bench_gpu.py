@@ -100,11 +100,11 @@ def check():
             args = [inp[k] for k in ARGS] + [h0]
             with torch.no_grad():
                 ref, rhf = selective_scan_ref(**bld_view(inp), initial_state=h0, return_final_state=True)
-                _, _, st_seqt, _ = tb._fwd(*args, True, True, variant="seqt")
+                _, _, st_lane, _ = tb._fwd(*args, True, True, variant="lane")
                 for variant in tb.FWD_TILES:
                     o, hf, st, _ = tb._fwd(*args, True, True, variant=variant)
                     emit(kind="check_fwd", variant=variant, shape=[Bsz, L, ED, N], dtype=dname,
-                         out=rel(o, ref.transpose(1, 2)), hfin=rel(hf, rhf), states=rel(st, st_seqt))
+                         out=rel(o, ref.transpose(1, 2)), hfin=rel(hf, rhf), states=rel(st, st_lane))
             o, hf, g = fwd_bwd(inp, h0)
             ro, rhf, rg = fwd_bwd(inp, h0, impl="reference")
             errs = {"out": rel(o, ro), "hfin": rel(hf, rhf)}
@@ -113,9 +113,11 @@ def check():
                  dtype=dname, max_rel=max(errs.values()), **{k: float(f"{v:.2e}") for k, v in errs.items()})
 
 
-def tune(deadline):
+def tune(deadline, dtypes=tuple(DTYPES)):
     Bsz, L, ED, N = 8, 2048, 1024, 16
     for dname, dtype in DTYPES.items():
+        if dname not in dtypes:
+            continue
         args = [make_bdl(Bsz, L, ED, N, dtype)[k] for k in ARGS] + [None]
         best = None
         with torch.no_grad():
@@ -188,6 +190,8 @@ def main():
     ap.add_argument("--tune", action="store_true", help="sweep forward and backward tiles")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--budget", type=float, default=200.0, help="seconds for the tile sweep")
+    ap.add_argument("--tune-dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    ap.add_argument("--skip-table", action="store_true", help="no table / layer steps")
     a = ap.parse_args()
     assert torch.cuda.is_available(), "bench_gpu needs a CUDA device"
     emit(kind="env", device=torch.cuda.get_device_name(), torch=torch.__version__,
@@ -195,7 +199,8 @@ def main():
          fwd_tiles=tb.FWD_TILES, bwd_config=tb.BWD_CONFIG)
     t0 = time.time()
     steps = ([] if a.skip_check else [("check", check)]) + \
-        ([("tune", lambda: tune(t0 + a.budget))] if a.tune else []) + [("table", table), ("layer", layer)]
+        ([("tune", lambda: tune(t0 + a.budget, a.tune_dtypes))] if a.tune else []) + \
+        ([] if a.skip_table else [("table", table), ("layer", layer)])
     for name, fn in steps:
         try:
             fn()

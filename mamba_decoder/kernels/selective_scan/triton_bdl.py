@@ -4,12 +4,11 @@ x, dt, z, y: (B, ED, L) with L contiguous; B, C: (B, N, L) with L contiguous (ty
 of one (B, R + 2N, L) tensor, read by stride), so every load and store is coalesced along time.
 
 Forward, two kernels picked by input dtype (FWD_BY_DTYPE; NOTES.md has the measurements):
-- "seqt" (fp32): one program per (ED-block, batch) walks time step by step, the state
-  transposed to (N, BLOCK_D) in registers (one channel and its N states per thread), x / dt /
-  z / y moved as (CHUNK, BLOCK_D) register tiles.
 - "chan" (16-bit): time-parallel per channel: (BLOCK_D, CHUNK) tiles of x and delta, and for
   each state n an associative scan over the CHUNK axis, y accumulated over n; the state is
-  carried across tiles.
+  carried across tiles (per-state rates and states as tuples of (BLOCK_D,) vectors).
+- "lane" (fp32): sequential in time, one lane per (channel, N/NS of its states), steps moved
+  as (BLOCK_D, NS, CHUNK) register tiles split into per-step registers.
 Both fuse softplus(dt + bias), the D skip and the silu(z) gate, use exp2 with A pre-multiplied
 by log2(e), and store the backward's chunk-boundary states only when a backward will follow.
 
@@ -27,26 +26,26 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton import interpreting as _interpreting
+from .._triton import interpreting as _interpreting, launch
 
 LOG2E = 1.4426950408889634
 
-# Forward kernel by input dtype, and each kernel's tiles (H100 runs, NOTES.md). At
-# (8,2048,1024,16): fp32 seqt 0.63 ms vs chan 0.73; bf16 chan 0.44-0.48 vs the retired
-# segmented seqt 0.45-0.52, and at (1,128,1024,16) bf16 chan 0.073 vs 0.150 (more programs).
-# seqt's CHUNK is its register tile of steps (it must divide the backward's state chunk);
-# chan's CHUNK is the time tile scanned per state.
-FWD_BY_DTYPE = {torch.float32: "seqt", torch.bfloat16: "chan", torch.float16: "chan"}
-FWD_TILES = {"seqt": dict(BLOCK_D=8, CHUNK=16, num_warps=1),
-             "chan": dict(BLOCK_D=1, CHUNK=512, num_warps=1)}
+# Forward kernel by input dtype, and each kernel's tiles (NOTES.md, run 6: H200, at
+# (8,2048,1024,16): bf16 chan 0.378 ms, lane 0.384, the retired seqt 0.444; fp32 lane 0.490,
+# chan 0.499, seqt 0.614). chan's CHUNK is the time tile scanned per state; lane's CHUNK is its
+# register tile of steps (it must divide the backward's state chunk), NS the lanes sharing a
+# channel (BLOCK_D * NS = 32 * num_warps).
+FWD_BY_DTYPE = {torch.float32: "lane", torch.bfloat16: "chan", torch.float16: "chan"}
+FWD_TILES = {"chan": dict(BLOCK_D=1, CHUNK=512, num_warps=1),
+             "lane": dict(BLOCK_D=8, NS=4, CHUNK=8, num_warps=1)}
 # Backward: 2 channels, CHUNK 32, 1 warp: 3.5 ms at (8,2048,1024,16) (4 ch / 64 / 4 warps:
 # 4.6). It restarts from states the forward stores every BWD_CONFIG["CHUNK"] steps.
 BWD_CONFIG = dict(BLOCK_D=2, CHUNK=32, num_warps=1)
-FWD_TUNE = ([dict(variant="seqt", BLOCK_D=bd, CHUNK=u, num_warps=1)
-             for bd, u in [(8, 16), (16, 16), (8, 8)]]
-            + [dict(variant="chan", BLOCK_D=bd, CHUNK=ch, num_warps=nw)
-               for bd, ch, nw in [(1, 512, 1), (2, 128, 1), (1, 256, 1), (1, 2048, 4),
-                                  (4, 512, 4), (1, 1024, 2)]])
+FWD_TUNE = ([dict(variant="chan", BLOCK_D=bd, CHUNK=ch, num_warps=nw)
+              for bd, ch, nw in [(1, 512, 1), (2, 256, 1), (1, 256, 1), (1, 1024, 2)]]
+            + [dict(variant="lane", BLOCK_D=bd, NS=ns, CHUNK=e, num_warps=nw)
+               for bd, ns, e, nw in [(32, 1, 8, 1), (32, 1, 4, 1), (16, 2, 8, 1), (16, 2, 4, 1),
+                                     (8, 4, 8, 1), (64, 1, 8, 2), (32, 2, 8, 2), (16, 4, 8, 2)]])
 BWD_TUNE = [dict(BLOCK_D=bd, CHUNK=ch, num_warps=nw)
             for bd, ch, nw in [(4, 64, 4), (2, 64, 2), (4, 64, 2), (2, 32, 1), (4, 128, 4)]]
 
@@ -94,91 +93,6 @@ def _softplus(u):
     # stable log(1 + exp(u)) through exp2 / log2
     return tl.maximum(u, 0.0) + 0.6931471805599453 * tl.log2(
         1.0 + tl.exp2(-tl.abs(u) * 1.4426950408889634))
-
-
-@triton.jit
-def _bdl_fwd_seqt_kernel(
-    x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, h0_ptr,
-    out_ptr, hfin_ptr, states_ptr,
-    L, ED, N,
-    sx_b, sx_d, sx_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l,
-    sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sA_d, sA_n,
-    so_b, so_d, so_l,
-    HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
-    SOFTPLUS: tl.constexpr, STORE_STATES: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SEQ_SCAN: tl.constexpr,
-    STATE_CHUNK: tl.constexpr,
-):
-    """Sequential in time, state transposed to (BLOCK_N, BLOCK_D): with BLOCK_D = 32 * warps,
-    each thread owns one channel and all its N states (n-reductions stay in registers). x, dt,
-    z are loaded / y stored as (CHUNK, BLOCK_D) tiles (each thread a vector of CHUNK consecutive
-    steps of its channel); per-step values are picked out of the thread's own registers."""
-    pid_d = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_u = tl.arange(0, CHUNK)
-    mask_d = offs_d < ED
-    mask_n = offs_n < N
-    mask_nd = mask_n[:, None] & mask_d[None, :]
-
-    A2 = tl.load(A_ptr + offs_d[None, :] * sA_d + offs_n[:, None] * sA_n,
-                 mask=mask_nd, other=0.0).to(tl.float32) * 1.4426950408889634  # (BN, BD)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    st_off = offs_d[None, :] * N + offs_n[:, None]  # (BN, BD) into a (ED, N) slab
-    if HAS_H0:
-        h = tl.load(h0_ptr + pid_b * ED * N + st_off, mask=mask_nd, other=0.0).to(tl.float32)
-    else:
-        h = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-
-    x_base = x_ptr + pid_b * sx_b + offs_d[None, :] * sx_d
-    dt_base = dt_ptr + pid_b * sdt_b + offs_d[None, :] * sdt_d
-    z_base = z_ptr + pid_b * sz_b + offs_d[None, :] * sz_d
-    o_base = out_ptr + pid_b * so_b + offs_d[None, :] * so_d
-    zero_d = (offs_d * 0)[None, :]
-    B_base = B_ptr + pid_b * sB_b + offs_n[:, None] * sB_n + zero_d  # (BN, BD), same per d
-    C_base = C_ptr + pid_b * sC_b + offs_n[:, None] * sC_n + zero_d
-
-    n_tiles = tl.cdiv(L, CHUNK)
-    for c in range(0, n_tiles):
-        t0 = c * CHUNK
-        if STORE_STATES:
-            if t0 % STATE_CHUNK == 0:
-                tl.store(states_ptr + (pid_b * tl.cdiv(L, STATE_CHUNK) + t0 // STATE_CHUNK)
-                         * ED * N + st_off, h, mask=mask_nd)
-        t = t0 + offs_u
-        m = (t < L)[:, None] & mask_d[None, :]  # (U, BD)
-        xt = tl.load(x_base + t[:, None] * sx_l, mask=m, other=0.0).to(tl.float32)
-        ut = tl.load(dt_base + t[:, None] * sdt_l, mask=m, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            ut = ut + bias[None, :]
-        if SOFTPLUS:
-            dlt = _softplus(ut)
-        else:
-            dlt = ut
-        dlt = tl.where(m, dlt, 0.0)
-        dxt = dlt * xt
-        yt = tl.zeros([CHUNK, BLOCK_D], dtype=tl.float32)
-        for k in tl.static_range(CHUNK):
-            sel = (offs_u == k)[:, None]
-            d_k = tl.sum(tl.where(sel, dlt, 0.0), axis=0)  # (BD,)
-            dx_k = tl.sum(tl.where(sel, dxt, 0.0), axis=0)
-            mk = mask_n[:, None] & ((zero_d + (t0 + k)) < L)  # (BN, BD)
-            B_k = tl.load(B_base + (t0 + k) * sB_l, mask=mk, other=0.0).to(tl.float32)
-            C_k = tl.load(C_base + (t0 + k) * sC_l, mask=mk, other=0.0).to(tl.float32)
-            h = tl.exp2(d_k[None, :] * A2) * h + dx_k[None, :] * B_k
-            y_k = tl.sum(h * C_k, axis=0)  # (BD,)
-            yt = tl.where(sel, y_k[None, :], yt)
-        if HAS_D:
-            yt = yt + Dv[None, :] * xt
-        if HAS_Z:
-            zt = tl.load(z_base + t[:, None] * sz_l, mask=m, other=0.0).to(tl.float32)
-            yt = yt * zt * tl.sigmoid(zt)
-        tl.store(o_base + t[:, None] * so_l, yt.to(out_ptr.dtype.element_ty), mask=m)
-    tl.store(hfin_ptr + pid_b * ED * N + st_off, h, mask=mask_nd)
 
 
 @triton.jit
@@ -360,6 +274,18 @@ def _scan_row(a, b, offs_t, CHUNK: tl.constexpr, SEQ: tl.constexpr):
 
 
 @triton.jit
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _last_t(v, last):
+    """The last time column of a (BLOCK_D, CHUNK) tile, as (BLOCK_D,) in every lane: a max
+    over the column mask (max(x, -inf) = x, NaN kept) -- no sum's in-thread adds of zeros."""
+    return tl.reduce(tl.where(last, v, -float("inf")), 1, _max_nan)
+
+
+@triton.jit
 def _bdl_fwd_chan_kernel(
     x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, h0_ptr,
     out_ptr, hfin_ptr, states_ptr,
@@ -369,36 +295,37 @@ def _bdl_fwd_chan_kernel(
     so_b, so_d, so_l,
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
     SOFTPLUS: tl.constexpr, STORE_STATES: tl.constexpr,
-    N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+    N: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
     STATE_CHUNK: tl.constexpr, SEQ_SCAN: tl.constexpr,
 ):
     """Time-parallel per channel. Program (d-block, batch) holds (BLOCK_D, CHUNK) tiles of x,
     delta, y and, for each of the N states in turn, scans h -> exp(delta A_n) h + delta x B_n
     along time (tl.associative_scan over the CHUNK axis: per-thread runs, then shuffles) and
-    accumulates y += h C_n. The per-step recurrence of seqt becomes ~1 exp2 + 3 FMA per
-    (d, n, t) spread over all threads; the state (BLOCK_D, N) is carried across chunks."""
+    accumulates y += h C_n. The per-state rates A_n and carried states h_n are N-tuples of
+    (BLOCK_D,) vectors indexed by the unrolled state loop: no (BLOCK_D, N) tiles to pick them
+    from across lanes; the carry is the chunk's last column by a max (no in-thread adds)."""
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_t = tl.arange(0, CHUNK)
     mask_d = offs_d < ED
-    mask_dn = mask_d[:, None] & (offs_n < N)[None, :]
-
-    A2 = tl.load(A_ptr + offs_d[:, None] * sA_d + offs_n[None, :] * sA_n,
-                 mask=mask_dn, other=0.0).to(tl.float32) * 1.4426950408889634  # (BD, BN)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    st_off = offs_d[:, None] * N + offs_n[None, :]  # (BD, BN) into a (ED, N) slab
-    if HAS_H0:
-        H = tl.load(h0_ptr + pid_b * ED * N + st_off, mask=mask_dn, other=0.0).to(tl.float32)
-    else:
-        H = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    st_base = pid_b * ED * N + offs_d * N  # (BD,) into a (B, ED, N) slab; + n
     n_states = tl.cdiv(L, STATE_CHUNK)
-    if STORE_STATES:
-        tl.store(states_ptr + pid_b * n_states * ED * N + st_off, H, mask=mask_dn)
+    A2 = ()
+    H = ()
+    for n in tl.static_range(N):
+        A2 = A2 + (tl.load(A_ptr + offs_d * sA_d + n * sA_n, mask=mask_d, other=0.0).to(tl.float32)
+                   * 1.4426950408889634,)
+        if HAS_H0:
+            H = H + (tl.load(h0_ptr + st_base + n, mask=mask_d, other=0.0).to(tl.float32),)
+        else:
+            H = H + (tl.zeros([BLOCK_D], dtype=tl.float32),)
+        if STORE_STATES:
+            tl.store(states_ptr + pid_b * n_states * ED * N + offs_d * N + n, H[n], mask=mask_d)
 
     x_base = x_ptr + pid_b * sx_b + offs_d[:, None] * sx_d
     dt_base = dt_ptr + pid_b * sdt_b + offs_d[:, None] * sdt_d
@@ -424,14 +351,11 @@ def _bdl_fwd_chan_kernel(
         dxt = dlt * xt
         yt = tl.zeros([BLOCK_D, CHUNK], dtype=tl.float32)
         for n in tl.static_range(N):
-            sel = (offs_n == n)[None, :]
-            a2n = tl.sum(tl.where(sel, A2, 0.0), axis=1)  # (BD,)
-            hn = tl.sum(tl.where(sel, H, 0.0), axis=1)
             Bn = tl.load(B_base + n * sB_n + t * sB_l, mask=mask_t, other=0.0).to(tl.float32)
             Cn = tl.load(C_base + n * sC_n + t * sC_l, mask=mask_t, other=0.0).to(tl.float32)
-            pa, pb = _scan_row(tl.exp2(dlt * a2n[:, None]), dxt * Bn[None, :], offs_t, CHUNK,
+            pa, pb = _scan_row(tl.exp2(dlt * A2[n][:, None]), dxt * Bn[None, :], offs_t, CHUNK,
                                SEQ_SCAN)
-            hs = pb + pa * hn[:, None]  # (BD, CHUNK): h_t for every step of the chunk
+            hs = pb + pa * H[n][:, None]  # (BD, CHUNK): h_t for every step of the chunk
             yt += hs * Cn[None, :]
             if STORE_STATES:
                 # the backward restarts from the state before every STATE_CHUNK-th step
@@ -440,14 +364,157 @@ def _bdl_fwd_chan_kernel(
                 s_ptr = (states_ptr + ((pid_b * n_states + nxt[None, :] // STATE_CHUNK) * ED
                                        + offs_d[:, None]) * N + n)
                 tl.store(s_ptr, hs, mask=sm)
-            H = tl.where(sel, tl.sum(tl.where(last, hs, 0.0), axis=1)[:, None], H)
+            H = H[:n] + (_last_t(hs, last),) + H[n + 1:]
         if HAS_D:
             yt += Dv[:, None] * xt
         if HAS_Z:
             zt = tl.load(z_base + t[None, :] * sz_l, mask=m, other=0.0).to(tl.float32)
             yt = yt * zt * tl.sigmoid(zt)
         tl.store(o_base + t[None, :] * so_l, yt.to(out_ptr.dtype.element_ty), mask=m)
-    tl.store(hfin_ptr + pid_b * ED * N + st_off, H, mask=mask_dn)
+    for n in tl.static_range(N):
+        tl.store(hfin_ptr + st_base + n, H[n], mask=mask_d)
+
+
+@triton.jit
+def _cols(t, BD: tl.constexpr, NS: tl.constexpr, E: tl.constexpr):
+    """(BD, NS, E) -> E-tuple of (BD, NS), in step order. The step axis is held in-thread
+    (sizePerThread covers it), so the splits move no data and cost no instructions."""
+    if E == 2:
+        a, b = tl.split(t)
+        return (a, b)
+    elif E == 4:
+        a, b = tl.split(tl.reshape(t, (BD, NS, 2, 2)))
+        a0, a1 = tl.split(a)
+        b0, b1 = tl.split(b)
+        return (a0, b0, a1, b1)
+    else:
+        a, b = tl.split(tl.reshape(t, (BD, NS, 4, 2)))     # a: even steps, b: odd (by e // 2)
+        aa, ab = tl.split(tl.reshape(a, (BD, NS, 2, 2)))   # aa: 0, 4; ab: 2, 6
+        ba, bb = tl.split(tl.reshape(b, (BD, NS, 2, 2)))   # ba: 1, 5; bb: 3, 7
+        e0, e4 = tl.split(aa)
+        e2, e6 = tl.split(ab)
+        e1, e5 = tl.split(ba)
+        e3, e7 = tl.split(bb)
+        return (e0, e1, e2, e3, e4, e5, e6, e7)
+
+
+@triton.jit
+def _join_cols(c, BD: tl.constexpr, NS: tl.constexpr, E: tl.constexpr):
+    """The inverse of _cols: E (BD, NS) columns -> (BD, NS, E)."""
+    if E == 2:
+        return tl.join(c[0], c[1])
+    elif E == 4:
+        return tl.reshape(tl.join(tl.join(c[0], c[2]), tl.join(c[1], c[3])), (BD, NS, 4))
+    else:
+        a = tl.reshape(tl.join(tl.join(c[0], c[4]), tl.join(c[2], c[6])), (BD, NS, 4))
+        b = tl.reshape(tl.join(tl.join(c[1], c[5]), tl.join(c[3], c[7])), (BD, NS, 4))
+        return tl.reshape(tl.join(a, b), (BD, NS, 8))
+
+
+@triton.jit
+def _bdl_fwd_lane_kernel(
+    x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, h0_ptr,
+    out_ptr, hfin_ptr, states_ptr,
+    L, ED,
+    sx_b, sx_d, sx_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l,
+    sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sA_d, sA_n,
+    so_b, so_d, so_l,
+    HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
+    SOFTPLUS: tl.constexpr, STORE_STATES: tl.constexpr,
+    N: tl.constexpr, BLOCK_D: tl.constexpr, NS: tl.constexpr, E: tl.constexpr,
+    STATE_CHUNK: tl.constexpr,
+):
+    """Sequential in time, one lane per (channel, N/NS of its states). Tiles (BLOCK_D, NS, E):
+    each lane loads E consecutive steps of its channel as one vector (coalesced along time)
+    and of B_n, C_n for its states (the same address across channels: a broadcast), splits
+    them into per-step registers (no data movement) and runs h_n = exp(delta A_n) h_n +
+    delta x B_n, y += h_n C_n step by step: ~5 instructions and one exp2 per (d, n, t), no
+    shuffles but the NS-lane sum of y. The states are N/NS-tuples of (BLOCK_D, NS) vectors."""
+    NL: tl.constexpr = N // NS
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_s = tl.arange(0, NS)
+    d3 = offs_d[:, None, None]
+    s3 = offs_s[None, :, None]
+    e3 = tl.arange(0, E)[None, None, :]
+    md3 = d3 < ED
+    d2 = offs_d[:, None]
+    s2 = offs_s[None, :]
+    md2 = (d2 < ED) & (s2 < NS)
+    if HAS_D:
+        Dv = tl.load(D_ptr + d3 + s3 * 0, mask=md3, other=0.0).to(tl.float32)   # (BD, NS, 1)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d3 + s3 * 0, mask=md3, other=0.0).to(tl.float32)
+    st2 = d2 * N + s2 * NL   # (BD, NS) offsets into an (ED, N) slab; + j for state s * NL + j
+    n_states = tl.cdiv(L, STATE_CHUNK)
+    A2 = ()
+    H = ()
+    for j in tl.static_range(NL):
+        A2 = A2 + (tl.load(A_ptr + d2 * sA_d + (s2 * NL + j) * sA_n, mask=md2,
+                           other=0.0).to(tl.float32) * 1.4426950408889634,)
+        if HAS_H0:
+            H = H + (tl.load(h0_ptr + pid_b * ED * N + st2 + j, mask=md2, other=0.0).to(tl.float32),)
+        else:
+            H = H + (tl.zeros([BLOCK_D, NS], dtype=tl.float32),)
+        if STORE_STATES:
+            tl.store(states_ptr + pid_b * n_states * ED * N + st2 + j, H[j], mask=md2)
+
+    x_b = x_ptr + pid_b * sx_b + d3 * sx_d + s3 * 0
+    dt_b = dt_ptr + pid_b * sdt_b + d3 * sdt_d + s3 * 0
+    z_b = z_ptr + pid_b * sz_b + d3 * sz_d + s3 * 0
+    o_b = out_ptr + pid_b * so_b + d3 * so_d + s3 * 0
+    B_b = B_ptr + pid_b * sB_b + (s3 * NL) * sB_n + d3 * 0
+    C_b = C_ptr + pid_b * sC_b + (s3 * NL) * sC_n + d3 * 0
+
+    for c in range(0, tl.cdiv(L, E)):
+        t3 = c * E + e3
+        mt = t3 < L
+        m = md3 & mt
+        xt = tl.load(x_b + t3 * sx_l, mask=m, other=0.0).to(tl.float32)
+        ut = tl.load(dt_b + t3 * sdt_l, mask=m, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            ut = ut + bias
+        if SOFTPLUS:
+            dlt = _softplus(ut)
+        else:
+            dlt = ut
+        dlt = tl.where(m, dlt, 0.0)  # padded steps: decay 1, input 0 -> the state passes through
+        Bt = ()
+        Ct = ()
+        for j in tl.static_range(NL):
+            Bt = Bt + (_cols(tl.load(B_b + j * sB_n + t3 * sB_l, mask=mt, other=0.0).to(tl.float32),
+                             BLOCK_D, NS, E),)
+            Ct = Ct + (_cols(tl.load(C_b + j * sC_n + t3 * sC_l, mask=mt, other=0.0).to(tl.float32),
+                             BLOCK_D, NS, E),)
+        dl = _cols(dlt, BLOCK_D, NS, E)
+        dx = _cols(dlt * xt, BLOCK_D, NS, E)
+        ys = ()
+        for k in tl.static_range(E):
+            h = tl.exp2(dl[k] * A2[0]) * H[0] + dx[k] * Bt[0][k]
+            y_k = h * Ct[0][k]
+            H = (h,) + H[1:]
+            for j in tl.static_range(1, NL):
+                h = tl.exp2(dl[k] * A2[j]) * H[j] + dx[k] * Bt[j][k]
+                y_k += h * Ct[j][k]
+                H = H[:j] + (h,) + H[j + 1:]
+            ys = ys + (y_k,)
+        if STORE_STATES:
+            # the backward restarts from the state before every STATE_CHUNK-th step
+            nxt = c * E + E
+            if (nxt % STATE_CHUNK == 0) & (nxt < L):
+                for j in tl.static_range(NL):
+                    tl.store(states_ptr + (pid_b * n_states + nxt // STATE_CHUNK) * ED * N + st2 + j,
+                             H[j], mask=md2)
+        y = tl.sum(_join_cols(ys, BLOCK_D, NS, E), axis=1, keep_dims=True)  # (BD, 1, E): over NS lanes
+        if HAS_D:
+            y += Dv * xt
+        if HAS_Z:
+            zt = tl.load(z_b + t3 * sz_l, mask=m, other=0.0).to(tl.float32)
+            y = y * zt * tl.sigmoid(zt)
+        tl.store(o_b + t3 * so_l, y.to(out_ptr.dtype.element_ty), mask=m & (s3 == 0))
+    for j in tl.static_range(NL):
+        tl.store(hfin_ptr + pid_b * ED * N + st2 + j, H[j], mask=md2)
 
 
 def _check_device(x: torch.Tensor):
@@ -461,7 +528,7 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, initial_state, softplus, store_states,
          variant=None, STATE_CHUNK=None, **tiles):
     """x, dt, z: (B, ED, L); B, C: (B, N, L). Returns out (B, ED, L), hfin, states (or None),
     and the state chunk. `variant` / `tiles` (BLOCK_D, CHUNK, num_warps) override the tables."""
-    variant = variant or FWD_BY_DTYPE.get(x.dtype, "seqt")
+    variant = variant or FWD_BY_DTYPE.get(x.dtype, "lane")
     if variant not in FWD_TILES:
         raise ValueError(f"forward variant {variant!r} is not one of {', '.join(FWD_TILES)}")
     cfg = {**FWD_TILES[variant], **{k: v for k, v in tiles.items() if v is not None}}
@@ -469,27 +536,35 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, initial_state, softplus, store_states,
     if variant == "chan":
         return _fwd_chan(x, dt, A, B, C, D, z, dt_bias, initial_state, softplus, store_states,
                          cfg["BLOCK_D"], cfg["CHUNK"], cfg["num_warps"], state_chunk)
+    return _fwd_lane(x, dt, A, B, C, D, z, dt_bias, initial_state, softplus, store_states,
+                     cfg["BLOCK_D"], cfg["NS"], cfg["CHUNK"], cfg["num_warps"], state_chunk)
+
+
+def _fwd_lane(x, dt, A, B, C, D, z, dt_bias, initial_state, softplus, store_states,
+              BLOCK_D, NS, E, num_warps, state_chunk):
     Bsz, ED, L = x.shape
     N = A.shape[1]
-    assert state_chunk % cfg["CHUNK"] == 0, (state_chunk, cfg["CHUNK"])
-    out = torch.empty((Bsz, ED, L), device=x.device, dtype=x.dtype)
-    hfin = torch.empty((Bsz, ED, N), device=x.device, dtype=torch.float32)
-    states = (torch.empty((Bsz, triton.cdiv(L, state_chunk), ED, N), device=x.device,
+    if N % NS or state_chunk % E or BLOCK_D * NS != 32 * num_warps or E not in (2, 4, 8):
+        raise ValueError(f"lane forward: NS={NS} must divide N={N}, E={E} (2, 4 or 8) the state "
+                         f"chunk {state_chunk}, and BLOCK_D*NS={BLOCK_D * NS} = 32*num_warps")
+    dev = x.device
+    out = torch.empty((Bsz, ED, L), device=dev, dtype=x.dtype)
+    hfin = torch.empty((Bsz, ED, N), device=dev, dtype=torch.float32)
+    states = (torch.empty((Bsz, triton.cdiv(L, state_chunk), ED, N), device=dev,
                           dtype=torch.float32) if store_states else hfin)
     h0 = initial_state.float().contiguous() if initial_state is not None else hfin
     zz = z if z is not None else x
-    _bdl_fwd_seqt_kernel[(triton.cdiv(ED, cfg["BLOCK_D"]), Bsz)](
+    launch(_bdl_fwd_lane_kernel, (triton.cdiv(ED, BLOCK_D), Bsz),
         x, dt, zz, B, C, A, D if D is not None else A, dt_bias if dt_bias is not None else A, h0,
-        out, hfin, states,
-        L, ED, N,
+        out, hfin, states, L, ED,
         *x.stride(), *dt.stride(), *zz.stride(), *B.stride(), *C.stride(), *A.stride(),
         *out.stride(),
         HAS_Z=z is not None, HAS_D=D is not None, HAS_BIAS=dt_bias is not None,
         HAS_H0=initial_state is not None, SOFTPLUS=softplus, STORE_STATES=store_states,
-        BLOCK_D=cfg["BLOCK_D"], BLOCK_N=triton.next_power_of_2(N), CHUNK=cfg["CHUNK"],
-        SEQ_SCAN=_seq_scan_flag(), STATE_CHUNK=state_chunk, num_warps=cfg["num_warps"],
+        N=N, BLOCK_D=BLOCK_D, NS=NS, E=E, STATE_CHUNK=state_chunk, num_warps=num_warps,
     )
     return out, hfin, (states if store_states else None), state_chunk
+
 
 def _fwd_chan(x, dt, A, B, C, D, z, dt_bias, initial_state, softplus, store_states,
               BLOCK_D, CHUNK, num_warps, state_chunk):
@@ -504,14 +579,14 @@ def _fwd_chan(x, dt, A, B, C, D, z, dt_bias, initial_state, softplus, store_stat
     zz = z if z is not None else x
     # no tile longer than the sequence needs (the scan's cost grows with the tile)
     CHUNK = max(16, min(CHUNK, triton.next_power_of_2(L)))
-    _bdl_fwd_chan_kernel[(triton.cdiv(ED, BLOCK_D), Bsz)](
+    launch(_bdl_fwd_chan_kernel, (triton.cdiv(ED, BLOCK_D), Bsz),
         x, dt, zz, B, C, A, D if D is not None else A, dt_bias if dt_bias is not None else A, h0,
         out, hfin, states, L, ED,
         *x.stride(), *dt.stride(), *zz.stride(), *B.stride(), *C.stride(), *A.stride(),
         *out.stride(),
         HAS_Z=z is not None, HAS_D=D is not None, HAS_BIAS=dt_bias is not None,
         HAS_H0=initial_state is not None, SOFTPLUS=softplus, STORE_STATES=store_states,
-        N=N, BLOCK_N=triton.next_power_of_2(N), BLOCK_D=BLOCK_D, CHUNK=CHUNK,
+        N=N, BLOCK_D=BLOCK_D, CHUNK=CHUNK,
         STATE_CHUNK=state_chunk, SEQ_SCAN=_seq_scan_flag(), num_warps=num_warps,
     )
     return out, hfin, (states if store_states else None), state_chunk
@@ -539,7 +614,7 @@ def _bwd(dout, dhfin, x, dt, A, B, C, D, z, dt_bias, states, softplus, CHUNK,
     zz = z if z is not None else x
     dhf = dhfin.float().contiguous() if dhfin is not None else dh0
     grid = (n_db, Bsz)
-    _bdl_bwd_kernel[grid](
+    launch(_bdl_bwd_kernel, grid,
         x, dt, zz, B, C, A, D if D is not None else A, dt_bias if dt_bias is not None else A,
         states, dout, dhf,
         dx, ddt, dz, dBp, dCp, dAp, dDp, dbp, dh0,
