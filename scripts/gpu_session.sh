@@ -27,6 +27,31 @@ check)   # correctness on the card, the floor, the scan kernels, where eager hos
   log scan; timeout 150 python3 -m mamba_decoder.kernels.selective_scan.bench_gpu --skip-check | tee "$OUT/scan.jsonl"
   log host; timeout 60 python3 scripts/profile_gpu.py --host | tee "$OUT/host.txt"
   ;;
+probe)   # A/B of candidate fast paths: correctness on the card, scan variants, MoE threshold, host time by op
+  log env; nvidia-smi -L; python3 -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'
+  log tests; timeout 200 python3 -m pytest -q -x -p no:cacheprovider --tb=short tests/kernels/test_selective_scan_bdl.py \
+      tests/models/test_moe.py tests/models/test_mla.py > "$OUT/probe_tests.txt" 2>&1
+  grep -E "^(FAILED|ERROR|E  )|passed|failed" "$OUT/probe_tests.txt" | head -20
+  log scan; timeout 220 python3 -m mamba_decoder.kernels.selective_scan.bench_gpu --tune --budget 150 \
+      --tune-dtypes bf16 fp32 --skip-table > "$OUT/scan.jsonl" 2>&1
+  grep -E "check_fwd\"|tune_fwd|error" "$OUT/scan.jsonl" | python3 -c 'import sys, json
+for l in sys.stdin:
+    r = json.loads(l); print({k: r[k] for k in r if k in ("kind", "variant", "shape", "dtype", "out", "hfin", "states", "cfg", "ms", "error")})'
+  log moe; timeout 90 python3 scripts/profile_gpu.py --moe | tee "$OUT/moe.txt"
+  log host; timeout 120 python3 scripts/profile_gpu.py --host > "$OUT/host.txt" 2>&1; grep -vE "^ +[0-9]+ +[0-9.]+ " "$OUT/host.txt" | head -60
+  log ops; timeout 100 python3 scripts/profile_gpu.py --ops > "$OUT/ops.txt" 2>&1; grep "###" "$OUT/ops.txt"
+  ;;
+probe2)   # tests on the card, scan tiles (no check), host A/B, MoE crossover, then the targets
+  log env; nvidia-smi -L; python3 -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'
+  log tests; timeout 200 python3 -m pytest -q -x -p no:cacheprovider --tb=short tests/gpu > "$OUT/gpu_tests.txt" 2>&1
+  grep -E "^(FAILED|ERROR|E  )|passed|failed" "$OUT/gpu_tests.txt" | head -20
+  log scan; timeout 130 python3 -m mamba_decoder.kernels.selective_scan.bench_gpu --tune --skip-check --budget 110 \
+      --tune-dtypes bf16 fp32 --skip-table > "$OUT/scan.jsonl" 2>&1
+  grep -E "tune_fwd|error" "$OUT/scan.jsonl" | python3 -c 'import sys, json
+for l in sys.stdin:
+    r = json.loads(l); print(r.get("dtype"), r.get("ms"), r.get("cfg"), r.get("error", "")[:300])'
+  log host; timeout 100 python3 scripts/profile_gpu.py --host > "$OUT/host.txt" 2>&1; grep -E "^  |batch 8|per forward" "$OUT/host.txt" | head -40
+  ;;
 sweep)   # the spec's default grid, fp32 and bf16, both backends
   timeout 560 $BENCH --backend fast reference --dtype float32 bfloat16 --output-dir /tmp/r/default_sweep \
       --overwrite 2>&1 | tail -60

@@ -4,6 +4,10 @@ python scripts/profile_gpu.py           the top CUDA kernels of one forward at b
 python scripts/profile_gpu.py --host    host time of eager forwards at batch 1, seq 128 (launch-bound):
                                         per block and per part, host-only vs wall, syncs, and the
                                         Python profile of one selective-scan call
+python scripts/profile_gpu.py --ops     host time by op of one eager forward of each block (torch
+                                        profiler), batch 1 seq 128 and batch 8 seq 2048
+python scripts/profile_gpu.py --moe     the MoE's dense-small path against the grouped one by token
+                                        count: eager and graphed ms (where the threshold belongs)
 """
 import cProfile
 import pstats
@@ -15,6 +19,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from mamba_decoder.bench.registry import MODELS, build_model
+from mamba_decoder.kernels import _triton
+from mamba_decoder.kernels.moe import DENSE_SMALL_MAX_TOKENS
 from mamba_decoder.kernels.selective_scan import selective_scan
 
 dev, dt = torch.device("cuda"), torch.bfloat16
@@ -56,6 +62,31 @@ def host_report():
         xb = torch.randn(8, 2048, 512, device=dev, dtype=dt)
         for name, m in models.items():
             print(f"{name} batch 8 seq 2048: host/wall ms per forward {host_ms(lambda: m(xb), n=30)}")
+        # A/B of the fast paths' switches, host/wall per forward at (1, 128) and (8, 2048)
+        from mamba_decoder.kernels.selective_scan import triton_bdl as tb
+        for name, m in models.items():
+            moe, attn = getattr(m, "moe", None), getattr(m, "attn", None)
+            variants = {"default": {}, "lean launch off": dict(lean=False)}
+            if moe is not None:
+                variants.update({"moe dense-small <= 64": dict(moe=64), "moe dense-small <= 4096": dict(moe=4096)})
+            if attn is not None:
+                variants["mla fused prologue off"] = dict(fused="torch")
+            if name != "MLABlock":
+                variants.update({f"scan {v}": dict(scan=v) for v in tb.FWD_TILES})
+            for vname, v in variants.items():
+                if moe is not None:
+                    moe.dense_small_max_tokens = v.get("moe", DENSE_SMALL_MAX_TOKENS)
+                if attn is not None:
+                    attn.fused_impl = v.get("fused", "auto")
+                old = tb.FWD_BY_DTYPE[dt]
+                tb.FWD_BY_DTYPE[dt] = v.get("scan", old)
+                lean = _triton._LEAN
+                _triton._LEAN = v.get("lean", lean)
+                try:
+                    print(f"  {name} [{vname}]: (1,128) {host_ms(lambda: m(x))}  (8,2048) {host_ms(lambda: m(xb), n=30)}")
+                finally:
+                    tb.FWD_BY_DTYPE[dt] = old
+                    _triton._LEAN = lean
         ED, N, L = 1024, 16, 128
         xs = torch.randn(1, ED, L, device=dev, dtype=dt)
         A, D = -torch.rand(ED, N, device=dev), torch.randn(ED, device=dev)
@@ -92,5 +123,68 @@ def kernel_report():
         print(p.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
 
 
+def ops_report():
+    for B, L in [(1, 128), (8, 2048)]:
+        x = torch.randn(B, L, 512, device=dev, dtype=dt)
+        for name in MODELS:
+            m = build_model(name, 512, max_seq_len=2048).to(dev, dt).eval()
+            with torch.inference_mode():
+                for _ in range(5):
+                    m(x)
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+                    for _ in range(10):
+                        m(x)
+                    torch.cuda.synchronize()
+            ev = p.key_averages()
+            launches = sum(e.count for e in ev if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
+                                                              "cudaLaunchKernelExC", "cuLaunchKernelEx"))
+            with torch.inference_mode():
+                hw = host_ms(lambda: m(x))
+            print(f"\n### {name} B{B} L{L}: {launches / 10:.1f} kernel launches per forward; "
+                  f"host/wall {hw} ms")
+            print(ev.table(sort_by="self_cpu_time_total", row_limit=22, max_name_column_width=50))
+
+
+def moe_report():
+    from mamba_decoder.models.moe import MoE
+    moe = MoE(512, 6, 2, backend="fast").to(dev, dt).eval()
+    print("T, dense-small eager/graphed ms, grouped eager/graphed ms")
+    for T in [8, 64, 128, 256, 512, 1024, 2048, 4096, 16384]:
+        x = torch.randn(1, T, 512, device=dev, dtype=dt)
+        row = [T]
+        for limit in (10**9, 0):
+            moe.dense_small_max_tokens = limit
+            with torch.inference_mode():
+                eager = _events_ms(lambda: moe(x))
+                g = torch.cuda.CUDAGraph()
+                s = torch.cuda.Stream()
+                s.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(s):
+                    moe(x)
+                torch.cuda.current_stream().wait_stream(s)
+                with torch.cuda.graph(g):
+                    moe(x)
+                graphed = _events_ms(g.replay)
+            row += [round(eager, 4), round(graphed, 4)]
+        print(row, flush=True)
+
+
+def _events_ms(fn, n=30):
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    ts = []
+    for _ in range(n):
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        ts.append(s.elapsed_time(e))
+    return sorted(ts)[n // 2]
+
+
 if __name__ == "__main__":
-    host_report() if "--host" in sys.argv[1:] else kernel_report()
+    arg = sys.argv[1] if len(sys.argv) > 1 else ""
+    {"--host": host_report, "--ops": ops_report, "--moe": moe_report}.get(arg, kernel_report)()
