@@ -52,6 +52,29 @@ for l in sys.stdin:
     r = json.loads(l); print(r.get("dtype"), r.get("ms"), r.get("cfg"), r.get("error", "")[:300])'
   log host; timeout 100 python3 scripts/profile_gpu.py --host > "$OUT/host.txt" 2>&1; grep -E "^  |batch 8|per forward" "$OUT/host.txt" | head -40
   ;;
+final)   # one call: tests on the card, the floor, the targets (fast eager / graphed, reference), host A/B, decode and train
+  log env; nvidia-smi -L; python3 -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'
+  log tests; timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=short tests/gpu > "$OUT/gpu_tests.txt" 2>&1
+  grep -E "^(FAILED|ERROR|E  )|passed|failed" "$OUT/gpu_tests.txt" | head -20
+  log floor; timeout 120 python3 .devcarry/gpu_floor.py > "$OUT/floor.jsonl"; grep bfloat16 "$OUT/floor.jsonl"; tail -1 "$OUT/floor.jsonl"
+  for v in "" "--cuda-graphs"; do
+    log targets $v
+    timeout 100 $BENCH --dim 512 --seq-lens 128 2048 8192 --batch-sizes 1 8 $v --dtype bfloat16 \
+        --output-dir "/tmp/r/targets${v:+_graphs}" --overwrite 2>&1 | grep -E "SeqLen|error"
+    runs+=("targets${v:+_graphs}")
+  done
+  log targets reference
+  timeout 150 $BENCH --dim 512 --seq-lens 128 2048 8192 --batch-sizes 1 8 --backend reference --dtype bfloat16 \
+      --output-dir /tmp/r/targets_reference --overwrite 2>&1 | grep -E "SeqLen|error"
+  runs+=(targets_reference)
+  log decode graphs; timeout 60 $BENCH --mode decode --cuda-graphs --seq-lens 512 8192 --batch-sizes 8 --dtype bfloat16 \
+      --runs 50 --warmup 10 --output-dir /tmp/r/decode_graphs --overwrite 2>&1 | grep -E "SeqLen|error"
+  runs+=(decode_graphs)
+  log train; timeout 70 $BENCH --mode train --seq-lens 2048 --batch-sizes 8 --dtype bfloat16 \
+      --output-dir /tmp/r/train --overwrite 2>&1 | grep -E "SeqLen|error"
+  runs+=(train)
+  log host; timeout 60 python3 scripts/profile_gpu.py --host > "$OUT/host.txt" 2>&1; grep -E "^  .*(default|lean)" "$OUT/host.txt"
+  ;;
 sweep)   # the spec's default grid, fp32 and bf16, both backends
   timeout 560 $BENCH --backend fast reference --dtype float32 bfloat16 --output-dir /tmp/r/default_sweep \
       --overwrite 2>&1 | tail -60
