@@ -19,8 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from mamba_decoder.bench.registry import MODELS, build_model
-from mamba_decoder.kernels import _triton
-from mamba_decoder.kernels.moe import DENSE_SMALL_MAX_TOKENS
+from mamba_decoder.kernels.moe import dense_small_max_tokens
 from mamba_decoder.kernels.selective_scan import selective_scan
 
 dev, dt = torch.device("cuda"), torch.bfloat16
@@ -66,7 +65,7 @@ def host_report():
         from mamba_decoder.kernels.selective_scan import triton_bdl as tb
         for name, m in models.items():
             moe, attn = getattr(m, "moe", None), getattr(m, "attn", None)
-            variants = {"default": {}, "lean launch off": dict(lean=False)}
+            variants = {"default": {}}
             if moe is not None:
                 variants.update({"moe dense-small <= 64": dict(moe=64), "moe dense-small <= 4096": dict(moe=4096)})
             if attn is not None:
@@ -75,18 +74,15 @@ def host_report():
                 variants.update({f"scan {v}": dict(scan=v) for v in tb.FWD_TILES})
             for vname, v in variants.items():
                 if moe is not None:
-                    moe.dense_small_max_tokens = v.get("moe", DENSE_SMALL_MAX_TOKENS)
+                    moe.dense_small_max_tokens = v.get("moe", dense_small_max_tokens(dev))
                 if attn is not None:
                     attn.fused_impl = v.get("fused", "auto")
                 old = tb.FWD_BY_DTYPE[dt]
                 tb.FWD_BY_DTYPE[dt] = v.get("scan", old)
-                lean = _triton._LEAN
-                _triton._LEAN = v.get("lean", lean)
                 try:
                     print(f"  {name} [{vname}]: (1,128) {host_ms(lambda: m(x))}  (8,2048) {host_ms(lambda: m(xb), n=30)}")
                 finally:
                     tb.FWD_BY_DTYPE[dt] = old
-                    _triton._LEAN = lean
         ED, N, L = 1024, 16, 128
         xs = torch.randn(1, ED, L, device=dev, dtype=dt)
         A, D = -torch.rand(ED, N, device=dev), torch.randn(ED, device=dev)

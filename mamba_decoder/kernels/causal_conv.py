@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._triton import HAS_TRITON, interpreting as _interpreting, jit as _jit, launch, tl, triton
+from ._triton import HAS_TRITON, interpreting as _interpreting, jit as _jit, tl, triton
 
 
 # (8, 1024, 2048) bf16 is 32 MB in, 32 MB out: memory bound. (8 channels, 256 steps) tiles,
@@ -113,7 +113,7 @@ def _launch(x, weight, bias, initial_state, final_state, cfg):
     s0 = initial_state if initial_state is not None else x
     sf = final_state if final_state is not None else x
     grid = (triton.cdiv(L, c["BLOCK_L"]), triton.cdiv(ED, c["BLOCK_D"]), Bsz)
-    launch(_causal_conv_kernel, grid,
+    _causal_conv_kernel[grid](
         x, weight, bias if bias is not None else weight, s0, out, sf, ED, L,
         *x.stride(), weight.stride(0), weight.stride(1), *s0.stride(), *out.stride(), *sf.stride(),
         K=K, HAS_BIAS=bias is not None, HAS_S0=initial_state is not None,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._triton import HAS_TRITON, interpreting as _interpreting, jit as _jit, launch, tl, triton
+from ._triton import HAS_TRITON, interpreting as _interpreting, jit as _jit, tl, triton
 
 
 # Launch-latency bound at the target (B=8, ED=1024, N=16: 64 KB of conv data, 512 KB of state):
@@ -174,7 +174,7 @@ def conv_step(x, conv_state, weight, bias=None, **cfg):
     c = {**CONV_STEP_CONFIG, **cfg}
     out = torch.empty(Bsz, ED, device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(ED, c["BLOCK_D"]), Bsz)
-    launch(_conv_step_kernel, grid,
+    _conv_step_kernel[grid](
         x, conv_state, weight, bias if bias is not None else weight, out, ED,
         x.stride(0), x.stride(1), *conv_state.stride(), weight.stride(0), weight.stride(1),
         out.stride(0), out.stride(1),
@@ -201,7 +201,7 @@ def ssm_step(x, dt, A_log, B, C, D, h, dt_bias=None, z=None, **cfg):
     out = torch.empty(Bsz, ED, device=x.device, dtype=x.dtype)
     zz = z if z is not None else x
     grid = (triton.cdiv(ED, c["BLOCK_D"]), Bsz)
-    launch(_ssm_step_kernel, grid,
+    _ssm_step_kernel[grid](
         x, dt, dt_bias if dt_bias is not None else D, A_log, B, C, D, zz, h, out, ED, N,
         x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), A_log.stride(0), A_log.stride(1),
         B.stride(0), B.stride(1), C.stride(0), C.stride(1), zz.stride(0), zz.stride(1),

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import interpreting as _interpreting, launch
+from ._triton import interpreting as _interpreting
 
 LOG2E = 1.4426950408889634
 
@@ -229,7 +229,7 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: to
         l_buf = torch.empty_like(m_buf)
         acc_buf = torch.empty(B, n_splits, H, C, device=kv.device, dtype=torch.float32)
     common = dict(LEN_IS_PTR=len_is_ptr, LEN_OFFSET=length_offset)
-    launch(_split_kernel, (B, n_splits, n_hg),
+    _split_kernel[(B, n_splits, n_hg)](
         q_lat, q_pe, kv, pe, len_arg, m_buf, l_buf, acc_buf, out,
         float(scale) * LOG2E, T, H, C, R, split_len, n_splits,
         *q_lat.stride(), *q_pe.stride(), *kv.stride(), *pe.stride(), *out.stride(),
@@ -241,7 +241,7 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: to
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
     if not single:
         bc = min(cfg["COMBINE_BLOCK_C"], triton.next_power_of_2(C))
-        launch(_combine_kernel, (B, H, triton.cdiv(C, bc)),
+        _combine_kernel[(B, H, triton.cdiv(C, bc))](
             len_arg, m_buf, l_buf, acc_buf, out, T, H, C, split_len, n_splits, *out.stride(),
             BLOCK_S=triton.next_power_of_2(n_splits), BLOCK_C=bc,
             num_warps=cfg["combine_warps"], **common)
@@ -326,7 +326,7 @@ def mla_prologue(q: torch.Tensor, kva: torch.Tensor, pos: Union[torch.Tensor, in
                          f"caches {tuple(cache_kv.shape)} / {tuple(cache_pe.shape)} (rope dim a power of 2)")
     fr = torch.view_as_real(freqs)                                 # (T, R/2, 2) fp32, a view
     pos_is_ptr = isinstance(pos, torch.Tensor)
-    launch(_prologue_kernel, (B, S),
+    _prologue_kernel[(B, S)](
         q, kva, pos, fr, norm_weight if norm_weight is not None else kva, cache_kv, cache_pe,
         H, cache_kv.shape[1], float(eps), *q.stride(), *kva.stride(), fr.stride(0), fr.stride(1),
         *cache_kv.stride(), *cache_pe.stride(),

@@ -110,11 +110,17 @@ def routed_grouped(x, weights, indices, w1, w2, w3, w13=None):
 # "dense-small": at most this many tokens, every expert runs on every token as two plain GEMMs
 # over stacked weights (kernels below): (E' / (K + 1)) times the grouped path's expert FLOPs
 # (7/3 for the benchmark's 6 experts, top-2 and a shared one), but no sort / count / index /
-# gather, ~15 launches fewer. Measured on an H200 (bf16, dim 512, `scripts/profile_gpu.py --moe`,
-# docs/BENCHMARKS.md): graphed, dense-small is faster up to 4096 tokens (0.23 vs 0.30 ms) and
-# slower at 16384 (0.75 vs 0.64); eager it is ~0.6 ms faster at every size (host launches).
-# For E >> K it computes experts no token picked: the limit assumes the benchmark's few experts.
-DENSE_SMALL_MAX_TOKENS = 4096
+# gather, ~15 launches fewer. On CUDA, measured on an H200 (bf16, dim 512, `scripts/profile_gpu.py
+# --moe`, docs/BENCHMARKS.md): graphed, dense-small is faster up to 4096 tokens (0.23 vs 0.30 ms)
+# and slower at 16384 (0.75 vs 0.64); eager it is ~0.6 ms faster at every size (host launches).
+# On the CPU the FLOPs are the cost: only decode-sized calls. For E >> K it computes experts no
+# token picked: the limits assume the benchmark's few experts.
+DENSE_SMALL_MAX_TOKENS = {"cuda": 4096, "cpu": 64}
+
+
+def dense_small_max_tokens(device: torch.device) -> int:
+    """The dense-small limit for tensors on `device` (other device types: the CPU's)."""
+    return DENSE_SMALL_MAX_TOKENS.get(device.type, DENSE_SMALL_MAX_TOKENS["cpu"])
 
 
 def dense_gate(weights, indices, n_experts: int, n_always_on: int = 0):

@@ -8,8 +8,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import launch
-
 
 @triton.jit
 def _swiglu_rows_kernel(H, S, OUT, I, s_hm, s_om, HAS_S: tl.constexpr, BLOCK: tl.constexpr):
@@ -29,7 +27,7 @@ def swiglu_rows_triton(h13: torch.Tensor, scale: torch.Tensor | None = None) -> 
     I = I2 // 2
     out = torch.empty(M, I, device=h13.device, dtype=h13.dtype)
     block = min(1024, triton.next_power_of_2(I))
-    launch(_swiglu_rows_kernel, (M, triton.cdiv(I, block)),
+    _swiglu_rows_kernel[(M, triton.cdiv(I, block))](
         h13, scale if scale is not None else h13, out, I, h13.stride(0), out.stride(0),
         HAS_S=scale is not None, BLOCK=block, num_warps=4)
     return out
@@ -65,7 +63,7 @@ def gated_swiglu_triton(H: torch.Tensor, weights: torch.Tensor, indices: torch.T
     out = torch.empty(T, E_all * I, device=H.device, dtype=H.dtype)
     K = indices.shape[1]
     block = min(1024, triton.next_power_of_2(I))
-    launch(_gated_swiglu_kernel, (T, E_all, triton.cdiv(I, block)),
+    _gated_swiglu_kernel[(T, E_all, triton.cdiv(I, block))](
         H, weights, indices, out, I, n_experts, H.stride(0), *weights.stride(), *indices.stride(),
         out.stride(0), K=K, BLOCK_K=triton.next_power_of_2(K), BLOCK=block, num_warps=4)
     return out

@@ -111,7 +111,7 @@ class MoE(KimiMoE):
         shape = x.shape
         x_flat = x.reshape(-1, shape[-1])                                 # (T, D)
         w, idx = self.route(x_flat)
-        if x_flat.shape[0] <= self._dense_small_max_tokens():
+        if x_flat.shape[0] <= self._dense_small_max_tokens(x_flat.device):
             fold = self.folds_shared_expert()
             out = moe_kernels.routed_dense_small(x_flat, w, idx, self.n_experts, int(fold),
                                                  *self.dense_small_weights())
@@ -137,12 +137,13 @@ class MoE(KimiMoE):
             out = moe_kernels.routed_experts(x_flat, w, idx, w1, w2, w3, impl=impl)
         return (out + self.shared_expert(x_flat)).view(shape)
 
-    def _dense_small_max_tokens(self) -> int:
-        # an instance attribute overrides the module default (benchmarks, tests); 0 turns it off
-        return getattr(self, "dense_small_max_tokens", moe_kernels.DENSE_SMALL_MAX_TOKENS)
+    def _dense_small_max_tokens(self, device: torch.device) -> int:
+        # an instance attribute overrides the per-device default (benchmarks, tests); 0 turns it off
+        n = getattr(self, "dense_small_max_tokens", None)
+        return moe_kernels.dense_small_max_tokens(device) if n is None else n
 
     def kernel_choice(self, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
         if self.backend == "reference":
             return {"moe": "open_kimi-loop"}
-        n = self._dense_small_max_tokens()
+        n = self._dense_small_max_tokens(device)
         return {"moe": f"{moe_kernels.auto_impl(device, dtype)} (T > {n}), dense-small (T <= {n})"}

@@ -3,7 +3,7 @@ import sys
 import pytest
 import torch
 
-from mamba_decoder.kernels.moe import DENSE_SMALL_MAX_TOKENS as DS
+from mamba_decoder.kernels.moe import DENSE_SMALL_MAX_TOKENS
 
 from mamba_decoder.bench import runner
 from mamba_decoder.bench.runner import SweepSettings, measure_isolated, Config, run_sweep
@@ -48,7 +48,7 @@ def test_sweep_records_every_config_in_spec_order():
         assert r.kernels and r.threads == torch.get_num_threads()
     mdb = next(r for r in out if r.model_name == "MambaDecoderBlock")
     assert mdb.kernels == {"scan": "cpu", "conv": "torch-conv1d", "step": "torch",
-                           "moe": f"grouped_mm (T > {DS}), dense-small (T <= {DS})"}
+                           "moe": "grouped_mm (T > {0}), dense-small (T <= {0})".format(DENSE_SMALL_MAX_TOKENS["cpu"])}
 
 
 def test_model_built_once_per_model_backend_dtype(monkeypatch):

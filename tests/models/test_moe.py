@@ -223,7 +223,7 @@ def test_dense_small_off_above_the_threshold(monkeypatch):
     theirs = randomize_(KimiMoE(32, 6, 2, 48, 48))
     fast = _fast_like(theirs)
     monkeypatch.setattr(K, "routed_dense_small", None)   # would fail if called
-    x = torch.randn(1, K.DENSE_SMALL_MAX_TOKENS + 1, 32)
+    x = torch.randn(1, K.dense_small_max_tokens(torch.device("cpu")) + 1, 32)
     with torch.no_grad():
         assert rel_err(fast(x), theirs(x)) < 1e-5
 
@@ -274,7 +274,7 @@ def test_dense_small_weight_cache_follows_the_shared_expert():
 def test_kernel_choice_names_both_paths():
     fast = MoE(32, 6, 2, 48, 48, backend="fast")
     choice = fast.kernel_choice(torch.device("cpu"), torch.float32)["moe"]
-    n = K.DENSE_SMALL_MAX_TOKENS
+    n = K.dense_small_max_tokens(torch.device("cpu"))
     assert choice == f"{K.auto_impl(torch.device('cpu'), torch.float32)} (T > {n}), dense-small (T <= {n})"
 
 
@@ -368,3 +368,15 @@ def test_derived_weights_follow_in_place_updates_and_clear_derived():
             m.experts[2].w1.weight.data.mul_(2.0)      # through .data: not seen until cleared
         clear_derived(fast)
         assert rel_err(fast(x), ref(x)) < 1e-5
+
+
+def test_dense_small_limit_follows_the_device():
+    """Launch-bound CUDA takes dense-small up to 4096 tokens; on the CPU, where its extra expert
+    FLOPs are the cost, only decode-sized calls; an instance attribute overrides both."""
+    assert K.dense_small_max_tokens(torch.device("cuda")) == 4096
+    assert K.dense_small_max_tokens(torch.device("cpu")) == 64
+    assert K.dense_small_max_tokens(torch.device("meta")) == 64
+    moe = MoE(32, 6, 2, 48, 48, backend="fast")
+    assert moe._dense_small_max_tokens(torch.device("cuda")) == 4096
+    moe.dense_small_max_tokens = 7
+    assert moe._dense_small_max_tokens(torch.device("cuda")) == 7

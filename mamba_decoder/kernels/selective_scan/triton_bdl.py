@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton import interpreting as _interpreting, launch
+from .._triton import interpreting as _interpreting
 
 LOG2E = 1.4426950408889634
 
@@ -554,7 +554,7 @@ def _fwd_lane(x, dt, A, B, C, D, z, dt_bias, initial_state, softplus, store_stat
                           dtype=torch.float32) if store_states else hfin)
     h0 = initial_state.float().contiguous() if initial_state is not None else hfin
     zz = z if z is not None else x
-    launch(_bdl_fwd_lane_kernel, (triton.cdiv(ED, BLOCK_D), Bsz),
+    _bdl_fwd_lane_kernel[(triton.cdiv(ED, BLOCK_D), Bsz)](
         x, dt, zz, B, C, A, D if D is not None else A, dt_bias if dt_bias is not None else A, h0,
         out, hfin, states, L, ED,
         *x.stride(), *dt.stride(), *zz.stride(), *B.stride(), *C.stride(), *A.stride(),
@@ -579,7 +579,7 @@ def _fwd_chan(x, dt, A, B, C, D, z, dt_bias, initial_state, softplus, store_stat
     zz = z if z is not None else x
     # no tile longer than the sequence needs (the scan's cost grows with the tile)
     CHUNK = max(16, min(CHUNK, triton.next_power_of_2(L)))
-    launch(_bdl_fwd_chan_kernel, (triton.cdiv(ED, BLOCK_D), Bsz),
+    _bdl_fwd_chan_kernel[(triton.cdiv(ED, BLOCK_D), Bsz)](
         x, dt, zz, B, C, A, D if D is not None else A, dt_bias if dt_bias is not None else A, h0,
         out, hfin, states, L, ED,
         *x.stride(), *dt.stride(), *zz.stride(), *B.stride(), *C.stride(), *A.stride(),
@@ -614,7 +614,7 @@ def _bwd(dout, dhfin, x, dt, A, B, C, D, z, dt_bias, states, softplus, CHUNK,
     zz = z if z is not None else x
     dhf = dhfin.float().contiguous() if dhfin is not None else dh0
     grid = (n_db, Bsz)
-    launch(_bdl_bwd_kernel, grid,
+    _bdl_bwd_kernel[grid](
         x, dt, zz, B, C, A, D if D is not None else A, dt_bias if dt_bias is not None else A,
         states, dout, dhf,
         dx, ddt, dz, dBp, dCp, dAp, dDp, dbp, dh0,
