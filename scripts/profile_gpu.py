@@ -146,7 +146,7 @@ def moe_report():
     from mamba_decoder.models.moe import MoE
     moe = MoE(512, 6, 2, backend="fast").to(dev, dt).eval()
     print("T, dense-small eager/graphed ms, grouped eager/graphed ms")
-    for T in [8, 64, 128, 256, 512, 1024, 2048, 4096, 16384]:
+    for T in [8, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]:
         x = torch.randn(1, T, 512, device=dev, dtype=dt)
         row = [T]
         for limit in (10**9, 0):
