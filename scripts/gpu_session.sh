@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Measurements on a lent GPU, one stage per call (each fits a 10-minute command).
-#   bash scripts/gpu_session.sh check|targets|workloads|sweep   (writes under $OUT, or ./gpu_out)
+#   bash scripts/gpu_session.sh check|probe|targets|final|workloads|sweep   (writes under $OUT, or ./gpu_out)
 # Needs the runtime wheels in .whl/ (mambapy, open-kimi, pydantic...) and gpu_floor.py in .devcarry/.
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -16,6 +16,19 @@ fi
 BENCH="python3 -m mamba_decoder.bench.cli run --no-progress --no-plots"
 runs=()
 log() { echo "== $* ($(date -u +%T))"; }
+# issue 3's table: the fast backend eager and graphed, then the reference, at its shapes
+targets() {
+  for v in "" "--cuda-graphs"; do
+    log targets $v
+    timeout 150 $BENCH --dim 512 --seq-lens 128 2048 8192 --batch-sizes 1 8 $v --dtype bfloat16 \
+        --output-dir "/tmp/r/targets${v:+_graphs}" --overwrite 2>&1 | grep -E "SeqLen|error"
+    runs+=("targets${v:+_graphs}")
+  done
+  log targets reference
+  timeout 200 $BENCH --dim 512 --seq-lens 128 2048 8192 --batch-sizes 1 8 --backend reference --dtype bfloat16 \
+      --output-dir /tmp/r/targets_reference --overwrite 2>&1 | grep -E "SeqLen|error"
+  runs+=(targets_reference)
+}
 
 case "${1:-check}" in
 check)   # correctness on the card, the floor, the scan kernels, where eager host time goes
@@ -27,53 +40,30 @@ check)   # correctness on the card, the floor, the scan kernels, where eager hos
   log scan; timeout 150 python3 -m mamba_decoder.kernels.selective_scan.bench_gpu --skip-check | tee "$OUT/scan.jsonl"
   log host; timeout 60 python3 scripts/profile_gpu.py --host | tee "$OUT/host.txt"
   ;;
-probe)   # A/B of candidate fast paths: correctness on the card, scan variants, MoE threshold, host time by op
+probe)   # A/B of candidate fast paths: scan tiles, the MoE's dense-small limit, host time by switch and by op
   log env; nvidia-smi -L; python3 -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'
-  log tests; timeout 200 python3 -m pytest -q -x -p no:cacheprovider --tb=short tests/kernels/test_selective_scan_bdl.py \
-      tests/models/test_moe.py tests/models/test_mla.py > "$OUT/probe_tests.txt" 2>&1
-  grep -E "^(FAILED|ERROR|E  )|passed|failed" "$OUT/probe_tests.txt" | head -20
-  log scan; timeout 220 python3 -m mamba_decoder.kernels.selective_scan.bench_gpu --tune --budget 150 \
-      --tune-dtypes bf16 fp32 --skip-table > "$OUT/scan.jsonl" 2>&1
-  grep -E "check_fwd\"|tune_fwd|error" "$OUT/scan.jsonl" | python3 -c 'import sys, json
-for l in sys.stdin:
-    r = json.loads(l); print({k: r[k] for k in r if k in ("kind", "variant", "shape", "dtype", "out", "hfin", "states", "cfg", "ms", "error")})'
-  log moe; timeout 90 python3 scripts/profile_gpu.py --moe | tee "$OUT/moe.txt"
-  log host; timeout 120 python3 scripts/profile_gpu.py --host > "$OUT/host.txt" 2>&1; grep -vE "^ +[0-9]+ +[0-9.]+ " "$OUT/host.txt" | head -60
-  log ops; timeout 100 python3 scripts/profile_gpu.py --ops > "$OUT/ops.txt" 2>&1; grep "###" "$OUT/ops.txt"
-  ;;
-probe2)   # tests on the card, scan tiles (no check), host A/B, MoE crossover, then the targets
-  log env; nvidia-smi -L; python3 -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'
-  log tests; timeout 200 python3 -m pytest -q -x -p no:cacheprovider --tb=short tests/gpu > "$OUT/gpu_tests.txt" 2>&1
-  grep -E "^(FAILED|ERROR|E  )|passed|failed" "$OUT/gpu_tests.txt" | head -20
   log scan; timeout 130 python3 -m mamba_decoder.kernels.selective_scan.bench_gpu --tune --skip-check --budget 110 \
       --tune-dtypes bf16 fp32 --skip-table > "$OUT/scan.jsonl" 2>&1
   grep -E "tune_fwd|error" "$OUT/scan.jsonl" | python3 -c 'import sys, json
 for l in sys.stdin:
     r = json.loads(l); print(r.get("dtype"), r.get("ms"), r.get("cfg"), r.get("error", "")[:300])'
-  log host; timeout 100 python3 scripts/profile_gpu.py --host > "$OUT/host.txt" 2>&1; grep -E "^  |batch 8|per forward" "$OUT/host.txt" | head -40
+  log moe; timeout 90 python3 scripts/profile_gpu.py --moe | tee "$OUT/moe.txt"
+  log host; timeout 120 python3 scripts/profile_gpu.py --host > "$OUT/host.txt" 2>&1; grep -E "^  |batch 8|per forward" "$OUT/host.txt" | head -40
+  log ops; timeout 100 python3 scripts/profile_gpu.py --ops > "$OUT/ops.txt" 2>&1; grep "###" "$OUT/ops.txt"
   ;;
 final)   # one call: tests on the card, the floor, the targets (fast eager / graphed, reference), host A/B, decode and train
   log env; nvidia-smi -L; python3 -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'
   log tests; timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=short tests/gpu > "$OUT/gpu_tests.txt" 2>&1
   grep -E "^(FAILED|ERROR|E  )|passed|failed" "$OUT/gpu_tests.txt" | head -20
   log floor; timeout 120 python3 .devcarry/gpu_floor.py > "$OUT/floor.jsonl"; grep bfloat16 "$OUT/floor.jsonl"; tail -1 "$OUT/floor.jsonl"
-  for v in "" "--cuda-graphs"; do
-    log targets $v
-    timeout 100 $BENCH --dim 512 --seq-lens 128 2048 8192 --batch-sizes 1 8 $v --dtype bfloat16 \
-        --output-dir "/tmp/r/targets${v:+_graphs}" --overwrite 2>&1 | grep -E "SeqLen|error"
-    runs+=("targets${v:+_graphs}")
-  done
-  log targets reference
-  timeout 150 $BENCH --dim 512 --seq-lens 128 2048 8192 --batch-sizes 1 8 --backend reference --dtype bfloat16 \
-      --output-dir /tmp/r/targets_reference --overwrite 2>&1 | grep -E "SeqLen|error"
-  runs+=(targets_reference)
+  targets
   log decode graphs; timeout 60 $BENCH --mode decode --cuda-graphs --seq-lens 512 8192 --batch-sizes 8 --dtype bfloat16 \
       --runs 50 --warmup 10 --output-dir /tmp/r/decode_graphs --overwrite 2>&1 | grep -E "SeqLen|error"
   runs+=(decode_graphs)
   log train; timeout 70 $BENCH --mode train --seq-lens 2048 --batch-sizes 8 --dtype bfloat16 \
       --output-dir /tmp/r/train --overwrite 2>&1 | grep -E "SeqLen|error"
   runs+=(train)
-  log host; timeout 60 python3 scripts/profile_gpu.py --host > "$OUT/host.txt" 2>&1; grep -E "^  .*(default|lean)" "$OUT/host.txt"
+  log host; timeout 60 python3 scripts/profile_gpu.py --host > "$OUT/host.txt" 2>&1; grep -E "^  .*default" "$OUT/host.txt"
   ;;
 sweep)   # the spec's default grid, fp32 and bf16, both backends
   timeout 560 $BENCH --backend fast reference --dtype float32 bfloat16 --output-dir /tmp/r/default_sweep \
@@ -82,16 +72,7 @@ sweep)   # the spec's default grid, fp32 and bf16, both backends
   ;;
 targets)   # issue 3: the floor, the reference and the fast backend (eager and graphed), one call
   log floor; timeout 150 python3 .devcarry/gpu_floor.py | tee "$OUT/floor.jsonl"
-  for v in "" "--cuda-graphs"; do
-    log targets $v
-    timeout 150 $BENCH --dim 512 --seq-lens 128 2048 8192 --batch-sizes 1 8 $v --dtype bfloat16 \
-        --output-dir "/tmp/r/targets${v:+_graphs}" --overwrite 2>&1 | grep -E "SeqLen|error"
-    runs+=("targets${v:+_graphs}")
-  done
-  log targets reference
-  timeout 200 $BENCH --dim 512 --seq-lens 128 2048 8192 --batch-sizes 1 8 --backend reference --dtype bfloat16 \
-      --output-dir /tmp/r/targets_reference --overwrite 2>&1 | grep -E "SeqLen|error"
-  runs+=(targets_reference)
+  targets
   ;;
 workloads)   # issue 4: decode (eager, graphed, full cache), train, and the timer check
   for v in "" "--cuda-graphs"; do

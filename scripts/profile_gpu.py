@@ -103,18 +103,24 @@ def host_report():
         pstats.Stats(pr).sort_stats("tottime").print_stats(15)
 
 
+def _profiled(m, x, activities, n):
+    """The torch profiler over n inference forwards of m, after warm-up."""
+    with torch.inference_mode():
+        for _ in range(5):
+            m(x)
+        torch.cuda.synchronize()
+        with profile(activities=activities) as p:
+            for _ in range(n):
+                m(x)
+            torch.cuda.synchronize()
+    return p
+
+
 def kernel_report():
     x = torch.randn(8, 2048, 512, device=dev, dtype=dt)
     for name in MODELS:
         m = build_model(name, 512, max_seq_len=2048).to(dev, dt).eval()
-        with torch.inference_mode():
-            for _ in range(3):
-                m(x)
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as p:
-                for _ in range(5):
-                    m(x)
-                torch.cuda.synchronize()
+        p = _profiled(m, x, [ProfilerActivity.CUDA], 5)
         print(f"\n### {name} (fast, bf16, B8 L2048): CUDA time per forward by kernel (5 forwards)")
         print(p.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
 
@@ -124,15 +130,7 @@ def ops_report():
         x = torch.randn(B, L, 512, device=dev, dtype=dt)
         for name in MODELS:
             m = build_model(name, 512, max_seq_len=2048).to(dev, dt).eval()
-            with torch.inference_mode():
-                for _ in range(5):
-                    m(x)
-                torch.cuda.synchronize()
-                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
-                    for _ in range(10):
-                        m(x)
-                    torch.cuda.synchronize()
-            ev = p.key_averages()
+            ev = _profiled(m, x, [ProfilerActivity.CPU, ProfilerActivity.CUDA], 10).key_averages()
             launches = sum(e.count for e in ev if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
                                                               "cudaLaunchKernelExC", "cuLaunchKernelEx"))
             with torch.inference_mode():

@@ -157,16 +157,9 @@ class MLA(nn.Module):
         """Whether a causal multi-token forward takes `_prefill_fused` (`fused_impl`)."""
         if self.fused_impl not in ("auto", "triton", "torch"):
             raise ValueError(f"fused_impl={self.fused_impl!r} is not one of auto, triton, torch")
-        if self.backend != "fast" or self.fused_impl == "torch" or (cache is not None and x.shape[1] == 1):
+        if self.backend != "fast" or (cache is not None and x.shape[1] == 1):
             return False
-        # the kernel rotates in place and has no backward; it takes a power-of-two rope dim
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
-            return False
-        if self.qk_rope_head_dim & (self.qk_rope_head_dim - 1):
-            return False
-        if self.fused_impl == "auto":
-            return x.is_cuda and triton_installed()
-        return True
+        return self._triton_runs(x, self.fused_impl)
 
     def _prefill_fused(self, x: torch.Tensor, start_pos: int, cache: Optional[MLACache]) -> torch.Tensor:
         """The fast causal forward of S tokens at start_pos..: the projections, one Triton
@@ -222,15 +215,19 @@ class MLA(nn.Module):
             raise ValueError(f"decode_kernel={self.decode_kernel!r} is not one of {', '.join(DECODE_KERNELS)}")
         if self.backend != "fast" or cache is None or cache.kind != "latent" or x.shape[1] != 1:
             return False
-        # the kernels have no backward (a step with autograd on takes the PyTorch path), and
-        # the prologue takes a power-of-two rope dim
+        return self._triton_runs(x, self.decode_kernel)
+
+    def _triton_runs(self, x: torch.Tensor, choice: str) -> bool:
+        """What both Triton paths need: no autograd (the kernels rotate in place and have no
+        backward: a call that wants gradients takes the PyTorch path), a power-of-two rope dim
+        (the prologue's), and `choice` "auto" on CUDA with Triton, or "triton" (forced)."""
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             return False
         if self.qk_rope_head_dim & (self.qk_rope_head_dim - 1):
             return False
-        if self.decode_kernel == "auto":
+        if choice == "auto":
             return x.is_cuda and triton_installed()
-        return self.decode_kernel == "triton"
+        return choice == "triton"
 
     def _attend(self, x, freqs, mask, cache: Optional[MLACache], where) -> torch.Tensor:
         """Attention of x's tokens (rotated by `freqs`); with a cache, their keys are written at
@@ -311,9 +308,12 @@ class MLA(nn.Module):
     def kernel_choice(self, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
         if self.backend == "reference":
             return {"attn": f"{self.attn_impl}-einsum"}
+        def triton_on(choice: str) -> bool:
+            return choice == "triton" or (
+                choice == "auto" and torch.device(device).type == "cuda" and triton_installed())
+
+        prefill = "triton prologue + naive-sdpa" if triton_on(self.fused_impl) else "naive-sdpa"
         if self.attn_impl != "absorb":
-            return {"attn": "prefill naive-sdpa, decode full-cache sdpa"}
-        triton_ok = self.decode_kernel == "triton" or (
-            self.decode_kernel == "auto" and torch.device(device).type == "cuda" and triton_installed())
-        decode = "triton prologue + split-k" if triton_ok else "sdpa"
-        return {"attn": f"prefill naive-sdpa, decode latent cache {decode} (full cache sdpa)"}
+            return {"attn": f"prefill {prefill}, decode full-cache sdpa"}
+        decode = "triton prologue + split-k" if triton_on(self.decode_kernel) else "sdpa"
+        return {"attn": f"prefill {prefill}, decode latent cache {decode} (full cache sdpa)"}

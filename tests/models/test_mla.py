@@ -11,6 +11,7 @@ from helpers import randomize_, rel_err  # noqa: E402
 from open_kimi.mla import MLA as KimiMLA  # noqa: E402
 
 from mamba_decoder.kernels import attention as attn_kernels  # noqa: E402
+from mamba_decoder.kernels import triton_installed  # noqa: E402
 from mamba_decoder.kernels.attention import causal_mask  # noqa: E402
 from mamba_decoder.models import MLA  # noqa: E402
 
@@ -190,6 +191,8 @@ def test_decode_kernel_choice_follows_the_device():
     m = _mla("fast")
     cpu = m.kernel_choice(torch.device("cpu"), torch.bfloat16)["attn"]
     assert cpu == "prefill naive-sdpa, decode latent cache sdpa (full cache sdpa)"
+    assert m.kernel_choice(torch.device("cuda"), torch.bfloat16)["attn"].startswith(
+        "prefill triton prologue + naive-sdpa" if triton_installed() else "prefill naive-sdpa")
     m.decode_kernel = "triton"
     assert "latent cache triton prologue + split-k" in m.kernel_choice(torch.device("cpu"), torch.bfloat16)["attn"]
     m.decode_kernel = "sdpa"
