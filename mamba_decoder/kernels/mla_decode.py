@@ -255,9 +255,10 @@ def _prologue_kernel(Q, KVA, POS, FREQ, NW, CKV, CPE, H, T, eps,
                      NOPE: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
                      POS_IS_PTR: tl.constexpr, HAS_W: tl.constexpr,
                      BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr):
-    # program (b, s): token s of sequence b, at position POS + s
-    b = tl.program_id(0).to(tl.int64)
-    s = tl.program_id(1).to(tl.int64)
+    # program (s, b): token s of sequence b, at position POS + s (S on the grid's first axis,
+    # which takes 2^31 - 1 programs; the second takes 65535)
+    s = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
     if POS_IS_PTR:
         pos = tl.load(POS).to(tl.int64) + s
     else:
@@ -316,7 +317,7 @@ def mla_prologue(q: torch.Tensor, kva: torch.Tensor, pos: Union[torch.Tensor, in
     """`mla_decode_prologue` for S tokens per sequence at positions pos .. pos + S - 1 (a
     prefill, or one decode step with S = 1): q (B, S, H, nope + R), kva (B, S, C + R); the
     keys go to cache_kv / cache_pe (B, T, *) at those positions (for a cache-less forward, a
-    (B, S, *) buffer and pos 0). One launch, grid (B, S)."""
+    (B, S, *) buffer and pos 0). One launch, grid (S, B)."""
     B, S, H, D = q.shape
     R = D - nope
     C = kva.shape[2] - R
@@ -326,7 +327,7 @@ def mla_prologue(q: torch.Tensor, kva: torch.Tensor, pos: Union[torch.Tensor, in
                          f"caches {tuple(cache_kv.shape)} / {tuple(cache_pe.shape)} (rope dim a power of 2)")
     fr = torch.view_as_real(freqs)                                 # (T, R/2, 2) fp32, a view
     pos_is_ptr = isinstance(pos, torch.Tensor)
-    _prologue_kernel[(B, S)](
+    _prologue_kernel[(S, B)](
         q, kva, pos, fr, norm_weight if norm_weight is not None else kva, cache_kv, cache_pe,
         H, cache_kv.shape[1], float(eps), *q.stride(), *kva.stride(), fr.stride(0), fr.stride(1),
         *cache_kv.stride(), *cache_pe.stride(),

@@ -113,14 +113,18 @@ def routed_grouped(x, weights, indices, w1, w2, w3, w13=None):
 # gather, ~15 launches fewer. On CUDA, measured on an H200 (bf16, dim 512, `scripts/profile_gpu.py
 # --moe`, docs/BENCHMARKS.md): graphed, dense-small is faster up to 4096 tokens (0.23 vs 0.30 ms)
 # and slower at 16384 (0.75 vs 0.64); eager it is ~0.6 ms faster at every size (host launches).
-# On the CPU the FLOPs are the cost: only decode-sized calls. For E >> K it computes experts no
-# token picked: the limits assume the benchmark's few experts.
+# On the CPU the FLOPs are the cost: only decode-sized calls. With autograd (measured for
+# inference only) the backward would also run every expert and the weights would be
+# re-concatenated every step: decode sizes there too. For E >> K it computes experts no token
+# picked: the limits assume the benchmark's few experts.
 DENSE_SMALL_MAX_TOKENS = {"cuda": 4096, "cpu": 64}
+DENSE_SMALL_MAX_TOKENS_AUTOGRAD = 64
 
 
-def dense_small_max_tokens(device: torch.device) -> int:
+def dense_small_max_tokens(device: torch.device, autograd: bool = False) -> int:
     """The dense-small limit for tensors on `device` (other device types: the CPU's)."""
-    return DENSE_SMALL_MAX_TOKENS.get(device.type, DENSE_SMALL_MAX_TOKENS["cpu"])
+    n = DENSE_SMALL_MAX_TOKENS.get(device.type, DENSE_SMALL_MAX_TOKENS["cpu"])
+    return min(n, DENSE_SMALL_MAX_TOKENS_AUTOGRAD) if autograd else n
 
 
 def dense_gate(weights, indices, n_experts: int, n_always_on: int = 0):

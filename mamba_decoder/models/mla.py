@@ -183,11 +183,8 @@ class MLA(nn.Module):
         eps = self.kv_norm.eps if self.kv_norm.eps is not None else torch.finfo(x.dtype).eps
         freqs = self.freqs(end, x.device)[start_pos - p0:]                   # row p0 + s: position start_pos + s
         mla_prologue(q, kva, p0, freqs, self.kv_norm.weight, eps, kv_buf, pe_buf, self.qk_nope_head_dim)
-        kv, k_pe = kv_buf[:, : p0 + seqlen], pe_buf[:, : p0 + seqlen]          # keys [0, end) (latent cache) or [0, S)
-        wkv_b = self.wkv_b.weight.view(self.n_heads, -1, C)                   # (H, nope + v, C)
-        kvb = torch.einsum("btc,hdc->bthd", kv, wkv_b)                        # (B, T, H, nope + v)
-        k_nope, v = torch.split(kvb, [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1)
+        # keys [0, end) (latent cache) or [0, S)
+        k, v = self._expand_kv(kv_buf[:, : p0 + seqlen], pe_buf[:, : p0 + seqlen])
         if cache is not None and cache.kind == "full":
             cache.a[:bsz, start_pos:end] = k
             cache.b[:bsz, start_pos:end] = v
@@ -228,6 +225,14 @@ class MLA(nn.Module):
         if choice == "auto":
             return x.is_cuda and triton_installed()
         return choice == "triton"
+
+    def _expand_kv(self, kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normalized latent kv (B, T, C) and rotated rope key k_pe (B, T, R) as per-head
+        keys (B, T, H, nope + R) and values (B, T, H, v) (the values a strided view)."""
+        wkv_b = self.wkv_b.weight.view(self.n_heads, -1, self.kv_lora_rank)   # (H, nope + v, C)
+        kvb = torch.einsum("btc,hdc->bthd", kv, wkv_b)                        # (B, T, H, nope + v)
+        k_nope, v = torch.split(kvb, [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        return torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1), v
 
     def _attend(self, x, freqs, mask, cache: Optional[MLACache], where) -> torch.Tensor:
         """Attention of x's tokens (rotated by `freqs`); with a cache, their keys are written at
@@ -272,9 +277,7 @@ class MLA(nn.Module):
                 # Latent prefill: store the latent, then expand all of [0, end) (earlier
                 # positions come from the cache) to per-head K/V.
                 kv, k_pe = store(cache.a, kv), store(cache.b, k_pe)
-            kvb = torch.einsum("btc,hdc->bthd", kv, wkv_b)                    # (B, T, H, nope + v)
-            k_nope, v = torch.split(kvb, [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-            k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1)
+            k, v = self._expand_kv(kv, k_pe)
             if cache is not None and cache.kind == "full":
                 k, v = store(cache.a, k), store(cache.b, v)
             q = torch.cat([q_nope, q_pe], dim=-1)

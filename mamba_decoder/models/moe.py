@@ -111,13 +111,13 @@ class MoE(KimiMoE):
         shape = x.shape
         x_flat = x.reshape(-1, shape[-1])                                 # (T, D)
         w, idx = self.route(x_flat)
-        if x_flat.shape[0] <= self._dense_small_max_tokens(x_flat.device):
+        training = torch.is_grad_enabled() and (x.requires_grad or self.experts[0].w1.weight.requires_grad)
+        if x_flat.shape[0] <= self._dense_small_max_tokens(x_flat.device, training):
             fold = self.folds_shared_expert()
             out = moe_kernels.routed_dense_small(x_flat, w, idx, self.n_experts, int(fold),
                                                  *self.dense_small_weights())
             return (out if fold else out + self.shared_expert(x_flat)).view(shape)
         impl = moe_kernels.auto_impl(x_flat.device, x_flat.dtype)
-        training = torch.is_grad_enabled() and (x.requires_grad or self.experts[0].w1.weight.requires_grad)
         if impl == "grouped_mm" and training:
             # training: no per-step concatenated weight copies; the shared expert on its own
             w1, w2, w3 = self.stacked_weights()
@@ -137,13 +137,14 @@ class MoE(KimiMoE):
             out = moe_kernels.routed_experts(x_flat, w, idx, w1, w2, w3, impl=impl)
         return (out + self.shared_expert(x_flat)).view(shape)
 
-    def _dense_small_max_tokens(self, device: torch.device) -> int:
+    def _dense_small_max_tokens(self, device: torch.device, autograd: bool = False) -> int:
         # an instance attribute overrides the per-device default (benchmarks, tests); 0 turns it off
         n = getattr(self, "dense_small_max_tokens", None)
-        return moe_kernels.dense_small_max_tokens(device) if n is None else n
+        return moe_kernels.dense_small_max_tokens(device, autograd) if n is None else n
 
     def kernel_choice(self, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
         if self.backend == "reference":
             return {"moe": "open_kimi-loop"}
-        n = self._dense_small_max_tokens(device)
-        return {"moe": f"{moe_kernels.auto_impl(device, dtype)} (T > {n}), dense-small (T <= {n})"}
+        n, ng = self._dense_small_max_tokens(device), self._dense_small_max_tokens(device, True)
+        grad = "" if ng == n else f"; {ng} with autograd"
+        return {"moe": f"{moe_kernels.auto_impl(device, dtype)} (T > {n}), dense-small (T <= {n}{grad})"}

@@ -242,6 +242,7 @@ def test_fast_mixer_bdl_path_equals_reference():
     ("lane", (2, 37, 24, 16), torch.float32),
     ("lane", (1, 70, 20, 8), torch.float32),
     ("lane", (1, 30, 24, 8), torch.bfloat16),
+    ("lane", (1, 19, 20, 5), torch.float32),     # N odd: one lane per channel (NS 2 -> 1)
 ])
 def test_triton_bdl_fwd_bwd(small_tiles, monkeypatch, variant, shape, dtype):
     """Each forward stores the backward's chunk-boundary states; gradients from them match."""
@@ -277,3 +278,28 @@ def test_triton_bdl_forward_by_dtype(small_tiles, monkeypatch, dtype, variant):
     with pytest.raises(ValueError, match="variant"):
         small_tiles._fwd(*[inp[k] for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")], None,
                          True, False, variant="segt")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("tiles", [dict(BLOCK_D=8, NS=4, CHUNK=8, num_warps=1),
+                                   dict(BLOCK_D=16, NS=2, CHUNK=2, num_warps=1),
+                                   dict(BLOCK_D=32, NS=1, CHUNK=8, num_warps=1)],
+                         ids=["E8-NS4", "E2-NS2", "E8-NS1"])
+@pytest.mark.parametrize("N", [16, 6], ids=["N16", "N6"])
+def test_lane_step_tiles_and_lane_splits(monkeypatch, tiles, N):
+    """The lane forward at its step tiles E = 8 (the default, with 4 lanes a channel) and 2,
+    with N = 6 where 4 lanes don't divide the states (2 are used), stored states included."""
+    pytest.importorskip("triton")
+    from mamba_decoder.kernels.selective_scan import triton_bdl
+    monkeypatch.setitem(triton_bdl.FWD_TILES, "lane", tiles)
+    use_variant(triton_bdl, monkeypatch, "lane")
+    inp, h0 = make_bdl(1, 19, 20, N)
+    args = [inp[k] for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")]
+    with torch.no_grad():
+        out, hf, states, chunk = triton_bdl._fwd(*args, h0, True, True, STATE_CHUNK=8)
+        ref, rhf = ref_on_bdl(**inp, initial_state=h0, return_final_state=True)
+        # the stored state before step 8: the reference's final state after 8 steps
+        first = {k: (v[..., :8] if k in SEQ_KEYS else v) for k, v in inp.items()}
+        _, h8 = ref_on_bdl(**first, initial_state=h0, return_final_state=True)
+    assert rel(out, ref) <= 1e-5 and rel(hf, rhf) <= 1e-5
+    assert rel(states[:, 0], h0) <= 1e-7 and rel(states[:, 1], h8) <= 1e-5

@@ -257,10 +257,12 @@ def test_fused_prologue_prefill_equals_the_torch_path(monkeypatch, q_lora_rank, 
             assert rel_err(fused(x), torch_path(x)) < tol
             assert calls == [0]
             return
-        c_t, c_f = torch_path.init_cache(2, 32, kind), fused.init_cache(2, 32, kind)
+        # caches for 3 sequences, 2 in use: the third row must stay untouched
+        c_t, c_f = torch_path.init_cache(3, 32, kind), fused.init_cache(3, 32, kind)
         for lo, hi in [(0, 13), (13, 20)]:
             assert rel_err(fused(x[:, lo:hi], lo, None, c_f), torch_path(x[:, lo:hi], lo, None, c_t)) < tol
-        assert rel_err(c_f.a[:, :20], c_t.a[:, :20]) < tol and rel_err(c_f.b[:, :20], c_t.b[:, :20]) < tol
+        assert rel_err(c_f.a[:2, :20], c_t.a[:2, :20]) < tol and rel_err(c_f.b[:2, :20], c_t.b[:2, :20]) < tol
+        assert c_f.a[2].abs().sum() == 0 and c_f.b[2].abs().sum() == 0
         # the latent cache is written at the chunk's positions; full K/V go through a (B, S) buffer
         assert calls == ([0, 13] if kind == "latent" else [0, 0])
         # a one-token step is not a prefill: it takes the decode path

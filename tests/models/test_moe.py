@@ -370,13 +370,38 @@ def test_derived_weights_follow_in_place_updates_and_clear_derived():
         assert rel_err(fast(x), ref(x)) < 1e-5
 
 
-def test_dense_small_limit_follows_the_device():
+def test_dense_small_limit_follows_the_device(monkeypatch):
     """Launch-bound CUDA takes dense-small up to 4096 tokens; on the CPU, where its extra expert
-    FLOPs are the cost, only decode-sized calls; an instance attribute overrides both."""
+    FLOPs are the cost, and with autograd, only decode-sized calls; an instance attribute
+    overrides them; the record names both limits where they differ."""
     assert K.dense_small_max_tokens(torch.device("cuda")) == 4096
     assert K.dense_small_max_tokens(torch.device("cpu")) == 64
     assert K.dense_small_max_tokens(torch.device("meta")) == 64
+    assert K.dense_small_max_tokens(torch.device("cuda"), autograd=True) == 64
     moe = MoE(32, 6, 2, 48, 48, backend="fast")
     assert moe._dense_small_max_tokens(torch.device("cuda")) == 4096
+    assert moe._dense_small_max_tokens(torch.device("cuda"), autograd=True) == 64
+    monkeypatch.setitem(K.DENSE_SMALL_MAX_TOKENS, "cpu", 4096)      # CPU tensors stand in for CUDA
+    assert moe.kernel_choice(torch.device("cpu"), torch.float32)["moe"].endswith(
+        "dense-small (T <= 4096; 64 with autograd)")
     moe.dense_small_max_tokens = 7
     assert moe._dense_small_max_tokens(torch.device("cuda")) == 7
+
+
+def test_training_forward_takes_dense_small_at_decode_sizes_only(monkeypatch):
+    """With autograd on, tokens past the autograd limit take the grouped path even where the
+    inference limit is larger (the limits patched: CPU tensors stand in for CUDA ones)."""
+    monkeypatch.setitem(K.DENSE_SMALL_MAX_TOKENS, "cpu", 4096)
+    theirs = randomize_(KimiMoE(32, 6, 2, 48, 48))
+    fast = _fast_like(theirs)
+    calls = []
+    real = K.routed_dense_small
+    monkeypatch.setattr(K, "routed_dense_small", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(2, 100, 32)                              # 200 tokens: 64 < T <= 4096
+    with torch.no_grad():
+        assert rel_err(fast(x), theirs(x)) < 1e-5
+    assert calls == [1]
+    got = fast(x)                                            # parameters want gradients
+    assert calls == [1] and rel_err(got.detach(), theirs(x)) < 1e-5
+    got.sum().backward()
+    assert fast.experts[0].w1.weight.grad is not None

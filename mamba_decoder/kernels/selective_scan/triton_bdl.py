@@ -527,7 +527,8 @@ def _check_device(x: torch.Tensor):
 def _fwd(x, dt, A, B, C, D, z, dt_bias, initial_state, softplus, store_states,
          variant=None, STATE_CHUNK=None, **tiles):
     """x, dt, z: (B, ED, L); B, C: (B, N, L). Returns out (B, ED, L), hfin, states (or None),
-    and the state chunk. `variant` / `tiles` (BLOCK_D, CHUNK, num_warps) override the tables."""
+    and the state chunk. `variant` / `tiles` (BLOCK_D, CHUNK, num_warps; lane also NS, its
+    CHUNK being the step tile E) override the tables."""
     variant = variant or FWD_BY_DTYPE.get(x.dtype, "lane")
     if variant not in FWD_TILES:
         raise ValueError(f"forward variant {variant!r} is not one of {', '.join(FWD_TILES)}")
@@ -544,9 +545,12 @@ def _fwd_lane(x, dt, A, B, C, D, z, dt_bias, initial_state, softplus, store_stat
               BLOCK_D, NS, E, num_warps, state_chunk):
     Bsz, ED, L = x.shape
     N = A.shape[1]
-    if N % NS or state_chunk % E or BLOCK_D * NS != 32 * num_warps or E not in (2, 4, 8):
-        raise ValueError(f"lane forward: NS={NS} must divide N={N}, E={E} (2, 4 or 8) the state "
-                         f"chunk {state_chunk}, and BLOCK_D*NS={BLOCK_D * NS} = 32*num_warps")
+    if NS & (NS - 1) or state_chunk % E or BLOCK_D * NS != 32 * num_warps or E not in (2, 4, 8):
+        raise ValueError(f"lane forward: NS={NS} a power of two, E={E} (2, 4 or 8) dividing the "
+                         f"state chunk {state_chunk}, and BLOCK_D*NS={BLOCK_D * NS} = 32*num_warps")
+    while N % NS:              # fewer lanes per channel where NS does not divide N (e.g. N = 6)
+        NS //= 2
+        BLOCK_D *= 2
     dev = x.device
     out = torch.empty((Bsz, ED, L), device=dev, dtype=x.dtype)
     hfin = torch.empty((Bsz, ED, N), device=dev, dtype=torch.float32)
