@@ -240,7 +240,7 @@ def test_graphed_mamba_decoder_block_decode_equals_eager():
     model = randomize_(MambaDecoderBlock(512, backend="fast")).to(DEV, torch.bfloat16).eval()
     kinds = model.mixer.kernel_choice(DEV, torch.bfloat16)
     assert kinds["step"] == "triton-fused" and kinds["conv"] == "triton-conv-silu"
-    assert model.moe.kernel_choice(DEV, torch.bfloat16)["moe"].endswith(f"dense-small (T <= {moe_kernels.dense_small_max_tokens(DEV)})")
+    assert f"dense-small (T <= {moe_kernels.dense_small_max_tokens(DEV)}" in model.moe.kernel_choice(DEV, torch.bfloat16)["moe"]
     x = torch.randn(B, P + steps, 512, device=DEV, dtype=torch.bfloat16)
     with torch.inference_mode():
         caches = {}
