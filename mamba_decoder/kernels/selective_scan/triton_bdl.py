@@ -543,7 +543,6 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, initial_state, softplus, store_states,
 
 def _fwd_lane(x, dt, A, B, C, D, z, dt_bias, initial_state, softplus, store_states,
               BLOCK_D, NS, E, num_warps, state_chunk):
-    Bsz, ED, L = x.shape
     N = A.shape[1]
     if NS & (NS - 1) or state_chunk % E or BLOCK_D * NS != 32 * num_warps or E not in (2, 4, 8):
         raise ValueError(f"lane forward: NS={NS} a power of two, E={E} (2, 4 or 8) dividing the "
@@ -551,27 +550,23 @@ def _fwd_lane(x, dt, A, B, C, D, z, dt_bias, initial_state, softplus, store_stat
     while N % NS:              # fewer lanes per channel where NS does not divide N (e.g. N = 6)
         NS //= 2
         BLOCK_D *= 2
-    dev = x.device
-    out = torch.empty((Bsz, ED, L), device=dev, dtype=x.dtype)
-    hfin = torch.empty((Bsz, ED, N), device=dev, dtype=torch.float32)
-    states = (torch.empty((Bsz, triton.cdiv(L, state_chunk), ED, N), device=dev,
-                          dtype=torch.float32) if store_states else hfin)
-    h0 = initial_state.float().contiguous() if initial_state is not None else hfin
-    zz = z if z is not None else x
-    _bdl_fwd_lane_kernel[(triton.cdiv(ED, BLOCK_D), Bsz)](
-        x, dt, zz, B, C, A, D if D is not None else A, dt_bias if dt_bias is not None else A, h0,
-        out, hfin, states, L, ED,
-        *x.stride(), *dt.stride(), *zz.stride(), *B.stride(), *C.stride(), *A.stride(),
-        *out.stride(),
-        HAS_Z=z is not None, HAS_D=D is not None, HAS_BIAS=dt_bias is not None,
-        HAS_H0=initial_state is not None, SOFTPLUS=softplus, STORE_STATES=store_states,
-        N=N, BLOCK_D=BLOCK_D, NS=NS, E=E, STATE_CHUNK=state_chunk, num_warps=num_warps,
-    )
-    return out, hfin, (states if store_states else None), state_chunk
+    return _launch_fwd(_bdl_fwd_lane_kernel, x, dt, A, B, C, D, z, dt_bias, initial_state, softplus,
+                       store_states, state_chunk, BLOCK_D=BLOCK_D, NS=NS, E=E, num_warps=num_warps)
 
 
 def _fwd_chan(x, dt, A, B, C, D, z, dt_bias, initial_state, softplus, store_states,
               BLOCK_D, CHUNK, num_warps, state_chunk):
+    # no tile longer than the sequence needs (the scan's cost grows with the tile)
+    CHUNK = max(16, min(CHUNK, triton.next_power_of_2(x.shape[2])))
+    return _launch_fwd(_bdl_fwd_chan_kernel, x, dt, A, B, C, D, z, dt_bias, initial_state, softplus,
+                       store_states, state_chunk, BLOCK_D=BLOCK_D, CHUNK=CHUNK,
+                       SEQ_SCAN=_seq_scan_flag(), num_warps=num_warps)
+
+
+def _launch_fwd(kernel, x, dt, A, B, C, D, z, dt_bias, initial_state, softplus, store_states,
+                state_chunk, **meta):
+    """Both forward kernels' buffers and common arguments; `meta`: the kernel's own tiles
+    (BLOCK_D among them: the grid is (ED / BLOCK_D, B))."""
     Bsz, ED, L = x.shape
     N = A.shape[1]
     dev = x.device
@@ -581,17 +576,14 @@ def _fwd_chan(x, dt, A, B, C, D, z, dt_bias, initial_state, softplus, store_stat
                           dtype=torch.float32) if store_states else hfin)
     h0 = initial_state.float().contiguous() if initial_state is not None else hfin
     zz = z if z is not None else x
-    # no tile longer than the sequence needs (the scan's cost grows with the tile)
-    CHUNK = max(16, min(CHUNK, triton.next_power_of_2(L)))
-    _bdl_fwd_chan_kernel[(triton.cdiv(ED, BLOCK_D), Bsz)](
+    kernel[(triton.cdiv(ED, meta["BLOCK_D"]), Bsz)](
         x, dt, zz, B, C, A, D if D is not None else A, dt_bias if dt_bias is not None else A, h0,
         out, hfin, states, L, ED,
         *x.stride(), *dt.stride(), *zz.stride(), *B.stride(), *C.stride(), *A.stride(),
         *out.stride(),
         HAS_Z=z is not None, HAS_D=D is not None, HAS_BIAS=dt_bias is not None,
         HAS_H0=initial_state is not None, SOFTPLUS=softplus, STORE_STATES=store_states,
-        N=N, BLOCK_D=BLOCK_D, CHUNK=CHUNK,
-        STATE_CHUNK=state_chunk, SEQ_SCAN=_seq_scan_flag(), num_warps=num_warps,
+        N=N, STATE_CHUNK=state_chunk, **meta,
     )
     return out, hfin, (states if store_states else None), state_chunk
 
