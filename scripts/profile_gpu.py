@@ -141,7 +141,13 @@ def ops_report():
 
 
 def moe_report():
+    from mamba_decoder.bench.timing import summarize, time_callable
+    from mamba_decoder.bench.workloads import GraphedForward
     from mamba_decoder.models.moe import MoE
+
+    def median_ms(fn):
+        return round(summarize(time_callable(fn, dev, runs=30)).median, 4)
+
     moe = MoE(512, 6, 2, backend="fast").to(dev, dt).eval()
     print("T, dense-small eager/graphed ms, grouped eager/graphed ms")
     for T in [8, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]:
@@ -150,33 +156,8 @@ def moe_report():
         for limit in (10**9, 0):
             moe.dense_small_max_tokens = limit
             with torch.inference_mode():
-                eager = _events_ms(lambda: moe(x))
-                g = torch.cuda.CUDAGraph()
-                s = torch.cuda.Stream()
-                s.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(s):
-                    moe(x)
-                torch.cuda.current_stream().wait_stream(s)
-                with torch.cuda.graph(g):
-                    moe(x)
-                graphed = _events_ms(g.replay)
-            row += [round(eager, 4), round(graphed, 4)]
+                row += [median_ms(lambda: moe(x)), median_ms(GraphedForward(moe, x))]
         print(row, flush=True)
-
-
-def _events_ms(fn, n=30):
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    ts = []
-    for _ in range(n):
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e))
-    return sorted(ts)[n // 2]
 
 
 if __name__ == "__main__":
