@@ -155,15 +155,70 @@ def gated_swiglu(H, weights, indices, n_experts: int, n_always_on: int = 0):
     return h.reshape(T, -1)
 
 
-def routed_dense_small(x, weights, indices, n_experts: int, n_always_on: int, W13, W2):
+def topk_route(scores, bias, top_k: int):
+    """open_kimi's MoEGate after its GEMM, op for op: scores (T, E) (+ the adaptive bias (E,),
+    or None), softmax, top-k, the k weights renormalized -> (weights, indices) (T, k)."""
+    if bias is not None:
+        scores = scores + bias.unsqueeze(0)
+    probs = F.softmax(scores, dim=-1)
+    w, idx = torch.topk(probs, top_k, dim=-1)
+    return w / (w.sum(dim=-1, keepdim=True) + 1e-8), idx
+
+
+# The fused router (routing inside the gated SwiGLU's pass): softmax rows of up to this many
+# experts (torch's one-warp softmax, whose summation order the kernel repeats), top-k of up to 2
+# (the renormalizing sum of two weights has one order; torch's order for more was measured to
+# differ in fp32, by an ulp of the weights: docs/BENCHMARKS.md), in these dtypes.
+FUSED_ROUTER_MAX_EXPERTS = 32
+FUSED_ROUTER_MAX_TOPK = 2
+_ROUTER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def router_fuses(device: torch.device, dtype: torch.dtype, n_experts: int, top_k: int) -> bool:
+    """Whether `scored_swiglu` routes inside its Triton pass for this device, dtype and router
+    (in inference; with autograd it never does)."""
+    return (dtype in _ROUTER_DTYPES and n_experts <= FUSED_ROUTER_MAX_EXPERTS
+            and top_k <= FUSED_ROUTER_MAX_TOPK and _triton_runs(device))
+
+
+def scored_swiglu(H, scores, bias, top_k: int, n_experts: int, n_always_on: int = 0):
+    """`gated_swiglu` of the routing `topk_route(scores, bias, top_k)`. On CUDA in inference one
+    Triton pass routes and gates (six launches fewer than the PyTorch router: decoding and small
+    prefills are launch-bound); bit for bit the PyTorch ops' routing (tests/gpu). Elsewhere, with
+    autograd, or past the FUSED_ROUTER_* limits, those ops then `gated_swiglu` (the twin)."""
+    needs_grad = torch.is_grad_enabled() and (H.requires_grad or scores.requires_grad)
+    dtypes_ok = bias is None or bias.dtype in _ROUTER_DTYPES
+    if (not needs_grad and dtypes_ok and H.stride(1) == 1 and scores.stride(1) == 1
+            and router_fuses(H.device, scores.dtype, n_experts, top_k)):
+        from .swiglu import scored_swiglu_triton   # imports triton: only when it runs
+
+        return scored_swiglu_triton(H, scores, bias, top_k, n_experts, n_always_on)
+    w, idx = topk_route(scores, bias, top_k)
+    return gated_swiglu(H, w, idx, n_experts, n_always_on)
+
+
+def _down(h, W2, residual):
+    """h @ W2^T, plus `residual` (T, D) in the same GEMM's epilogue if given (one rounding)."""
+    return F.linear(h, W2) if residual is None else torch.addmm(residual, h, W2.t())
+
+
+def routed_dense_small(x, weights, indices, n_experts: int, n_always_on: int, W13, W2, residual=None):
     """Every expert on every token, weighted by the dense gate of the router's (weights,
     indices) (T, K): x (T, D), W13 (E' * 2I, D) = [w1_0; w3_0; w1_1; w3_1; ...] (the grouped
     path's w13 (E', 2I, D) seen flat) and W2 (D, E' * I) = [w2_0, w2_1, ...] (each expert's w2
-    side by side), the `n_always_on` experts last -> sum_e gate[:, e] * expert_e(x).
+    side by side), the `n_always_on` experts last -> sum_e gate[:, e] * expert_e(x) (+ residual).
     Two GEMMs and one elementwise pass: no sort, no index, no host sync. The gate scales the
     hidden activations (linear in W2), so unpicked experts contribute exactly zero."""
     H = F.linear(x, W13)                                                           # (T, E' * 2I)
-    return F.linear(gated_swiglu(H, weights, indices, n_experts, n_always_on), W2)  # (T, D)
+    return _down(gated_swiglu(H, weights, indices, n_experts, n_always_on), W2, residual)  # (T, D)
+
+
+def scored_dense_small(x, scores, bias, top_k: int, n_experts: int, n_always_on: int, W13, W2,
+                       residual=None):
+    """`routed_dense_small` of the routing `topk_route(scores, bias, top_k)`, the routing fused
+    into the gated pass where it runs (`scored_swiglu`)."""
+    H = F.linear(x, W13)
+    return _down(scored_swiglu(H, scores, bias, top_k, n_experts, n_always_on), W2, residual)
 
 
 @functools.lru_cache(maxsize=None)

@@ -4,8 +4,9 @@ The module *is* open_kimi's MoE (same parameters and buffers: gate.gate_weight,
 gate.adaptive_bias, gate.expert_usage, experts.{i}.w1/w2/w3, shared_expert.w1/w2/w3). The
 reference backend runs open_kimi's loop (one host sync per expert); the fast backend routes with
 the same gate math and applies the experts through `kernels.moe` with no host sync: grouped GEMMs
-over the sorted (token, expert) pairs, or for few tokens (decoding) "dense-small", every expert
-(the shared one folded in) on every token in two GEMMs weighted by a dense gate.
+over the sorted (token, expert) pairs, or for few tokens (decoding, small prefills) "dense-small",
+every expert (the shared one folded in) on every token in two GEMMs weighted by a dense gate,
+with the routing itself done inside the gate's pass on CUDA (`kernels.moe.scored_swiglu`).
 """
 from __future__ import annotations
 
@@ -42,21 +43,19 @@ class MoE(KimiMoE):
     def from_config(cls, cfg: MoEConfig, backend: str = DEFAULT_BACKEND) -> "MoE":
         return cls(**cfg.model_dump(), backend=backend)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (..., D) -> (..., D); plus `residual` (x's shape) if given (the fast dense-small path
+        adds it in its last GEMM)."""
         if self.backend == "reference":
-            return super().forward(x)
-        return self._forward_fast(x)
+            out = super().forward(x)
+            return out if residual is None else residual + out
+        return self._forward_fast(x, residual)
 
     def route(self, x_flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """open_kimi's MoEGate.forward, same ops in the same order, but the training-mode usage
         count is a scatter_add (bincount needs the max on the host: a sync)."""
         g = self.gate
-        scores = F.linear(x_flat, g.gate_weight)                          # (T, E)
-        if g.use_adaptive_bias and g.adaptive_bias is not None:
-            scores = scores + g.adaptive_bias.unsqueeze(0)
-        probs = F.softmax(scores, dim=-1)
-        w, idx = torch.topk(probs, g.top_k, dim=-1)                       # (T, K)
-        w = w / (w.sum(dim=-1, keepdim=True) + 1e-8)
+        w, idx = moe_kernels.topk_route(F.linear(x_flat, g.gate_weight), self._route_bias(), g.top_k)
         if g.use_adaptive_bias and g.training:
             with torch.no_grad():
                 flat = idx.flatten()
@@ -66,6 +65,10 @@ class MoE(KimiMoE):
                 g.adaptive_bias -= g.bias_update_rate * (usage - 1.0 / g.n_experts)
                 g.expert_usage = 0.9 * g.expert_usage + 0.1 * usage
         return w, idx
+
+    def _route_bias(self) -> Optional[torch.Tensor]:
+        g = self.gate
+        return g.adaptive_bias if g.use_adaptive_bias and g.adaptive_bias is not None else None
 
     def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(w1, w2, w3) of the routed experts stacked to (E, I, D), (E, D, I), (E, I, D): rebuilt
@@ -107,16 +110,27 @@ class MoE(KimiMoE):
             return w13.reshape(-1, w13.shape[-1]), torch.cat(params[1::3], dim=1)
         return derived(self, "dense_small", params, build)
 
-    def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_fast(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         shape = x.shape
         x_flat = x.reshape(-1, shape[-1])                                 # (T, D)
-        w, idx = self.route(x_flat)
         training = torch.is_grad_enabled() and (x.requires_grad or self.experts[0].w1.weight.requires_grad)
         if x_flat.shape[0] <= self._dense_small_max_tokens(x_flat.device, training):
             fold = self.folds_shared_expert()
-            out = moe_kernels.routed_dense_small(x_flat, w, idx, self.n_experts, int(fold),
-                                                 *self.dense_small_weights())
-            return (out if fold else out + self.shared_expert(x_flat)).view(shape)
+            res = None if residual is None or not fold else residual.reshape(-1, shape[-1])
+            g = self.gate
+            if g.use_adaptive_bias and g.training:
+                # the routing bias moves with each forward's picks: route() does that update
+                w, idx = self.route(x_flat)
+                out = moe_kernels.routed_dense_small(x_flat, w, idx, self.n_experts, int(fold),
+                                                     *self.dense_small_weights(), residual=res)
+            else:
+                out = moe_kernels.scored_dense_small(
+                    x_flat, F.linear(x_flat, g.gate_weight), self._route_bias(), g.top_k,
+                    self.n_experts, int(fold), *self.dense_small_weights(), residual=res)
+            if not fold:
+                out = out + self.shared_expert(x_flat)
+            return self._plus(out.view(shape), residual if res is None else None)
+        w, idx = self.route(x_flat)
         impl = moe_kernels.auto_impl(x_flat.device, x_flat.dtype)
         if impl == "grouped_mm" and training:
             # training: no per-step concatenated weight copies; the shared expert on its own
@@ -130,12 +144,17 @@ class MoE(KimiMoE):
                 T = x_flat.shape[0]
                 idx = torch.cat([idx, idx.new_full((T, 1), self.n_experts)], dim=1)
                 w = torch.cat([w, w.new_ones(T, 1)], dim=1)
-                return moe_kernels.routed_grouped(x_flat, w, idx, w1, w2, w3, w13).view(shape)
+                out = moe_kernels.routed_grouped(x_flat, w, idx, w1, w2, w3, w13)
+                return self._plus(out.view(shape), residual)
             out = moe_kernels.routed_grouped(x_flat, w, idx, w1, w2, w3, w13)
         else:
             w1, w2, w3 = self.stacked_weights()
             out = moe_kernels.routed_experts(x_flat, w, idx, w1, w2, w3, impl=impl)
-        return (out + self.shared_expert(x_flat)).view(shape)
+        return self._plus((out + self.shared_expert(x_flat)).view(shape), residual)
+
+    @staticmethod
+    def _plus(out: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
+        return out if residual is None else residual + out
 
     def _dense_small_max_tokens(self, device: torch.device, autograd: bool = False) -> int:
         # an instance attribute overrides the per-device default (benchmarks, tests); 0 turns it off
@@ -147,4 +166,7 @@ class MoE(KimiMoE):
             return {"moe": "open_kimi-loop"}
         n, ng = self._dense_small_max_tokens(device), self._dense_small_max_tokens(device, True)
         grad = "" if ng == n else f"; {ng} with autograd"
-        return {"moe": f"{moe_kernels.auto_impl(device, dtype)} (T > {n}), dense-small (T <= {n}{grad})"}
+        fused = (moe_kernels.router_fuses(device, dtype, self.n_experts, self.gate.top_k)
+                 and not (self.gate.use_adaptive_bias and self.gate.training))
+        return {"moe": f"{moe_kernels.auto_impl(device, dtype)} (T > {n}), dense-small (T <= {n}{grad})",
+                "router": "fused into dense-small's gated SwiGLU (triton), else torch" if fused else "torch"}

@@ -277,3 +277,48 @@ def test_graphed_mamba_decoder_block_decode_equals_eager():
     assert rel_err(gcache.ssm, caches["triton"].ssm) < 1e-2
     assert rel_err(caches["triton"].ssm, caches["torch"].ssm) < 2e-2
 
+
+
+# -- The fused router (routing inside the dense-small MoE's gated SwiGLU pass) against torch's
+# CUDA ops bit for bit: the same experts and the same weights, ties included.
+
+@pytest.mark.parametrize("E,k,bias", [(6, 2, True), (6, 2, False), (32, 2, True), (7, 1, True),
+                                     (32, 4, True), (7, 3, True)],
+                         ids=["E6k2-bias", "E6k2", "E32k2-bias", "E7k1-bias", "E32k4-bias", "E7k3-bias"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16], ids=["bf16", "fp32", "fp16"])
+def test_fused_router_equals_torch_routing_bitwise_on_cuda(E, k, bias, dtype):
+    from mamba_decoder.kernels.swiglu import scored_swiglu_triton
+
+    T, I = 1 << 16, 8
+    g = torch.Generator(device=DEV).manual_seed(E * 10 + k)
+    s = torch.randn(T, E, device=DEV, generator=g) * 2
+    # a quarter on a coarse grid (exact ties in the probabilities), a quarter nearly uniform
+    s[: T // 4] = torch.randint(-2, 3, (T // 4, E), device=DEV, generator=g).float() / 2
+    s[T // 4: T // 2] *= 1e-3
+    s = s.to(dtype)
+    b = (torch.randint(-1, 2, (E,), device=DEV, generator=g).float() / 4).to(dtype) if bias else None
+    H = torch.ones(T, E + 1, 2, I, device=DEV, dtype=dtype)
+    H[:, :, 0] = 32                                          # silu(32) * 1 = 32: out / 32 is the gate
+    gate = scored_swiglu_triton(H.view(T, -1), s, b, k, E, 1).view(T, E + 1, I)[:, :E, 0].float() / 32
+    w, idx = moe_kernels.topk_route(s, b, k)
+    want = moe_kernels.dense_gate(w, idx, E).float()
+    assert torch.equal(gate != 0, want != 0), "different experts"
+    if k <= moe_kernels.FUSED_ROUTER_MAX_TOPK or dtype != torch.float32:
+        assert torch.equal(gate, want), f"weights differ at {int((gate != want).sum())} of {T * E}"
+    else:   # the renormalizing sum of k > 2 weights in another order: an ulp (not fused: router_fuses)
+        assert rel_err(gate, want) < 1e-6
+
+
+def test_fused_router_moe_equals_unfused_bitwise_on_cuda(monkeypatch):
+    """The MoE's dense-small forward with the fused router equals the PyTorch router + the
+    gated kernel (scored_swiglu's fallback) bit for bit, at the benchmark's sizes."""
+    from mamba_decoder.models import MoE
+
+    moe = randomize_(MoE(512, 6, 2, backend="fast")).to(DEV, torch.bfloat16).eval()
+    x = torch.randn(4, 128, 512, device=DEV, dtype=torch.bfloat16)
+    r = torch.randn_like(x)
+    with torch.inference_mode():
+        fused = moe(x, residual=r)
+        monkeypatch.setattr(moe_kernels, "FUSED_ROUTER_MAX_EXPERTS", 0)
+        unfused = moe(x, residual=r)
+    assert torch.equal(fused, unfused)

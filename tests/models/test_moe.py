@@ -212,7 +212,7 @@ def test_dense_small_moe_equals_open_kimi(shared, shape, monkeypatch):
     assert fast.folds_shared_expert() == (shared != 40)
     calls = []
     real = K.routed_dense_small
-    monkeypatch.setattr(K, "routed_dense_small", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(K, "routed_dense_small", lambda *a, **k: calls.append(1) or real(*a, **k))
     x = torch.randn(*shape, 32)
     with torch.no_grad():
         assert rel_err(fast(x), theirs(x)) < 1e-5
@@ -396,7 +396,7 @@ def test_training_forward_takes_dense_small_at_decode_sizes_only(monkeypatch):
     fast = _fast_like(theirs)
     calls = []
     real = K.routed_dense_small
-    monkeypatch.setattr(K, "routed_dense_small", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(K, "routed_dense_small", lambda *a, **k: calls.append(1) or real(*a, **k))
     x = torch.randn(2, 100, 32)                              # 200 tokens: 64 < T <= 4096
     with torch.no_grad():
         assert rel_err(fast(x), theirs(x)) < 1e-5
@@ -405,3 +405,105 @@ def test_training_forward_takes_dense_small_at_decode_sizes_only(monkeypatch):
     assert calls == [1] and rel_err(got.detach(), theirs(x)) < 1e-5
     got.sum().backward()
     assert fast.experts[0].w1.weight.grad is not None
+
+
+def _gate_probe(T, E, fold, I, dtype, device):
+    """H whose SwiGLU is exactly 32 in every column (silu(32) rounds to 32 in fp32; h3 = 1): the
+    gated output divided by 32 is the dense gate itself, bit for bit."""
+    H = torch.ones(T, E + fold, 2, I, dtype=dtype, device=device)
+    H[:, :, 0] = 32
+    return H.view(T, -1)
+
+
+def _tie_scores(T, E, dtype, device, seed):
+    """Scores on a coarse grid (many exact ties in the probabilities), else continuous."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(T, E, generator=g)
+    s[: 3 * T // 4] = torch.randint(-2, 3, (3 * T // 4, E), generator=g).float() / 2
+    return s.to(device, dtype)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("E,k,fold,bias", [(6, 2, 1, True), (6, 2, 0, False), (5, 3, 0, True), (32, 4, 1, True)],
+                         ids=["E6k2-fold-bias", "E6k2", "E5k3-bias", "E32k4-fold-bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_scored_swiglu_triton_routes_like_topk_route(monkeypatch, E, k, fold, bias, dtype):
+    """The fused router + gated SwiGLU against topk_route + the dense gate: the same experts
+    (ties to the lowest index, CUDA's rule; this CPU's topk breaks ties otherwise) and the same
+    weights, within an ulp of the exp here (numpy's vs torch's) and bit for bit on CUDA
+    (tests/gpu). Then the full pass against its twin on random H."""
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    pytest.importorskip("triton")
+    from mamba_decoder.kernels.swiglu import scored_swiglu_triton
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    T, I = (48, 40) if E <= 8 else (12, 8)           # the interpreter runs one program per (T, E')
+    s = _tie_scores(T, E, dtype, dev, seed=E + k)
+    # a bias on the scores' grid keeps the ties
+    b = (torch.randint(-1, 2, (E,)).float() / 4).to(dev, dtype) if bias else None
+    gate = scored_swiglu_triton(_gate_probe(T, E, fold, I, dtype, dev), s, b, k, E, fold)
+    gate = gate.view(T, E + fold, I)[:, :, 0].float() / 32
+    assert torch.all(gate[:, E:] == 1)
+    probs = F.softmax(s + b if bias else s, dim=-1)
+    idx = torch.argsort(-probs.float(), dim=-1, stable=True)[:, :k]           # ties: lowest index
+    w = probs.gather(1, idx)
+    w = w / (w.sum(-1, keepdim=True) + 1e-8)
+    want = K.dense_gate(w, idx, E).float()
+    assert torch.equal(gate[:, :E] != 0, want != 0)
+    if dev == "cuda" and (k <= K.FUSED_ROUTER_MAX_TOPK or dtype != torch.float32):
+        assert torch.equal(gate[:, :E], want)
+    else:
+        assert rel_err(gate[:, :E], want) < (1e-6 if dtype == torch.float32 else 4e-3)
+    if E == 6:
+        tied = (probs.float().sort(-1, descending=True).values[:, 1:3].diff(dim=-1) == 0).squeeze(-1)
+        assert tied.sum() >= 3                                               # the grid made ties
+    H = torch.randn(T, (E + fold) * 2 * I).to(dev, dtype)
+    monkeypatch.setattr(K, "SWIGLU_IMPL", "torch")
+    assert rel_err(scored_swiglu_triton(H, s, b, k, E, fold),
+                   K.gated_swiglu(H, w, idx, E, fold)) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.triton
+def test_scored_swiglu_triton_nan_row_stays_nan(monkeypatch):
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    pytest.importorskip("triton")
+    from mamba_decoder.kernels.swiglu import scored_swiglu_triton
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    s = torch.randn(3, 6, device=dev)
+    s[1, 4] = float("nan")
+    out = scored_swiglu_triton(_gate_probe(3, 6, 1, 8, torch.float32, dev), s, None, 2, 6, 1).view(3, 7, 8)
+    assert torch.isnan(out[1, :6]).all() and not torch.isnan(out[[0, 2]]).any()
+
+
+def test_scored_swiglu_rejects_wide_routers():
+    pytest.importorskip("triton")
+    from mamba_decoder.kernels.swiglu import scored_swiglu_triton
+    with pytest.raises(ValueError, match="up to 32 experts"):
+        scored_swiglu_triton(torch.zeros(2, 33 * 4), torch.zeros(2, 33), None, 2, 33, 0)
+
+
+def test_moe_residual_is_added_on_every_path(monkeypatch):
+    """MoE(x, residual=r) == r + MoE(x): dense-small (residual in its last GEMM), grouped, and
+    the reference backend."""
+    theirs = randomize_(KimiMoE(32, 6, 2, 48, 48))
+    for n in (4096, 0):
+        fast = _fast_like(theirs)
+        fast.dense_small_max_tokens = n
+        x, r = torch.randn(2, 7, 32), torch.randn(2, 7, 32)
+        with torch.no_grad():
+            assert rel_err(fast(x, residual=r), r + theirs(x)) < 1e-5
+    ref = MoE(32, 6, 2, 48, 48, backend="reference")
+    ref.load_state_dict(theirs.state_dict())
+    with torch.no_grad():
+        assert torch.equal(ref(x, residual=r), r + theirs(x))
+
+
+def test_router_fuses_within_its_limits_only():
+    pytest.importorskip("triton")
+    cuda = torch.device("cuda")
+    assert K.router_fuses(cuda, torch.bfloat16, 6, 2) and K.router_fuses(cuda, torch.float32, 32, 1)
+    assert not K.router_fuses(cuda, torch.bfloat16, 6, 3)         # k > 2: torch's sum order differs
+    assert not K.router_fuses(cuda, torch.bfloat16, 33, 2)        # wider than one warp's softmax
+    assert not K.router_fuses(cuda, torch.float64, 6, 2)
+    assert not K.router_fuses(torch.device("cpu"), torch.bfloat16, 6, 2)
