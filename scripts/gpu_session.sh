@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Measurements on a lent GPU, one stage per call (each fits a 10-minute command).
-#   bash scripts/gpu_session.sh check|probe|targets|final|workloads|sweep   (writes under $OUT, or ./gpu_out)
+#   bash scripts/gpu_session.sh check|probe|host|targets|final|workloads|sweep   (writes under $OUT, or ./gpu_out)
 # Needs the runtime wheels in .whl/ (mambapy, open-kimi, pydantic...) and gpu_floor.py in .devcarry/.
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -50,6 +50,16 @@ for l in sys.stdin:
   log moe; timeout 90 python3 scripts/profile_gpu.py --moe | tee "$OUT/moe.txt"
   log host; timeout 120 python3 scripts/profile_gpu.py --host > "$OUT/host.txt" 2>&1; grep -E "^  |batch 8|per forward" "$OUT/host.txt" | head -40
   log ops; timeout 100 python3 scripts/profile_gpu.py --ops > "$OUT/ops.txt" 2>&1; grep "###" "$OUT/ops.txt"
+  ;;
+host)   # launch-bound sizes: the tests on the card, host time by switch, by op and by Python function, the eager targets
+  log env; nvidia-smi -L; python3 -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'
+  log tests; timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short tests/gpu tests/models/test_moe.py tests/models/test_blocks.py tests/models/test_mla.py tests/kernels/test_rms_norm.py > "$OUT/gpu_tests.txt" 2>&1
+  grep -E "^(FAILED|ERROR|E  )|passed|failed" "$OUT/gpu_tests.txt" | head -30
+  log host; timeout 150 python3 scripts/profile_gpu.py --host > "$OUT/host.txt" 2>&1; grep -E "^  .*\]|per forward" "$OUT/host.txt" | head -40
+  log ops; timeout 100 python3 scripts/profile_gpu.py --ops > "$OUT/ops.txt" 2>&1; grep "###" "$OUT/ops.txt"
+  log eager; timeout 100 $BENCH --dim 512 --seq-lens 128 2048 --batch-sizes 1 8 --dtype bfloat16 \
+      --output-dir /tmp/r/eager --overwrite 2>&1 | grep -E "SeqLen|error"
+  runs+=(eager)
   ;;
 final)   # one call: tests on the card, the floor, the targets (fast eager / graphed, reference), host A/B, decode and train
   log env; nvidia-smi -L; python3 -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'

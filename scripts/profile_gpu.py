@@ -19,6 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from mamba_decoder.bench.registry import MODELS, build_model
+from mamba_decoder.kernels import moe as moe_kernels
 from mamba_decoder.kernels.moe import dense_small_max_tokens
 from mamba_decoder.kernels.selective_scan import selective_scan
 
@@ -62,12 +63,15 @@ def host_report():
         for name, m in models.items():
             print(f"{name} batch 8 seq 2048: host/wall ms per forward {host_ms(lambda: m(xb), n=30)}")
         # A/B of the fast paths' switches, host/wall per forward at (1, 128) and (8, 2048)
+        from mamba_decoder.kernels.rms_norm import add_rms_norm as fused_norm
         from mamba_decoder.kernels.selective_scan import triton_bdl as tb
+        from mamba_decoder.models import blocks
         for name, m in models.items():
             moe, attn = getattr(m, "moe", None), getattr(m, "attn", None)
             variants = {"default": {}}
             if moe is not None:
-                variants.update({"moe dense-small <= 64": dict(moe=64), "moe dense-small <= 4096": dict(moe=4096)})
+                variants.update({"moe dense-small <= 64": dict(moe=64), "moe dense-small <= 4096": dict(moe=4096),
+                                 "moe router unfused": dict(router=0), "norm2 unfused": dict(norm2=False)})
             if attn is not None:
                 variants["mla fused prologue off"] = dict(fused="torch")
             if name != "MLABlock":
@@ -77,12 +81,25 @@ def host_report():
                     moe.dense_small_max_tokens = v.get("moe", dense_small_max_tokens(dev))
                 if attn is not None:
                     attn.fused_impl = v.get("fused", "auto")
-                old = tb.FWD_BY_DTYPE[dt]
+                old, old_router = tb.FWD_BY_DTYPE[dt], moe_kernels.FUSED_ROUTER_MAX_EXPERTS
                 tb.FWD_BY_DTYPE[dt] = v.get("scan", old)
+                moe_kernels.FUSED_ROUTER_MAX_EXPERTS = v.get("router", old_router)
+                blocks.add_rms_norm = (fused_norm if v.get("norm2", True) else
+                                       lambda a, b, norm, fused=True: fused_norm(a, b, norm, False))
                 try:
                     print(f"  {name} [{vname}]: (1,128) {host_ms(lambda: m(x))}  (8,2048) {host_ms(lambda: m(xb), n=30)}")
                 finally:
-                    tb.FWD_BY_DTYPE[dt] = old
+                    tb.FWD_BY_DTYPE[dt], moe_kernels.FUSED_ROUTER_MAX_EXPERTS = old, old_router
+                    blocks.add_rms_norm = fused_norm
+        # the Python profile of whole eager forwards at (1, 128): where host time goes besides launches
+        for name, m in models.items():
+            pr = cProfile.Profile()
+            pr.enable()
+            for _ in range(100):
+                m(x)
+            pr.disable()
+            print(f"### cProfile, {name} (1, 128), 100 forwards")
+            pstats.Stats(pr).sort_stats("tottime").print_stats(25)
         ED, N, L = 1024, 16, 128
         xs = torch.randn(1, ED, L, device=dev, dtype=dt)
         A, D = -torch.rand(ED, N, device=dev), torch.randn(ED, device=dev)

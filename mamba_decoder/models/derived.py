@@ -2,7 +2,7 @@
 
 With autograd on and a parameter requiring grad they are rebuilt every call, so gradients reach
 the parameters. Otherwise they are cached on the module and rebuilt when a parameter is replaced
-or modified in place (its data pointer, version counter, dtype or device changes). Not detected:
+or modified in place (its storage address or version counter changes). Not detected:
 writes through `param.data`, which bypass the version counter; call `clear_derived(module)`.
 Parameters that are inference tensors (created under torch.inference_mode) are never cached:
 they have no version counter.
@@ -21,10 +21,14 @@ def derived(module: nn.Module, name: str, params: Sequence[torch.Tensor], build:
     """build() (a function of `params`), cached on `module` under `name` as described above."""
     if torch.is_grad_enabled() and any(p.requires_grad for p in params):
         return build()
-    if any(p.is_inference() for p in params):
+    try:
+        # A parameter's storage address and version counter: a new dtype or device is new
+        # storage (allocated while the old one is alive: a new address), an in-place write
+        # bumps the version. Per forward on launch-bound shapes this check is host time.
+        key = [(p.data_ptr(), p._version) for p in params]
+    except RuntimeError:                        # inference tensors have no version counter
         with torch.no_grad():
             return build()
-    key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
     cache = module.__dict__.setdefault(_ATTR, {})
     hit = cache.get(name)
     if hit is None or hit[0] != key:
