@@ -63,15 +63,13 @@ def host_report():
         for name, m in models.items():
             print(f"{name} batch 8 seq 2048: host/wall ms per forward {host_ms(lambda: m(xb), n=30)}")
         # A/B of the fast paths' switches, host/wall per forward at (1, 128) and (8, 2048)
-        from mamba_decoder.kernels.rms_norm import add_rms_norm as fused_norm
         from mamba_decoder.kernels.selective_scan import triton_bdl as tb
-        from mamba_decoder.models import blocks
         for name, m in models.items():
             moe, attn = getattr(m, "moe", None), getattr(m, "attn", None)
             variants = {"default": {}}
             if moe is not None:
                 variants.update({"moe dense-small <= 64": dict(moe=64), "moe dense-small <= 4096": dict(moe=4096),
-                                 "moe router unfused": dict(router=0), "norm2 unfused": dict(norm2=False)})
+                                 "moe router unfused": dict(router=0)})
             if attn is not None:
                 variants["mla fused prologue off"] = dict(fused="torch")
             if name != "MLABlock":
@@ -84,13 +82,10 @@ def host_report():
                 old, old_router = tb.FWD_BY_DTYPE[dt], moe_kernels.FUSED_ROUTER_MAX_EXPERTS
                 tb.FWD_BY_DTYPE[dt] = v.get("scan", old)
                 moe_kernels.FUSED_ROUTER_MAX_EXPERTS = v.get("router", old_router)
-                blocks.add_rms_norm = (fused_norm if v.get("norm2", True) else
-                                       lambda a, b, norm, fused=True: fused_norm(a, b, norm, False))
                 try:
                     print(f"  {name} [{vname}]: (1,128) {host_ms(lambda: m(x))}  (8,2048) {host_ms(lambda: m(xb), n=30)}")
                 finally:
                     tb.FWD_BY_DTYPE[dt], moe_kernels.FUSED_ROUTER_MAX_EXPERTS = old, old_router
-                    blocks.add_rms_norm = fused_norm
         # the Python profile of whole eager forwards at (1, 128): where host time goes besides launches
         for name, m in models.items():
             pr = cProfile.Profile()

@@ -197,28 +197,22 @@ def scored_swiglu(H, scores, bias, top_k: int, n_experts: int, n_always_on: int 
     return gated_swiglu(H, w, idx, n_experts, n_always_on)
 
 
-def _down(h, W2, residual):
-    """h @ W2^T, plus `residual` (T, D) in the same GEMM's epilogue if given (one rounding)."""
-    return F.linear(h, W2) if residual is None else torch.addmm(residual, h, W2.t())
-
-
-def routed_dense_small(x, weights, indices, n_experts: int, n_always_on: int, W13, W2, residual=None):
+def routed_dense_small(x, weights, indices, n_experts: int, n_always_on: int, W13, W2):
     """Every expert on every token, weighted by the dense gate of the router's (weights,
     indices) (T, K): x (T, D), W13 (E' * 2I, D) = [w1_0; w3_0; w1_1; w3_1; ...] (the grouped
     path's w13 (E', 2I, D) seen flat) and W2 (D, E' * I) = [w2_0, w2_1, ...] (each expert's w2
-    side by side), the `n_always_on` experts last -> sum_e gate[:, e] * expert_e(x) (+ residual).
+    side by side), the `n_always_on` experts last -> sum_e gate[:, e] * expert_e(x).
     Two GEMMs and one elementwise pass: no sort, no index, no host sync. The gate scales the
     hidden activations (linear in W2), so unpicked experts contribute exactly zero."""
     H = F.linear(x, W13)                                                           # (T, E' * 2I)
-    return _down(gated_swiglu(H, weights, indices, n_experts, n_always_on), W2, residual)  # (T, D)
+    return F.linear(gated_swiglu(H, weights, indices, n_experts, n_always_on), W2)  # (T, D)
 
 
-def scored_dense_small(x, scores, bias, top_k: int, n_experts: int, n_always_on: int, W13, W2,
-                       residual=None):
+def scored_dense_small(x, scores, bias, top_k: int, n_experts: int, n_always_on: int, W13, W2):
     """`routed_dense_small` of the routing `topk_route(scores, bias, top_k)`, the routing fused
     into the gated pass where it runs (`scored_swiglu`)."""
     H = F.linear(x, W13)
-    return _down(scored_swiglu(H, scores, bias, top_k, n_experts, n_always_on), W2, residual)
+    return F.linear(scored_swiglu(H, scores, bias, top_k, n_experts, n_always_on), W2)
 
 
 @functools.lru_cache(maxsize=None)

@@ -2,9 +2,6 @@
 
     MambaDecoderBlock:  h = x + mixer(norm1(x));   out = h + moe(norm2(h))
     MLABlock:           h = x + attn(norm1(x));    out = h + moe(norm2(h))     (causal)
-
-The fast backend computes the middle residual add and norm2 in one pass (kernels.rms_norm) and
-the last residual add in the MoE's final GEMM.
 """
 from __future__ import annotations
 
@@ -14,18 +11,9 @@ import torch
 from torch import nn
 
 from ..config import DEFAULT_BACKEND, MambaConfig, MoEConfig, check_backend
-from ..kernels import triton_installed
-from ..kernels.rms_norm import add_rms_norm
 from .mamba import MambaCache, MambaMixer
 from .mla import MLA, MLACache
 from .moe import MoE
-
-
-def _norm2_choice(backend: str, device: torch.device) -> dict[str, str]:
-    if backend == "reference":
-        return {}
-    return {"norm2": "triton residual add + rms_norm" if device.type == "cuda" and triton_installed()
-            else "torch"}
 
 
 def kernel_choices(module: nn.Module, device, dtype) -> dict[str, str]:
@@ -53,17 +41,14 @@ class MambaDecoderBlock(nn.Module):
         self.norm2 = nn.RMSNorm(dim)
         self.moe = MoE.from_config(moe_config, backend)
 
-    def kernel_choice(self, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
-        return _norm2_choice(self.backend, device)
-
     def init_cache(self, batch_size: int, device=None, dtype=None) -> MambaCache:
         """Decoding state: the mixer's conv window and SSM state (constant in context length)."""
         return self.mixer.init_cache(batch_size, device, dtype)
 
     def forward(self, x: torch.Tensor, cache: Optional[MambaCache] = None) -> torch.Tensor:
         """x (B, L, D) -> (B, L, D); with `cache`, x continues the cached sequence (updated in place)."""
-        h, n = add_rms_norm(x, self.mixer(self.norm1(x), cache), self.norm2, self.backend == "fast")
-        return self.moe(n, residual=h)
+        h = self.mixer(self.norm1(x), cache, residual=x)
+        return h + self.moe(self.norm2(h))
 
 
 class MLABlock(nn.Module):
@@ -84,9 +69,6 @@ class MLABlock(nn.Module):
         self.moe = MoE(dim, n_experts, n_activated, expert_inter_dim, shared_expert_inter_dim,
                        use_adaptive_bias, bias_update_rate, backend)
 
-    def kernel_choice(self, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
-        return _norm2_choice(self.backend, device)
-
     def init_cache(self, batch_size: int, max_len: int, kind: Optional[str] = None,
                    device=None, dtype=None) -> MLACache:
         """Decoding state for up to `max_len` positions: the latent cache ("latent", absorb's) or
@@ -96,12 +78,10 @@ class MLABlock(nn.Module):
     def forward(self, x: torch.Tensor, start_pos: int = 0, mask: Optional[torch.Tensor] = None,
                 cache: Optional[MLACache] = None) -> torch.Tensor:
         """x (B, S, D) at positions start_pos.. -> (B, S, D). See `MLA.forward` for cache and mask."""
-        h, n = add_rms_norm(x, self.attn(self.norm1(x), start_pos, mask, cache), self.norm2,
-                            self.backend == "fast")
-        return self.moe(n, residual=h)
+        h = x + self.attn(self.norm1(x), start_pos, mask, cache)
+        return h + self.moe(self.norm2(h))
 
     def decode_step(self, x: torch.Tensor, pos: torch.Tensor, cache: MLACache) -> torch.Tensor:
         """One token (B, 1, D) at device-tensor position `pos`: CUDA-graph friendly (MLA.decode_step)."""
-        h, n = add_rms_norm(x, self.attn.decode_step(self.norm1(x), pos, cache), self.norm2,
-                            self.backend == "fast")
-        return self.moe(n, residual=h)
+        h = x + self.attn.decode_step(self.norm1(x), pos, cache)
+        return h + self.moe(self.norm2(h))

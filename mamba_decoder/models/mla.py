@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
-import torch.nn.functional as F
 from open_kimi.mla import apply_rotary_emb, precompute_freqs_cis
 from torch import nn
 from torch.nn import RMSNorm
@@ -21,7 +20,6 @@ from torch.nn import RMSNorm
 from ..config import DEFAULT_BACKEND, check_backend
 from ..kernels import attention as attn_kernels
 from ..kernels import triton_installed
-from .derived import derived
 
 ATTN_IMPLS = ("naive", "absorb")
 DECODE_KERNELS = ("auto", "triton", "sdpa")
@@ -133,18 +131,6 @@ class MLA(nn.Module):
         q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
         return q.view(*x.shape[:2], self.n_heads, self.qk_head_dim)          # (B, S, H, Dqk)
 
-    def _query_and_latent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(`_query(x)`, `wkv_a(x)`) with x's two projections ([wq; wkv_a], or [wq_a; wkv_a]
-        with a query LoRA) as one GEMM over their concatenated weights (cached: the Triton
-        paths are inference-only); both results are strided views of its output."""
-        first = self.wq if self.q_lora_rank == 0 else self.wq_a
-        wa, wb = first.weight, self.wkv_a.weight
-        y = F.linear(x, derived(self, "q_kva", (wa, wb), lambda: torch.cat([wa, wb])))
-        q, kva = y[..., : wa.shape[0]], y[..., wa.shape[0]:]
-        if self.q_lora_rank:
-            q = self.wq_b(self.q_norm(q))
-        return q.view(*x.shape[:2], self.n_heads, self.qk_head_dim), kva
-
     def forward(self, x: torch.Tensor, start_pos: int = 0, mask: Optional[torch.Tensor] = None,
                 cache: Optional[MLACache] = None) -> torch.Tensor:
         """x (B, S, D) -> (B, S, D). Positions start_pos .. start_pos+S-1.
@@ -185,7 +171,8 @@ class MLA(nn.Module):
 
         bsz, seqlen, _ = x.shape
         end = start_pos + seqlen
-        q, kva = self._query_and_latent(x)                                    # (B, S, H, Dqk), (B, S, C + R)
+        q = self._query(x)                                                    # (B, S, H, Dqk)
+        kva = self.wkv_a(x)                                                   # (B, S, C + R)
         C, R = self.kv_lora_rank, self.qk_rope_head_dim
         if cache is not None and cache.kind == "latent":
             kv_buf, pe_buf, p0 = cache.a[:bsz], cache.b[:bsz], start_pos
@@ -307,11 +294,10 @@ class MLA(nn.Module):
         from ..kernels.mla_decode import mla_decode, mla_decode_prologue
 
         bsz = x.shape[0]
-        q, kva = self._query_and_latent(x)
-        q = q.view(bsz, self.n_heads, self.qk_head_dim)                                # (B, H, Dqk)
+        q = self._query(x).view(bsz, self.n_heads, self.qk_head_dim)                   # (B, H, Dqk)
         kv_a, pe = cache.a[:bsz], cache.b[:bsz]
         eps = self.kv_norm.eps if self.kv_norm.eps is not None else torch.finfo(x.dtype).eps
-        mla_decode_prologue(q, kva.view(bsz, -1), pos, self.freqs(cache.max_len, x.device),
+        mla_decode_prologue(q, self.wkv_a(x).view(bsz, -1), pos, self.freqs(cache.max_len, x.device),
                             self.kv_norm.weight, eps, kv_a, pe, self.qk_nope_head_dim)
         wkv_b = self.wkv_b.weight.view(self.n_heads, -1, self.kv_lora_rank)            # (H, nope + v, C)
         q_nope = q[..., : self.qk_nope_head_dim].transpose(0, 1)                        # (H, B, nope)

@@ -43,13 +43,10 @@ class MoE(KimiMoE):
     def from_config(cls, cfg: MoEConfig, backend: str = DEFAULT_BACKEND) -> "MoE":
         return cls(**cfg.model_dump(), backend=backend)
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x (..., D) -> (..., D); plus `residual` (x's shape) if given (the fast dense-small path
-        adds it in its last GEMM)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "reference":
-            out = super().forward(x)
-            return out if residual is None else residual + out
-        return self._forward_fast(x, residual)
+            return super().forward(x)
+        return self._forward_fast(x)
 
     def route(self, x_flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """open_kimi's MoEGate.forward, same ops in the same order, but the training-mode usage
@@ -110,26 +107,23 @@ class MoE(KimiMoE):
             return w13.reshape(-1, w13.shape[-1]), torch.cat(params[1::3], dim=1)
         return derived(self, "dense_small", params, build)
 
-    def _forward_fast(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x_flat = x.reshape(-1, shape[-1])                                 # (T, D)
         training = torch.is_grad_enabled() and (x.requires_grad or self.experts[0].w1.weight.requires_grad)
         if x_flat.shape[0] <= self._dense_small_max_tokens(x_flat.device, training):
             fold = self.folds_shared_expert()
-            res = None if residual is None or not fold else residual.reshape(-1, shape[-1])
             g = self.gate
             if g.use_adaptive_bias and g.training:
                 # the routing bias moves with each forward's picks: route() does that update
                 w, idx = self.route(x_flat)
                 out = moe_kernels.routed_dense_small(x_flat, w, idx, self.n_experts, int(fold),
-                                                     *self.dense_small_weights(), residual=res)
+                                                     *self.dense_small_weights())
             else:
                 out = moe_kernels.scored_dense_small(
                     x_flat, F.linear(x_flat, g.gate_weight), self._route_bias(), g.top_k,
-                    self.n_experts, int(fold), *self.dense_small_weights(), residual=res)
-            if not fold:
-                out = out + self.shared_expert(x_flat)
-            return self._plus(out.view(shape), residual if res is None else None)
+                    self.n_experts, int(fold), *self.dense_small_weights())
+            return (out if fold else out + self.shared_expert(x_flat)).view(shape)
         w, idx = self.route(x_flat)
         impl = moe_kernels.auto_impl(x_flat.device, x_flat.dtype)
         if impl == "grouped_mm" and training:
@@ -144,17 +138,12 @@ class MoE(KimiMoE):
                 T = x_flat.shape[0]
                 idx = torch.cat([idx, idx.new_full((T, 1), self.n_experts)], dim=1)
                 w = torch.cat([w, w.new_ones(T, 1)], dim=1)
-                out = moe_kernels.routed_grouped(x_flat, w, idx, w1, w2, w3, w13)
-                return self._plus(out.view(shape), residual)
+                return moe_kernels.routed_grouped(x_flat, w, idx, w1, w2, w3, w13).view(shape)
             out = moe_kernels.routed_grouped(x_flat, w, idx, w1, w2, w3, w13)
         else:
             w1, w2, w3 = self.stacked_weights()
             out = moe_kernels.routed_experts(x_flat, w, idx, w1, w2, w3, impl=impl)
-        return self._plus((out + self.shared_expert(x_flat)).view(shape), residual)
-
-    @staticmethod
-    def _plus(out: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
-        return out if residual is None else residual + out
+        return (out + self.shared_expert(x_flat)).view(shape)
 
     def _dense_small_max_tokens(self, device: torch.device, autograd: bool = False) -> int:
         # an instance attribute overrides the per-device default (benchmarks, tests); 0 turns it off

@@ -49,7 +49,7 @@ def test_sweep_records_every_config_in_spec_order():
     mdb = next(r for r in out if r.model_name == "MambaDecoderBlock")
     assert mdb.kernels == {"scan": "cpu", "conv": "torch-conv1d", "step": "torch",
                            "moe": "grouped_mm (T > {0}), dense-small (T <= {0})".format(DENSE_SMALL_MAX_TOKENS["cpu"]),
-                           "router": "torch", "norm2": "torch"}
+                           "router": "torch"}
 
 
 def test_model_built_once_per_model_backend_dtype(monkeypatch):

@@ -203,16 +203,19 @@ def _fast_like(theirs, **kw):
 
 @pytest.mark.parametrize("shared", [40, 48, None], ids=["separate-shared", "folded-shared", "default-shared"])
 @pytest.mark.parametrize("shape", [(8, 1), (1, 1), (4, 16)], ids=["decode-B8", "decode-B1", "T64"])
-def test_dense_small_moe_equals_open_kimi(shared, shape, monkeypatch):
+@pytest.mark.parametrize("train", [True, False], ids=["train-mode", "eval"])
+def test_dense_small_moe_equals_open_kimi(shared, shape, train, monkeypatch):
     """The fast MoE takes dense-small for few tokens (counted) and equals open_kimi's loop, with a
-    random adaptive bias (randomize_) routing the tokens."""
-    theirs = randomize_(KimiMoE(32, 6, 2, 48, shared))
+    random adaptive bias (randomize_) routing the tokens: in train mode from route()'s picks
+    (which move the bias), in eval from the router's scores (scored_dense_small)."""
+    theirs = randomize_(KimiMoE(32, 6, 2, 48, shared)).train(train)
     assert theirs.gate.adaptive_bias.abs().min() > 0
-    fast = _fast_like(theirs)
+    fast = _fast_like(theirs).train(train)
     assert fast.folds_shared_expert() == (shared != 40)
     calls = []
-    real = K.routed_dense_small
-    monkeypatch.setattr(K, "routed_dense_small", lambda *a, **k: calls.append(1) or real(*a, **k))
+    path = "routed_dense_small" if train else "scored_dense_small"
+    real = getattr(K, path)
+    monkeypatch.setattr(K, path, lambda *a: calls.append(1) or real(*a))
     x = torch.randn(*shape, 32)
     with torch.no_grad():
         assert rel_err(fast(x), theirs(x)) < 1e-5
@@ -223,8 +226,11 @@ def test_dense_small_off_above_the_threshold(monkeypatch):
     theirs = randomize_(KimiMoE(32, 6, 2, 48, 48))
     fast = _fast_like(theirs)
     monkeypatch.setattr(K, "routed_dense_small", None)   # would fail if called
+    monkeypatch.setattr(K, "scored_dense_small", None)
     x = torch.randn(1, K.dense_small_max_tokens(torch.device("cpu")) + 1, 32)
     with torch.no_grad():
+        assert rel_err(fast(x), theirs(x)) < 1e-5
+        theirs.eval(), fast.eval()
         assert rel_err(fast(x), theirs(x)) < 1e-5
 
 
@@ -396,7 +402,7 @@ def test_training_forward_takes_dense_small_at_decode_sizes_only(monkeypatch):
     fast = _fast_like(theirs)
     calls = []
     real = K.routed_dense_small
-    monkeypatch.setattr(K, "routed_dense_small", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(K, "routed_dense_small", lambda *a: calls.append(1) or real(*a))
     x = torch.randn(2, 100, 32)                              # 200 tokens: 64 < T <= 4096
     with torch.no_grad():
         assert rel_err(fast(x), theirs(x)) < 1e-5
@@ -481,22 +487,6 @@ def test_scored_swiglu_rejects_wide_routers():
     from mamba_decoder.kernels.swiglu import scored_swiglu_triton
     with pytest.raises(ValueError, match="up to 32 experts"):
         scored_swiglu_triton(torch.zeros(2, 33 * 4), torch.zeros(2, 33), None, 2, 33, 0)
-
-
-def test_moe_residual_is_added_on_every_path(monkeypatch):
-    """MoE(x, residual=r) == r + MoE(x): dense-small (residual in its last GEMM), grouped, and
-    the reference backend."""
-    theirs = randomize_(KimiMoE(32, 6, 2, 48, 48))
-    for n in (4096, 0):
-        fast = _fast_like(theirs)
-        fast.dense_small_max_tokens = n
-        x, r = torch.randn(2, 7, 32), torch.randn(2, 7, 32)
-        with torch.no_grad():
-            assert rel_err(fast(x, residual=r), r + theirs(x)) < 1e-5
-    ref = MoE(32, 6, 2, 48, 48, backend="reference")
-    ref.load_state_dict(theirs.state_dict())
-    with torch.no_grad():
-        assert torch.equal(ref(x, residual=r), r + theirs(x))
 
 
 def test_router_fuses_within_its_limits_only():
