@@ -73,7 +73,8 @@ final)   # one call: tests on the card, the floor, the targets (fast eager / gra
   log train; timeout 70 $BENCH --mode train --seq-lens 2048 --batch-sizes 8 --dtype bfloat16 \
       --output-dir /tmp/r/train --overwrite 2>&1 | grep -E "SeqLen|error"
   runs+=(train)
-  log host; timeout 60 python3 scripts/profile_gpu.py --host > "$OUT/host.txt" 2>&1; grep -E "^  .*default" "$OUT/host.txt"
+  log host; timeout 90 python3 scripts/profile_gpu.py --host > "$OUT/host.txt" 2>&1; grep -E "^  .*\]" "$OUT/host.txt"
+  log sdpa; timeout 90 python3 scripts/profile_gpu.py --sdpa 2>&1 | tee "$OUT/sdpa.txt"
   ;;
 sweep)   # the spec's default grid, fp32 and bf16, both backends
   timeout 560 $BENCH --backend fast reference --dtype float32 bfloat16 --output-dir /tmp/r/default_sweep \

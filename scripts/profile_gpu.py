@@ -8,6 +8,8 @@ python scripts/profile_gpu.py --ops     host time by op of one eager forward of 
                                         profiler), batch 1 seq 128 and batch 8 seq 2048
 python scripts/profile_gpu.py --moe     the MoE's dense-small path against the grouped one by token
                                         count: eager and graphed ms (where the threshold belongs)
+python scripts/profile_gpu.py --sdpa    MLA's prefill attention by SDPA backend (cuDNN, efficient):
+                                        eager host/wall and graphed ms, and MLABlock with cuDNN off
 """
 import cProfile
 import pstats
@@ -88,6 +90,10 @@ def host_report():
                     tb.FWD_BY_DTYPE[dt], moe_kernels.FUSED_ROUTER_MAX_EXPERTS = old, old_router
         # the Python profile of whole eager forwards at (1, 128): where host time goes besides launches
         for name, m in models.items():
+            if getattr(m, "attn", None) is not None:
+                m.attn.fused_impl = "auto"                  # the A/B loop left its last switch
+            if getattr(m, "moe", None) is not None:
+                m.moe.dense_small_max_tokens = None
             pr = cProfile.Profile()
             pr.enable()
             for _ in range(100):
@@ -152,6 +158,50 @@ def ops_report():
             print(ev.table(sort_by="self_cpu_time_total", row_limit=22, max_name_column_width=50))
 
 
+def sdpa_report():
+    """MLA's prefill attention (16 heads, q/k 192, v 128, causal) by SDPA backend: eager host/wall
+    ms (launch-bound at small shapes: cuDNN's frontend costs host time) and graphed GPU ms; then
+    MLABlock forwards with cuDNN attention on and off."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def graphed_ms(fn, n=20):
+        g = torch.cuda.CUDAGraph()
+        fn()
+        torch.cuda.synchronize()
+        with torch.cuda.graph(g):
+            fn()
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        g.replay()
+        s.record()
+        for _ in range(n):
+            g.replay()
+        e.record()
+        torch.cuda.synchronize()
+        return round(s.elapsed_time(e) / n, 4)
+
+    with torch.inference_mode():
+        for B, S in [(1, 128), (8, 128), (1, 2048), (8, 2048), (8, 8192)]:
+            q, k = (torch.randn(B, 16, S, 192, device=dev, dtype=dt) for _ in range(2))
+            v = torch.randn(B, 16, S, 128, device=dev, dtype=dt)
+            row = []
+            for be in (SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+                def f(be=be):
+                    with sdpa_kernel([be]):
+                        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+                row.append(f"{be.name} host/wall {host_ms(f, n=50)} graphed {graphed_ms(f)}")
+            print(f"sdpa B{B} S{S}: " + "; ".join(row), flush=True)
+        m = build_model("MLABlock", 512, max_seq_len=8192).to(dev, dt).eval()
+        for B, L in [(1, 128), (8, 2048)]:
+            x = torch.randn(B, L, 512, device=dev, dtype=dt)
+            row = []
+            for on in (True, False):
+                torch.backends.cuda.enable_cudnn_sdp(on)
+                row.append(f"cudnn {'on' if on else 'off'} host/wall {host_ms(lambda: m(x), n=50)} "
+                           f"graphed {graphed_ms(lambda: m(x))}")
+            torch.backends.cuda.enable_cudnn_sdp(True)
+            print(f"MLABlock B{B} L{L}: " + "; ".join(row), flush=True)
+
+
 def moe_report():
     from mamba_decoder.bench.timing import summarize, time_callable
     from mamba_decoder.bench.workloads import GraphedForward
@@ -174,4 +224,4 @@ def moe_report():
 
 if __name__ == "__main__":
     arg = sys.argv[1] if len(sys.argv) > 1 else ""
-    {"--host": host_report, "--ops": ops_report, "--moe": moe_report}.get(arg, kernel_report)()
+    {"--host": host_report, "--ops": ops_report, "--moe": moe_report, "--sdpa": sdpa_report}.get(arg, kernel_report)()
