@@ -34,7 +34,7 @@ def swiglu_rows(h13: torch.Tensor, scale: torch.Tensor | None = None) -> torch.T
     if needs_grad or h13.stride(1) != 1 or not _triton_runs(h13.device):
         y = _swiglu(h13[:, :I], h13[:, I:])
         return y if scale is None else y * scale.unsqueeze(-1).to(y.dtype)
-    from .swiglu import swiglu_rows_triton   # imports triton: only when it runs
+    from .moe_triton import swiglu_rows_triton   # imports triton: only when it runs
 
     return swiglu_rows_triton(h13, scale)
 
@@ -146,7 +146,7 @@ def gated_swiglu(H, weights, indices, n_experts: int, n_always_on: int = 0):
     E = n_experts + n_always_on
     needs_grad = torch.is_grad_enabled() and (H.requires_grad or weights.requires_grad)
     if not needs_grad and H.stride(1) == 1 and _triton_runs(H.device):
-        from .swiglu import gated_swiglu_triton   # imports triton: only when it runs
+        from .moe_triton import gated_swiglu_triton   # imports triton: only when it runs
 
         return gated_swiglu_triton(H, weights, indices, n_experts, n_always_on)
     Hv = H.view(T, E, 2, -1)
@@ -181,6 +181,19 @@ def router_fuses(device: torch.device, dtype: torch.dtype, n_experts: int, top_k
             and top_k <= FUSED_ROUTER_MAX_TOPK and _triton_runs(device))
 
 
+def route_scores(scores, bias, top_k: int):
+    """`topk_route(scores, bias, top_k)`; on CUDA in inference one Triton launch instead of six
+    (the grouped path's router), bit for bit the same (weights, experts) (tests/gpu; the slots of
+    tied weights may come in another order, which the weighted sum over slots does not see)."""
+    needs_grad = torch.is_grad_enabled() and (scores.requires_grad or (bias is not None and bias.requires_grad))
+    if (not needs_grad and (bias is None or bias.dtype in _ROUTER_DTYPES) and scores.stride(1) == 1
+            and router_fuses(scores.device, scores.dtype, scores.shape[1], top_k)):
+        from .moe_triton import topk_route_triton   # imports triton: only when it runs
+
+        return topk_route_triton(scores, bias, top_k)
+    return topk_route(scores, bias, top_k)
+
+
 def scored_swiglu(H, scores, bias, top_k: int, n_experts: int, n_always_on: int = 0):
     """`gated_swiglu` of the routing `topk_route(scores, bias, top_k)`. On CUDA in inference one
     Triton pass routes and gates (six launches fewer than the PyTorch router: decoding and small
@@ -190,7 +203,7 @@ def scored_swiglu(H, scores, bias, top_k: int, n_experts: int, n_always_on: int 
     dtypes_ok = bias is None or bias.dtype in _ROUTER_DTYPES
     if (not needs_grad and dtypes_ok and H.stride(1) == 1 and scores.stride(1) == 1
             and router_fuses(H.device, scores.dtype, n_experts, top_k)):
-        from .swiglu import scored_swiglu_triton   # imports triton: only when it runs
+        from .moe_triton import scored_swiglu_triton   # imports triton: only when it runs
 
         return scored_swiglu_triton(H, scores, bias, top_k, n_experts, n_always_on)
     w, idx = topk_route(scores, bias, top_k)

@@ -111,11 +111,13 @@ class MoE(KimiMoE):
         shape = x.shape
         x_flat = x.reshape(-1, shape[-1])                                 # (T, D)
         training = torch.is_grad_enabled() and (x.requires_grad or self.experts[0].w1.weight.requires_grad)
+        g = self.gate
+        # In train mode the routing bias moves with each forward's picks: route() does that
+        # update. Otherwise the scores alone route, fused into a Triton pass on CUDA.
+        updates_bias = g.use_adaptive_bias and g.training
         if x_flat.shape[0] <= self._dense_small_max_tokens(x_flat.device, training):
             fold = self.folds_shared_expert()
-            g = self.gate
-            if g.use_adaptive_bias and g.training:
-                # the routing bias moves with each forward's picks: route() does that update
+            if updates_bias:
                 w, idx = self.route(x_flat)
                 out = moe_kernels.routed_dense_small(x_flat, w, idx, self.n_experts, int(fold),
                                                      *self.dense_small_weights())
@@ -124,7 +126,10 @@ class MoE(KimiMoE):
                     x_flat, F.linear(x_flat, g.gate_weight), self._route_bias(), g.top_k,
                     self.n_experts, int(fold), *self.dense_small_weights())
             return (out if fold else out + self.shared_expert(x_flat)).view(shape)
-        w, idx = self.route(x_flat)
+        if updates_bias:
+            w, idx = self.route(x_flat)
+        else:
+            w, idx = moe_kernels.route_scores(F.linear(x_flat, g.gate_weight), self._route_bias(), g.top_k)
         impl = moe_kernels.auto_impl(x_flat.device, x_flat.dtype)
         if impl == "grouped_mm" and training:
             # training: no per-step concatenated weight copies; the shared expert on its own
@@ -155,7 +160,7 @@ class MoE(KimiMoE):
             return {"moe": "open_kimi-loop"}
         n, ng = self._dense_small_max_tokens(device), self._dense_small_max_tokens(device, True)
         grad = "" if ng == n else f"; {ng} with autograd"
-        fused = (moe_kernels.router_fuses(device, dtype, self.n_experts, self.gate.top_k)
-                 and not (self.gate.use_adaptive_bias and self.gate.training))
+        fused = moe_kernels.router_fuses(device, dtype, self.n_experts, self.gate.top_k)
         return {"moe": f"{moe_kernels.auto_impl(device, dtype)} (T > {n}), dense-small (T <= {n}{grad})",
-                "router": "fused into dense-small's gated SwiGLU (triton), else torch" if fused else "torch"}
+                "router": ("triton, one launch, inside dense-small's gated pass (inference in eval mode; "
+                           "torch ops in train mode or with autograd)") if fused else "torch"}

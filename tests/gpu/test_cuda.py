@@ -287,7 +287,7 @@ def test_graphed_mamba_decoder_block_decode_equals_eager():
                          ids=["E6k2-bias", "E6k2", "E32k2-bias", "E7k1-bias", "E32k4-bias", "E7k3-bias"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16], ids=["bf16", "fp32", "fp16"])
 def test_fused_router_equals_torch_routing_bitwise_on_cuda(E, k, bias, dtype):
-    from mamba_decoder.kernels.swiglu import scored_swiglu_triton
+    from mamba_decoder.kernels.moe_triton import scored_swiglu_triton
 
     T, I = 1 << 16, 8
     g = torch.Generator(device=DEV).manual_seed(E * 10 + k)
@@ -309,13 +309,34 @@ def test_fused_router_equals_torch_routing_bitwise_on_cuda(E, k, bias, dtype):
         assert rel_err(gate, want) < 1e-6
 
 
-def test_fused_router_moe_equals_unfused_bitwise_on_cuda(monkeypatch):
-    """The MoE's dense-small forward with the fused router equals the PyTorch router + the
-    gated kernel (scored_swiglu's fallback) bit for bit, at the benchmark's sizes."""
+@pytest.mark.parametrize("E,k,bias", [(6, 2, True), (6, 1, False), (32, 2, True)], ids=["E6k2-bias", "E6k1", "E32k2-bias"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_fused_topk_route_equals_torch_routing_bitwise_on_cuda(E, k, bias, dtype):
+    """The grouped path's fused router (weights, experts) against torch's ops: the same pairs bit
+    for bit (compared as dense gates: tied weights may sit in either slot)."""
+    from mamba_decoder.kernels.moe_triton import topk_route_triton
+
+    T = 1 << 16
+    g = torch.Generator(device=DEV).manual_seed(E * 10 + k + 1)
+    s = torch.randn(T, E, device=DEV, generator=g) * 2
+    s[: T // 4] = torch.randint(-2, 3, (T // 4, E), device=DEV, generator=g).float() / 2
+    s[T // 4: T // 2] *= 1e-3
+    s = s.to(dtype)
+    b = (torch.randint(-1, 2, (E,), device=DEV, generator=g).float() / 4).to(dtype) if bias else None
+    w, idx = topk_route_triton(s, b, k)
+    w_t, idx_t = moe_kernels.topk_route(s, b, k)
+    assert w.dtype == w_t.dtype and torch.equal(torch.sort(idx, 1).values, torch.sort(idx_t, 1).values)
+    assert torch.equal(moe_kernels.dense_gate(w, idx, E), moe_kernels.dense_gate(w_t, idx_t, E))
+
+
+@pytest.mark.parametrize("T", [512, 16384], ids=["dense-small", "grouped"])
+def test_fused_router_moe_equals_unfused_bitwise_on_cuda(monkeypatch, T):
+    """The MoE's forward with the fused router (inside dense-small's gated pass; alone before
+    the grouped GEMMs) equals the PyTorch router's bit for bit, at the benchmark's sizes."""
     from mamba_decoder.models import MoE
 
     moe = randomize_(MoE(512, 6, 2, backend="fast")).to(DEV, torch.bfloat16).eval()
-    x = torch.randn(4, 128, 512, device=DEV, dtype=torch.bfloat16)
+    x = torch.randn(1, T, 512, device=DEV, dtype=torch.bfloat16)
     with torch.inference_mode():
         fused = moe(x)
         monkeypatch.setattr(moe_kernels, "FUSED_ROUTER_MAX_EXPERTS", 0)

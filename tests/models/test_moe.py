@@ -167,7 +167,7 @@ def test_gated_swiglu_triton_equals_twin(monkeypatch, T, E, fold, I, dtype, tol)
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     pytest.importorskip("triton")
-    from mamba_decoder.kernels.swiglu import gated_swiglu_triton
+    from mamba_decoder.kernels.moe_triton import gated_swiglu_triton
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     w, idx = _picks(T, E, 2)
     H = torch.randn(T, (E + fold) * 2 * I).to(dev, dtype)
@@ -441,7 +441,7 @@ def test_scored_swiglu_triton_routes_like_topk_route(monkeypatch, E, k, fold, bi
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     pytest.importorskip("triton")
-    from mamba_decoder.kernels.swiglu import scored_swiglu_triton
+    from mamba_decoder.kernels.moe_triton import scored_swiglu_triton
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     T, I = (48, 40) if E <= 8 else (12, 8)           # the interpreter runs one program per (T, E')
     s = _tie_scores(T, E, dtype, dev, seed=E + k)
@@ -474,7 +474,7 @@ def test_scored_swiglu_triton_nan_row_stays_nan(monkeypatch):
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     pytest.importorskip("triton")
-    from mamba_decoder.kernels.swiglu import scored_swiglu_triton
+    from mamba_decoder.kernels.moe_triton import scored_swiglu_triton
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     s = torch.randn(3, 6, device=dev)
     s[1, 4] = float("nan")
@@ -484,7 +484,7 @@ def test_scored_swiglu_triton_nan_row_stays_nan(monkeypatch):
 
 def test_scored_swiglu_rejects_wide_routers():
     pytest.importorskip("triton")
-    from mamba_decoder.kernels.swiglu import scored_swiglu_triton
+    from mamba_decoder.kernels.moe_triton import scored_swiglu_triton
     with pytest.raises(ValueError, match="up to 32 experts"):
         scored_swiglu_triton(torch.zeros(2, 33 * 4), torch.zeros(2, 33), None, 2, 33, 0)
 
@@ -497,3 +497,66 @@ def test_router_fuses_within_its_limits_only():
     assert not K.router_fuses(cuda, torch.bfloat16, 33, 2)        # wider than one warp's softmax
     assert not K.router_fuses(cuda, torch.float64, 6, 2)
     assert not K.router_fuses(torch.device("cpu"), torch.bfloat16, 6, 2)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("E,k,bias", [(6, 2, True), (5, 1, False), (32, 2, True)], ids=["E6k2-bias", "E5k1", "E32k2-bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_topk_route_triton_equals_topk_route(monkeypatch, E, k, bias, dtype):
+    """The grouped path's fused router against topk_route: the same (expert, weight) pairs, slots
+    by descending weight, ties to the lowest index (CUDA's rule; bit for bit on CUDA)."""
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    pytest.importorskip("triton")
+    from mamba_decoder.kernels.moe_triton import topk_route_triton
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    T = 64
+    s = _tie_scores(T, E, dtype, dev, seed=E)
+    b = (torch.randint(-1, 2, (E,)).float() / 4).to(dev, dtype) if bias else None
+    w, idx = topk_route_triton(s, b, k)
+    assert w.shape == idx.shape == (T, k) and w.dtype == dtype and idx.dtype == torch.int64
+    assert torch.all(w[:, :-1] >= w[:, 1:])                                  # descending slots
+    probs = F.softmax(s + b if bias else s, dim=-1)
+    want_idx = torch.argsort(-probs.float(), dim=-1, stable=True)[:, :k]
+    want_w = probs.gather(1, want_idx)
+    want_w = want_w / (want_w.sum(-1, keepdim=True) + 1e-8)
+    assert torch.equal(idx, want_idx)
+    if dev == "cuda":
+        assert torch.equal(w, want_w)
+    else:
+        assert rel_err(w, want_w) < (1e-6 if dtype == torch.float32 else 4e-3)
+
+
+@pytest.mark.triton
+def test_topk_route_triton_nan_row_keeps_valid_experts(monkeypatch):
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    pytest.importorskip("triton")
+    from mamba_decoder.kernels.moe_triton import topk_route_triton
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    s = torch.randn(3, 6, device=dev)
+    s[1, 2] = float("nan")
+    w, idx = topk_route_triton(s, None, 2)
+    assert torch.isnan(w[1]).all() and not torch.isnan(w[[0, 2]]).any()
+    assert idx.min() >= 0 and idx.max() < 6                 # indexes the experts safely
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("shared", [48, 40], ids=["folded-shared", "separate-shared"])
+def test_grouped_path_with_the_fused_router_equals_open_kimi(monkeypatch, shared):
+    """The fast MoE in eval above the dense-small limit routes through topk_route_triton (Triton
+    forced on CPU tensors, counted) and equals open_kimi's loop."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    pytest.importorskip("triton")
+    from mamba_decoder.kernels import moe_triton
+    monkeypatch.setattr(K, "SWIGLU_IMPL", "triton")
+    theirs = randomize_(KimiMoE(32, 6, 2, 48, shared)).eval()
+    fast = _fast_like(theirs).eval()
+    fast.dense_small_max_tokens = 0
+    calls = []
+    real = moe_triton.topk_route_triton
+    monkeypatch.setattr(moe_triton, "topk_route_triton", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(2, 9, 32)
+    with torch.no_grad():
+        assert rel_err(fast(x), theirs(x)) < 1e-5
+    assert calls == [1]

@@ -1,9 +1,9 @@
-"""Triton SwiGLU over rows: (M, 2I) = [x W1^T | x W3^T] -> silu(h1) * h3 (M, I), optionally
-each row scaled (a MoE pair's routing weight); and the dense-small MoE's gated form over every
-expert of a token, its gate from the router's (weights, indices) or computed in the same pass
-from the router's scores. One read, one write; the twins are `kernels.moe.swiglu_rows`,
-`kernels.moe.gated_swiglu` and `kernels.moe.scored_swiglu`'s PyTorch paths. Imported only when it
-runs (triton is optional)."""
+"""The MoE's Triton kernels. SwiGLU over rows: (M, 2I) = [x W1^T | x W3^T] -> silu(h1) * h3
+(M, I), optionally each row scaled (a MoE pair's routing weight); the dense-small MoE's gated
+form over every expert of a token, its gate from the router's (weights, indices) or computed in
+the same pass from the router's scores; and the router alone (scores -> weights, indices). One
+read, one write; the twins are `kernels.moe.swiglu_rows`, `gated_swiglu`, `scored_swiglu` and
+`route_scores`' PyTorch paths. Imported only when it runs (triton is optional)."""
 from __future__ import annotations
 
 import torch
@@ -62,13 +62,16 @@ def _picked_gate(W, IDX, m, e, s_wm, s_wk, s_im, s_ik, K: tl.constexpr, BLOCK_K:
 
 
 @triton.jit
-def _scored_gate(S, BIAS, m, e, s_sm, E, K: tl.constexpr, BLOCK_E: tl.constexpr, LOG2_BLOCK_E: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, ROUND: tl.constexpr, PRECISE: tl.constexpr):
-    """Token m's routing weight for expert e from its row of router scores, by kernels.moe.topk_route's
-    ops with torch's CUDA roundings: + bias (rounded); softmax as torch's one-warp kernel for rows
-    of up to 32 (fp32, CUDA's expf, the sum by a butterfly over next_pow2(E) lanes, a correctly
+def _topk_picks(S, BIAS, m, s_sm, E, K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+                LOG2_BLOCK_E: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND: tl.constexpr,
+                PRECISE: tl.constexpr):
+    """Token m's routing from its row of router scores, by kernels.moe.topk_route's ops with
+    torch's CUDA roundings: + bias (rounded); softmax as torch's one-warp kernel for rows of up
+    to 32 (fp32, CUDA's expf, the sum by a butterfly over next_pow2(E) lanes, a correctly
     rounded division; rounded); top-k with ties to the lowest index (torch's gather of the k-th
-    value); w / (sum of the k + 1e-8), each step rounded. A row holding a NaN gates NaN."""
+    value); w / (sum of the k + 1e-8), each step rounded. Returns the K slots' (weights, experts)
+    as (BLOCK_K,) vectors, descending, and whether the row holds a NaN (then the weights are NaN
+    and the experts 0..K-1, in range)."""
     j = tl.arange(0, BLOCK_E)
     ok = j < E
     s = tl.load(S + m * s_sm + j, mask=ok, other=0.0).to(tl.float32)
@@ -86,17 +89,42 @@ def _scored_gate(S, BIAS, m, e, s_sm, E, K: tl.constexpr, BLOCK_E: tl.constexpr,
     q = _round(tl.math.div_rn(p, tot), ROUND)
     nan = tl.max((q != q).to(tl.int32), axis=0) > 0
     q = tl.where(ok, q, -1.0)           # never picked (probabilities are >= 0)
+    kk = tl.arange(0, BLOCK_K)
+    pv = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    pi = kk                             # what a NaN row keeps: experts 0..K-1
     wsum = 0.0
-    g = 0.0
-    for _ in tl.static_range(K):
+    for k in tl.static_range(K):
         v = tl.max(q, axis=0)
         i = tl.min(tl.where(q == v, j, BLOCK_E), axis=0)
         wsum += v
-        g = tl.where(i == e, v, g)
+        pv = tl.where(kk == k, v, pv)
+        pi = tl.where((kk == k) & (i < E), i, pi)       # a NaN row may pick no real expert
         q = tl.where(j == i, -1.0, q)
     den = _round(_round(wsum, ROUND) + 1e-8, ROUND)
-    g = _round(tl.math.div_rn(g, den), ROUND)
+    w = _round(tl.math.div_rn(pv, den), ROUND)
+    return tl.where(nan, float("nan"), w), pi, nan
+
+
+@triton.jit
+def _scored_gate(S, BIAS, m, e, s_sm, E, K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+                 LOG2_BLOCK_E: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND: tl.constexpr,
+                 PRECISE: tl.constexpr):
+    """Token m's routing weight for expert e from its row of scores (`_topk_picks`): 0 if not
+    picked; NaN for every expert of a row holding a NaN."""
+    w, pi, nan = _topk_picks(S, BIAS, m, s_sm, E, K, BLOCK_K, BLOCK_E, LOG2_BLOCK_E, HAS_BIAS, ROUND, PRECISE)
+    g = tl.sum(tl.where((pi == e) & (tl.arange(0, BLOCK_K) < K), w, 0.0), axis=0)
     return tl.where(nan, float("nan"), g)
+
+
+@triton.jit
+def _topk_route_kernel(S, BIAS, W, IDX, E, s_sm, K: tl.constexpr, BLOCK_K: tl.constexpr,
+                       BLOCK_E: tl.constexpr, LOG2_BLOCK_E: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       ROUND: tl.constexpr, PRECISE: tl.constexpr):
+    m = tl.program_id(0).to(tl.int64)
+    w, pi, nan = _topk_picks(S, BIAS, m, s_sm, E, K, BLOCK_K, BLOCK_E, LOG2_BLOCK_E, HAS_BIAS, ROUND, PRECISE)
+    kk = tl.arange(0, BLOCK_K)
+    tl.store(W + m * K + kk, w.to(W.dtype.element_ty), mask=kk < K)
+    tl.store(IDX + m * K + kk, pi.to(tl.int64), mask=kk < K)
 
 
 @triton.jit
@@ -111,7 +139,7 @@ def _gated_swiglu_kernel(H, W, IDX, S, BIAS, OUT, I, E, s_hm, s_wm, s_wk, s_im, 
     # the dense gate of (token m, expert e): its routing weight if picked, 0 if not, 1 for an
     # always-on expert (e >= E)
     if FROM_SCORES:
-        g = _scored_gate(S, BIAS, m, e, s_sm, E, K, BLOCK_E, LOG2_BLOCK_E, HAS_BIAS, ROUND, PRECISE)
+        g = _scored_gate(S, BIAS, m, e, s_sm, E, K, BLOCK_K, BLOCK_E, LOG2_BLOCK_E, HAS_BIAS, ROUND, PRECISE)
     else:
         g = _picked_gate(W, IDX, m, e, s_wm, s_wk, s_im, s_ik, K, BLOCK_K)
     g = tl.where(e >= E, 1.0, g)
@@ -154,6 +182,29 @@ def _launch_gated(H, n_experts, n_always_on, K, w=None, idx=None, scores=None, b
 _ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
+def _check_router(scores: torch.Tensor, n_experts: int):
+    if n_experts > 32 or scores.stride(1) != 1:
+        raise ValueError(f"the fused router takes up to 32 experts in unit-stride rows "
+                         f"(got E={n_experts}, stride {scores.stride(1)})")
+
+
+def topk_route_triton(scores: torch.Tensor, bias: torch.Tensor | None, top_k: int):
+    """kernels.moe.topk_route (softmax, top-k, renormalized weights) in one launch: (weights,
+    indices) (T, k), the weights in torch's promoted dtype, slots by descending weight (ties by
+    the lower expert). The same limits and guarantees as `scored_swiglu_triton`."""
+    T, E = scores.shape
+    _check_router(scores, E)
+    rdt = scores.dtype if bias is None else torch.result_type(scores, bias)
+    w = torch.empty(T, top_k, device=scores.device, dtype=rdt)
+    idx = torch.empty(T, top_k, device=scores.device, dtype=torch.int64)
+    block_e = triton.next_power_of_2(E)
+    _topk_route_kernel[(T,)](
+        scores, scores if bias is None else bias, w, idx, E, scores.stride(0), K=top_k,
+        BLOCK_K=triton.next_power_of_2(top_k), BLOCK_E=block_e, LOG2_BLOCK_E=block_e.bit_length() - 1,
+        HAS_BIAS=bias is not None, ROUND=_ROUND[rdt], PRECISE=not interpreting(), num_warps=1)
+    return w, idx
+
+
 def gated_swiglu_triton(H: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
                         n_experts: int, n_always_on: int) -> torch.Tensor:
     """H (T, E' * 2I) = x @ W13^T ([w1_e; w3_e] per expert) -> (T, E' * I): silu(h1_e) * h3_e
@@ -168,7 +219,5 @@ def scored_swiglu_triton(H: torch.Tensor, scores: torch.Tensor, bias: torch.Tens
     E <= 32 and scores of unit column stride. Bit for bit against torch's CUDA ops for top_k <= 2
     (tests/gpu); for larger k the weights' renormalizing sum runs in slot order, which in fp32
     differs from torch's by an ulp of some weights (the experts picked are the same)."""
-    if n_experts > 32 or scores.stride(1) != 1:
-        raise ValueError(f"the fused router takes up to 32 experts in unit-stride rows "
-                         f"(got E={n_experts}, stride {scores.stride(1)})")
+    _check_router(scores, n_experts)
     return _launch_gated(H, n_experts, n_always_on, top_k, scores=scores, bias=bias)
