@@ -63,7 +63,7 @@ host)   # launch-bound sizes: the tests on the card, host time by switch, by op 
   ;;
 final)   # one call: tests on the card, the floor, the targets (fast eager / graphed, reference), host A/B, decode and train
   log env; nvidia-smi -L; python3 -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'
-  log tests; timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=short tests/gpu > "$OUT/gpu_tests.txt" 2>&1
+  log tests; timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short tests/gpu tests/models/test_moe.py > "$OUT/gpu_tests.txt" 2>&1
   grep -E "^(FAILED|ERROR|E  )|passed|failed" "$OUT/gpu_tests.txt" | head -20
   log floor; timeout 120 python3 .devcarry/gpu_floor.py > "$OUT/floor.jsonl"; grep bfloat16 "$OUT/floor.jsonl"; tail -1 "$OUT/floor.jsonl"
   targets
