@@ -546,17 +546,19 @@ def test_topk_route_triton_nan_row_keeps_valid_experts(monkeypatch):
 def test_grouped_path_with_the_fused_router_equals_open_kimi(monkeypatch, shared):
     """The fast MoE in eval above the dense-small limit routes through topk_route_triton (Triton
     forced on CPU tensors, counted) and equals open_kimi's loop."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        monkeypatch.setattr(K, "SWIGLU_IMPL", "triton")
     pytest.importorskip("triton")
     from mamba_decoder.kernels import moe_triton
-    monkeypatch.setattr(K, "SWIGLU_IMPL", "triton")
-    theirs = randomize_(KimiMoE(32, 6, 2, 48, shared)).eval()
-    fast = _fast_like(theirs).eval()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    theirs = randomize_(KimiMoE(32, 6, 2, 48, shared)).eval().to(dev)
+    fast = _fast_like(theirs).eval().to(dev)
     fast.dense_small_max_tokens = 0
     calls = []
     real = moe_triton.topk_route_triton
     monkeypatch.setattr(moe_triton, "topk_route_triton", lambda *a: calls.append(1) or real(*a))
-    x = torch.randn(2, 9, 32)
+    x = torch.randn(2, 9, 32, device=dev)
     with torch.no_grad():
         assert rel_err(fast(x), theirs(x)) < 1e-5
     assert calls == [1]
