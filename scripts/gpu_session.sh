@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Measurements on a lent GPU, one stage per call (each fits a 10-minute command).
-#   bash scripts/gpu_session.sh check|probe|host|targets|final|workloads|sweep   (writes under $OUT, or ./gpu_out)
+#   bash scripts/gpu_session.sh check|probe|host|retest|targets|final|workloads|sweep   (writes under $OUT, or ./gpu_out)
 # Needs the runtime wheels in .whl/ (mambapy, open-kimi, pydantic...) and gpu_floor.py in .devcarry/.
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -60,6 +60,14 @@ host)   # launch-bound sizes: the tests on the card, host time by switch, by op 
   log eager; timeout 100 $BENCH --dim 512 --seq-lens 128 2048 --batch-sizes 1 8 --dtype bfloat16 \
       --output-dir /tmp/r/eager --overwrite 2>&1 | grep -E "SeqLen|error"
   runs+=(eager)
+  ;;
+retest)  # the tests on the card and one more eager sample of the shapes (host variance)
+  log env; nvidia-smi -L
+  log tests; timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short tests/gpu tests/models/test_moe.py > "$OUT/gpu_tests.txt" 2>&1
+  grep -E "^(FAILED|ERROR|E  )|passed|failed" "$OUT/gpu_tests.txt" | head -20
+  log eager; timeout 100 $BENCH --dim 512 --seq-lens 128 2048 --batch-sizes 1 8 --dtype bfloat16 \
+      --output-dir /tmp/r/eager_retest --overwrite 2>&1 | grep -E "SeqLen|error"
+  runs+=(eager_retest)
   ;;
 final)   # one call: tests on the card, the floor, the targets (fast eager / graphed, reference), host A/B, decode and train
   log env; nvidia-smi -L; python3 -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'
