@@ -413,6 +413,15 @@ def test_training_forward_takes_dense_small_at_decode_sizes_only(monkeypatch):
     assert fast.experts[0].w1.weight.grad is not None
 
 
+@pytest.fixture
+def triton_dev(monkeypatch):
+    """Where the Triton kernels run here: CUDA, else CPU tensors through TRITON_INTERPRET=1."""
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    pytest.importorskip("triton")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _gate_probe(T, E, fold, I, dtype, device):
     """H whose SwiGLU is exactly 32 in every column (silu(32) rounds to 32 in fp32; h3 = 1): the
     gated output divided by 32 is the dense gate itself, bit for bit."""
@@ -433,16 +442,13 @@ def _tie_scores(T, E, dtype, device, seed):
 @pytest.mark.parametrize("E,k,fold,bias", [(6, 2, 1, True), (6, 2, 0, False), (5, 3, 0, True), (32, 4, 1, True)],
                          ids=["E6k2-fold-bias", "E6k2", "E5k3-bias", "E32k4-fold-bias"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_scored_swiglu_triton_routes_like_topk_route(monkeypatch, E, k, fold, bias, dtype):
+def test_scored_swiglu_triton_routes_like_topk_route(monkeypatch, triton_dev, E, k, fold, bias, dtype):
     """The fused router + gated SwiGLU against topk_route + the dense gate: the same experts
     (ties to the lowest index, CUDA's rule; this CPU's topk breaks ties otherwise) and the same
     weights, within an ulp of the exp here (numpy's vs torch's) and bit for bit on CUDA
     (tests/gpu). Then the full pass against its twin on random H."""
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    pytest.importorskip("triton")
     from mamba_decoder.kernels.moe_triton import scored_swiglu_triton
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = triton_dev
     T, I = (48, 40) if E <= 8 else (12, 8)           # the interpreter runs one program per (T, E')
     s = _tie_scores(T, E, dtype, dev, seed=E + k)
     # a bias on the scores' grid keeps the ties
@@ -470,16 +476,17 @@ def test_scored_swiglu_triton_routes_like_topk_route(monkeypatch, E, k, fold, bi
 
 
 @pytest.mark.triton
-def test_scored_swiglu_triton_nan_row_stays_nan(monkeypatch):
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    pytest.importorskip("triton")
-    from mamba_decoder.kernels.moe_triton import scored_swiglu_triton
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    s = torch.randn(3, 6, device=dev)
+def test_fused_router_nan_row(triton_dev):
+    """A row of scores holding a NaN: NaN gates for that token's experts (as torch's NaN
+    probabilities give), weights NaN and experts still in range from the standalone router."""
+    from mamba_decoder.kernels.moe_triton import scored_swiglu_triton, topk_route_triton
+    s = torch.randn(3, 6, device=triton_dev)
     s[1, 4] = float("nan")
-    out = scored_swiglu_triton(_gate_probe(3, 6, 1, 8, torch.float32, dev), s, None, 2, 6, 1).view(3, 7, 8)
+    out = scored_swiglu_triton(_gate_probe(3, 6, 1, 8, torch.float32, triton_dev), s, None, 2, 6, 1).view(3, 7, 8)
     assert torch.isnan(out[1, :6]).all() and not torch.isnan(out[[0, 2]]).any()
+    w, idx = topk_route_triton(s, None, 2)
+    assert torch.isnan(w[1]).all() and not torch.isnan(w[[0, 2]]).any()
+    assert idx.min() >= 0 and idx.max() < 6                 # indexes the experts safely
 
 
 def test_scored_swiglu_rejects_wide_routers():
@@ -502,14 +509,11 @@ def test_router_fuses_within_its_limits_only():
 @pytest.mark.triton
 @pytest.mark.parametrize("E,k,bias", [(6, 2, True), (5, 1, False), (32, 2, True)], ids=["E6k2-bias", "E5k1", "E32k2-bias"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_topk_route_triton_equals_topk_route(monkeypatch, E, k, bias, dtype):
+def test_topk_route_triton_equals_topk_route(triton_dev, E, k, bias, dtype):
     """The grouped path's fused router against topk_route: the same (expert, weight) pairs, slots
     by descending weight, ties to the lowest index (CUDA's rule; bit for bit on CUDA)."""
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    pytest.importorskip("triton")
     from mamba_decoder.kernels.moe_triton import topk_route_triton
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = triton_dev
     T = 64
     s = _tie_scores(T, E, dtype, dev, seed=E)
     b = (torch.randint(-1, 2, (E,)).float() / 4).to(dev, dtype) if bias else None
@@ -528,30 +532,14 @@ def test_topk_route_triton_equals_topk_route(monkeypatch, E, k, bias, dtype):
 
 
 @pytest.mark.triton
-def test_topk_route_triton_nan_row_keeps_valid_experts(monkeypatch):
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    pytest.importorskip("triton")
-    from mamba_decoder.kernels.moe_triton import topk_route_triton
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    s = torch.randn(3, 6, device=dev)
-    s[1, 2] = float("nan")
-    w, idx = topk_route_triton(s, None, 2)
-    assert torch.isnan(w[1]).all() and not torch.isnan(w[[0, 2]]).any()
-    assert idx.min() >= 0 and idx.max() < 6                 # indexes the experts safely
-
-
-@pytest.mark.triton
 @pytest.mark.parametrize("shared", [48, 40], ids=["folded-shared", "separate-shared"])
-def test_grouped_path_with_the_fused_router_equals_open_kimi(monkeypatch, shared):
+def test_grouped_path_with_the_fused_router_equals_open_kimi(monkeypatch, triton_dev, shared):
     """The fast MoE in eval above the dense-small limit routes through topk_route_triton (Triton
     forced on CPU tensors, counted) and equals open_kimi's loop."""
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        monkeypatch.setattr(K, "SWIGLU_IMPL", "triton")
-    pytest.importorskip("triton")
     from mamba_decoder.kernels import moe_triton
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = triton_dev
+    if dev == "cpu":
+        monkeypatch.setattr(K, "SWIGLU_IMPL", "triton")
     theirs = randomize_(KimiMoE(32, 6, 2, 48, shared)).eval().to(dev)
     fast = _fast_like(theirs).eval().to(dev)
     fast.dense_small_max_tokens = 0
