@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -5,6 +6,17 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py
+
+# Without a GPU the Triton kernels run on CPU tensors through Triton's interpreter, which
+# triton.jit picks when a kernel module is first imported: set it before any test imports one
+# (`make test` sets it too), so no test depends on the order the others ran in.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "triton: Triton kernel test (runs under TRITON_INTERPRET=1 without a GPU)")
 
 
 @pytest.fixture(autouse=True)

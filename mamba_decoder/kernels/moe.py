@@ -175,10 +175,12 @@ _ROUTER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def router_fuses(device: torch.device, dtype: torch.dtype, n_experts: int, top_k: int) -> bool:
-    """Whether `scored_swiglu` routes inside its Triton pass for this device, dtype and router
-    (in inference; with autograd it never does)."""
+    """Whether `scored_swiglu` and `route_scores` route in Triton for this device, dtype and
+    router (in inference; with autograd they never do). Not under autocast, where torch's
+    softmax and sum run in fp32 whatever the scores' dtype (the kernel rounds to the scores')."""
     return (dtype in _ROUTER_DTYPES and n_experts <= FUSED_ROUTER_MAX_EXPERTS
-            and top_k <= FUSED_ROUTER_MAX_TOPK and _triton_runs(device))
+            and top_k <= FUSED_ROUTER_MAX_TOPK and _triton_runs(device)
+            and not torch.is_autocast_enabled(device.type))
 
 
 def route_scores(scores, bias, top_k: int):

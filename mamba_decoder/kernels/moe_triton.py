@@ -165,7 +165,7 @@ def _launch_gated(H, n_experts, n_always_on, K, w=None, idx=None, scores=None, b
         w_args = (scores, scores, 0, 0, 0, 0)             # (weights, indices) unused
         s_args = (scores, scores if bias is None else bias, scores.stride(0))
     else:
-        rdt = w.dtype
+        rdt = None                                         # no routing: nothing rounded
         w_args = (w, idx, *w.stride(), *idx.stride())
         s_args = (w, w, 0)                                 # (scores, bias) unused
     W, IDX, s_wm, s_wk, s_im, s_ik = w_args
@@ -174,7 +174,8 @@ def _launch_gated(H, n_experts, n_always_on, K, w=None, idx=None, scores=None, b
         H, W, IDX, S, BIAS, out, I, n_experts, H.stride(0), s_wm, s_wk, s_im, s_ik, s_sm,
         out.stride(0), K=K, BLOCK_K=triton.next_power_of_2(K), FROM_SCORES=from_scores,
         BLOCK_E=block_e, LOG2_BLOCK_E=block_e.bit_length() - 1,
-        HAS_BIAS=from_scores and bias is not None, ROUND=_ROUND[rdt], PRECISE=not interpreting(),
+        HAS_BIAS=from_scores and bias is not None, ROUND=_ROUND[rdt] if from_scores else 0,
+        PRECISE=not interpreting(),
         BLOCK=block, num_warps=4)
     return out
 

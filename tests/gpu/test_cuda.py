@@ -335,10 +335,18 @@ def test_fused_router_moe_equals_unfused_bitwise_on_cuda(monkeypatch, T):
     the grouped GEMMs) equals the PyTorch router's bit for bit, at the benchmark's sizes."""
     from mamba_decoder.models import MoE
 
+    from mamba_decoder.kernels import moe_triton
+
     moe = randomize_(MoE(512, 6, 2, backend="fast")).to(DEV, torch.bfloat16).eval()
     x = torch.randn(1, T, 512, device=DEV, dtype=torch.bfloat16)
+    calls = []
+    for name in ("scored_swiglu_triton", "topk_route_triton"):
+        real = getattr(moe_triton, name)
+        monkeypatch.setattr(moe_triton, name, lambda *a, real=real: calls.append(1) or real(*a))
     with torch.inference_mode():
         fused = moe(x)
+        assert calls == [1]                                   # the fused router ran
         monkeypatch.setattr(moe_kernels, "FUSED_ROUTER_MAX_EXPERTS", 0)
         unfused = moe(x)
+        assert calls == [1]                                   # and then did not
     assert torch.equal(fused, unfused)

@@ -489,8 +489,7 @@ def test_fused_router_nan_row(triton_dev):
     assert idx.min() >= 0 and idx.max() < 6                 # indexes the experts safely
 
 
-def test_scored_swiglu_rejects_wide_routers():
-    pytest.importorskip("triton")
+def test_scored_swiglu_rejects_wide_routers(triton_dev):
     from mamba_decoder.kernels.moe_triton import scored_swiglu_triton
     with pytest.raises(ValueError, match="up to 32 experts"):
         scored_swiglu_triton(torch.zeros(2, 33 * 4), torch.zeros(2, 33), None, 2, 33, 0)
@@ -550,3 +549,46 @@ def test_grouped_path_with_the_fused_router_equals_open_kimi(monkeypatch, triton
     with torch.no_grad():
         assert rel_err(fast(x), theirs(x)) < 1e-5
     assert calls == [1]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("T", [12, 100], ids=["dense-small", "grouped"])
+def test_eval_moe_takes_the_fused_router_and_equals_open_kimi(monkeypatch, triton_dev, T):
+    """Through the dispatchers (Triton forced on CPU tensors): dense-small routes inside the gated
+    pass, the grouped path through topk_route_triton (each counted), and both equal open_kimi."""
+    from mamba_decoder.kernels import moe_triton
+    if triton_dev == "cpu":
+        monkeypatch.setattr(K, "SWIGLU_IMPL", "triton")
+    theirs = randomize_(KimiMoE(32, 6, 2, 48, 48)).eval().to(triton_dev)
+    fast = _fast_like(theirs).eval().to(triton_dev)
+    fast.dense_small_max_tokens = 64
+    calls = []
+    for name in ("scored_swiglu_triton", "topk_route_triton"):
+        real = getattr(moe_triton, name)
+        monkeypatch.setattr(moe_triton, name, lambda *a, name=name, real=real: calls.append(name) or real(*a))
+    x = torch.randn(1, T, 32, device=triton_dev)
+    with torch.no_grad():
+        assert rel_err(fast(x), theirs(x)) < 1e-5
+    assert calls == ["scored_swiglu_triton" if T <= 64 else "topk_route_triton"]
+
+
+@pytest.mark.triton
+def test_router_stays_torch_under_autocast_and_for_float64(monkeypatch, triton_dev):
+    """Under autocast torch's softmax runs in fp32 whatever the scores' dtype, and fp64 is no
+    dtype the kernel rounds to: both take the torch router; the fp64 MoE still runs (the gated
+    kernel from (weights, indices) takes any dtype)."""
+    from mamba_decoder.kernels import moe_triton
+    if triton_dev == "cpu":
+        monkeypatch.setattr(K, "SWIGLU_IMPL", "triton")
+    monkeypatch.setattr(moe_triton, "topk_route_triton", None)          # would fail if called
+    monkeypatch.setattr(moe_triton, "scored_swiglu_triton", None)
+    s = torch.randn(8, 6, device=triton_dev)
+    with torch.autocast(torch.device(triton_dev).type, dtype=torch.bfloat16):
+        w, idx = K.route_scores(s.bfloat16(), None, 2)
+    assert torch.equal(idx, K.topk_route(s.bfloat16(), None, 2)[1])
+    theirs = randomize_(KimiMoE(32, 6, 2, 48, 48)).eval().double().to(triton_dev)
+    fast = _fast_like(theirs).eval().double().to(triton_dev)
+    x = torch.randn(1, 12, 32, device=triton_dev, dtype=torch.float64)
+    with torch.no_grad():
+        got = fast(x)
+    assert got.dtype == torch.float64 and rel_err(got, theirs(x)) < 1e-6   # the kernel computes in fp32
