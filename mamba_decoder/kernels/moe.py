@@ -183,13 +183,22 @@ def router_fuses(device: torch.device, dtype: torch.dtype, n_experts: int, top_k
             and not torch.is_autocast_enabled(device.type))
 
 
+def _fused_router_runs(scores, bias, top_k: int, n_experts: int, *others) -> bool:
+    """Whether these tensors take the Triton router: `router_fuses`, no autograd through any of
+    them (the kernels have no backward), a bias of a router dtype, unit column strides."""
+    tensors = (scores, *others) if bias is None else (scores, bias, *others)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return ((bias is None or bias.dtype in _ROUTER_DTYPES)
+            and all(t.stride(1) == 1 for t in (scores, *others))
+            and router_fuses(scores.device, scores.dtype, n_experts, top_k))
+
+
 def route_scores(scores, bias, top_k: int):
     """`topk_route(scores, bias, top_k)`; on CUDA in inference one Triton launch instead of six
     (the grouped path's router), bit for bit the same (weights, experts) (tests/gpu; the slots of
     tied weights may come in another order, which the weighted sum over slots does not see)."""
-    needs_grad = torch.is_grad_enabled() and (scores.requires_grad or (bias is not None and bias.requires_grad))
-    if (not needs_grad and (bias is None or bias.dtype in _ROUTER_DTYPES) and scores.stride(1) == 1
-            and router_fuses(scores.device, scores.dtype, scores.shape[1], top_k)):
+    if _fused_router_runs(scores, bias, top_k, scores.shape[1]):
         from .moe_triton import topk_route_triton   # imports triton: only when it runs
 
         return topk_route_triton(scores, bias, top_k)
@@ -201,10 +210,7 @@ def scored_swiglu(H, scores, bias, top_k: int, n_experts: int, n_always_on: int 
     Triton pass routes and gates (six launches fewer than the PyTorch router: decoding and small
     prefills are launch-bound); bit for bit the PyTorch ops' routing (tests/gpu). Elsewhere, with
     autograd, or past the FUSED_ROUTER_* limits, those ops then `gated_swiglu` (the twin)."""
-    needs_grad = torch.is_grad_enabled() and (H.requires_grad or scores.requires_grad)
-    dtypes_ok = bias is None or bias.dtype in _ROUTER_DTYPES
-    if (not needs_grad and dtypes_ok and H.stride(1) == 1 and scores.stride(1) == 1
-            and router_fuses(H.device, scores.dtype, n_experts, top_k)):
+    if _fused_router_runs(scores, bias, top_k, n_experts, H):
         from .moe_triton import scored_swiglu_triton   # imports triton: only when it runs
 
         return scored_swiglu_triton(H, scores, bias, top_k, n_experts, n_always_on)
