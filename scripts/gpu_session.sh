@@ -16,6 +16,22 @@ fi
 BENCH="python3 -m mamba_decoder.bench.cli run --no-progress --no-plots"
 runs=()
 log() { echo "== $* ($(date -u +%T))"; }
+env_info() {
+  log env; nvidia-smi -L
+  python3 -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'
+}
+# the tests on the card: card_tests TIMEOUT PATH... (failures and the count echoed)
+card_tests() {
+  local t=$1; shift
+  log tests; timeout "$t" python3 -m pytest -q -p no:cacheprovider --tb=short "$@" > "$OUT/gpu_tests.txt" 2>&1
+  grep -E "^(FAILED|ERROR|E  )|passed|failed" "$OUT/gpu_tests.txt" | head -30
+}
+# the fast backend eager at the issue's latency shapes, kept as run NAME: eager NAME
+eager() {
+  log eager; timeout 100 $BENCH --dim 512 --seq-lens 128 2048 --batch-sizes 1 8 --dtype bfloat16 \
+      --output-dir "/tmp/r/$1" --overwrite 2>&1 | grep -E "SeqLen|error"
+  runs+=("$1")
+}
 # issue 3's table: the fast backend eager and graphed, then the reference, at its shapes
 targets() {
   for v in "" "--cuda-graphs"; do
@@ -32,16 +48,15 @@ targets() {
 
 case "${1:-check}" in
 check)   # correctness on the card, the floor, the scan kernels, where eager host time goes
-  log env; nvidia-smi -L; python3 -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'
+  env_info
   git rev-parse HEAD 2>/dev/null || true
-  log tests; timeout 240 python3 -m pytest -q -p no:cacheprovider --tb=short tests/gpu > "$OUT/gpu_tests.txt" 2>&1
-  grep -E "^(FAILED|ERROR|E  )|passed|failed" "$OUT/gpu_tests.txt" | head -30
+  card_tests 240 tests/gpu
   log floor; timeout 150 python3 .devcarry/gpu_floor.py | tee "$OUT/floor.jsonl"
   log scan; timeout 150 python3 -m mamba_decoder.kernels.selective_scan.bench_gpu --skip-check | tee "$OUT/scan.jsonl"
   log host; timeout 60 python3 scripts/profile_gpu.py --host | tee "$OUT/host.txt"
   ;;
 probe)   # A/B of candidate fast paths: scan tiles, the MoE's dense-small limit, host time by switch and by op
-  log env; nvidia-smi -L; python3 -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'
+  env_info
   log scan; timeout 130 python3 -m mamba_decoder.kernels.selective_scan.bench_gpu --tune --skip-check --budget 110 \
       --tune-dtypes bf16 fp32 --skip-table > "$OUT/scan.jsonl" 2>&1
   grep -E "tune_fwd|error" "$OUT/scan.jsonl" | python3 -c 'import sys, json
@@ -52,27 +67,20 @@ for l in sys.stdin:
   log ops; timeout 100 python3 scripts/profile_gpu.py --ops > "$OUT/ops.txt" 2>&1; grep "###" "$OUT/ops.txt"
   ;;
 host)   # launch-bound sizes: the tests on the card, host time by switch, by op and by Python function, the eager targets
-  log env; nvidia-smi -L; python3 -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'
-  log tests; timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short tests/gpu tests/models/test_moe.py tests/models/test_blocks.py tests/models/test_mla.py > "$OUT/gpu_tests.txt" 2>&1
-  grep -E "^(FAILED|ERROR|E  )|passed|failed" "$OUT/gpu_tests.txt" | head -30
+  env_info
+  card_tests 200 tests/gpu tests/models/test_moe.py tests/models/test_blocks.py tests/models/test_mla.py
   log host; timeout 150 python3 scripts/profile_gpu.py --host > "$OUT/host.txt" 2>&1; grep -E "^  .*\]|per forward" "$OUT/host.txt" | head -40
   log ops; timeout 100 python3 scripts/profile_gpu.py --ops > "$OUT/ops.txt" 2>&1; grep "###" "$OUT/ops.txt"
-  log eager; timeout 100 $BENCH --dim 512 --seq-lens 128 2048 --batch-sizes 1 8 --dtype bfloat16 \
-      --output-dir /tmp/r/eager --overwrite 2>&1 | grep -E "SeqLen|error"
-  runs+=(eager)
+  eager eager
   ;;
 retest)  # the tests on the card and one more eager sample of the issue's shapes (host variance)
-  log env; nvidia-smi -L
-  log tests; timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short tests/gpu tests/models/test_moe.py > "$OUT/gpu_tests.txt" 2>&1
-  grep -E "^(FAILED|ERROR|E  )|passed|failed" "$OUT/gpu_tests.txt" | head -20
-  log eager; timeout 100 $BENCH --dim 512 --seq-lens 128 2048 --batch-sizes 1 8 --dtype bfloat16 \
-      --output-dir /tmp/r/eager_retest --overwrite 2>&1 | grep -E "SeqLen|error"
-  runs+=(eager_retest)
+  env_info
+  card_tests 200 tests/gpu tests/models/test_moe.py
+  eager eager_retest
   ;;
 final)   # one call: tests on the card, the floor, the targets (fast eager / graphed, reference), host A/B, decode and train
-  log env; nvidia-smi -L; python3 -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'
-  log tests; timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short tests/gpu tests/models/test_moe.py > "$OUT/gpu_tests.txt" 2>&1
-  grep -E "^(FAILED|ERROR|E  )|passed|failed" "$OUT/gpu_tests.txt" | head -20
+  env_info
+  card_tests 200 tests/gpu tests/models/test_moe.py
   log floor; timeout 120 python3 .devcarry/gpu_floor.py > "$OUT/floor.jsonl"; grep bfloat16 "$OUT/floor.jsonl"; tail -1 "$OUT/floor.jsonl"
   targets
   log decode graphs; timeout 60 $BENCH --mode decode --cuda-graphs --seq-lens 512 8192 --batch-sizes 8 --dtype bfloat16 \

@@ -158,26 +158,35 @@ def ops_report():
             print(ev.table(sort_by="self_cpu_time_total", row_limit=22, max_name_column_width=50))
 
 
+def median_ms(fn, runs=30):
+    """The suite's own timer (CUDA events per run) and statistics: the median ms of fn()."""
+    from mamba_decoder.bench.timing import summarize, time_callable
+
+    return round(summarize(time_callable(fn, dev, runs=runs)).median, 4)
+
+
+class _SDPA(torch.nn.Module):
+    """MLA-shaped causal attention of queries q against fixed k, v through one SDPA backend (a
+    module, so GraphedForward can capture it)."""
+
+    def __init__(self, backend, k, v):
+        super().__init__()
+        self.backend, self.k, self.v = backend, k, v
+
+    def forward(self, q):
+        from torch.nn.attention import sdpa_kernel
+
+        with sdpa_kernel([self.backend]):
+            return torch.nn.functional.scaled_dot_product_attention(q, self.k, self.v, is_causal=True)
+
+
 def sdpa_report():
     """MLA's prefill attention (16 heads, q/k 192, v 128, causal) by SDPA backend: eager host/wall
     ms (launch-bound at small shapes: cuDNN's frontend costs host time) and graphed GPU ms; then
     MLABlock forwards with cuDNN attention on and off."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend
 
-    def graphed_ms(fn, n=20):
-        g = torch.cuda.CUDAGraph()
-        fn()
-        torch.cuda.synchronize()
-        with torch.cuda.graph(g):
-            fn()
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        g.replay()
-        s.record()
-        for _ in range(n):
-            g.replay()
-        e.record()
-        torch.cuda.synchronize()
-        return round(s.elapsed_time(e) / n, 4)
+    from mamba_decoder.bench.workloads import GraphedForward
 
     with torch.inference_mode():
         for B, S in [(1, 128), (8, 128), (1, 2048), (8, 2048), (8, 8192)]:
@@ -185,10 +194,9 @@ def sdpa_report():
             v = torch.randn(B, 16, S, 128, device=dev, dtype=dt)
             row = []
             for be in (SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
-                def f(be=be):
-                    with sdpa_kernel([be]):
-                        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-                row.append(f"{be.name} host/wall {host_ms(f, n=50)} graphed {graphed_ms(f)}")
+                attn = _SDPA(be, k, v)
+                row.append(f"{be.name} host/wall {host_ms(lambda: attn(q), n=50)} "
+                           f"graphed {median_ms(GraphedForward(attn, q))}")
             print(f"sdpa B{B} S{S}: " + "; ".join(row), flush=True)
         with torch.inference_mode(False):   # ordinary parameters: derived() caches only those
             m = build_model("MLABlock", 512, max_seq_len=8192).to(dev, dt).eval()
@@ -198,18 +206,14 @@ def sdpa_report():
             for on in (True, False):
                 torch.backends.cuda.enable_cudnn_sdp(on)
                 row.append(f"cudnn {'on' if on else 'off'} host/wall {host_ms(lambda: m(x), n=50)} "
-                           f"graphed {graphed_ms(lambda: m(x))}")
+                           f"graphed {median_ms(GraphedForward(m, x))}")
             torch.backends.cuda.enable_cudnn_sdp(True)
             print(f"MLABlock B{B} L{L}: " + "; ".join(row), flush=True)
 
 
 def moe_report():
-    from mamba_decoder.bench.timing import summarize, time_callable
     from mamba_decoder.bench.workloads import GraphedForward
     from mamba_decoder.models.moe import MoE
-
-    def median_ms(fn):
-        return round(summarize(time_callable(fn, dev, runs=30)).median, 4)
 
     moe = MoE(512, 6, 2, backend="fast").to(dev, dt).eval()
     print("T, dense-small eager/graphed ms, grouped eager/graphed ms")
