@@ -26,6 +26,8 @@ from ._triton import HAS_TRITON, interpreting as _interpreting, jit as _jit, tl,
 # can vectorize along time; the K-1 shifted taps (not provably aligned) re-read the same lines
 # from L1, and the K-1 halo adds ~1% of DRAM reads. Untuned (no GPU yet): cfg overrides.
 CONV_CONFIG = dict(BLOCK_D=8, BLOCK_L=256, num_warps=4)
+# Backward (no initial state): the same tiles; it rebuilds s at K shifts of the tile.
+CONV_BWD_CONFIG = dict(BLOCK_D=8, BLOCK_L=256, num_warps=4)
 
 
 def causal_conv1d_silu_torch(x, weight, bias=None, initial_state=None, final_state=None):
@@ -122,6 +124,75 @@ def _launch(x, weight, bias, initial_state, final_state, cfg):
     return out
 
 
+@_jit
+def _causal_conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, dx_ptr, dwp_ptr, dbp_ptr, ED, L,
+                            sx_b, sx_d, sx_l, sw_d, sw_k, sdy_b, sdy_d, sdy_l, sdx_b, sdx_d, sdx_l,
+                            K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr,
+                            BLOCK_L: tl.constexpr):
+    """Backward of silu(conv(x) + bias) with no initial state. ds = dy * silu'(s) is rebuilt at
+    t + j for j < K (the pre-activation s recomputed from x: K*K tap loads a tile, all L1
+    hits), dx[t] = sum_j w[K-1-j] ds[t + j]; dw[k] = sum_t ds[t] x[t + k - (K-1)] and db as
+    per-program partials (B * n_ltiles, ED, K) / (B * n_ltiles, ED), summed in torch."""
+    pid_l = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    n_l = tl.num_programs(0)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    md = offs_d < ED
+    x_row = x_ptr + b * sx_b + offs_d[:, None] * sx_d
+    W = ()
+    for k in tl.static_range(K):
+        W = W + (tl.load(w_ptr + offs_d * sw_d + k * sw_k, mask=md, other=0.0).to(tl.float32),)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
+    dx = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+    p_off = (b * n_l + pid_l) * ED + offs_d
+    for j in tl.static_range(K):
+        tj = offs_l + j
+        s = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+        if HAS_BIAS:
+            s += bias[:, None]
+        X = ()
+        for k in tl.static_range(K):
+            src = tj + (k - (K - 1))
+            v = tl.load(x_row + src[None, :] * sx_l,
+                        mask=md[:, None] & ((src >= 0) & (src < L))[None, :], other=0.0).to(tl.float32)
+            X = X + (v,)
+            s += W[k][:, None] * v
+        dy = tl.load(dy_ptr + b * sdy_b + offs_d[:, None] * sdy_d + tj[None, :] * sdy_l,
+                     mask=md[:, None] & (tj < L)[None, :], other=0.0).to(tl.float32)
+        sig = 1.0 / (1.0 + tl.exp(-s))
+        ds = dy * sig * (1.0 + s * (1.0 - sig))
+        dx += W[K - 1 - j][:, None] * ds
+        if j == 0:
+            for k in tl.static_range(K):
+                tl.store(dwp_ptr + p_off * K + k, tl.sum(ds * X[k], axis=1), mask=md)
+            tl.store(dbp_ptr + p_off, tl.sum(ds, axis=1), mask=md)
+    tl.store(dx_ptr + b * sdx_b + offs_d[:, None] * sdx_d + offs_l[None, :] * sdx_l,
+             dx.to(dx_ptr.dtype.element_ty), mask=md[:, None] & (offs_l < L)[None, :])
+
+
+def _launch_bwd(x, weight, bias, dy, dx=None, **cfg):
+    """(dx (B, ED, L), dweight (ED, K), dbias (ED,) or None), the weight grads as fp32 sums; dx
+    into `dx` if given (any strides, e.g. half of the in-projection's gradient). `cfg`
+    overrides CONV_BWD_CONFIG."""
+    Bsz, ED, L = x.shape
+    K = weight.shape[1]
+    c = {**CONV_BWD_CONFIG, **cfg}
+    n_l = triton.cdiv(L, c["BLOCK_L"])
+    dx = torch.empty(Bsz, ED, L, device=x.device, dtype=x.dtype) if dx is None else dx
+    dwp = torch.empty(Bsz * n_l, ED, K, device=x.device, dtype=torch.float32)
+    dbp = torch.empty(Bsz * n_l, ED, device=x.device, dtype=torch.float32)
+    grid = (n_l, triton.cdiv(ED, c["BLOCK_D"]), Bsz)
+    _causal_conv_bwd_kernel[grid](
+        x, weight, bias if bias is not None else weight, dy, dx, dwp, dbp, ED, L,
+        *x.stride(), weight.stride(0), weight.stride(1), *dy.stride(), *dx.stride(),
+        K=K, HAS_BIAS=bias is not None, BLOCK_D=c["BLOCK_D"], BLOCK_L=c["BLOCK_L"],
+        num_warps=c["num_warps"])
+    return dx, dwp.sum(0), (dbp.sum(0) if bias is not None else None)
+
+
 class _CausalConvSiLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, initial_state, final_state, cfg):
@@ -133,6 +204,10 @@ class _CausalConvSiLU(torch.autograd.Function):
     def backward(ctx, gy):
         x, weight, bias, s0 = ctx.saved_tensors
         needs = ctx.needs_input_grad[:4]
+        if s0 is None:      # training's case: the Triton backward
+            dx, dw, db = _launch_bwd(x, weight, bias, gy)
+            return (dx if needs[0] else None, dw.to(weight.dtype) if needs[1] else None,
+                    db.to(bias.dtype) if needs[2] and db is not None else None, None, None, None)
         leaves = [t.detach().requires_grad_(n) if t is not None else None
                   for t, n in zip((x, weight, bias, s0), needs)]
         with torch.enable_grad():

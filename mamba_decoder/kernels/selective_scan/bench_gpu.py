@@ -5,7 +5,7 @@ python -m mamba_decoder.kernels.selective_scan.bench_gpu [--tune] [--skip-check]
 Prints one JSON line per measurement:
   check: rel. errors of every forward variant (fwd, final state, the backward's stored states)
          and of fwd + bwd through autograd, against selective_scan_ref, fp32 and bf16, odd shapes;
-  tune:  (--tune) forward tiles per dtype and backward tiles at (8, 2048, 1024, 16);
+  tune:  (--tune) forward tiles per dtype at (8, 2048, 1024, 16) (the backward's: scripts/train_study.py);
   table: the default kernels at the bench shapes: forward, forward + backward (CUDA events,
          median), GB/s of the forward (x, dt, z, B, C read once, y written), peak memory, and
          the same through mambapy's pscan;
@@ -133,18 +133,7 @@ def tune(deadline, dtypes=tuple(DTYPES)):
                 best = min(best or (ms, cfg), (ms, cfg), key=lambda r: r[0])
         emit(kind="tune_fwd_best", dtype=dname, ms=round(best[0], 4), cfg=best[1],
              table=dict(variant=tb.FWD_BY_DTYPE[dtype], **tb.FWD_TILES[tb.FWD_BY_DTYPE[dtype]]))
-    inp = make_bdl(Bsz, L, ED, N, torch.bfloat16)
-    args = [inp[k] for k in ARGS]
-    _, hf, states, chunk = tb._fwd(*args, None, True, True)
-    dout = torch.randn_like(inp["x"])
-    for cfg in tb.BWD_TUNE:
-        if time.time() > deadline:
-            break
-        st = states if cfg["CHUNK"] == chunk else tb._fwd(*args, None, True, True, STATE_CHUNK=cfg["CHUNK"])[2]
-        ms = cuda_time(lambda: tb._bwd(dout, None, *args, st, True, cfg["CHUNK"],
-                                       BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"]), iters=10)
-        emit(kind="tune_bwd", cfg=cfg, ms=round(ms, 4))
-
+    # the backward's tiles: scripts/train_study.py
 
 def table():
     for shape in BENCH_SHAPES:

@@ -38,16 +38,18 @@ LOG2E = 1.4426950408889634
 FWD_BY_DTYPE = {torch.float32: "lane", torch.bfloat16: "chan", torch.float16: "chan"}
 FWD_TILES = {"chan": dict(BLOCK_D=1, CHUNK=512, num_warps=1),
              "lane": dict(BLOCK_D=8, NS=4, CHUNK=8, num_warps=1)}
-# Backward: 2 channels, CHUNK 32, 1 warp: 3.5 ms at (8,2048,1024,16) (4 ch / 64 / 4 warps:
-# 4.6). It restarts from states the forward stores every BWD_CONFIG["CHUNK"] steps.
-BWD_CONFIG = dict(BLOCK_D=2, CHUNK=32, num_warps=1)
+# Backward: it restarts from the states the forward stores every BWD_CONFIG["CHUNK"] steps.
+# H200, bf16, (8,2048,1024,16), the backward alone (scripts/train_study.py, NOTES.md run 7):
+# lane 4 channels x 8 lanes, E 8, dB/dC by atomics 1.48 ms; 8 x 4 atomics 1.86, with partials
+# 2.76; the older chunk kernel (2 channels, two associative scans a chunk) 3.33.
+BWD_CONFIG = dict(variant="lane", CHUNK=32)
+BWD_TILES = {"chunk": dict(BLOCK_D=2, num_warps=1),
+             "lane": dict(BLOCK_D=4, NS=8, E=8, num_warps=1, ATOMIC=True)}
 FWD_TUNE = ([dict(variant="chan", BLOCK_D=bd, CHUNK=ch, num_warps=nw)
               for bd, ch, nw in [(1, 512, 1), (2, 256, 1), (1, 256, 1), (1, 1024, 2)]]
             + [dict(variant="lane", BLOCK_D=bd, NS=ns, CHUNK=e, num_warps=nw)
                for bd, ns, e, nw in [(32, 1, 8, 1), (32, 1, 4, 1), (16, 2, 8, 1), (16, 2, 4, 1),
                                      (8, 4, 8, 1), (64, 1, 8, 2), (32, 2, 8, 2), (16, 4, 8, 2)]])
-BWD_TUNE = [dict(BLOCK_D=bd, CHUNK=ch, num_warps=nw)
-            for bd, ch, nw in [(4, 64, 4), (2, 64, 2), (4, 64, 2), (2, 32, 1), (4, 128, 4)]]
 
 
 # As in triton_scan.py: the interpreter runs tl.associative_scan element by element in Python,
@@ -517,6 +519,238 @@ def _bdl_fwd_lane_kernel(
         tl.store(hfin_ptr + pid_b * ED * N + st2 + j, H[j], mask=md2)
 
 
+@triton.jit
+def _bdl_bwd_lane_kernel(
+    x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, states_ptr,
+    dout_ptr, dhfin_ptr,
+    dx_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dAp_ptr, dDp_ptr, dbiasp_ptr, dh0_ptr, scratch_ptr,
+    y_ptr,
+    Bsz, L, ED,
+    sx_b, sx_d, sx_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l,
+    sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sA_d, sA_n,
+    sdo_b, sdo_d, sdo_l, sdz_b, sdz_d,
+    HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_DHFIN: tl.constexpr, SOFTPLUS: tl.constexpr, ATOMIC: tl.constexpr, STORE_Y: tl.constexpr,
+    N: tl.constexpr, BLOCK_D: tl.constexpr, NS: tl.constexpr, E: tl.constexpr,
+    STATE_CHUNK: tl.constexpr,
+):
+    """The lane forward's layout run backwards: one lane per (channel, N/NS of its states),
+    (BLOCK_D, NS, E) register tiles of E steps, reverse over the stored state chunks.
+    Per chunk: one pass from its stored state writes the state at each tile's start to a small
+    program-private scratch (B, NT, ED, N) fp32 (L2-resident; loops over tiles stay loops, not
+    unrolled code: registers and compile time stay small); then, tile by tile from the last, the
+    tile's states are recomputed from there (h_{t-1} kept per step in registers),
+    y is rebuilt for the z gate's gradient, and the adjoint runs back step by step:
+        g_t = G + C_t dy_t,   G <- exp(delta_t A) g_t   (G: the adjoint flowing into h_{t-1}).
+    Sums over states (dx, ddelta) are NS-lane sums; sums over channels (dB, dC) are summed over
+    the program's channels and either stored as per-program partials (n_dblocks, B, N, L) or,
+    with ATOMIC, added into one fp32 (B, N, L). Nothing of size (B, L, ED, N) is materialized:
+    each (d, n, t) costs three exp2 and ~15 FMAs."""
+    NL: tl.constexpr = N // NS
+    NT: tl.constexpr = STATE_CHUNK // E
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_s = tl.arange(0, NS)
+    d3 = offs_d[:, None, None]
+    s3 = offs_s[None, :, None]
+    e3 = tl.arange(0, E)[None, None, :]
+    md3 = d3 < ED
+    d2 = offs_d[:, None]
+    s2 = offs_s[None, :]
+    md2 = (d2 < ED) & (s2 < NS)
+    s_r = offs_s[:, None]                 # (NS, 1): rows of the channel-summed (NS, E) tiles
+    e_r = tl.arange(0, E)[None, :]
+    if HAS_D:
+        Dv = tl.load(D_ptr + d3 + s3 * 0, mask=md3, other=0.0).to(tl.float32)   # (BD, NS, 1)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d3 + s3 * 0, mask=md3, other=0.0).to(tl.float32)
+    st2 = d2 * N + s2 * NL   # (BD, NS) offsets into an (ED, N) slab; + j for state s * NL + j
+    n_states = tl.cdiv(L, STATE_CHUNK)
+    A1 = ()
+    A2 = ()
+    G = ()
+    dA_acc = ()
+    for j in tl.static_range(NL):
+        a_j = tl.load(A_ptr + d2 * sA_d + (s2 * NL + j) * sA_n, mask=md2, other=0.0).to(tl.float32)
+        A1 = A1 + (a_j,)
+        A2 = A2 + (a_j * 1.4426950408889634,)
+        if HAS_DHFIN:
+            G = G + (tl.load(dhfin_ptr + pid_b * ED * N + st2 + j, mask=md2, other=0.0).to(tl.float32),)
+        else:
+            G = G + (tl.zeros([BLOCK_D, NS], dtype=tl.float32),)
+        dA_acc = dA_acc + (tl.zeros([BLOCK_D, NS], dtype=tl.float32),)
+    dD_acc = tl.zeros([BLOCK_D, NS, 1], dtype=tl.float32)
+    db_acc = tl.zeros([BLOCK_D, NS, 1], dtype=tl.float32)
+
+    x_b = x_ptr + pid_b * sx_b + d3 * sx_d + s3 * 0
+    dt_b = dt_ptr + pid_b * sdt_b + d3 * sdt_d + s3 * 0
+    z_b = z_ptr + pid_b * sz_b + d3 * sz_d + s3 * 0
+    do_b = dout_ptr + pid_b * sdo_b + d3 * sdo_d + s3 * 0
+    B_b = B_ptr + pid_b * sB_b + (s3 * NL) * sB_n + d3 * 0
+    C_b = C_ptr + pid_b * sC_b + (s3 * NL) * sC_n + d3 * 0
+    g_b = pid_b * ED * L + d3 * L + s3 * 0           # contiguous (B, ED, L) grads (and y)
+    gz_b = pid_b * sdz_b + d3 * sdz_d + s3 * 0       # dz: L contiguous, may be a slice of dxz
+    if ATOMIC:
+        r_b = pid_b * N * L + (s_r * NL) * L          # one fp32 (B, N, L)
+    else:
+        r_b = (pid_d * Bsz + pid_b) * N * L + (s_r * NL) * L   # (n_db, B, N, L) partials
+
+    sc_b = pid_b * NT * ED * N + st2          # this program's (NT, ED, N) slice of the scratch
+    for i in range(0, n_states):
+        c = n_states - 1 - i
+        # pass 1: the state at the start of each of the chunk's NT tiles, into the scratch
+        H = ()
+        for j in tl.static_range(NL):
+            H = H + (tl.load(states_ptr + (pid_b * n_states + c) * ED * N + st2 + j, mask=md2,
+                             other=0.0),)
+        tl.debug_barrier()                      # the previous chunk's pass 2 read its tile states
+        for k in range(0, NT):
+            for j in tl.static_range(NL):
+                tl.store(scratch_ptr + sc_b + k * ED * N + j, H[j], mask=md2)
+            if k < NT - 1:
+                t3 = c * STATE_CHUNK + k * E + e3
+                mt = t3 < L
+                m = md3 & mt
+                xt = tl.load(x_b + t3 * sx_l, mask=m, other=0.0).to(tl.float32)
+                ut = tl.load(dt_b + t3 * sdt_l, mask=m, other=0.0).to(tl.float32)
+                if HAS_BIAS:
+                    ut = ut + bias
+                if SOFTPLUS:
+                    dlt = _softplus(ut)
+                else:
+                    dlt = ut
+                dlt = tl.where(m, dlt, 0.0)
+                dl = _cols(dlt, BLOCK_D, NS, E)
+                dx = _cols(dlt * xt, BLOCK_D, NS, E)
+                for j in tl.static_range(NL):
+                    Bj = _cols(tl.load(B_b + j * sB_n + t3 * sB_l, mask=mt, other=0.0).to(tl.float32),
+                               BLOCK_D, NS, E)
+                    h = H[j]
+                    for e in tl.static_range(E):
+                        h = tl.exp2(dl[e] * A2[j]) * h + dx[e] * Bj[e]
+                    H = H[:j] + (h,) + H[j + 1:]
+        tl.debug_barrier()                      # pass 1's stores are visible to every lane
+        # pass 2: tiles from the last, each recomputed from its start, then the adjoint back
+        for kk in range(0, NT):
+            k = NT - 1 - kk
+            t3 = c * STATE_CHUNK + k * E + e3
+            mt = t3 < L
+            m = md3 & mt
+            xt = tl.load(x_b + t3 * sx_l, mask=m, other=0.0).to(tl.float32)
+            ut = tl.load(dt_b + t3 * sdt_l, mask=m, other=0.0).to(tl.float32)
+            dout = tl.load(do_b + t3 * sdo_l, mask=m, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                ut = ut + bias
+            if SOFTPLUS:
+                dlt = _softplus(ut)
+            else:
+                dlt = ut
+            dlt = tl.where(m, dlt, 0.0)
+            dl = _cols(dlt, BLOCK_D, NS, E)
+            dx = _cols(dlt * xt, BLOCK_D, NS, E)
+            Bt = ()
+            Ct = ()
+            for j in tl.static_range(NL):
+                Bt = Bt + (_cols(tl.load(B_b + j * sB_n + t3 * sB_l, mask=mt, other=0.0).to(tl.float32),
+                                 BLOCK_D, NS, E),)
+                Ct = Ct + (_cols(tl.load(C_b + j * sC_n + t3 * sC_l, mask=mt, other=0.0).to(tl.float32),
+                                 BLOCK_D, NS, E),)
+            H = ()
+            for j in tl.static_range(NL):
+                H = H + (tl.load(scratch_ptr + sc_b + k * ED * N + j, mask=md2, other=0.0),)
+            HP = ()      # h_{t-1} per step and state, flat: e * NL + j
+            ys = ()
+            for e in tl.static_range(E):
+                HP = HP + H
+                h = tl.exp2(dl[e] * A2[0]) * H[0] + dx[e] * Bt[0][e]
+                y_e = h * Ct[0][e]
+                H = (h,) + H[1:]
+                for j in tl.static_range(1, NL):
+                    h = tl.exp2(dl[e] * A2[j]) * H[j] + dx[e] * Bt[j][e]
+                    y_e += h * Ct[j][e]
+                    H = H[:j] + (h,) + H[j + 1:]
+                ys = ys + (y_e,)
+            if HAS_Z:
+                y = tl.sum(_join_cols(ys, BLOCK_D, NS, E), axis=1, keep_dims=True)   # (BD, 1, E)
+                if HAS_D:
+                    y += Dv * xt
+                zt = tl.load(z_b + t3 * sz_l, mask=m, other=0.0).to(tl.float32)
+                sig = tl.sigmoid(zt)
+                dz = dout * y * sig * (1.0 + zt * (1.0 - sig))
+                tl.store(dz_ptr + gz_b + t3, dz.to(dz_ptr.dtype.element_ty), mask=m & (s3 == 0))
+                dyt = dout * zt * sig
+                if STORE_Y:     # the gated output again, for the output projection's weight grad
+                    tl.store(y_ptr + g_b + t3, (y * zt * sig).to(y_ptr.dtype.element_ty),
+                             mask=m & (s3 == 0))
+            else:
+                dyt = dout
+            dy = _cols(dyt, BLOCK_D, NS, E)
+            gbs = ()
+            dds = ()
+            dBs = ()     # flat: e * NL + j, built from the last step
+            dCs = ()
+            for e in tl.static_range(E - 1, -1, -1):
+                gb = tl.zeros([BLOCK_D, NS], dtype=tl.float32)
+                dd = tl.zeros([BLOCK_D, NS], dtype=tl.float32)
+                dBe = ()
+                dCe = ()
+                for j in tl.static_range(NL):
+                    g = G[j] + Ct[j][e] * dy[e]
+                    a = tl.exp2(dl[e] * A2[j])
+                    hp = HP[e * NL + j]
+                    gb += g * Bt[j][e]
+                    gn = a * g
+                    term = gn * hp
+                    dd += term * A1[j]
+                    dA_acc = dA_acc[:j] + (dA_acc[j] + term * dl[e],) + dA_acc[j + 1:]
+                    dBe = dBe + (g * dx[e],)
+                    dCe = dCe + (dy[e] * (a * hp + dx[e] * Bt[j][e]),)
+                    G = G[:j] + (gn,) + G[j + 1:]
+                gbs = (gb,) + gbs
+                dds = (dd,) + dds
+                dBs = dBe + dBs
+                dCs = dCe + dCs
+            gB = tl.sum(_join_cols(gbs, BLOCK_D, NS, E), axis=1, keep_dims=True)   # (BD, 1, E)
+            ddl = tl.sum(_join_cols(dds, BLOCK_D, NS, E), axis=1, keep_dims=True) + xt * gB
+            dxo = dlt * gB
+            if HAS_D:
+                dxo += Dv * dyt
+                dD_acc += tl.sum(dyt * xt, axis=2, keep_dims=True)
+            tl.store(dx_ptr + g_b + t3, dxo.to(dx_ptr.dtype.element_ty), mask=m & (s3 == 0))
+            if SOFTPLUS:
+                du = ddl * tl.sigmoid(ut)
+            else:
+                du = ddl
+            du = tl.where(m, du, 0.0)
+            tl.store(ddt_ptr + g_b + t3, du.to(ddt_ptr.dtype.element_ty), mask=m & (s3 == 0))
+            db_acc += tl.sum(du, axis=2, keep_dims=True)
+            t_r = c * STATE_CHUNK + k * E + e_r      # (1, E)
+            m_r = (t_r < L) & (s_r < NS)
+            for j in tl.static_range(NL):
+                col_b = ()
+                col_c = ()
+                for e in tl.static_range(E):
+                    col_b = col_b + (dBs[e * NL + j],)
+                    col_c = col_c + (dCs[e * NL + j],)
+                rb = tl.sum(_join_cols(col_b, BLOCK_D, NS, E), axis=0)   # (NS, E): over channels
+                rc = tl.sum(_join_cols(col_c, BLOCK_D, NS, E), axis=0)
+                if ATOMIC:
+                    tl.atomic_add(dB_ptr + r_b + j * L + t_r, rb, mask=m_r, sem="relaxed")
+                    tl.atomic_add(dC_ptr + r_b + j * L + t_r, rc, mask=m_r, sem="relaxed")
+                else:
+                    tl.store(dB_ptr + r_b + j * L + t_r, rb, mask=m_r)
+                    tl.store(dC_ptr + r_b + j * L + t_r, rc, mask=m_r)
+
+    for j in tl.static_range(NL):
+        tl.store(dh0_ptr + pid_b * ED * N + st2 + j, G[j], mask=md2)
+        tl.store(dAp_ptr + pid_b * ED * N + st2 + j, dA_acc[j], mask=md2)
+    m_d = md3 & (s3 == 0)
+    if HAS_D:
+        tl.store(dDp_ptr + pid_b * ED + d3 + s3 * 0, dD_acc, mask=m_d)
+    tl.store(dbiasp_ptr + pid_b * ED + d3 + s3 * 0, db_acc, mask=m_d)
+
+
 def _check_device(x: torch.Tensor):
     if not x.is_cuda and not _interpreting():
         raise ValueError(
@@ -588,42 +822,69 @@ def _launch_fwd(kernel, x, dt, A, B, C, D, z, dt_bias, initial_state, softplus, 
     return out, hfin, (states if store_states else None), state_chunk
 
 
-def _bwd(dout, dhfin, x, dt, A, B, C, D, z, dt_bias, states, softplus, CHUNK,
-         BLOCK_D=None, num_warps=None):
+def _bwd(dout, dhfin, x, dt, A, B, C, D, z, dt_bias, states, softplus, CHUNK, variant=None,
+         dz_out=None, y_out=None, **tiles):
+    """Gradients from the forward's states (stored every CHUNK steps). `variant` ("lane" |
+    "chunk") and `tiles` override BWD_CONFIG / BWD_TILES. lane only: `dz_out` (B, ED, L) with L
+    contiguous (e.g. half of the in-projection's gradient) receives dz; `y_out` (B, ED, L)
+    contiguous receives the gated output y * silu(z) recomputed on the way."""
+    variant = variant or BWD_CONFIG["variant"]
+    if variant not in BWD_TILES:
+        raise ValueError(f"backward variant {variant!r} is not one of {', '.join(BWD_TILES)}")
+    cfg = {**BWD_TILES[variant], **{k: v for k, v in tiles.items() if v is not None}}
     Bsz, ED, L = x.shape
     N = A.shape[1]
-    BLOCK_D = BLOCK_D or BWD_CONFIG["BLOCK_D"]
-    num_warps = num_warps or BWD_CONFIG["num_warps"]
-    BLOCK_N = triton.next_power_of_2(N)
-    n_db = triton.cdiv(ED, BLOCK_D)
+    BLOCK_D = cfg["BLOCK_D"]
     dev = x.device
     f32 = torch.float32
     dx = torch.empty((Bsz, ED, L), device=dev, dtype=x.dtype)
     ddt = torch.empty((Bsz, ED, L), device=dev, dtype=dt.dtype)
-    dz = torch.empty((Bsz, ED, L), device=dev, dtype=z.dtype) if z is not None else dx
-    dBp = torch.empty((n_db, Bsz, N, L), device=dev, dtype=f32)
-    dCp = torch.empty((n_db, Bsz, N, L), device=dev, dtype=f32)
+    if (dz_out is not None or y_out is not None) and (variant != "lane" or z is None):
+        raise ValueError("dz_out / y_out take the lane backward of a gated scan (z given)")
+    dz = dz_out if dz_out is not None else (
+        torch.empty((Bsz, ED, L), device=dev, dtype=z.dtype) if z is not None else dx)
     dAp = torch.empty((Bsz, ED, N), device=dev, dtype=f32)
     dDp = torch.empty((Bsz, ED), device=dev, dtype=f32)
     dbp = torch.empty((Bsz, ED), device=dev, dtype=f32)
     dh0 = torch.empty((Bsz, ED, N), device=dev, dtype=f32)
     zz = z if z is not None else x
     dhf = dhfin.float().contiguous() if dhfin is not None else dh0
-    grid = (n_db, Bsz)
-    _bdl_bwd_kernel[grid](
-        x, dt, zz, B, C, A, D if D is not None else A, dt_bias if dt_bias is not None else A,
-        states, dout, dhf,
-        dx, ddt, dz, dBp, dCp, dAp, dDp, dbp, dh0,
-        Bsz, L, ED, N,
-        *x.stride(), *dt.stride(), *zz.stride(), *B.stride(), *C.stride(), *A.stride(),
-        *dout.stride(),
-        HAS_Z=z is not None, HAS_D=D is not None, HAS_BIAS=dt_bias is not None,
-        HAS_DHFIN=dhfin is not None, SOFTPLUS=softplus,
-        BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, CHUNK=CHUNK, SEQ_SCAN=_seq_scan_flag(),
-        num_warps=num_warps,
-    )
-    dB = dBp.sum(0)  # (B, N, L)
-    dC = dCp.sum(0)
+    strides = (*x.stride(), *dt.stride(), *zz.stride(), *B.stride(), *C.stride(), *A.stride(),
+               *dout.stride())
+    flags = dict(HAS_Z=z is not None, HAS_D=D is not None, HAS_BIAS=dt_bias is not None,
+                 HAS_DHFIN=dhfin is not None, SOFTPLUS=softplus)
+    ins = (x, dt, zz, B, C, A, D if D is not None else A, dt_bias if dt_bias is not None else A,
+           states, dout, dhf)
+    if variant == "lane":
+        NS, E, nw, atomic = cfg["NS"], cfg["E"], cfg["num_warps"], cfg["ATOMIC"]
+        if NS & (NS - 1) or CHUNK % E or BLOCK_D * NS != 32 * nw or E not in (2, 4, 8):
+            raise ValueError(f"lane backward: NS={NS} a power of two, E={E} (2, 4 or 8) dividing "
+                             f"the state chunk {CHUNK}, and BLOCK_D*NS={BLOCK_D * NS} = 32*num_warps")
+        while N % NS:          # fewer lanes per channel where NS does not divide N (e.g. N = 6)
+            NS //= 2
+            BLOCK_D *= 2
+        n_db = triton.cdiv(ED, BLOCK_D)
+        shape = (Bsz, N, L) if atomic else (n_db, Bsz, N, L)
+        alloc = torch.zeros if atomic else torch.empty
+        dBp, dCp = alloc(shape, device=dev, dtype=f32), alloc(shape, device=dev, dtype=f32)
+        scratch = torch.empty((Bsz, CHUNK // E, ED, N), device=dev, dtype=f32)
+        if dz.stride(2) != 1 or (y_out is not None and not y_out.is_contiguous()):
+            raise ValueError("lane backward: dz_out needs L contiguous and y_out to be contiguous")
+        _bdl_bwd_lane_kernel[(n_db, Bsz)](
+            *ins, dx, ddt, dz, dBp, dCp, dAp, dDp, dbp, dh0, scratch,
+            y_out if y_out is not None else dx, Bsz, L, ED, *strides, dz.stride(0), dz.stride(1),
+            **flags, ATOMIC=atomic, STORE_Y=y_out is not None,
+            N=N, BLOCK_D=BLOCK_D, NS=NS, E=E, STATE_CHUNK=CHUNK, num_warps=nw)
+        dB, dC = (dBp, dCp) if atomic else (dBp.sum(0), dCp.sum(0))
+    else:
+        n_db = triton.cdiv(ED, BLOCK_D)
+        dBp = torch.empty((n_db, Bsz, N, L), device=dev, dtype=f32)
+        dCp = torch.empty((n_db, Bsz, N, L), device=dev, dtype=f32)
+        _bdl_bwd_kernel[(n_db, Bsz)](
+            *ins, dx, ddt, dz, dBp, dCp, dAp, dDp, dbp, dh0, Bsz, L, ED, N, *strides, **flags,
+            BLOCK_D=BLOCK_D, BLOCK_N=triton.next_power_of_2(N), CHUNK=CHUNK,
+            SEQ_SCAN=_seq_scan_flag(), num_warps=cfg["num_warps"])
+        dB, dC = dBp.sum(0), dCp.sum(0)
     return dx, ddt, (dz if z is not None else None), dAp.sum(0), dB, dC, dDp.sum(0), \
         dbp.sum(0), dh0
 
