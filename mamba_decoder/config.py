@@ -6,10 +6,13 @@ from typing import Literal, Optional
 from mambapy.mamba import MambaConfig  # the field's own config, re-exported unchanged
 from pydantic import BaseModel, ConfigDict, PositiveFloat, PositiveInt, model_validator
 
-__all__ = ["MambaConfig", "MoEConfig", "Backend", "BACKENDS", "DEFAULT_BACKEND", "check_backend"]
+__all__ = ["MambaConfig", "MoEConfig", "Backend", "BACKENDS", "DEFAULT_BACKEND", "check_backend",
+           "rest_backend"]
 
-Backend = Literal["reference", "fast"]
-BACKENDS: tuple[str, ...] = ("reference", "fast")
+# reference: the field's own code paths; fast: this project's kernels; mamba_ssm: the Mamba mixer
+# through state-spaces/mamba's CUDA kernels (optional), the rest of each block as fast.
+Backend = Literal["reference", "fast", "mamba_ssm"]
+BACKENDS: tuple[str, ...] = ("reference", "fast", "mamba_ssm")
 DEFAULT_BACKEND = "fast"  # every block, the CLI and the API default to it
 
 
@@ -17,6 +20,12 @@ def check_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
     return backend
+
+
+def rest_backend(backend: str) -> str:
+    """The backend of a block's parts other than its Mamba mixer (norms, MoE, MLA): mamba_ssm
+    replaces the mixer alone."""
+    return "fast" if check_backend(backend) == "mamba_ssm" else backend
 
 
 class MoEConfig(BaseModel):

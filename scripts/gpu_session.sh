@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Measurements on a lent GPU, one stage per call (each fits a 10-minute command).
-#   bash scripts/gpu_session.sh check|probe|host|retest|targets|final|workloads|sweep   (writes under $OUT, or ./gpu_out)
+#   bash scripts/gpu_session.sh check|probe|host|retest|targets|final|workloads|train|sweep   (writes under $OUT, or ./gpu_out)
 # Needs the runtime wheels in .whl/ (mambapy, open-kimi, pydantic...) and gpu_floor.py in .devcarry/.
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -91,6 +91,28 @@ final)   # one call: tests on the card, the floor, the targets (fast eager / gra
   runs+=(train)
   log host; timeout 90 python3 scripts/profile_gpu.py --host > "$OUT/host.txt" 2>&1; grep -E "^  .*\]" "$OUT/host.txt"
   log sdpa; timeout 90 python3 scripts/profile_gpu.py --sdpa 2>&1 | tee "$OUT/sdpa.txt"
+  ;;
+train)   # issue 12: fast vs mamba_ssm on the card (tests, backward tiles, mixer, the suite's train/forward/decode)
+  env_info
+  if [ -f .devcarry/peer/peer_so.tar.xz ]; then   # mamba_ssm + causal_conv1d, prebuilt for the H200
+    mkdir -p /tmp/peerbuild && tar xJf .devcarry/peer/peer_so.tar.xz -C /tmp/peerbuild
+    export PYTHONPATH=$PYTHONPATH:/tmp/peerbuild/cc:/tmp/peerbuild/ss:$PWD/.devcarry/peer/src
+  fi
+  card_tests 170 tests/gpu/test_mamba_ssm.py tests/kernels/test_causal_conv.py tests/kernels/test_selective_scan_bdl.py \
+      -k "mamba_ssm or conv or fused or fwd_bwd or gradients"
+  log study; timeout 170 python3 scripts/train_study.py --budget 70 --profile > "$OUT/study.jsonl" 2>&1
+  grep -E "tune_bwd|scan_fwd_bwd|mixer|error" "$OUT/study.jsonl" | cut -c1-260
+  log suite train; timeout 120 $BENCH --mode train --backend fast mamba_ssm --dim 512 --seq-lens 2048 8192 \
+      --batch-sizes 8 --dtype bfloat16 --output-dir /tmp/r/train12 --overwrite 2>&1 | grep -E "SeqLen|error|Kernels|==="
+  runs+=(train12)
+  log suite forward graphed; timeout 60 $BENCH --cuda-graphs --backend fast mamba_ssm --models "Regular Mamba" \
+      --dim 512 --seq-lens 2048 8192 --batch-sizes 8 --dtype bfloat16 --output-dir /tmp/r/fwd12 --overwrite 2>&1 \
+      | grep -E "SeqLen|error"
+  runs+=(fwd12)
+  log suite decode graphed; timeout 70 $BENCH --mode decode --cuda-graphs --backend fast mamba_ssm --models "Regular Mamba" \
+      --dim 512 --seq-lens 512 --batch-sizes 1 8 64 --dtype bfloat16 --runs 50 --warmup 10 --output-dir /tmp/r/decode12 \
+      --overwrite 2>&1 | grep -E "SeqLen|error"
+  runs+=(decode12)
   ;;
 sweep)   # the spec's default grid, fp32 and bf16, both backends
   timeout 560 $BENCH --backend fast reference --dtype float32 bfloat16 --output-dir /tmp/r/default_sweep \

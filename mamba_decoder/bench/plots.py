@@ -220,9 +220,11 @@ def _new_figure(n_panels: int, panel_w: float = 3.4, panel_h: float = 2.6):
 def _finish(fig, data: _Data, title: str, env: Optional[dict], path: Path, handles=None) -> Path:
     sub = data.title_suffix(env)
     if data.failed:   # said in the title, where constrained layout keeps it clear of the axes
-        n_oom = sum(r.status == "oom" for r in data.failed)
         n = len(data.failed)
-        sub += (f"\n{n} failed config{'s' if n != 1 else ''} ({n_oom} OOM, {n - n_oom} error): "
+        parts = ", ".join(f"{k} {label}" for st, label in (("oom", "OOM"), ("error", "error"),
+                                                          ("skipped", "skipped"))
+                          if (k := sum(r.status == st for r in data.failed)))
+        sub += (f"\n{n} failed or skipped config{'s' if n != 1 else ''} ({parts}): "
                 "gaps in lines, hatched cells in heatmaps")
     # Wrap to the figure's width (a one-panel figure is narrow): about 11 bold characters per inch at 10 pt.
     width = max(40, int(fig.get_figwidth() * 11))
@@ -380,7 +382,7 @@ def _status_grid(data: _Data, s: Series) -> list[list[str]]:
         row = []
         for q in data.seqs:
             r = data.by_series[s].get((q, b))
-            row.append("n/a" if r is None else {"oom": "OOM", "error": "ERR"}.get(r.status, "n/a"))
+            row.append("n/a" if r is None else {"oom": "OOM", "error": "ERR", "skipped": "SKIP"}.get(r.status, "n/a"))
         out.append(row)
     return out
 

@@ -34,6 +34,9 @@ def _mla_block(dim: int, backend: str, max_seq_len: int) -> nn.Module:
                     n_activated=N_ACTIVATED, backend=backend)
 
 
+# Models with no Mamba mixer: backend "mamba_ssm" (which swaps the mixer alone) does not apply.
+NO_MAMBA_MIXER = frozenset({MLA_BLOCK})
+
 MODELS: dict[str, Callable[[int, str, int], nn.Module]] = {
     REGULAR_MAMBA: _regular_mamba,
     MAMBA_DECODER_BLOCK: _mamba_decoder_block,

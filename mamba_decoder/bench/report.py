@@ -182,9 +182,10 @@ def print_summary_table(results: Sequence[BenchmarkResult], file=None) -> None:
     print("\n" + comparison_table(results), file=out)
     failed = [r for r in results if not r.ok]
     if failed:
-        print(f"\n{len(failed)} of {len(results)} configs failed "
-              f"({sum(r.status == 'oom' for r in failed)} OOM, {sum(r.status == 'error' for r in failed)} error)",
-              file=out)
+        counts = ", ".join(f"{sum(r.status == st for r in failed)} {label}"
+                           for st, label in (("oom", "OOM"), ("error", "error"), ("skipped", "skipped"))
+                           if st != "skipped" or any(r.status == st for r in failed))
+        print(f"\n{len(failed)} of {len(results)} configs failed or were skipped ({counts})", file=out)
     print(RULE, file=out)
 
 

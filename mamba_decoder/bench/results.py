@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .timing import summarize
 
 JSONL_NAME, CSV_NAME, ENV_NAME = "results.jsonl", "results.csv", "environment.json"
-Status = Literal["ok", "oom", "error"]
+Status = Literal["ok", "oom", "error", "skipped"]   # skipped: the config does not apply
 
 
 class RecordFileError(ValueError):
@@ -45,7 +45,7 @@ class BenchmarkResult(BaseModel):
     torch.cuda.max_memory_allocated over the timed region (weights + input + activations), and
     memory_mb is that peak minus what was allocated before the input was made (the model's
     weights), i.e. what one forward of this shape costs on top of the weights. weights_mb is
-    the parameters' size. Failed configs (status oom/error) carry None for every measured value.
+    the parameters' size. Failed configs (status oom/error/skipped) carry None for every measured value.
     """
 
     model_config = ConfigDict(extra="forbid")

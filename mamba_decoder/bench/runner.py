@@ -21,9 +21,10 @@ from torch import nn
 from tqdm import tqdm
 
 from ..config import BACKENDS, DEFAULT_BACKEND
+from ..kernels import mamba_ssm_ext
 from ..models import kernel_choices
 from . import flops
-from .registry import build_lm, build_model, models_for, parameter_counts
+from .registry import NO_MAMBA_MIXER, build_lm, build_model, models_for, parameter_counts
 from .results import BenchmarkResult, RecordWriter, config_key, cpu_model
 from .timing import time_callable
 from .workloads import DecodeSession, GraphedForward, TrainStep
@@ -128,6 +129,8 @@ class SweepSettings:
             raise ValueError(f"device {self.device!r} requested but CUDA is not available")
         if dev.type not in ("cpu", "cuda"):
             raise ValueError(f"device {self.device!r} is not 'cpu' or 'cuda'")
+        if "mamba_ssm" in self.backends:
+            mamba_ssm_ext.require(dev)     # the install hint, or why it cannot run here
         if dev.type == "cpu" and "float16" in self.dtypes and not cpu_supports_float16():
             raise ValueError("dtype 'float16' is not supported on this CPU (accepted: float32, bfloat16)")
         if self.cuda_graphs and (self.mode == "train" or dev.type != "cuda"):
@@ -239,6 +242,9 @@ def measure(cfg: Config, s: SweepSettings, cache: Optional[dict] = None) -> Benc
                                   backend=cfg.backend, dtype=cfg.dtype, device=str(device),
                                   threads=torch.get_num_threads(), warmup=s.warmup,
                                   variant=s.variant, level=s.level, device_name=device_name(device))
+    if cfg.backend == "mamba_ssm" and cfg.model_name in NO_MAMBA_MIXER:
+        return BenchmarkResult.failed("skipped", f"{cfg.model_name} has no Mamba mixer: backend "
+                                      "mamba_ssm (which replaces the mixer alone) does not apply", **fields)
     failure: Optional[tuple[str, str]] = None
     result = None
     step = workload = None

@@ -10,7 +10,7 @@ from typing import Literal, Optional
 import torch
 from torch import nn
 
-from ..config import DEFAULT_BACKEND, MambaConfig, MoEConfig, check_backend
+from ..config import DEFAULT_BACKEND, MambaConfig, MoEConfig, check_backend, rest_backend
 from .mamba import MambaCache, MambaMixer
 from .mla import MLA, MLACache
 from .moe import MoE
@@ -39,7 +39,7 @@ class MambaDecoderBlock(nn.Module):
         self.norm1 = nn.RMSNorm(dim)
         self.mixer = MambaMixer(mamba_config, backend)
         self.norm2 = nn.RMSNorm(dim)
-        self.moe = MoE.from_config(moe_config, backend)
+        self.moe = MoE.from_config(moe_config, rest_backend(backend))
 
     def init_cache(self, batch_size: int, device=None, dtype=None) -> MambaCache:
         """Decoding state: the mixer's conv window and SSM state (constant in context length)."""
@@ -61,7 +61,10 @@ class MLABlock(nn.Module):
                  use_adaptive_bias: bool = True, bias_update_rate: float = 0.01,
                  backend: str = DEFAULT_BACKEND):
         super().__init__()
-        self.dim, self.backend = dim, check_backend(backend)
+        if check_backend(backend) == "mamba_ssm":
+            raise ValueError("MLABlock has no Mamba mixer, so backend 'mamba_ssm' does not apply "
+                             "(accepted: reference, fast)")
+        self.dim, self.backend = dim, backend
         self.norm1 = nn.RMSNorm(dim)
         self.attn = MLA(dim, n_heads, q_lora_rank, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim,
                         v_head_dim, max_seq_len, max_batch_size, attn_impl, rope_theta, mscale, backend)

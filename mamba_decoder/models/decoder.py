@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..config import DEFAULT_BACKEND, MambaConfig, MoEConfig, check_backend
+from ..config import DEFAULT_BACKEND, MambaConfig, MoEConfig, check_backend, rest_backend
 from .blocks import MambaDecoderBlock, MLABlock
 
 
@@ -36,7 +36,7 @@ class MambaDecoder(nn.Module):
             n_activated=moe_config.n_activated, expert_inter_dim=moe_config.expert_inter_dim,
             shared_expert_inter_dim=moe_config.shared_expert_inter_dim,
             use_adaptive_bias=moe_config.use_adaptive_bias,
-            bias_update_rate=moe_config.bias_update_rate, backend=backend,
+            bias_update_rate=moe_config.bias_update_rate, backend=rest_backend(backend),
         ) if post_mamba_mla_block else None
         self.head = nn.Sequential(nn.RMSNorm(dim), nn.Linear(dim, vocab_size))
 

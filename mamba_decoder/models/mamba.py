@@ -7,6 +7,7 @@ reference backend runs mambapy's own code, the fast backend replaces the scan wi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -15,7 +16,7 @@ from mambapy.mamba import MambaBlock, MambaConfig
 from mambapy.mamba import RMSNorm as MambaRMSNorm
 from torch import nn
 
-from ..config import DEFAULT_BACKEND, check_backend
+from ..config import DEFAULT_BACKEND, check_backend, rest_backend
 from ..kernels import triton_installed
 from .derived import derived
 
@@ -25,6 +26,7 @@ class MambaCache:
     """What a Mamba mixer carries between decoding steps: constant in the context length."""
 
     conv: torch.Tensor  # (B, ED, d_conv - 1) the last inputs of the causal conv, activation dtype
+    #                     (d_conv of them on the mamba_ssm backend, whose conv step keeps the window)
     ssm: torch.Tensor   # (B, ED, N) the SSM state, fp32
 
     def nbytes(self) -> int:
@@ -40,6 +42,44 @@ class MambaMixer(MambaBlock):
                              "use backend='fast' instead (accepted: use_cuda=False)")
         super().__init__(config)
         self.backend = check_backend(backend)
+        if backend == "mamba_ssm":
+            self._attach_mamba_ssm()
+
+    def _attach_mamba_ssm(self) -> None:
+        """mamba_ssm's `Mamba` on this module's own parameters (the same tensors: one state dict,
+        which loads into it with strict=True), kept out of the module tree so the state dict
+        stays mambapy's. Forward and training run its `mamba_inner_fn`, decoding its `step`."""
+        from ..kernels import mamba_ssm_ext
+
+        mamba_ssm_ext.require()
+        from mamba_ssm.modules.mamba_simple import Mamba
+
+        cfg = self.config
+        if cfg.inner_layernorms:
+            raise ValueError("backend 'mamba_ssm' has no inner_layernorms (accepted: inner_layernorms=False)")
+        peer = Mamba(cfg.d_model, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand_factor,
+                     dt_rank=cfg.dt_rank, conv_bias=cfg.conv_bias, bias=cfg.bias, use_fast_path=True,
+                     layer_idx=0, device="meta")
+        for name, _ in list(peer.named_parameters()):
+            owner, _, attr = name.rpartition(".")
+            setattr(peer.get_submodule(owner) if owner else peer, attr, self.get_parameter(name))
+        object.__setattr__(self, "_mamba_ssm", peer)
+
+    def _forward_mamba_ssm(self, x: torch.Tensor, cache: Optional[MambaCache]) -> torch.Tensor:
+        from ..kernels import mamba_ssm_ext
+
+        mamba_ssm_ext.require(x.device)
+        peer = self._mamba_ssm
+        if cache is None:
+            return peer(x)
+        if x.shape[1] == 1:
+            return peer.step(x, cache.conv, cache.ssm)[0]
+        # mamba_ssm's prefill fills a cache but starts from zero states: it cannot continue one
+        if torch.count_nonzero(cache.ssm) or torch.count_nonzero(cache.conv):
+            raise ValueError("backend 'mamba_ssm' prefills an empty cache only (mamba_ssm's prefill "
+                             "does not continue a state); decode one token at a time instead")
+        params = SimpleNamespace(key_value_memory_dict={0: (cache.conv, cache.ssm)}, seqlen_offset=0)
+        return peer(x, inference_params=params)
 
     def ssm(self, x, z):
         # mambapy adds D * x in fp32 and returns fp32, which then meets a bf16 out_proj and fails
@@ -50,7 +90,8 @@ class MambaMixer(MambaBlock):
         p = self.in_proj.weight
         device, dtype = device or p.device, dtype or p.dtype
         ED, N, K = self.config.d_inner, self.config.d_state, self.config.d_conv
-        return MambaCache(torch.zeros(batch_size, ED, K - 1, device=device, dtype=dtype),
+        window = K if self.backend == "mamba_ssm" else K - 1
+        return MambaCache(torch.zeros(batch_size, ED, window, device=device, dtype=dtype),
                           torch.zeros(batch_size, ED, N, device=device, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor, cache: Optional[MambaCache] = None,
@@ -60,7 +101,7 @@ class MambaMixer(MambaBlock):
         to the output (the fast channel-major path adds it inside the output projection's GEMM)."""
         if self.backend == "fast" and cache is None and self._layout(x) == "BDL":
             return self._forward_fast(x, residual=residual)
-        out = self._forward(x, cache)
+        out = self._forward_mamba_ssm(x, cache) if self.backend == "mamba_ssm" else self._forward(x, cache)
         return out if residual is None else out + residual
 
     def _forward(self, x: torch.Tensor, cache: Optional[MambaCache]) -> torch.Tensor:
@@ -187,6 +228,11 @@ class MambaMixer(MambaBlock):
         xz = torch.bmm(W.expand(Bsz, -1, -1), xT)                       # (B, 2 ED, L)
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias[:, None]
+        if cache is None and self._trains_fused(x):
+            A, D, dt_bias = self._scan_params()
+            return _MixerCoreTrain.apply(xz, self.conv1d.weight[:, 0], self.conv1d.bias, self.x_proj.weight,
+                                         self.dt_proj.weight, A, D, dt_bias, self.out_proj.weight,
+                                         self.out_proj.bias, residual)
         xi, z = xz[:, :ED], xz[:, ED:]                                  # (B, ED, L) views, read by stride
         # causal conv + SiLU, (B, ED, L); with a cache, prepend its window and write the new one
         state = None if cache is None else cache.conv
@@ -213,6 +259,13 @@ class MambaMixer(MambaBlock):
         if self.out_proj.bias is not None:
             out = out + self.out_proj.bias
         return out
+
+    def _trains_fused(self, x: torch.Tensor) -> bool:
+        """Whether the channel-major forward takes the fused training path (_MixerCoreTrain):
+        with autograd on, where the Triton conv and scan run (CUDA; CPU tensors when forced under
+        TRITON_INTERPRET=1), and x_proj has no bias (mambapy's never has)."""
+        return (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+                and self._fused_impl(x) == "triton" and self.x_proj.bias is None)
 
     def _step_fast(self, x: torch.Tensor, cache: MambaCache) -> torch.Tensor:
         """One token, x (B, D) -> (B, D): a fixed sequence of device ops with no host sync and
@@ -241,6 +294,9 @@ class MambaMixer(MambaBlock):
     def kernel_choice(self, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
         if self.backend == "reference":
             return {"scan": "mambapy-pscan" if self.config.pscan else "mambapy-seq"}
+        if self.backend == "mamba_ssm":
+            return {"scan": "mamba_ssm mamba_inner_fn (selective_scan_cuda)", "conv": "causal_conv1d",
+                    "step": "mamba_ssm step (selective_state_update)"}
         from ..kernels.selective_scan import auto_impl
 
         fused = self._fused_impl_on(device) == "triton"
@@ -248,6 +304,69 @@ class MambaMixer(MambaBlock):
         return {"scan": auto_impl(device),
                 "conv": "triton-conv-silu" if fused and bdl else "torch-conv1d",
                 "step": "triton-fused" if fused and not self.config.inner_layernorms else "torch"}
+
+
+class _MixerCoreTrain(torch.autograd.Function):
+    """The channel-major mixer between the projections, for training: xz (B, 2 ED, L) ->
+    conv + SiLU -> x_proj -> dt_proj -> selective scan (gated by silu(z)) -> out_proj (+ residual)
+    -> (B, L, D), with one hand-written backward, as mamba_ssm's mamba_inner_fn does. It saves xz,
+    dBC and the scan's chunk states only: the conv output and dt are recomputed in the backward,
+    and the gated scan output y, which out_proj's weight gradient needs, is rebuilt by the scan's
+    backward on its way (nothing of size (B, ED, L) beyond xz is kept). dx and dz are written
+    straight into one dxz, the conv's and the scan's backward each filling its half."""
+
+    @staticmethod
+    def forward(ctx, xz, conv_w, conv_b, w_x, w_dt, A, D, dt_bias, w_out, b_out, residual):
+        from ..kernels.causal_conv import _launch as conv_fwd
+        from ..kernels.selective_scan import triton_bdl as tb
+
+        Bsz, ED2, L = xz.shape
+        ED, R = ED2 // 2, w_dt.shape[1]
+        N = A.shape[1]
+        xi, z = xz[:, :ED], xz[:, ED:]
+        xc = conv_fwd(xi, conv_w, conv_b, None, None, {})                     # (B, ED, L)
+        dBC = torch.bmm(w_x.expand(Bsz, -1, -1), xc)                           # (B, R + 2N, L)
+        dt = torch.bmm(w_dt.expand(Bsz, -1, -1), dBC[:, :R])                   # (B, ED, L)
+        y, _, states, chunk = tb._fwd(xc, dt, A, dBC[:, R:R + N], dBC[:, R + N:], D, z, dt_bias,
+                                      None, True, True)
+        wT = w_out.t().expand(Bsz, -1, -1)                                     # (B, ED, D)
+        out = (torch.baddbmm(residual, y.transpose(1, 2), wT) if residual is not None
+               else torch.bmm(y.transpose(1, 2), wT))                          # (B, L, D)
+        if b_out is not None:
+            out = out + b_out
+        ctx.save_for_backward(xz, conv_w, conv_b, w_x, w_dt, A, D, dt_bias, w_out, dBC, states)
+        ctx.chunk, ctx.has_residual, ctx.has_b_out = chunk, residual is not None, b_out is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        from ..kernels.causal_conv import _launch as conv_fwd
+        from ..kernels.causal_conv import _launch_bwd as conv_bwd
+        from ..kernels.selective_scan import triton_bdl as tb
+
+        xz, conv_w, conv_b, w_x, w_dt, A, D, dt_bias, w_out, dBC, states = ctx.saved_tensors
+        Bsz, ED2, L = xz.shape
+        ED, R = ED2 // 2, w_dt.shape[1]
+        N = A.shape[1]
+        xi, z = xz[:, :ED], xz[:, ED:]
+        xc = conv_fwd(xi, conv_w, conv_b, None, None, {})                     # recomputed
+        dt = torch.bmm(w_dt.expand(Bsz, -1, -1), dBC[:, :R])
+        dy = torch.bmm(w_out.t().expand(Bsz, -1, -1), dout.transpose(1, 2))   # (B, ED, L)
+        dxz = torch.empty_like(xz)
+        y = torch.empty_like(xc)
+        dxc, ddt, _, dA, dB, dC, dD, ddt_bias, _ = tb._bwd(
+            dy, None, xc, dt, A, dBC[:, R:R + N], dBC[:, R + N:], D, z, dt_bias, states, True,
+            ctx.chunk, dz_out=dxz[:, ED:], y_out=y)
+        dw_out = torch.bmm(dout.transpose(1, 2), y.transpose(1, 2)).sum(0)     # (D, ED)
+        ddt_low = torch.bmm(w_dt.t().expand(Bsz, -1, -1), ddt)                 # (B, R, L)
+        dw_dt = torch.bmm(ddt, dBC[:, :R].transpose(1, 2)).sum(0)             # (ED, R)
+        ddBC = torch.cat([ddt_low, dB.to(dBC.dtype), dC.to(dBC.dtype)], 1)     # (B, R + 2N, L)
+        dw_x = torch.bmm(ddBC, xc.transpose(1, 2)).sum(0)                      # (R + 2N, ED)
+        dxc = torch.baddbmm(dxc, w_x.t().expand(Bsz, -1, -1), ddBC)
+        _, dconv_w, dconv_b = conv_bwd(xi, conv_w, conv_b, dxc, dx=dxz[:, :ED])
+        return (dxz, dconv_w.to(conv_w.dtype), None if conv_b is None else dconv_b.to(conv_b.dtype),
+                dw_x, dw_dt, dA, dD.to(D.dtype), ddt_bias.to(dt_bias.dtype), dw_out,
+                dout.sum((0, 1)) if ctx.has_b_out else None, dout if ctx.has_residual else None)
 
 
 class RMSNorm(MambaRMSNorm):
@@ -271,7 +390,7 @@ class ResidualLayer(nn.Module):
     def __init__(self, config: MambaConfig, backend: str = DEFAULT_BACKEND):
         super().__init__()
         self.mixer = MambaMixer(config, backend)
-        self.norm = RMSNorm(config.d_model, config.rms_norm_eps, config.mup, backend)
+        self.norm = RMSNorm(config.d_model, config.rms_norm_eps, config.mup, rest_backend(backend))
 
     def forward(self, x: torch.Tensor, cache: Optional[MambaCache] = None) -> torch.Tensor:
         return self.mixer(self.norm(x), cache, residual=x)
@@ -310,7 +429,7 @@ class MambaLM(nn.Module):
         self.config = config
         self.embedding = nn.Embedding(vocab_size, config.d_model, padding_idx=0)
         self.mamba = RegularMamba(config, backend)
-        self.norm_f = RMSNorm(config.d_model, config.rms_norm_eps, config.mup, backend)
+        self.norm_f = RMSNorm(config.d_model, config.rms_norm_eps, config.mup, rest_backend(backend))
         self.lm_head = nn.Linear(config.d_model, vocab_size, bias=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
