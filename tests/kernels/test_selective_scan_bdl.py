@@ -190,7 +190,8 @@ def test_triton_bdl_real_associative_scan_path(monkeypatch):
     monkeypatch.setattr(triton_bdl, "INTERPRET_SEQ_SCAN", False)
     use_variant(triton_bdl, monkeypatch, "chan")
     monkeypatch.setitem(triton_bdl.FWD_TILES, "chan", dict(BLOCK_D=2, CHUNK=16, num_warps=1))
-    monkeypatch.setitem(triton_bdl.BWD_CONFIG, "BLOCK_D", 4)
+    monkeypatch.setitem(triton_bdl.BWD_CONFIG, "variant", "chunk")
+    monkeypatch.setitem(triton_bdl.BWD_TILES, "chunk", dict(BLOCK_D=4, num_warps=1))
     monkeypatch.setitem(triton_bdl.BWD_CONFIG, "CHUNK", 8)
     inp, h0 = make_bdl(1, 21, 6, 4)
     o, hf, g = run_with_grads(bdl_fn("triton"), inp, h0)
@@ -303,3 +304,44 @@ def test_lane_step_tiles_and_lane_splits(monkeypatch, tiles, N):
         _, h8 = ref_on_bdl(**first, initial_state=h0, return_final_state=True)
     assert rel(out, ref) <= 1e-5 and rel(hf, rhf) <= 1e-5
     assert rel(states[:, 0], h0) <= 1e-7 and rel(states[:, 1], h8) <= 1e-5
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("d_model,d_state,shape,dtype", [
+    (24, 16, (2, 19), torch.float32),     # L not a multiple of the state chunk or the tiles
+    (20, 6, (1, 37), torch.float32),      # batch 1, d_state 6 (fewer lanes a channel), ED 40
+    (24, 16, (2, 19), torch.bfloat16),
+], ids=["B2-L19", "B1-L37-N6", "B2-L19-bf16"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_fused_mixer_training_path_equals_reference(small_tiles, d_model, d_state, shape, dtype, residual):
+    """The channel-major mixer's fused training path (one autograd Function around the Triton
+    conv, scan and their backwards) against mambapy's mixer: output, the input's gradient and
+    every parameter's, on random weights."""
+    pytest.importorskip("mambapy")
+    from mambapy.mamba import MambaConfig
+
+    from helpers import randomize_
+    from mamba_decoder.models import MambaMixer
+
+    cfg = MambaConfig(d_model=d_model, n_layers=1, d_state=d_state)
+    ref = randomize_(MambaMixer(cfg, backend="reference")).to(dtype)
+    fast = MambaMixer(cfg, backend="fast").to(dtype)
+    fast.load_state_dict(ref.state_dict())
+    fast.fast_layout, fast.fused_impl = "BDL", "triton"
+    x = torch.randn(*shape, d_model, dtype=dtype)
+    res = torch.randn_like(x) if residual else None
+    gy = torch.randn_like(x)
+    out = {}
+    for name, m in (("ref", ref), ("fast", fast)):
+        xl = x.clone().requires_grad_(True)
+        rl = res.clone().requires_grad_(True) if residual else None
+        y = m(xl, residual=rl) if name == "fast" else m(xl) + (rl if residual else 0)
+        if name == "fast":   # the fused Function ran, not the op-by-op autograd graph
+            assert type(y.grad_fn).__name__ == "_MixerCoreTrainBackward"
+        leaves = [xl, *m.parameters()] + ([rl] if residual else [])
+        out[name] = (y.detach(), torch.autograd.grad(y, leaves, gy))
+    tol_f, tol_g = (1e-5, 1e-4) if dtype == torch.float32 else (2e-2, 3e-2)
+    assert rel(out["fast"][0], out["ref"][0]) <= tol_f
+    names = ["x"] + [n for n, _ in fast.named_parameters()] + (["residual"] if residual else [])
+    for n, a, b in zip(names, out["fast"][1], out["ref"][1]):
+        assert a.dtype == b.dtype and rel(a, b) <= tol_g, (n, rel(a, b))
