@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Measurements on a lent GPU, one stage per call (each fits a 10-minute command).
-#   bash scripts/gpu_session.sh check|probe|host|retest|targets|final|workloads|train|sweep   (writes under $OUT, or ./gpu_out)
+#   bash scripts/gpu_session.sh check|probe|host|retest|targets|final|workloads|train|train-check|sweep   (writes under $OUT, or ./gpu_out)
 # Needs the runtime wheels in .whl/ (mambapy, open-kimi, pydantic...) and gpu_floor.py in .devcarry/.
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -92,11 +92,21 @@ final)   # one call: tests on the card, the floor, the targets (fast eager / gra
   log host; timeout 90 python3 scripts/profile_gpu.py --host > "$OUT/host.txt" 2>&1; grep -E "^  .*\]" "$OUT/host.txt"
   log sdpa; timeout 90 python3 scripts/profile_gpu.py --sdpa 2>&1 | tee "$OUT/sdpa.txt"
   ;;
-train)   # issue 12: fast vs mamba_ssm on the card (tests, backward tiles, mixer, the suite's train/forward/decode)
+train|train-check)   # issue 12: fast vs mamba_ssm on the card; train-check: the tests, the mixer and the suite's train step only
   env_info
   if [ -f .devcarry/peer/peer_so.tar.xz ]; then   # mamba_ssm + causal_conv1d, prebuilt for the H200
     mkdir -p /tmp/peerbuild && tar xJf .devcarry/peer/peer_so.tar.xz -C /tmp/peerbuild
     export PYTHONPATH=$PYTHONPATH:/tmp/peerbuild/cc:/tmp/peerbuild/ss:$PWD/.devcarry/peer/src
+  fi
+  if [ "$1" = train-check ]; then
+    card_tests 100 -x tests/gpu/test_mamba_ssm.py tests/kernels/test_selective_scan_bdl.py tests/kernels/test_causal_conv.py \
+        -k "mamba_ssm or fused or triton_backward"
+    log study; timeout 80 python3 scripts/train_study.py --skip-tune --profile > "$OUT/study.jsonl" 2>&1
+    grep -E "scan_fwd_bwd|mixer|error" "$OUT/study.jsonl" | cut -c1-260
+    log suite train; timeout 80 $BENCH --mode train --backend fast mamba_ssm --dim 512 --seq-lens 2048 8192 \
+        --batch-sizes 8 --dtype bfloat16 --output-dir /tmp/r/train12 --overwrite 2>&1 | grep -E "SeqLen|error"
+    runs+=(train12)
+    tar czf "$OUT/runs-train-check.tgz" -C /tmp/r "${runs[@]}"; log done; exit 0
   fi
   card_tests 150 tests/gpu/test_mamba_ssm.py tests/kernels/test_causal_conv.py tests/kernels/test_selective_scan_bdl.py \
       -k "mamba_ssm or conv or fused or fwd_bwd or gradients"

@@ -77,8 +77,9 @@ def small_tiles(monkeypatch):
 
 def use_variant(tb, monkeypatch, variant):
     """Route every dtype to one forward kernel."""
-    for dt in list(tb.FWD_BY_DTYPE):
-        monkeypatch.setitem(tb.FWD_BY_DTYPE, dt, variant)
+    for table in (tb.FWD_BY_DTYPE, tb.FWD_TRAIN_BY_DTYPE):
+        for dt in list(table):
+            monkeypatch.setitem(table, dt, variant)
 
 
 IMPLS = [pytest.param("cpu", id="cpu"), pytest.param("reference", id="reference"),
@@ -276,6 +277,10 @@ def test_triton_bdl_forward_by_dtype(small_tiles, monkeypatch, dtype, variant):
     with torch.no_grad():
         selective_scan(**inp, impl="triton", layout="BDL")
     assert calls == [variant]
+    # storing the backward's states (training), lane for every dtype
+    args = [inp[k] for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")]
+    small_tiles._fwd(*args, None, True, True)
+    assert calls == [variant, "lane"]
     with pytest.raises(ValueError, match="variant"):
         small_tiles._fwd(*[inp[k] for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")], None,
                          True, False, variant="segt")
@@ -324,11 +329,11 @@ def test_fused_mixer_training_path_equals_reference(small_tiles, d_model, d_stat
     from mamba_decoder.models import MambaMixer
 
     cfg = MambaConfig(d_model=d_model, n_layers=1, d_state=d_state)
-    ref = randomize_(MambaMixer(cfg, backend="reference")).to(dtype)
-    fast = MambaMixer(cfg, backend="fast").to(dtype)
+    ref = randomize_(MambaMixer(cfg, backend="reference")).to(DEV, dtype)
+    fast = MambaMixer(cfg, backend="fast").to(DEV, dtype)
     fast.load_state_dict(ref.state_dict())
     fast.fast_layout, fast.fused_impl = "BDL", "triton"
-    x = torch.randn(*shape, d_model, dtype=dtype)
+    x = torch.randn(*shape, d_model, device=DEV, dtype=dtype)
     res = torch.randn_like(x) if residual else None
     gy = torch.randn_like(x)
     out = {}

@@ -36,15 +36,21 @@ LOG2E = 1.4426950408889634
 # register tile of steps (it must divide the backward's state chunk), NS the lanes sharing a
 # channel (BLOCK_D * NS = 32 * num_warps).
 FWD_BY_DTYPE = {torch.float32: "lane", torch.bfloat16: "chan", torch.float16: "chan"}
+# With the backward's states stored (training), lane for every dtype: chan stores them with a
+# masked store per state and step of its time tile, lane once per state chunk (H200, bf16,
+# (8,2048,1024,16), the mixer's train step profiled: chan storing states 0.59 ms a forward
+# against mamba_ssm's 0.30; NOTES.md run 7).
+FWD_TRAIN_BY_DTYPE = {torch.float32: "lane", torch.bfloat16: "lane", torch.float16: "lane"}
 FWD_TILES = {"chan": dict(BLOCK_D=1, CHUNK=512, num_warps=1),
              "lane": dict(BLOCK_D=8, NS=4, CHUNK=8, num_warps=1)}
 # Backward: it restarts from the states the forward stores every BWD_CONFIG["CHUNK"] steps.
 # H200, bf16, (8,2048,1024,16), the backward alone (scripts/train_study.py, NOTES.md run 7):
-# lane 4 channels x 8 lanes, E 8, dB/dC by atomics 1.48 ms; 8 x 4 atomics 1.86, with partials
-# 2.76; the older chunk kernel (2 channels, two associative scans a chunk) 3.33.
+# lane (8 channels x 4 lanes, E 8, 1 warp, dB/dC added atomically) 1.21 ms; 4 x 8: 1.30; 4 x 8 E 4:
+# 1.47; 2 x 16: 2.06; with per-program partials instead of atomics 2.76; the older chunk kernel
+# (2 channels, two associative scans a chunk) 3.33. The state chunk: 32 and 128 within 2%.
 BWD_CONFIG = dict(variant="lane", CHUNK=32)
 BWD_TILES = {"chunk": dict(BLOCK_D=2, num_warps=1),
-             "lane": dict(BLOCK_D=4, NS=8, E=8, num_warps=1, ATOMIC=True)}
+             "lane": dict(BLOCK_D=8, NS=4, E=8, num_warps=1, ATOMIC=True)}
 FWD_TUNE = ([dict(variant="chan", BLOCK_D=bd, CHUNK=ch, num_warps=nw)
               for bd, ch, nw in [(1, 512, 1), (2, 256, 1), (1, 256, 1), (1, 1024, 2)]]
             + [dict(variant="lane", BLOCK_D=bd, NS=ns, CHUNK=e, num_warps=nw)
@@ -763,7 +769,8 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, initial_state, softplus, store_states,
     """x, dt, z: (B, ED, L); B, C: (B, N, L). Returns out (B, ED, L), hfin, states (or None),
     and the state chunk. `variant` / `tiles` (BLOCK_D, CHUNK, num_warps; lane also NS, its
     CHUNK being the step tile E) override the tables."""
-    variant = variant or FWD_BY_DTYPE.get(x.dtype, "lane")
+    table = FWD_TRAIN_BY_DTYPE if store_states else FWD_BY_DTYPE
+    variant = variant or table.get(x.dtype, "lane")
     if variant not in FWD_TILES:
         raise ValueError(f"forward variant {variant!r} is not one of {', '.join(FWD_TILES)}")
     cfg = {**FWD_TILES[variant], **{k: v for k, v in tiles.items() if v is not None}}
