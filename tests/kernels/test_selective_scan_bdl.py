@@ -350,3 +350,27 @@ def test_fused_mixer_training_path_equals_reference(small_tiles, d_model, d_stat
     names = ["x"] + [n for n, _ in fast.named_parameters()] + (["residual"] if residual else [])
     for n, a, b in zip(names, out["fast"][1], out["ref"][1]):
         assert a.dtype == b.dtype and rel(a, b) <= tol_g, (n, rel(a, b))
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("min_programs,want", [(1, "lane"), (10**9, "lane-small")])
+def test_lane_backward_takes_smaller_tiles_when_the_grid_is_small(small_tiles, monkeypatch, min_programs, want):
+    """Below BWD_LANE_MIN_PROGRAMS programs the backward runs lane-small's tiles; both give the
+    reference's gradients."""
+    monkeypatch.setattr(small_tiles, "BWD_LANE_MIN_PROGRAMS", min_programs)
+    seen = []
+    real = small_tiles._bdl_bwd_lane_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*a, **kw):
+                seen.append(kw["BLOCK_D"])
+                return real[grid](*a, **kw)
+            return launch
+    monkeypatch.setattr(small_tiles, "_bdl_bwd_lane_kernel", Spy())
+    inp, h0 = make_bdl(1, 19, 24, 8)
+    o, hf, g = run_with_grads(bdl_fn("triton"), inp, h0)
+    ro, rhf, rg = run_with_grads(ref_on_bdl, inp, h0)
+    assert seen == [small_tiles.BWD_TILES[want]["BLOCK_D"]]
+    for k in GRAD_NAMES + ["initial_state"]:
+        assert rel(g[k], rg[k]) <= 1e-3, k

@@ -49,8 +49,14 @@ FWD_TILES = {"chan": dict(BLOCK_D=1, CHUNK=512, num_warps=1),
 # 1.47; 2 x 16: 2.06; with per-program partials instead of atomics 2.76; the older chunk kernel
 # (2 channels, two associative scans a chunk) 3.33. The state chunk: 32 and 128 within 2%.
 BWD_CONFIG = dict(variant="lane", CHUNK=32)
+# At batch 1 (128 programs of 8 channels at ED 1024) 8 x 4 starves the card: B1 L8192 scan
+# forward + backward 4.85 ms with 8 x 4, 2.33 with 4 x 8 (mamba_ssm 0.95). Below
+# BWD_LANE_MIN_PROGRAMS programs (~8 resident 1-warp programs on each of 132 SMs at ~250
+# registers) the backward takes "lane-small".
 BWD_TILES = {"chunk": dict(BLOCK_D=2, num_warps=1),
-             "lane": dict(BLOCK_D=8, NS=4, E=8, num_warps=1, ATOMIC=True)}
+             "lane": dict(BLOCK_D=8, NS=4, E=8, num_warps=1, ATOMIC=True),
+             "lane-small": dict(BLOCK_D=4, NS=8, E=8, num_warps=1, ATOMIC=True)}
+BWD_LANE_MIN_PROGRAMS = 1024
 FWD_TUNE = ([dict(variant="chan", BLOCK_D=bd, CHUNK=ch, num_warps=nw)
               for bd, ch, nw in [(1, 512, 1), (2, 256, 1), (1, 256, 1), (1, 1024, 2)]]
             + [dict(variant="lane", BLOCK_D=bd, NS=ns, CHUNK=e, num_warps=nw)
@@ -836,10 +842,13 @@ def _bwd(dout, dhfin, x, dt, A, B, C, D, z, dt_bias, states, softplus, CHUNK, va
     contiguous (e.g. half of the in-projection's gradient) receives dz; `y_out` (B, ED, L)
     contiguous receives the gated output y * silu(z) recomputed on the way."""
     variant = variant or BWD_CONFIG["variant"]
-    if variant not in BWD_TILES:
-        raise ValueError(f"backward variant {variant!r} is not one of {', '.join(BWD_TILES)}")
-    cfg = {**BWD_TILES[variant], **{k: v for k, v in tiles.items() if v is not None}}
+    if variant not in ("lane", "chunk"):
+        raise ValueError(f"backward variant {variant!r} is not one of lane, chunk")
     Bsz, ED, L = x.shape
+    table = BWD_TILES[variant]
+    if variant == "lane" and Bsz * triton.cdiv(ED, table["BLOCK_D"]) < BWD_LANE_MIN_PROGRAMS:
+        table = BWD_TILES["lane-small"]          # too few programs to fill the card: more of them
+    cfg = {**table, **{k: v for k, v in tiles.items() if v is not None}}
     N = A.shape[1]
     BLOCK_D = cfg["BLOCK_D"]
     dev = x.device
