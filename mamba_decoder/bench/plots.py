@@ -35,7 +35,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .registry import MLA_BLOCK, MAMBA_DECODER_BLOCK, REGULAR_MAMBA
+from .names import MODEL_COLORS, REGULAR_MAMBA
 from .results import BenchmarkResult
 
 DPI = 300
@@ -55,8 +55,6 @@ MODE_PLOT_FILES = {
     "cache_memory": "cache_memory_vs_context.png",
     "train_step": "train_step_time_vs_seq.png",
 }
-# Okabe-Ito colours: one per model, the same in every plot.
-MODEL_COLORS = {REGULAR_MAMBA: "#0072B2", MAMBA_DECODER_BLOCK: "#D55E00", MLA_BLOCK: "#009E73"}
 _EXTRA_COLORS = ["#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
 BACKEND_STYLES = {"reference": "-", "fast": "--"}
 _LINESTYLES = ["-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 1)), (0, (8, 2))]

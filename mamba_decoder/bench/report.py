@@ -8,7 +8,7 @@ import math
 from collections import defaultdict
 from typing import Iterable, Optional, Sequence
 
-from .registry import REGULAR_MAMBA
+from .names import REGULAR_MAMBA
 from .results import BenchmarkResult
 from .timing import HIGH_SPREAD
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 import sys
 
-from .runner import RECORD_PREFIX, Config, SweepSettings, measure
+from .runner import RECORD_PREFIX, measure
+from .settings import Config, SweepSettings
 
 
 def main() -> int:
