@@ -18,7 +18,7 @@ from .execute import (EXIT_INTERRUPTED, EXIT_OK, EXIT_REGRESSION, EXIT_UNEXPECTE
 from .launchers import Local
 from .names import LM_MODELS, models_for
 from .registry import MODELS
-from .report import compare_runs, write_report
+from .report import IGNORABLE, compare_runs, write_report
 from .results import RecordFileError, UsageError
 from .settings import CACHE_KINDS, DTYPES, LEVELS, MODES, SweepSettings
 from .torchrun import Torchrun, dist_env
@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="slowdown (median ratio - 1) that counts as a regression (default: 0.05)")
     cmp_.add_argument("--alpha", type=_float, default=0.05,
                       help="significance level of the Mann-Whitney U test (default: 0.05)")
-    cmp_.add_argument("--ignore", nargs="+", default=[], choices=["backend", "dtype", "variant"],
+    cmp_.add_argument("--ignore", nargs="+", default=[], choices=IGNORABLE,
                       help="pair configs without these fields, e.g. --ignore backend to compare a "
                            "fast run with a reference run")
     return p
