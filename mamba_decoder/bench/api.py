@@ -4,12 +4,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
+from pydantic import ValidationError
+
 from ..config import DEFAULT_BACKEND
 from .execute import Output, execute, resolve_device
 from .launchers import Local
 from .names import BLOCK_MODELS
-from .results import BenchmarkResult
-from .settings import SweepSettings
+from .results import BenchmarkResult, UsageError
+from .settings import SweepSettings, one_line
 
 
 def run_scaling_benchmarks(dim: int = 512, sequence_lengths: Optional[Sequence[int]] = None,
@@ -31,15 +33,18 @@ def run_scaling_benchmarks(dim: int = 512, sequence_lengths: Optional[Sequence[i
     KeyboardInterrupt once every finished record is written.
     """
     device = resolve_device(use_cuda)
-    s = SweepSettings(
-        dim=dim,
-        sequence_lengths=list(sequence_lengths if sequence_lengths is not None else [128, 256, 512, 1024, 2048]),
-        batch_sizes=list(batch_sizes if batch_sizes is not None else [1, 2, 4, 8]),
-        models=list(models if models is not None else BLOCK_MODELS),
-        backends=[backend] if isinstance(backend, str) else list(backend),
-        dtypes=[dtype] if isinstance(dtype, str) else list(dtype),
-        device=device, warmup=warmup, runs=runs, min_time_s=min_time, threads=threads, seed=seed,
-        isolate=isolate).validate()
+    try:
+        s = SweepSettings(
+            dim=dim,
+            sequence_lengths=list(sequence_lengths if sequence_lengths is not None else [128, 256, 512, 1024, 2048]),
+            batch_sizes=list(batch_sizes if batch_sizes is not None else [1, 2, 4, 8]),
+            models=list(models if models is not None else BLOCK_MODELS),
+            backends=[backend] if isinstance(backend, str) else list(backend),
+            dtypes=[dtype] if isinstance(dtype, str) else list(dtype),
+            device=device, warmup=warmup, runs=runs, min_time_s=min_time, threads=threads, seed=seed,
+            isolate=isolate)
+    except ValidationError as e:
+        raise UsageError(one_line(e)) from None
     o = Output(dir=None if output_dir is None else Path(output_dir), resume=resume, overwrite=overwrite,
                verbose=verbose, report=False, plots=False, progress=progress,
                cuda_hint="pass use_cuda=False" if use_cuda and device == "cpu" else None)

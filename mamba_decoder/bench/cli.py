@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from pydantic import ValidationError
+
 from ..config import BACKENDS, DEFAULT_BACKEND
 from .execute import (EXIT_INTERRUPTED, EXIT_OK, EXIT_REGRESSION, EXIT_UNEXPECTED, EXIT_USAGE,  # noqa: F401
                       Output, execute, resolve_device)
@@ -20,7 +22,7 @@ from .names import LM_MODELS, models_for
 from .registry import MODELS
 from .report import IGNORABLE, compare_runs, write_report
 from .results import RecordFileError, UsageError
-from .settings import CACHE_KINDS, DTYPES, LEVELS, MODES, SweepSettings
+from .settings import CACHE_KINDS, DTYPES, LEVELS, MODES, SweepSettings, one_line
 from .torchrun import Torchrun, dist_env
 
 # --quick: a useful look in about a minute on a 2-core CPU (reference backend).
@@ -126,21 +128,20 @@ def settings_from_args(args: argparse.Namespace, device: str) -> SweepSettings:
             if m.lower() not in by_lower:
                 raise UsageError(f"--models: {m!r} is not one of {', '.join(map(repr, known))}")
             models.append(by_lower[m.lower()])
-    s = SweepSettings(dim=pick("dim"), sequence_lengths=list(dict.fromkeys(pick("seq_lens"))),
-                      batch_sizes=list(dict.fromkeys(pick("batch_sizes"))),
-                      models=list(dict.fromkeys(models)), backends=list(dict.fromkeys(args.backend)),
-                      dtypes=list(dict.fromkeys(args.dtype)), device=device, warmup=pick("warmup"),
-                      runs=pick("runs"), min_time_s=args.min_time, threads=args.threads,
-                      seed=args.seed, isolate=args.isolate, mode=args.mode, level=args.level,
-                      compile=args.compile, cuda_graphs=args.cuda_graphs, cache_kind=args.cache_kind,
-                      optimizer_step=args.optimizer_step, depth=args.depth, vocab_size=args.vocab_size)
+    try:
+        s = SweepSettings(dim=pick("dim"), sequence_lengths=list(dict.fromkeys(pick("seq_lens"))),
+                          batch_sizes=list(dict.fromkeys(pick("batch_sizes"))),
+                          models=list(dict.fromkeys(models)), backends=list(dict.fromkeys(args.backend)),
+                          dtypes=list(dict.fromkeys(args.dtype)), device=device, warmup=pick("warmup"),
+                          runs=pick("runs"), min_time_s=args.min_time, threads=args.threads,
+                          seed=args.seed, isolate=args.isolate, mode=args.mode, level=args.level,
+                          compile=args.compile, cuda_graphs=args.cuda_graphs, cache_kind=args.cache_kind,
+                          optimizer_step=args.optimizer_step, depth=args.depth, vocab_size=args.vocab_size)
+    except ValidationError as e:
+        raise UsageError(one_line(e)) from None
     if s.threads is not None and s.threads > (os.cpu_count() or 1):
         raise UsageError(f"--threads: {s.threads} is more than the {os.cpu_count()} CPUs here "
                          f"(accepted: 1..{os.cpu_count()})")
-    try:
-        s.validate()
-    except ValueError as e:
-        raise UsageError(str(e)) from None
     return s
 
 

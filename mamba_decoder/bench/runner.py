@@ -205,7 +205,7 @@ RECORD_PREFIX = "RECORD "
 
 def measure_isolated(cfg: Config, s: SweepSettings) -> BenchmarkResult:
     """Measure one config in a fresh subprocess; a crash becomes an error record naming its cause."""
-    payload = json.dumps({"settings": asdict(s), "config": asdict(cfg)})
+    payload = json.dumps({"settings": s.model_dump(), "config": asdict(cfg)})
     proc = subprocess.run(worker_command(), input=payload, capture_output=True, text=True)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RECORD_PREFIX):

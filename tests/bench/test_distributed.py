@@ -29,7 +29,7 @@ from .conftest import make_record
 ARGS = ["--dim", "32", "--seq-lens", "8", "16", "--batch-sizes", "1", "2", "--runs", "1",
         "--warmup", "0", "--no-cuda", "--no-progress", "--threads", "1"]
 SETTINGS = SweepSettings(dim=32, sequence_lengths=[8, 16], batch_sizes=[1, 2], warmup=0, runs=1,
-                         threads=1).validate()
+                         threads=1)
 ALL_KEYS = {c.key(SETTINGS) for c in iter_configs(SETTINGS)}
 
 
@@ -220,7 +220,7 @@ def test_merge_records_unfinished_configs_of_a_variant_under_their_own_key(varia
     """A rank that did not finish: each of its configs gets an error record whose key is the
     config's own, variant and level included, so the merge returns every config of the sweep."""
     s = SweepSettings(dim=32, sequence_lengths=[8, 16], batch_sizes=[1], warmup=0, runs=1,
-                      models=["Regular Mamba"], **variant).validate()
+                      models=["Regular Mamba"], **variant)
     assert s.variant
     configs = list(iter_configs(s))
     shards = [configs[:1], configs[1:]]
