@@ -1,4 +1,4 @@
-"""The two decoder blocks of the benchmark (DESIGN.md's diagram):
+"""The two decoder blocks of the benchmark (DESIGN.md, "Architecture of the blocks"):
 
     MambaDecoderBlock:  h = x + mixer(norm1(x));   out = h + moe(norm2(h))
     MLABlock:           h = x + attn(norm1(x));    out = h + moe(norm2(h))     (causal)
@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..config import DEFAULT_BACKEND, MambaConfig, MoEConfig, check_backend
+from ..policy import KernelPolicy
 from .mamba import MambaCache, MambaMixer
 from .mla import MLA, MLACache
 from .moe import MoE
@@ -25,9 +26,18 @@ def kernel_choices(module: nn.Module, device, dtype) -> dict[str, str]:
     return out
 
 
+def set_kernel_policy(module: nn.Module, policy: KernelPolicy) -> nn.Module:
+    """Give every part of `module` that takes a kernel policy this one (returns `module`)."""
+    for m in module.modules():
+        if hasattr(m, "policy"):
+            m.policy = policy
+    return module
+
+
 class MambaDecoderBlock(nn.Module):
     def __init__(self, dim: int = 512, mamba_config: Optional[MambaConfig] = None,
-                 moe_config: Optional[MoEConfig] = None, backend: str = DEFAULT_BACKEND):
+                 moe_config: Optional[MoEConfig] = None, backend: str = DEFAULT_BACKEND,
+                 policy: Optional[KernelPolicy] = None):
         super().__init__()
         mamba_config = mamba_config or MambaConfig(d_model=dim, n_layers=1)
         moe_config = moe_config or MoEConfig(dim=dim)
@@ -37,9 +47,9 @@ class MambaDecoderBlock(nn.Module):
             raise ValueError(f"moe_config.dim={moe_config.dim} must equal dim={dim}")
         self.dim, self.backend = dim, check_backend(backend)
         self.norm1 = nn.RMSNorm(dim)
-        self.mixer = MambaMixer(mamba_config, backend)
+        self.mixer = MambaMixer(mamba_config, backend, policy)
         self.norm2 = nn.RMSNorm(dim)
-        self.moe = MoE.from_config(moe_config, backend)
+        self.moe = MoE.from_config(moe_config, backend, policy)
 
     def init_cache(self, batch_size: int, device=None, dtype=None) -> MambaCache:
         """Decoding state: the mixer's conv window and SSM state (constant in context length)."""
@@ -59,15 +69,16 @@ class MLABlock(nn.Module):
                  mscale: float = 1.0, n_experts: int = 12, n_activated: int = 4,
                  expert_inter_dim: Optional[int] = None, shared_expert_inter_dim: Optional[int] = None,
                  use_adaptive_bias: bool = True, bias_update_rate: float = 0.01,
-                 backend: str = DEFAULT_BACKEND):
+                 backend: str = DEFAULT_BACKEND, policy: Optional[KernelPolicy] = None):
         super().__init__()
         self.dim, self.backend = dim, check_backend(backend)
         self.norm1 = nn.RMSNorm(dim)
         self.attn = MLA(dim, n_heads, q_lora_rank, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim,
-                        v_head_dim, max_seq_len, max_batch_size, attn_impl, rope_theta, mscale, backend)
+                        v_head_dim, max_seq_len, max_batch_size, attn_impl, rope_theta, mscale, backend,
+                        policy)
         self.norm2 = nn.RMSNorm(dim)
         self.moe = MoE(dim, n_experts, n_activated, expert_inter_dim, shared_expert_inter_dim,
-                       use_adaptive_bias, bias_update_rate, backend)
+                       use_adaptive_bias, bias_update_rate, backend, policy)
 
     def init_cache(self, batch_size: int, max_len: int, kind: Optional[str] = None,
                    device=None, dtype=None) -> MLACache:

@@ -8,7 +8,6 @@ future), and a plain forward needs no preallocated cache (open_kimi writes every
 """
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -19,10 +18,9 @@ from torch.nn import RMSNorm
 
 from ..config import DEFAULT_BACKEND, check_backend
 from ..kernels import attention as attn_kernels
-from ..kernels import triton_installed
+from ..policy import DEFAULT_POLICY, KernelPolicy
 
 ATTN_IMPLS = ("naive", "absorb")
-DECODE_KERNELS = ("auto", "triton", "sdpa")
 
 
 @dataclass
@@ -52,7 +50,8 @@ class MLA(nn.Module):
                  qk_nope_head_dim: int = 128, qk_rope_head_dim: int = 64, v_head_dim: int = 128,
                  max_seq_len: int = 4096, max_batch_size: int = 8,
                  attn_impl: Literal["naive", "absorb"] = "absorb", rope_theta: float = 10000.0,
-                 mscale: float = 1.0, backend: str = DEFAULT_BACKEND):
+                 mscale: float = 1.0, backend: str = DEFAULT_BACKEND,
+                 policy: Optional[KernelPolicy] = None):
         super().__init__()
         for name, v in dict(dim=dim, n_heads=n_heads, kv_lora_rank=kv_lora_rank,
                             qk_nope_head_dim=qk_nope_head_dim, qk_rope_head_dim=qk_rope_head_dim,
@@ -74,6 +73,9 @@ class MLA(nn.Module):
         self.max_seq_len, self.max_batch_size = max_seq_len, max_batch_size
         self.attn_impl, self.rope_theta, self.mscale = attn_impl, rope_theta, mscale
         self.backend = check_backend(backend)
+        # The Triton paths (policy.mla_prologue: the multi-token RoPE / latent norm / rope key as
+        # one launch; policy.mla_decode: one-token attention over a latent cache, split-K)
+        self.policy = policy or DEFAULT_POLICY
 
         if q_lora_rank == 0:
             self.wq = nn.Linear(dim, n_heads * self.qk_head_dim, bias=False)
@@ -88,14 +90,6 @@ class MLA(nn.Module):
         # open_kimi scales by mscale only with YaRN (original_seq_len set), which this block does
         # not take: the scale is 1/sqrt(qk_head_dim), as there.
         self.softmax_scale = self.qk_head_dim ** -0.5
-        # One-token attention over a latent cache in the fast backend: "auto" runs the Triton
-        # split-K kernel on CUDA (SDPA elsewhere), "triton" forces it (on CPU tensors it needs
-        # TRITON_INTERPRET=1: what the tests do), "sdpa" never uses it.
-        self.decode_kernel: str = "auto"
-        # The fast backend's multi-token forward between the projections and the attention
-        # (query RoPE, latent RMSNorm, rope key) as one Triton launch: "auto" on CUDA,
-        # "triton" forced (CPU tensors need TRITON_INTERPRET=1), "torch" never.
-        self.fused_impl: str = "auto"
         # RoPE table, complex64 and per device. Not a buffer: Module.to(bfloat16) would cast a
         # complex buffer to real and drop the imaginary part (it does so to open_kimi's MLA).
         self._freqs: dict[torch.device, torch.Tensor] = {}
@@ -154,12 +148,10 @@ class MLA(nn.Module):
         return self._attend(x, freqs, mask, cache, slice(start_pos, end))
 
     def _fused_prologue(self, x: torch.Tensor, cache: Optional[MLACache]) -> bool:
-        """Whether a causal multi-token forward takes `_prefill_fused` (`fused_impl`)."""
-        if self.fused_impl not in ("auto", "triton", "torch"):
-            raise ValueError(f"fused_impl={self.fused_impl!r} is not one of auto, triton, torch")
+        """Whether a causal multi-token forward takes `_prefill_fused` (policy.mla_prologue)."""
         if self.backend != "fast" or (cache is not None and x.shape[1] == 1):
             return False
-        return self._triton_runs(x, self.fused_impl)
+        return self._decision(x).mla_prologue and self._rope_fits_triton()
 
     def _prefill_fused(self, x: torch.Tensor, start_pos: int, cache: Optional[MLACache]) -> torch.Tensor:
         """The fast causal forward of S tokens at start_pos..: the projections, one Triton
@@ -208,23 +200,18 @@ class MLA(nn.Module):
         return self._attend(x, freqs, mask, cache, pos.view(1))
 
     def _triton_decode(self, x: torch.Tensor, cache: Optional[MLACache]) -> bool:
-        if self.decode_kernel not in DECODE_KERNELS:
-            raise ValueError(f"decode_kernel={self.decode_kernel!r} is not one of {', '.join(DECODE_KERNELS)}")
         if self.backend != "fast" or cache is None or cache.kind != "latent" or x.shape[1] != 1:
             return False
-        return self._triton_runs(x, self.decode_kernel)
+        return self._decision(x).mla_decode and self._rope_fits_triton()
 
-    def _triton_runs(self, x: torch.Tensor, choice: str) -> bool:
-        """What both Triton paths need: no autograd (the kernels rotate in place and have no
-        backward: a call that wants gradients takes the PyTorch path), a power-of-two rope dim
-        (the prologue's), and `choice` "auto" on CUDA with Triton, or "triton" (forced)."""
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
-            return False
-        if self.qk_rope_head_dim & (self.qk_rope_head_dim - 1):
-            return False
-        if choice == "auto":
-            return x.is_cuda and triton_installed()
-        return choice == "triton"
+    def _decision(self, x: torch.Tensor):
+        """The policy's decision for x; with autograd on, no Triton path (the kernels rotate in
+        place and have no backward: a call that wants gradients takes the PyTorch path)."""
+        grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        return self.policy.decide(x.device, x.dtype, grad)
+
+    def _rope_fits_triton(self) -> bool:
+        return not self.qk_rope_head_dim & (self.qk_rope_head_dim - 1)   # the prologue's power of two
 
     def _expand_kv(self, kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The normalized latent kv (B, T, C) and rotated rope key k_pe (B, T, R) as per-head
@@ -311,12 +298,9 @@ class MLA(nn.Module):
     def kernel_choice(self, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
         if self.backend == "reference":
             return {"attn": f"{self.attn_impl}-einsum"}
-        def triton_on(choice: str) -> bool:
-            return choice == "triton" or (
-                choice == "auto" and torch.device(device).type == "cuda" and triton_installed())
-
-        prefill = "triton prologue + naive-sdpa" if triton_on(self.fused_impl) else "naive-sdpa"
+        d, rope = self.policy.decide(device, dtype), self._rope_fits_triton()
+        prefill = "triton prologue + naive-sdpa" if d.mla_prologue and rope else "naive-sdpa"
         if self.attn_impl != "absorb":
             return {"attn": f"prefill {prefill}, decode full-cache sdpa"}
-        decode = "triton prologue + split-k" if triton_on(self.decode_kernel) else "sdpa"
+        decode = "triton prologue + split-k" if d.mla_decode and rope else "sdpa"
         return {"attn": f"prefill {prefill}, decode latent cache {decode} (full cache sdpa)"}

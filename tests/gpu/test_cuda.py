@@ -232,7 +232,8 @@ def test_triton_causal_conv_gradients_on_cuda(monkeypatch):
 def test_graphed_mamba_decoder_block_decode_equals_eager():
     """MambaDecoderBlock at dim 512, batch 8, bf16: the fused Triton step + dense-small MoE,
     captured in a CUDA graph and replayed, equals eager steps; eager fused equals the PyTorch
-    ops step (fused_impl="torch")."""
+    ops step (policy mamba_fused="torch")."""
+    from mamba_decoder import KernelPolicy
     from mamba_decoder.models import MambaDecoderBlock
 
     torch.manual_seed(0)
@@ -245,12 +246,12 @@ def test_graphed_mamba_decoder_block_decode_equals_eager():
     with torch.inference_mode():
         caches = {}
         for impl in ("torch", "triton", "graph"):
-            model.mixer.fused_impl = "torch" if impl == "torch" else "triton"
+            model.mixer.policy = KernelPolicy(mamba_fused="torch" if impl == "torch" else "triton")
             caches[impl] = model.init_cache(B)
             model(x[:, :P], caches[impl])                        # prefill (Triton conv unless torch)
-        model.mixer.fused_impl = "torch"
+        model.mixer.policy = KernelPolicy(mamba_fused="torch")
         want = [model(x[:, t:t + 1], caches["torch"]) for t in range(P, P + steps)]
-        model.mixer.fused_impl = "triton"
+        model.mixer.policy = KernelPolicy(mamba_fused="triton")
         eager = [model(x[:, t:t + 1], caches["triton"]) for t in range(P, P + steps)]
         gcache = caches["graph"]
         tok = x[:, P:P + 1].clone()

@@ -214,12 +214,13 @@ def test_fast_mixer_bdl_path_equals_reference():
     pytest.importorskip("mambapy")
     from mambapy.mamba import MambaConfig
 
+    from mamba_decoder import KernelPolicy
     from mamba_decoder.models import MambaMixer
     torch.manual_seed(0)
     ref = MambaMixer(MambaConfig(d_model=24, n_layers=1), backend="reference")
-    fast = MambaMixer(MambaConfig(d_model=24, n_layers=1), backend="fast")
+    fast = MambaMixer(MambaConfig(d_model=24, n_layers=1), backend="fast",
+                      policy=KernelPolicy(mamba_layout="BDL"))
     fast.load_state_dict(ref.state_dict())
-    fast.fast_layout = "BDL"
     x = torch.randn(2, 19, 24)
     assert rel(fast(x), ref(x)) < 1e-5
     # prefill continuing from a cache
