@@ -1,4 +1,5 @@
-"""The blocks and the decoder compute DESIGN.md's diagram with the field's own modules."""
+"""The blocks and the decoder compute DESIGN.md's architecture ("Architecture of the blocks")
+with the field's own modules."""
 import os
 
 import pytest

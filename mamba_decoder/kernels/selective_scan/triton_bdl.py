@@ -50,7 +50,7 @@ BWD_TUNE = [dict(BLOCK_D=bd, CHUNK=ch, num_warps=nw)
             for bd, ch, nw in [(4, 64, 4), (2, 64, 2), (4, 64, 2), (2, 32, 1), (4, 128, 4)]]
 
 
-# As in triton_scan.py: the interpreter runs tl.associative_scan element by element in Python,
+# The interpreter runs tl.associative_scan element by element in Python,
 # so under TRITON_INTERPRET=1 the chunk scan defaults to an equivalent whole-tile step loop.
 INTERPRET_SEQ_SCAN = os.environ.get("MAMBA_SCAN_INTERPRET_ASSOC") != "1"
 
