@@ -10,7 +10,7 @@ from typing import Literal, Optional
 import torch
 from torch import nn
 
-from ..config import DEFAULT_BACKEND, MambaConfig, MoEConfig, check_backend
+from ..config import DEFAULT_BACKEND, MambaConfig, MLAConfig, MoEConfig, check_backend
 from ..policy import KernelPolicy
 from .mamba import MambaCache, MambaMixer
 from .mla import MLA, MLACache
@@ -62,6 +62,9 @@ class MambaDecoderBlock(nn.Module):
 
 
 class MLABlock(nn.Module):
+    """The spec's keyword constructor, `MLABlock(dim=..., n_heads=..., n_experts=..., n_activated=...)`,
+    validated as an MLAConfig and a MoEConfig; `from_configs` takes those directly."""
+
     def __init__(self, dim: int = 2048, n_heads: int = 16, q_lora_rank: int = 0,
                  kv_lora_rank: int = 512, qk_nope_head_dim: int = 128, qk_rope_head_dim: int = 64,
                  v_head_dim: int = 128, max_batch_size: int = 8, max_seq_len: int = 4096,
@@ -71,14 +74,28 @@ class MLABlock(nn.Module):
                  use_adaptive_bias: bool = True, bias_update_rate: float = 0.01,
                  backend: str = DEFAULT_BACKEND, policy: Optional[KernelPolicy] = None):
         super().__init__()
+        self.mla_config = MLAConfig(
+            dim=dim, n_heads=n_heads, q_lora_rank=q_lora_rank, kv_lora_rank=kv_lora_rank,
+            qk_nope_head_dim=qk_nope_head_dim, qk_rope_head_dim=qk_rope_head_dim, v_head_dim=v_head_dim,
+            max_seq_len=max_seq_len, max_batch_size=max_batch_size, attn_impl=attn_impl,
+            rope_theta=rope_theta, mscale=mscale)
+        self.moe_config = MoEConfig(
+            dim=dim, n_experts=n_experts, n_activated=n_activated, expert_inter_dim=expert_inter_dim,
+            shared_expert_inter_dim=shared_expert_inter_dim, use_adaptive_bias=use_adaptive_bias,
+            bias_update_rate=bias_update_rate)
         self.dim, self.backend = dim, check_backend(backend)
         self.norm1 = nn.RMSNorm(dim)
-        self.attn = MLA(dim, n_heads, q_lora_rank, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim,
-                        v_head_dim, max_seq_len, max_batch_size, attn_impl, rope_theta, mscale, backend,
-                        policy)
+        self.attn = MLA.from_config(self.mla_config, backend, policy)
         self.norm2 = nn.RMSNorm(dim)
-        self.moe = MoE(dim, n_experts, n_activated, expert_inter_dim, shared_expert_inter_dim,
-                       use_adaptive_bias, bias_update_rate, backend, policy)
+        self.moe = MoE.from_config(self.moe_config, backend, policy)
+
+    @classmethod
+    def from_configs(cls, mla_config: MLAConfig, moe_config: MoEConfig, backend: str = DEFAULT_BACKEND,
+                     policy: Optional[KernelPolicy] = None) -> "MLABlock":
+        if moe_config.dim != mla_config.dim:
+            raise ValueError(f"moe_config.dim={moe_config.dim} must equal mla_config.dim={mla_config.dim}")
+        return cls(**mla_config.model_dump(), **moe_config.model_dump(exclude={"dim"}), backend=backend,
+                   policy=policy)
 
     def init_cache(self, batch_size: int, max_len: int, kind: Optional[str] = None,
                    device=None, dtype=None) -> MLACache:

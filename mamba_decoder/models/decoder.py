@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..config import DEFAULT_BACKEND, MambaConfig, MoEConfig, check_backend
+from ..config import DEFAULT_BACKEND, MambaConfig, MLAConfig, MoEConfig, check_backend
 from ..policy import KernelPolicy
 from .blocks import MambaDecoderBlock, MLABlock
 
@@ -33,12 +33,8 @@ class MambaDecoder(nn.Module):
         self.norm = nn.RMSNorm(dim) if post_embed_norm else None
         self.layers = nn.ModuleList(
             [MambaDecoderBlock(dim, mamba_config, moe_config, backend, policy) for _ in range(depth)])
-        self.mla_block = MLABlock(
-            dim=dim, n_heads=heads, max_seq_len=max_seq_len, n_experts=moe_config.n_experts,
-            n_activated=moe_config.n_activated, expert_inter_dim=moe_config.expert_inter_dim,
-            shared_expert_inter_dim=moe_config.shared_expert_inter_dim,
-            use_adaptive_bias=moe_config.use_adaptive_bias,
-            bias_update_rate=moe_config.bias_update_rate, backend=backend, policy=policy,
+        self.mla_block = MLABlock.from_configs(
+            MLAConfig(dim=dim, n_heads=heads, max_seq_len=max_seq_len), moe_config, backend, policy,
         ) if post_mamba_mla_block else None
         self.head = nn.Sequential(nn.RMSNorm(dim), nn.Linear(dim, vocab_size))
 

@@ -16,11 +16,10 @@ from open_kimi.mla import apply_rotary_emb, precompute_freqs_cis
 from torch import nn
 from torch.nn import RMSNorm
 
-from ..config import DEFAULT_BACKEND, check_backend
+from ..config import DEFAULT_BACKEND, MLAConfig, check_backend
 from ..kernels import attention as attn_kernels
 from ..policy import DEFAULT_POLICY, KernelPolicy
 
-ATTN_IMPLS = ("naive", "absorb")
 
 
 @dataclass
@@ -53,46 +52,44 @@ class MLA(nn.Module):
                  mscale: float = 1.0, backend: str = DEFAULT_BACKEND,
                  policy: Optional[KernelPolicy] = None):
         super().__init__()
-        for name, v in dict(dim=dim, n_heads=n_heads, kv_lora_rank=kv_lora_rank,
-                            qk_nope_head_dim=qk_nope_head_dim, qk_rope_head_dim=qk_rope_head_dim,
-                            v_head_dim=v_head_dim, max_seq_len=max_seq_len,
-                            max_batch_size=max_batch_size).items():
-            if not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name}={v!r} must be a positive integer")
-        if q_lora_rank < 0:
-            raise ValueError(f"q_lora_rank={q_lora_rank!r} must be >= 0 (0: no query LoRA)")
-        if qk_rope_head_dim % 2:
-            raise ValueError(f"qk_rope_head_dim={qk_rope_head_dim} must be even (RoPE rotates pairs)")
-        if attn_impl not in ATTN_IMPLS:
-            raise ValueError(f"attn_impl={attn_impl!r} is not one of {', '.join(ATTN_IMPLS)}")
-        self.dim, self.n_heads = dim, n_heads
-        self.q_lora_rank, self.kv_lora_rank = q_lora_rank, kv_lora_rank
-        self.qk_nope_head_dim, self.qk_rope_head_dim = qk_nope_head_dim, qk_rope_head_dim
-        self.qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
-        self.v_head_dim = v_head_dim
-        self.max_seq_len, self.max_batch_size = max_seq_len, max_batch_size
-        self.attn_impl, self.rope_theta, self.mscale = attn_impl, rope_theta, mscale
+        self.config = cfg = MLAConfig(
+            dim=dim, n_heads=n_heads, q_lora_rank=q_lora_rank, kv_lora_rank=kv_lora_rank,
+            qk_nope_head_dim=qk_nope_head_dim, qk_rope_head_dim=qk_rope_head_dim, v_head_dim=v_head_dim,
+            max_seq_len=max_seq_len, max_batch_size=max_batch_size, attn_impl=attn_impl,
+            rope_theta=rope_theta, mscale=mscale)
+        self.dim, self.n_heads = cfg.dim, cfg.n_heads
+        self.q_lora_rank, self.kv_lora_rank = cfg.q_lora_rank, cfg.kv_lora_rank
+        self.qk_nope_head_dim, self.qk_rope_head_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+        self.qk_head_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        self.v_head_dim = cfg.v_head_dim
+        self.max_seq_len, self.max_batch_size = cfg.max_seq_len, cfg.max_batch_size
+        self.attn_impl, self.rope_theta, self.mscale = cfg.attn_impl, cfg.rope_theta, cfg.mscale
         self.backend = check_backend(backend)
         # The Triton paths (policy.mla_prologue: the multi-token RoPE / latent norm / rope key as
         # one launch; policy.mla_decode: one-token attention over a latent cache, split-K)
         self.policy = policy or DEFAULT_POLICY
 
-        if q_lora_rank == 0:
-            self.wq = nn.Linear(dim, n_heads * self.qk_head_dim, bias=False)
+        if cfg.q_lora_rank == 0:
+            self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.qk_head_dim, bias=False)
         else:
-            self.wq_a = nn.Linear(dim, q_lora_rank, bias=False)
-            self.q_norm = RMSNorm(q_lora_rank)
-            self.wq_b = nn.Linear(q_lora_rank, n_heads * self.qk_head_dim, bias=False)
-        self.wkv_a = nn.Linear(dim, kv_lora_rank + qk_rope_head_dim, bias=False)
-        self.kv_norm = RMSNorm(kv_lora_rank)
-        self.wkv_b = nn.Linear(kv_lora_rank, n_heads * (qk_nope_head_dim + v_head_dim), bias=False)
-        self.wo = nn.Linear(n_heads * v_head_dim, dim, bias=False)
+            self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(cfg.q_lora_rank)
+            self.wq_b = nn.Linear(cfg.q_lora_rank, cfg.n_heads * self.qk_head_dim, bias=False)
+        self.wkv_a = nn.Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank)
+        self.wkv_b = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=False)
         # open_kimi scales by mscale only with YaRN (original_seq_len set), which this block does
         # not take: the scale is 1/sqrt(qk_head_dim), as there.
         self.softmax_scale = self.qk_head_dim ** -0.5
         # RoPE table, complex64 and per device. Not a buffer: Module.to(bfloat16) would cast a
         # complex buffer to real and drop the imaginary part (it does so to open_kimi's MLA).
         self._freqs: dict[torch.device, torch.Tensor] = {}
+
+    @classmethod
+    def from_config(cls, cfg: MLAConfig, backend: str = DEFAULT_BACKEND,
+                    policy: Optional[KernelPolicy] = None) -> "MLA":
+        return cls(**cfg.model_dump(), backend=backend, policy=policy)
 
     def freqs(self, end: int, device: torch.device) -> torch.Tensor:
         """(end, rope/2) complex rotations; grown on demand (plain RoPE: values don't depend on the length)."""

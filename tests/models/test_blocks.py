@@ -159,3 +159,22 @@ def test_the_policy_given_is_what_runs_and_what_kernel_choice_reports(monkeypatc
     with torch.no_grad():
         block(torch.randn(2, 8, 32))
     assert calls == []                                  # BLD on the CPU: no causal_conv kernel at all
+
+
+def test_mla_block_from_typed_configs_is_the_keyword_block():
+    """The spec's keyword constructor and MLABlock.from_configs build the same block (same
+    parameters for the same seed); the configs are validated, naming the bad value."""
+    from mamba_decoder import MLAConfig
+
+    torch.manual_seed(0)
+    flat = MLABlock(dim=D, **MLA_KW, n_experts=4, n_activated=2, backend="reference")
+    torch.manual_seed(0)
+    typed = MLABlock.from_configs(MLAConfig(dim=D, **MLA_KW), MoEConfig(dim=D, n_experts=4, n_activated=2),
+                                  backend="reference")
+    assert typed.mla_config == flat.mla_config and typed.moe_config == flat.moe_config
+    a, b = flat.state_dict(), typed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="must equal mla_config.dim"):
+        MLABlock.from_configs(MLAConfig(dim=D, **MLA_KW), MoEConfig(dim=2 * D))
+    with pytest.raises(ValueError, match="n_heads=0"):
+        MLAConfig(dim=D, n_heads=0)
