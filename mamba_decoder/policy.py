@@ -58,15 +58,24 @@ class KernelPolicy:
 class KernelDecision:
     """What runs on one (device, dtype, grad)."""
 
+    device: torch.device
+    dtype: Optional[torch.dtype]
     scan: str                    # selective scan: "triton" on CUDA, "cpu" (chunked torch) elsewhere
     mamba_fused: bool            # Triton conv + SiLU in the channel-major forward
     mamba_step: bool             # Triton one-token step (no backward)
     mamba_layout: str            # "BDL" (channel-major) or "BLD"
-    moe: str                     # routed experts above the dense-small limit: grouped_mm / dense
     moe_triton: bool             # Triton SwiGLU and router passes (no backward)
     dense_small_max_tokens: int  # dense-small MoE up to this many tokens
     mla_prologue: bool           # Triton prefill prologue (no backward)
     mla_decode: bool             # Triton split-K one-token attention (no backward)
+
+    @functools.cached_property
+    def moe(self) -> str:
+        """Routed experts above the dense-small limit: grouped_mm or dense. Found on first use
+        (it probes the device once), so a block without a MoE never probes, even under compile."""
+        if self.dtype is None or (self.device.type == "cuda" and not torch.cuda.is_available()):
+            return "n/a"   # no dtype, or a device this process cannot see
+        return moe_kernels.auto_impl(self.device, self.dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -75,20 +84,14 @@ def _decide(p: KernelPolicy, device: torch.device, dtype: Optional[torch.dtype],
     dense_small = (moe_kernels.dense_small_max_tokens(device, grad) if p.dense_small_max_tokens is None
                    else p.dense_small_max_tokens)
     return KernelDecision(
+        device=device, dtype=dtype,
         scan=scan_impl(device) if device.type in ("cpu", "cuda") else "cpu",
         mamba_fused=fused, mamba_step=fused and not grad,
         mamba_layout=p.mamba_layout or ("BDL" if device.type == "cuda" else "BLD"),
-        moe=_moe_impl(device, dtype),
         moe_triton=triton_runs(p.moe_triton, device) and not grad,
         dense_small_max_tokens=dense_small,
         mla_prologue=triton_runs(p.mla_prologue, device) and not grad,
         mla_decode=triton_runs(p.mla_decode, device) and not grad)
-
-
-def _moe_impl(device: torch.device, dtype: Optional[torch.dtype]) -> str:
-    if dtype is None or (device.type == "cuda" and not torch.cuda.is_available()):
-        return "n/a"   # no dtype, or a device this process cannot see (the kernels record says so)
-    return moe_kernels.auto_impl(device, dtype)
 
 
 DEFAULT_POLICY = KernelPolicy()

@@ -5,7 +5,7 @@
 """
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import torch
 from torch import nn
@@ -51,12 +51,16 @@ class MambaDecoderBlock(nn.Module):
         self.norm2 = nn.RMSNorm(dim)
         self.moe = MoE.from_config(moe_config, backend, policy)
 
-    def init_cache(self, batch_size: int, device=None, dtype=None) -> MambaCache:
-        """Decoding state: the mixer's conv window and SSM state (constant in context length)."""
+    def init_cache(self, batch_size: int, device=None, dtype=None, *, max_len: Optional[int] = None,
+                   kind: Optional[str] = None) -> MambaCache:
+        """Decoding state: the mixer's conv window and SSM state, constant in the context length
+        (`max_len` and MLA's cache `kind` take nothing here: one interface for every block)."""
         return self.mixer.init_cache(batch_size, device, dtype)
 
-    def forward(self, x: torch.Tensor, cache: Optional[MambaCache] = None) -> torch.Tensor:
-        """x (B, L, D) -> (B, L, D); with `cache`, x continues the cached sequence (updated in place)."""
+    def forward(self, x: torch.Tensor, cache: Optional[MambaCache] = None, *,
+                start_pos: Union[int, torch.Tensor, None] = None) -> torch.Tensor:
+        """x (B, L, D) -> (B, L, D); with `cache`, x continues the cached sequence (updated in place).
+        `start_pos` takes nothing (the state holds the position): the blocks' one interface."""
         h = self.mixer(self.norm1(x), cache, residual=x)
         return h + self.moe(self.norm2(h))
 
@@ -103,9 +107,10 @@ class MLABlock(nn.Module):
         full per-head K/V ("full", naive's); it grows with the context, unlike Mamba's."""
         return self.attn.init_cache(batch_size, max_len, kind, device, dtype)
 
-    def forward(self, x: torch.Tensor, start_pos: int = 0, mask: Optional[torch.Tensor] = None,
-                cache: Optional[MLACache] = None) -> torch.Tensor:
-        """x (B, S, D) at positions start_pos.. -> (B, S, D). See `MLA.forward` for cache and mask."""
+    def forward(self, x: torch.Tensor, start_pos: Union[int, torch.Tensor] = 0,
+                mask: Optional[torch.Tensor] = None, cache: Optional[MLACache] = None) -> torch.Tensor:
+        """x (B, S, D) at positions start_pos.. -> (B, S, D). See `MLA.forward` for cache and mask
+        (a device-tensor start_pos: one CUDA-graph-safe decoding step)."""
         h = x + self.attn(self.norm1(x), start_pos, mask, cache)
         return h + self.moe(self.norm2(h))
 

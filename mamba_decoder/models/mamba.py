@@ -27,7 +27,8 @@ class MambaCache:
     conv: torch.Tensor  # (B, ED, d_conv - 1) the last inputs of the causal conv, activation dtype
     ssm: torch.Tensor   # (B, ED, N) the SSM state, fp32
 
-    def nbytes(self) -> int:
+    def nbytes(self, length: Optional[int] = None) -> int:
+        """Bytes held (at any context `length`: the state does not grow)."""
         return sum(t.numel() * t.element_size() for t in (self.conv, self.ssm))
 
 
@@ -278,13 +279,16 @@ class RegularMamba(nn.Module):
     def __init__(self, config: MambaConfig, backend: str = DEFAULT_BACKEND,
                  policy: Optional[KernelPolicy] = None):
         super().__init__()
-        self.config = config
+        self.config, self.dim = config, config.d_model
         self.layers = nn.ModuleList([ResidualLayer(config, backend, policy) for _ in range(config.n_layers)])
 
-    def init_cache(self, batch_size: int, device=None, dtype=None) -> list[MambaCache]:
+    def init_cache(self, batch_size: int, device=None, dtype=None, *, max_len: Optional[int] = None,
+                   kind: Optional[str] = None) -> list[MambaCache]:
+        """One state per layer, constant in the context (`max_len`, `kind`: see MambaDecoderBlock)."""
         return [layer.mixer.init_cache(batch_size, device, dtype) for layer in self.layers]
 
-    def forward(self, x: torch.Tensor, cache: Optional[list[MambaCache]] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Optional[list[MambaCache]] = None, *,
+                start_pos=None) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
             x = layer(x, None if cache is None else cache[i])
         return x

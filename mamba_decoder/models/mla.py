@@ -4,12 +4,13 @@ Parameter names (wq or wq_a/q_norm/wq_b, wkv_a, kv_norm, wkv_b, wo) and the math
 open_kimi's functions, softmax scale, fp32 softmax) are open_kimi's, so state dicts move both ways
 with strict=True. Two differences, both fixes: `mask=None` means causal (open_kimi attends to the
 future), and a plain forward needs no preallocated cache (open_kimi writes every call into a
-(max_batch_size, max_seq_len) buffer). Decoding uses an explicit `MLACache` (`init_cache`).
+(max_batch_size, max_seq_len) buffer). Decoding uses an explicit cache (`init_cache`): a
+`LatentCache` (absorb's) or a `FullCache` (naive's per-head K/V).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, Optional
+from dataclasses import dataclass, fields
+from typing import ClassVar, Literal, Optional, Union
 
 import torch
 from open_kimi.mla import apply_rotary_emb, precompute_freqs_cis
@@ -22,26 +23,43 @@ from ..policy import DEFAULT_POLICY, KernelPolicy
 
 
 
-@dataclass
-class MLACache:
-    """Keys and values of the positions seen so far, for incremental decoding.
+class _Cache:
+    """Keys and values of the positions seen so far, for incremental decoding: two (B, T_max, ...)
+    buffers written in place (a CUDA graph replays over the same storage)."""
 
-    latent (absorb): kv (B, T_max, kv_lora_rank) and pe (B, T_max, rope) -- what MLA is for;
-    full (naive): k (B, T_max, H, Dqk) and v (B, T_max, H, Dv), an ordinary MHA cache, for comparison.
-    """
-
-    kind: Literal["latent", "full"]
-    a: torch.Tensor
-    b: torch.Tensor
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(getattr(self, f.name) for f in fields(self))
 
     @property
     def max_len(self) -> int:
-        return self.a.shape[1]
+        return self.tensors()[0].shape[1]
 
     def nbytes(self, length: Optional[int] = None) -> int:
         """Bytes held for `length` positions (all allocated positions by default)."""
         n = self.max_len if length is None else length
-        return sum(t[:, :n].numel() * t.element_size() for t in (self.a, self.b))
+        return sum(t[:, :n].numel() * t.element_size() for t in self.tensors())
+
+
+@dataclass
+class LatentCache(_Cache):
+    """What MLA is for (absorb): the normalized latent and the rotated rope key of each position."""
+
+    kv: torch.Tensor   # (B, T_max, kv_lora_rank)
+    pe: torch.Tensor   # (B, T_max, qk_rope_head_dim)
+    kind: ClassVar[str] = "latent"
+
+
+@dataclass
+class FullCache(_Cache):
+    """An ordinary per-head K/V cache (naive), for comparison."""
+
+    k: torch.Tensor    # (B, T_max, H, qk_nope_head_dim + qk_rope_head_dim)
+    v: torch.Tensor    # (B, T_max, H, v_head_dim)
+    kind: ClassVar[str] = "full"
+
+
+MLACache = Union[LatentCache, FullCache]
+CACHES = {"latent": LatentCache, "full": FullCache}
 
 
 class MLA(nn.Module):
@@ -109,27 +127,33 @@ class MLA(nn.Module):
         p = self.wkv_a.weight
         device, dtype = device or p.device, dtype or p.dtype
         if kind == "latent":
-            a = torch.zeros(batch_size, max_len, self.kv_lora_rank, device=device, dtype=dtype)
-            b = torch.zeros(batch_size, max_len, self.qk_rope_head_dim, device=device, dtype=dtype)
-        elif kind == "full":
-            a = torch.zeros(batch_size, max_len, self.n_heads, self.qk_head_dim, device=device, dtype=dtype)
-            b = torch.zeros(batch_size, max_len, self.n_heads, self.v_head_dim, device=device, dtype=dtype)
-        else:
-            raise ValueError(f"cache kind={kind!r} is not one of latent, full")
-        return MLACache(kind, a, b)
+            return LatentCache(torch.zeros(batch_size, max_len, self.kv_lora_rank, device=device, dtype=dtype),
+                               torch.zeros(batch_size, max_len, self.qk_rope_head_dim, device=device, dtype=dtype))
+        if kind == "full":
+            return FullCache(
+                torch.zeros(batch_size, max_len, self.n_heads, self.qk_head_dim, device=device, dtype=dtype),
+                torch.zeros(batch_size, max_len, self.n_heads, self.v_head_dim, device=device, dtype=dtype))
+        raise ValueError(f"cache kind={kind!r} is not one of {', '.join(CACHES)}")
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
         return q.view(*x.shape[:2], self.n_heads, self.qk_head_dim)          # (B, S, H, Dqk)
 
-    def forward(self, x: torch.Tensor, start_pos: int = 0, mask: Optional[torch.Tensor] = None,
-                cache: Optional[MLACache] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start_pos: Union[int, torch.Tensor] = 0,
+                mask: Optional[torch.Tensor] = None, cache: Optional[MLACache] = None) -> torch.Tensor:
         """x (B, S, D) -> (B, S, D). Positions start_pos .. start_pos+S-1.
 
         Without `cache`, the S tokens attend among themselves (start_pos must be 0). With it,
         their keys are written at [start_pos, start_pos+S) and they attend to [0, start_pos+S).
-        `mask`: additive, broadcastable to (B, S, T); None = causal.
+        `mask`: additive, broadcastable to (B, S, T); None = causal. A device-tensor start_pos
+        (one token, with a cache and no mask) takes `decode_step`: no host sync, CUDA-graph safe.
         """
+        if isinstance(start_pos, torch.Tensor):
+            if cache is None or mask is not None or x.shape[1] != 1:
+                raise ValueError("a tensor start_pos is one decoding step: one token, a cache, no mask "
+                                 f"(got {x.shape[1]} tokens, cache {type(cache).__name__}, mask "
+                                 f"{'given' if mask is not None else 'None'})")
+            return self.decode_step(x, start_pos, cache)
         bsz, seqlen, _ = x.shape
         end = start_pos + seqlen
         if cache is None and start_pos != 0:
@@ -163,8 +187,8 @@ class MLA(nn.Module):
         q = self._query(x)                                                    # (B, S, H, Dqk)
         kva = self.wkv_a(x)                                                   # (B, S, C + R)
         C, R = self.kv_lora_rank, self.qk_rope_head_dim
-        if cache is not None and cache.kind == "latent":
-            kv_buf, pe_buf, p0 = cache.a[:bsz], cache.b[:bsz], start_pos
+        if isinstance(cache, LatentCache):
+            kv_buf, pe_buf, p0 = cache.kv[:bsz], cache.pe[:bsz], start_pos
         else:
             kv_buf = x.new_empty(bsz, seqlen, C)
             pe_buf = x.new_empty(bsz, seqlen, R)
@@ -174,10 +198,10 @@ class MLA(nn.Module):
         mla_prologue(q, kva, p0, freqs, self.kv_norm.weight, eps, kv_buf, pe_buf, self.qk_nope_head_dim)
         # keys [0, end) (latent cache) or [0, S)
         k, v = self._expand_kv(kv_buf[:, : p0 + seqlen], pe_buf[:, : p0 + seqlen])
-        if cache is not None and cache.kind == "full":
-            cache.a[:bsz, start_pos:end] = k
-            cache.b[:bsz, start_pos:end] = v
-            k, v = cache.a[:bsz, :end], cache.b[:bsz, :end]
+        if isinstance(cache, FullCache):
+            cache.k[:bsz, start_pos:end] = k
+            cache.v[:bsz, start_pos:end] = v
+            k, v = cache.k[:bsz, :end], cache.v[:bsz, :end]
         o = attn_kernels.naive_sdpa(q, k, v, self.softmax_scale, None)      # (B, S, H, Dv)
         return self.wo(o.flatten(2))
 
@@ -197,7 +221,7 @@ class MLA(nn.Module):
         return self._attend(x, freqs, mask, cache, pos.view(1))
 
     def _triton_decode(self, x: torch.Tensor, cache: Optional[MLACache]) -> bool:
-        if self.backend != "fast" or cache is None or cache.kind != "latent" or x.shape[1] != 1:
+        if self.backend != "fast" or not isinstance(cache, LatentCache) or x.shape[1] != 1:
             return False
         return self._decision(x).mla_decode and self._rope_fits_triton()
 
@@ -246,24 +270,24 @@ class MLA(nn.Module):
         # FLOPs than attending over the 576-wide latent keys. attn_impl then picks only the
         # decoding cache (absorb -> latent), which one-token steps read in latent form.
         if cache is not None:
-            use_latent = cache.kind == "latent" and not (fast and seqlen > 1)
+            use_latent = isinstance(cache, LatentCache) and not (fast and seqlen > 1)
         else:
             use_latent = self.attn_impl == "absorb" and not fast
         if use_latent:
             if cache is not None:
-                kv, k_pe = store(cache.a, kv), store(cache.b, k_pe)
+                kv, k_pe = store(cache.kv, kv), store(cache.pe, k_pe)
             q_lat = torch.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, : self.qk_nope_head_dim])
             attend = attn_kernels.absorb_sdpa if fast else attn_kernels.absorb_ref
             o = attend(q_lat, q_pe, kv, k_pe, self.softmax_scale, mask)           # (B, S, H, C)
             o = torch.einsum("bshc,hdc->bshd", o, wkv_b[:, -self.v_head_dim:])
         else:
-            if cache is not None and cache.kind == "latent":
+            if isinstance(cache, LatentCache):
                 # Latent prefill: store the latent, then expand all of [0, end) (earlier
                 # positions come from the cache) to per-head K/V.
-                kv, k_pe = store(cache.a, kv), store(cache.b, k_pe)
+                kv, k_pe = store(cache.kv, kv), store(cache.pe, k_pe)
             k, v = self._expand_kv(kv, k_pe)
-            if cache is not None and cache.kind == "full":
-                k, v = store(cache.a, k), store(cache.b, v)
+            if isinstance(cache, FullCache):
+                k, v = store(cache.k, k), store(cache.v, v)
             q = torch.cat([q_nope, q_pe], dim=-1)
             attend = attn_kernels.naive_sdpa if fast else attn_kernels.naive_ref
             o = attend(q, k, v, self.softmax_scale, mask)                     # (B, S, H, Dv)
@@ -279,7 +303,7 @@ class MLA(nn.Module):
 
         bsz = x.shape[0]
         q = self._query(x).view(bsz, self.n_heads, self.qk_head_dim)                   # (B, H, Dqk)
-        kv_a, pe = cache.a[:bsz], cache.b[:bsz]
+        kv_a, pe = cache.kv[:bsz], cache.pe[:bsz]
         eps = self.kv_norm.eps if self.kv_norm.eps is not None else torch.finfo(x.dtype).eps
         mla_decode_prologue(q, self.wkv_a(x).view(bsz, -1), pos, self.freqs(cache.max_len, x.device),
                             self.kv_norm.weight, eps, kv_a, pe, self.qk_nope_head_dim)

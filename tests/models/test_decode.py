@@ -215,3 +215,26 @@ def test_decode_steps_with_autograd_on_keep_every_gradient(name, monkeypatch):
                and "experts" not in n]   # (unrouted experts get no gradient, as in the reference)
     assert trained and all(p.grad is not None for _, p in trained), \
         [n for n, p in trained if p.grad is None]
+
+
+def test_one_decoding_interface_for_every_block():
+    """init_cache(batch, max_len=...) and block(x, start_pos=..., cache=...) for all three blocks;
+    a device-tensor start_pos is MLA's graph-safe step and equals the int-position forward."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, D)
+    for name in ("Regular Mamba", "MambaDecoderBlock", "MLABlock"):
+        model = randomize_(_build(name, "fast")).eval()
+        with torch.no_grad():
+            want = model(x)
+            outs = {}
+            for pos_kind in ("int", "tensor"):
+                cache = model.init_cache(2, max_len=16)
+                seq = [model(x[:, :5], start_pos=0, cache=cache)]
+                for t in range(5, 9):
+                    pos = t if pos_kind == "int" else torch.tensor(t)
+                    seq.append(model(x[:, t:t + 1], start_pos=pos, cache=cache))
+                outs[pos_kind] = torch.cat(seq, 1)
+        assert rel_err(outs["int"], want) < 1e-5 and rel_err(outs["tensor"], want) < 1e-5, name
+    mla = _build("MLABlock", "fast")
+    with pytest.raises(ValueError, match="a tensor start_pos is one decoding step"):
+        mla(x, start_pos=torch.tensor(0), cache=mla.init_cache(2, 16))
