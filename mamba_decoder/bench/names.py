@@ -39,3 +39,28 @@ class RecordKey(NamedTuple):
     sequence_length: int
     dim: int
     variant: str = ""
+
+
+# A record's variant: what distinguishes runs of one mode beyond the grid, as tags joined by "+"
+# (compile, cuda-graphs, cache=full, adamw, depth=4); "" is the default.
+VARIANT_SEP = "+"
+
+
+def join_variant(tags) -> str:
+    return VARIANT_SEP.join(tags)
+
+
+def variant_tags(variant: str) -> list[str]:
+    return variant.split(VARIANT_SEP) if variant else []
+
+
+# environment.json's and the plots' device_name when records come from more than one device
+MIXED_DEVICES = "MIXED DEVICES: "
+
+
+def mixed_devices(names, sep: str = ", ") -> str:
+    return MIXED_DEVICES + sep.join(sorted(names))
+
+
+def is_mixed(device_name) -> bool:
+    return str(device_name).startswith(MIXED_DEVICES)

@@ -89,7 +89,7 @@ class BenchmarkResult(BaseModel):
     kernels: dict[str, str] = Field(default_factory=dict)
     # the workload: what one timed call did (forward and train: the whole (batch, seq) input;
     # decode: one token for each of `batch_size` sequences after a context of `sequence_length`)
-    variant: str = ""                           # "+"-joined: compile, cuda-graphs, cache=full, adamw
+    variant: str = ""                           # names.join_variant of compile, cuda-graphs, cache=full, adamw
     level: str = "block"                        # block, or model (language models on token ids)
     tokens_per_call: Optional[int] = None       # batch*seq (forward, train) or batch (decode)
     prefill_ms: Optional[float] = None          # decode: median prefill of the context

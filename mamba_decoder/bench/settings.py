@@ -12,8 +12,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..config import BACKENDS, DEFAULT_BACKEND
-from .names import models_for
-from .names import RecordKey
+from .names import RecordKey, join_variant, models_for
 from .results import UsageError, config_key  # noqa: F401 (UsageError: settings' errors)
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16,
@@ -127,7 +126,7 @@ class SweepSettings(BaseModel):
             tags.append("adamw")
         if self.level == "model":
             tags.append(f"depth={self.depth}")
-        return "+".join(tags)
+        return join_variant(tags)
 
     @property
     def n_configs(self) -> int:

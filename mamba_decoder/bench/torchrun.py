@@ -50,6 +50,7 @@ import torch.distributed as dist
 from . import report
 from .execute import EXIT_INTERRUPTED, EXIT_UNEXPECTED, EXIT_USAGE, Outcome, Plan
 from .flops import forward_flops
+from .names import is_mixed, mixed_devices
 from .registry import build_model
 from .results import (ENV_NAME, JSONL_NAME, PROVENANCE_NAME, RANKS_DIR, BenchmarkResult,
                       RecordWriter, UsageError, environment, latest, prepare_run_dir,
@@ -68,8 +69,6 @@ MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1
 BARRIER_TIMEOUT_S = float(os.environ.get("MAMBA_BENCH_BARRIER_TIMEOUT_S", 6 * 3600))
 # After a failure, how long rank 0 waits for the other ranks' status files before it merges.
 STATUS_GRACE_S = 5.0
-# environment.json's device_name when the ranks ran on more than one kind of device
-MIXED = "MIXED DEVICES: "
 
 
 class DistEnv(NamedTuple):
@@ -406,7 +405,7 @@ def run_environment(base: dict, rank_infos: Sequence[dict], backend: str,
     env = dict(base)
     warning = mixed_devices_warning(kinds)
     if warning:
-        env["device_name"] = MIXED + "; ".join(sorted(kinds))
+        env["device_name"] = mixed_devices(kinds, sep="; ")
     elif kinds:
         env["device_name"] = next(iter(kinds))
     env["distributed"] = {
@@ -465,7 +464,7 @@ class Torchrun:
                 (out / JSONL_NAME).touch()   # killed before rank 0 merged: rank files hold the records
             prepare_run_dir(out, resume=resume, overwrite=o.overwrite)
             prior = read_environment(out / ENV_NAME).get("device_name")   # before this run rewrites it
-            self.prior = None if not prior or str(prior).startswith(MIXED) else str(prior)
+            self.prior = None if not prior or is_mixed(prior) else str(prior)
             (out / JSONL_NAME).touch()   # so a run killed before its merge can be resumed
             recovered = reconcile(out)
             if recovered:
