@@ -497,7 +497,20 @@ class Torchrun:
                                         for i in self.rank_infos)])
 
     def run(self, s: SweepSettings, o, plan: Plan, show=None) -> Outcome:
-        out, rank, world, group, shards = o.dir, self.rank, self.world, self.group, self.shards
+        """Every rank: measure its shard, then meet the others and send its records to rank 0,
+        which merges (`_merge`). `show` is unused: every rank prints its own lines, prefixed."""
+        failure, gathered = self._measure_and_gather(s, o.dir)
+        if self.rank != 0:
+            _finish_group()
+            signal.signal(signal.SIGTERM, self.old_handler)
+            if failure is not None:
+                return Outcome([], EXIT_INTERRUPTED if failure.startswith("stopped") else EXIT_UNEXPECTED)
+            return Outcome([])   # its shard is recorded, even if a peer's failure broke the gather
+        return self._merge(s, o.dir, failure, gathered)
+
+    def _measure_and_gather(self, s: SweepSettings, out: Path) -> tuple[Optional[str], Optional[list]]:
+        """(this rank's failure or None, rank 0: every rank's record lines, or None if the group broke)."""
+        rank, world, group, shards = self.rank, self.world, self.group, self.shards
 
         def show_rank(r: BenchmarkResult) -> None:
             print(f"[rank {rank}] {report.format_line(r)}", flush=True)
@@ -531,15 +544,13 @@ class Torchrun:
                 gathered = None
                 if rank == 0:
                     signal.signal(signal.SIGTERM, signal.SIG_IGN)   # merge now; torchrun's stop waits
-        if rank != 0:
-            _finish_group()
-            signal.signal(signal.SIGTERM, self.old_handler)
-            if failure is not None:
-                return Outcome([], EXIT_INTERRUPTED if failure.startswith("stopped") else EXIT_UNEXPECTED)
-            return Outcome([])   # its shard is recorded, even if a peer's failure broke the gather
+        return failure, gathered
 
-        # rank 0: merge, whatever happened to the others; a second SIGTERM waits
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    def _merge(self, s: SweepSettings, out: Path, failure: Optional[str], gathered: Optional[list]) -> Outcome:
+        """Rank 0: one result set from what the ranks sent (or, when the group broke, from their
+        rank files), an error record per unfinished config, environment.json for every rank."""
+        world, shards = self.world, self.shards
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)   # a second SIGTERM waits for the merge
         reasons: dict[int, str] = {}
         if gathered is not None:
             rank_records = {r: [parse_rank_line(ln) for ln in lines if ln.strip()]

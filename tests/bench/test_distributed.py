@@ -275,6 +275,8 @@ def test_two_ranks_give_the_single_process_result_set(single, tmp_path):
     assert env["distributed"]["warning"] is None and len(env["distributed"]["device_kinds"]) == 1
     assert len(list(out.glob("*.png"))) == 8 and (out / "results.csv").is_file()
     assert "[rank 1]" in p.stdout and "[rank 0]" in p.stdout
+    # the one banner (execute's): the kernels each model runs, then the ranks' shares
+    assert "Kernels Regular Mamba (fast, float32): scan=cpu" in p.stdout and "distributed: 2 ranks" in p.stdout
 
 
 @pytest.fixture(scope="module")
