@@ -29,15 +29,17 @@ def _expert_params(experts) -> list[torch.Tensor]:
 
 
 class MoE(KimiMoE):
+    """open_kimi's MoE with a backend; its arguments are validated as a MoEConfig (`.config`)."""
+
     def __init__(self, dim: int, n_experts: int = 6, n_activated: int = 2,
                  expert_inter_dim: Optional[int] = None, shared_expert_inter_dim: Optional[int] = None,
                  use_adaptive_bias: bool = True, bias_update_rate: float = 0.01,
                  backend: str = DEFAULT_BACKEND, policy: Optional[KernelPolicy] = None):
-        MoEConfig(dim=dim, n_experts=n_experts, n_activated=n_activated,
-                  expert_inter_dim=expert_inter_dim, shared_expert_inter_dim=shared_expert_inter_dim,
-                  use_adaptive_bias=use_adaptive_bias, bias_update_rate=bias_update_rate)  # validate
-        super().__init__(dim, n_experts, n_activated, expert_inter_dim, shared_expert_inter_dim,
-                         use_adaptive_bias, bias_update_rate)
+        config = MoEConfig(dim=dim, n_experts=n_experts, n_activated=n_activated,
+                           expert_inter_dim=expert_inter_dim, shared_expert_inter_dim=shared_expert_inter_dim,
+                           use_adaptive_bias=use_adaptive_bias, bias_update_rate=bias_update_rate)
+        super().__init__(**config.model_dump())
+        self.config = config
         self.backend = check_backend(backend)
         self.policy = policy or DEFAULT_POLICY
 
