@@ -51,7 +51,8 @@ class KernelPolicy:
                 raise ValueError(f"{f.name}={v!r} is not one of: {accepted}")
 
     def decide(self, device, dtype: Optional[torch.dtype] = None, grad: bool = False) -> "KernelDecision":
-        return _decide(self, torch.device(device), dtype, bool(grad))
+        device = device if isinstance(device, torch.device) else torch.device(device)
+        return _decide(self, device, dtype, bool(grad))   # forwards call this: a cache lookup
 
 
 @dataclass(frozen=True)
