@@ -1,12 +1,13 @@
-"""Configuration shared by the blocks: the MoE config (validated) and the backend names."""
+"""Configuration shared by the blocks: the MoE and MLA configs (validated) and the backend names."""
 from __future__ import annotations
 
 from typing import Literal, Optional
 
 from mambapy.mamba import MambaConfig  # the field's own config, re-exported unchanged
-from pydantic import BaseModel, ConfigDict, PositiveFloat, PositiveInt, model_validator
+from pydantic import (BaseModel, ConfigDict, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError,
+                      model_validator)
 
-__all__ = ["MambaConfig", "MoEConfig", "Backend", "BACKENDS", "DEFAULT_BACKEND", "check_backend",
+__all__ = ["MambaConfig", "MoEConfig", "MLAConfig", "Backend", "BACKENDS", "DEFAULT_BACKEND", "check_backend",
            "rest_backend"]
 
 # reference: the field's own code paths; fast: this project's kernels; mamba_ssm: the Mamba mixer
@@ -46,4 +47,41 @@ class MoEConfig(BaseModel):
         if self.n_activated > self.n_experts:
             raise ValueError(
                 f"n_activated={self.n_activated} must be <= n_experts={self.n_experts}")
+        return self
+
+
+class MLAConfig(BaseModel):
+    """Multi-head Latent Attention settings, as open_kimi's MLA takes them (DeepSeek-V2's names)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dim: PositiveInt = 2048                 # model width
+    n_heads: PositiveInt = 16
+    q_lora_rank: NonNegativeInt = 0         # 0: no query LoRA (wq), else wq_a -> q_norm -> wq_b
+    kv_lora_rank: PositiveInt = 512         # the latent the decoding cache holds
+    qk_nope_head_dim: PositiveInt = 128     # per-head query/key width without RoPE
+    qk_rope_head_dim: PositiveInt = 64      # per-head RoPE width (shared key), even
+    v_head_dim: PositiveInt = 128
+    max_seq_len: PositiveInt = 4096         # RoPE table length built up front (grown on demand)
+    max_batch_size: PositiveInt = 8         # open_kimi's; a plain forward takes any batch size
+    attn_impl: Literal["naive", "absorb"] = "absorb"   # absorb: latent decoding cache; naive: per-head K/V
+    rope_theta: float = 10000.0
+    mscale: float = 1.0                     # open_kimi's YaRN scale (unused without YaRN, as there)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _name_the_value(cls, data, handler):
+        """Errors as "<field>=<value>: <what is wrong>", one line."""
+        try:
+            return handler(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            if err["type"] == "value_error" or not err["loc"]:
+                raise
+            raise ValueError(f"{err['loc'][0]}={err['input']!r}: {err['msg'].lower()}") from None
+
+    @model_validator(mode="after")
+    def _rope_pairs(self) -> "MLAConfig":
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even (RoPE rotates pairs)")
         return self

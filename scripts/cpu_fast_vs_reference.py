@@ -2,11 +2,10 @@
 
     python scripts/cpu_fast_vs_reference.py   # 2 threads, fp32, batch 4, seq 512, dim 512
 """
-import time
-
 import torch
 
 from mamba_decoder.bench.registry import MODELS, build_model
+from mamba_decoder.bench.timing import time_callable
 
 torch.set_num_threads(2)
 x = torch.randn(4, 512, 512)
@@ -20,9 +19,7 @@ for name in MODELS:
         ref(x), fast(x)                                   # warm up
         for _ in range(5):                                # interleaved: the same machine state for both
             for label, m in (("reference", ref), ("fast", fast)):
-                t0 = time.perf_counter()
-                m(x)
-                times[label].append(time.perf_counter() - t0)
-    med = {k: sorted(v)[2] * 1e3 for k, v in times.items()}
+                times[label] += time_callable(lambda: m(x), "cpu", warmup=0, runs=1)   # the suite's timer, ms
+    med = {k: sorted(v)[2] for k, v in times.items()}
     print(f"{name:18s} reference {med['reference']:7.0f} ms  fast {med['fast']:7.0f} ms  "
           f"speedup {med['reference'] / med['fast']:.2f}x")

@@ -52,12 +52,12 @@ check)   # correctness on the card, the floor, the scan kernels, where eager hos
   git rev-parse HEAD 2>/dev/null || true
   card_tests 240 tests/gpu
   log floor; timeout 150 python3 .devcarry/gpu_floor.py | tee "$OUT/floor.jsonl"
-  log scan; timeout 150 python3 -m mamba_decoder.kernels.selective_scan.bench_gpu --skip-check | tee "$OUT/scan.jsonl"
+  log scan; timeout 150 python3 scripts/scan_study.py --skip-check | tee "$OUT/scan.jsonl"
   log host; timeout 60 python3 scripts/profile_gpu.py --host | tee "$OUT/host.txt"
   ;;
 probe)   # A/B of candidate fast paths: scan tiles, the MoE's dense-small limit, host time by switch and by op
   env_info
-  log scan; timeout 130 python3 -m mamba_decoder.kernels.selective_scan.bench_gpu --tune --skip-check --budget 110 \
+  log scan; timeout 130 python3 scripts/scan_study.py --tune --skip-check --budget 110 \
       --tune-dtypes bf16 fp32 --skip-table > "$OUT/scan.jsonl" 2>&1
   grep -E "tune_fwd|error" "$OUT/scan.jsonl" | python3 -c 'import sys, json
 for l in sys.stdin:

@@ -22,7 +22,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from mamba_decoder.bench.registry import MODELS, build_model
 from mamba_decoder.kernels import moe as moe_kernels
-from mamba_decoder.kernels.moe import dense_small_max_tokens
+from mamba_decoder.models import set_kernel_policy
+from mamba_decoder.policy import KernelPolicy
 from mamba_decoder.kernels.selective_scan import selective_scan
 
 dev, dt = torch.device("cuda"), torch.bfloat16
@@ -77,10 +78,8 @@ def host_report():
             if name != "MLABlock":
                 variants.update({f"scan {v}": dict(scan=v) for v in tb.FWD_TILES})
             for vname, v in variants.items():
-                if moe is not None:
-                    moe.dense_small_max_tokens = v.get("moe", dense_small_max_tokens(dev))
-                if attn is not None:
-                    attn.fused_impl = v.get("fused", "auto")
+                set_kernel_policy(m, KernelPolicy(dense_small_max_tokens=v.get("moe"),
+                                                  mla_prologue=v.get("fused", "auto")))
                 old, old_router = tb.FWD_BY_DTYPE[dt], moe_kernels.FUSED_ROUTER_MAX_EXPERTS
                 tb.FWD_BY_DTYPE[dt] = v.get("scan", old)
                 moe_kernels.FUSED_ROUTER_MAX_EXPERTS = v.get("router", old_router)
@@ -90,10 +89,7 @@ def host_report():
                     tb.FWD_BY_DTYPE[dt], moe_kernels.FUSED_ROUTER_MAX_EXPERTS = old, old_router
         # the Python profile of whole eager forwards at (1, 128): where host time goes besides launches
         for name, m in models.items():
-            if getattr(m, "attn", None) is not None:
-                m.attn.fused_impl = "auto"                  # the A/B loop left its last switch
-            if getattr(m, "moe", None) is not None:
-                m.moe.dense_small_max_tokens = None
+            set_kernel_policy(m, KernelPolicy())            # the A/B loop left its last switch
             pr = cProfile.Profile()
             pr.enable()
             for _ in range(100):
@@ -221,7 +217,7 @@ def moe_report():
         x = torch.randn(1, T, 512, device=dev, dtype=dt)
         row = [T]
         for limit in (10**9, 0):
-            moe.dense_small_max_tokens = limit
+            moe.policy = KernelPolicy(dense_small_max_tokens=limit)
             with torch.inference_mode():
                 row += [median_ms(lambda: moe(x)), median_ms(GraphedForward(moe, x))]
         print(row, flush=True)

@@ -22,3 +22,14 @@ def pytest_configure(config):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_kernel_decisions():
+    """Kernel decisions are cached per (policy, device, dtype, grad) and read kernels.moe's
+    limits when first made: a test that patches a limit sees it in a fresh decision."""
+    from mamba_decoder.policy import _decide
+
+    _decide.cache_clear()
+    yield
+    _decide.cache_clear()

@@ -8,23 +8,27 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_REGRESSION, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+from pydantic import ValidationError
+
+from ..config import BACKENDS, DEFAULT_BACKEND
+from .execute import (EXIT_INTERRUPTED, EXIT_OK, EXIT_REGRESSION, EXIT_UNEXPECTED, EXIT_USAGE,  # noqa: F401
+                      Output, execute, resolve_device)
+from .launchers import Local
+from .names import LM_MODELS, models_for
+from .registry import MODELS
+from .report import IGNORABLE, compare_runs, write_report
+from .results import RecordFileError, UsageError
+from .settings import CACHE_KINDS, DTYPES, LEVELS, MODES, SweepSettings, one_line
+from .torchrun import Torchrun, dist_env
 
 # --quick: a useful look in about a minute on a 2-core CPU (reference backend).
 QUICK = dict(dim=64, seq_lens=[32, 64, 128], batch_sizes=[1, 2], warmup=1, runs=5)
 SPEC_DEFAULTS = dict(dim=512, seq_lens=[128, 256, 512, 1024, 2048], batch_sizes=[1, 2, 4, 8],
                      warmup=5, runs=20)
-# Files a run writes; --overwrite removes exactly these (never anything else in the directory).
-PLOT_GLOB = "*.png"
-
-
-class UsageError(Exception):
-    """Bad input from the user: printed as one `error:` line, exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,10 +60,6 @@ def _seconds(text: str) -> float:
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
-    from ..config import BACKENDS, DEFAULT_BACKEND
-    from .registry import LM_MODELS, MODELS
-    from .runner import DTYPES
-
     pos, nonneg = _int_at_least(1), _int_at_least(0)
     p.add_argument("--dim", type=pos, default=None, help="model dimension (default: 512)")
     p.add_argument("--seq-lens", type=pos, nargs="+", default=None, metavar="L",
@@ -95,7 +95,6 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--no-plots", action="store_true",
                    help="skip the plots (draw them later with `mamba-bench report`)")
-    from .runner import CACHE_KINDS, LEVELS, MODES
     p.add_argument("--mode", default="forward", choices=MODES,
                    help="forward: one inference pass over (batch, seq); decode: prefill a context of "
                         "seq tokens, then time one token per call; train: forward + backward (default: forward)")
@@ -113,10 +112,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="model level: vocabulary size (default: 32000)")
 
 
-def settings_from_args(args: argparse.Namespace, device: str):
-    from .registry import models_for
-    from .runner import SweepSettings
-
+def settings_from_args(args: argparse.Namespace, device: str) -> SweepSettings:
     known = models_for(args.level)
     preset = QUICK if args.quick else SPEC_DEFAULTS
 
@@ -132,147 +128,39 @@ def settings_from_args(args: argparse.Namespace, device: str):
             if m.lower() not in by_lower:
                 raise UsageError(f"--models: {m!r} is not one of {', '.join(map(repr, known))}")
             models.append(by_lower[m.lower()])
-    s = SweepSettings(dim=pick("dim"), sequence_lengths=list(dict.fromkeys(pick("seq_lens"))),
-                      batch_sizes=list(dict.fromkeys(pick("batch_sizes"))),
-                      models=list(dict.fromkeys(models)), backends=list(dict.fromkeys(args.backend)),
-                      dtypes=list(dict.fromkeys(args.dtype)), device=device, warmup=pick("warmup"),
-                      runs=pick("runs"), min_time_s=args.min_time, threads=args.threads,
-                      seed=args.seed, isolate=args.isolate, mode=args.mode, level=args.level,
-                      compile=args.compile, cuda_graphs=args.cuda_graphs, cache_kind=args.cache_kind,
-                      optimizer_step=args.optimizer_step, depth=args.depth, vocab_size=args.vocab_size)
+    try:
+        s = SweepSettings(dim=pick("dim"), sequence_lengths=list(dict.fromkeys(pick("seq_lens"))),
+                          batch_sizes=list(dict.fromkeys(pick("batch_sizes"))),
+                          models=list(dict.fromkeys(models)), backends=list(dict.fromkeys(args.backend)),
+                          dtypes=list(dict.fromkeys(args.dtype)), device=device, warmup=pick("warmup"),
+                          runs=pick("runs"), min_time_s=args.min_time, threads=args.threads,
+                          seed=args.seed, isolate=args.isolate, mode=args.mode, level=args.level,
+                          compile=args.compile, cuda_graphs=args.cuda_graphs, cache_kind=args.cache_kind,
+                          optimizer_step=args.optimizer_step, depth=args.depth, vocab_size=args.vocab_size)
+    except ValidationError as e:
+        raise UsageError(one_line(e)) from None
     if s.threads is not None and s.threads > (os.cpu_count() or 1):
         raise UsageError(f"--threads: {s.threads} is more than the {os.cpu_count()} CPUs here "
                          f"(accepted: 1..{os.cpu_count()})")
-    try:
-        s.validate()
-    except ValueError as e:
-        raise UsageError(str(e)) from None
     return s
 
 
-def resolve_device(use_cuda: bool, notify: bool = True, silence_hint: str = "pass --no-cuda") -> str:
-    """'cuda' when asked for and present; otherwise 'cpu', with one notice line if CUDA was asked for."""
-    import torch
-
-    if use_cuda and torch.cuda.is_available():
-        return "cuda"
-    if use_cuda and notify:
-        cuda_notice(silence_hint)
-    return "cpu"
-
-
-def cuda_notice(silence_hint: str = "pass --no-cuda") -> None:
-    print(f"notice: CUDA is not available; running on CPU ({silence_hint} to silence this)",
-          file=sys.stderr)
-
-
-def prepare_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
-    from .results import CSV_NAME, ENV_NAME, JSONL_NAME
-
-    if resume and overwrite:
-        raise UsageError("--resume and --overwrite exclude each other (choose one)")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--output-dir: {str(out)!r} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not (resume or overwrite):
-            raise UsageError(f"--output-dir: {str(out)!r} is not empty "
-                             "(pass --resume to continue it, --overwrite to replace its results)")
-        if overwrite:
-            from .distributed import PROVENANCE_NAME, RANKS_DIR
-
-            for name in (JSONL_NAME, CSV_NAME, ENV_NAME, "report.md", "report.html", PROVENANCE_NAME):
-                (out / name).unlink(missing_ok=True)
-            shutil.rmtree(out / RANKS_DIR, ignore_errors=True)   # a torchrun run's per-rank files
-            for png in out.glob(PLOT_GLOB):
-                png.unlink()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"--output-dir: cannot create {str(out)!r} ({e.strerror})") from None
-
-
-def _sigterm_as_interrupt():
-    """`kill` (SIGTERM) ends a run like Ctrl-C: finished records kept, CSV rewritten, exit 130."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-    return signal.signal(signal.SIGTERM, handler)
-
-
-def _restore_sigterm(previous) -> None:
-    import signal
-
-    if previous is not None:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def run_command(args: argparse.Namespace) -> int:
-    """Validate, sweep (records written as they finish), then summary table and plots."""
-    from . import report
-    from .results import (CSV_NAME, JSONL_NAME, ENV_NAME, RecordWriter, environment, read_environment,
-                          recorded_ok, rewrite_csv, write_environment)
-    from .runner import banner_kernels, run_sweep
-
-    from .distributed import dist_env
-
+    """Flags -> settings -> execute, inline, one subprocess per config (--isolate) or under torchrun."""
     env = dist_env()
-    if env is not None and env.world_size > 1:   # under torchrun: shard the sweep, rank 0 merges
-        from .distributed import run_distributed
-
-        return run_distributed(args)
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output-dir: {str(out)!r} exists and is not a directory")
-    device = resolve_device(not args.no_cuda, notify=False)
-    s = settings_from_args(args, device)
-    prepare_output_dir(out, resume=args.resume, overwrite=args.overwrite)
-    if device == "cpu" and not args.no_cuda:   # after validation: bad input stays one line
-        cuda_notice()
-    done = recorded_ok(out) if args.resume else {}
-    if args.resume and (out / JSONL_NAME).is_file():
-        print(f"resume: {len(done)} configs already recorded ok in {out / JSONL_NAME}", file=sys.stderr)
-    import torch
-
-    if s.threads is not None:
-        torch.set_num_threads(s.threads)
-    print(report.banner(device, s.dim, s.sequence_lengths, s.batch_sizes, backends=s.backends,
-                        dtypes=s.dtypes, threads=torch.get_num_threads(), kernels=banner_kernels(s)),
-          flush=True)
-    write_environment(environment(device, torch.get_num_threads()), out / ENV_NAME)
-    show = report.console_printer(multi=len(s.backends) * len(s.dtypes) > 1)
-    writer = RecordWriter(out / JSONL_NAME, "a")
-    previous = _sigterm_as_interrupt()
-    try:
-        results = run_sweep(s, writer=writer, on_record=show, done=done, progress=not args.no_progress)
-    except KeyboardInterrupt:
-        writer.close()
-        rewrite_csv(out)
-        print(f"interrupted: every finished record is kept in {out / JSONL_NAME} "
-              f"(continue with --resume)", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    finally:
-        _restore_sigterm(previous)
-    writer.close()
-    rewrite_csv(out)
-    report.print_summary_table(results)
-    paths = []
-    if not args.no_plots:
-        from .plots import plot_benchmark_results
-
-        paths = plot_benchmark_results(results, out, env=read_environment(out / ENV_NAME))
-    print(f"\nrecords: {out / JSONL_NAME}, {out / CSV_NAME}; environment: {out / ENV_NAME}; "
-          f"{len(paths)} plots in {out}")
-    return EXIT_OK
+    device = resolve_device(not args.no_cuda)
+    torchrun = env is not None and env.world_size > 1   # shard the sweep over ranks, rank 0 merges
+    s = settings_from_args(args, Torchrun.rank_device(device, env) if torchrun else device)
+    o = Output(dir=out, resume=args.resume, overwrite=args.overwrite, plots=not args.no_plots,
+               progress=not args.no_progress,
+               cuda_hint="pass --no-cuda" if device == "cpu" and not args.no_cuda else None)
+    return execute(s, Torchrun(s, env) if torchrun else Local(), o).code
 
 
 def report_command(args: argparse.Namespace) -> int:
-    from .report import write_report
-
     run_dir, out = Path(args.run_dir), Path(args.output_dir or args.run_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output-dir: {str(out)!r} exists and is not a directory")
@@ -282,9 +170,6 @@ def report_command(args: argparse.Namespace) -> int:
 
 
 def compare_command(args: argparse.Namespace) -> int:
-    from .report import compare_runs
-    from .results import RecordFileError
-
     if not (0 <= args.threshold < 10):
         raise UsageError(f"--threshold: {args.threshold!r} is not a fraction in [0, 10) (e.g. 0.05 = 5%)")
     if not (0 < args.alpha < 1):
@@ -322,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="slowdown (median ratio - 1) that counts as a regression (default: 0.05)")
     cmp_.add_argument("--alpha", type=_float, default=0.05,
                       help="significance level of the Mann-Whitney U test (default: 0.05)")
-    cmp_.add_argument("--ignore", nargs="+", default=[], choices=["backend", "dtype", "variant"],
+    cmp_.add_argument("--ignore", nargs="+", default=[], choices=IGNORABLE,
                       help="pair configs without these fields, e.g. --ignore backend to compare a "
                            "fast run with a reference run")
     return p
@@ -330,8 +215,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _guarded(fn, argv) -> int:
     """Run fn(argv) mapping every outcome to an exit code and at most one stderr line."""
-    from .results import RecordFileError
-
     try:
         return fn(argv)
     except UsageError as e:

@@ -35,7 +35,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .registry import MLA_BLOCK, MAMBA_DECODER_BLOCK, REGULAR_MAMBA
+from .names import MODEL_COLORS, REGULAR_MAMBA, is_mixed, mixed_devices, variant_tags
 from .results import BenchmarkResult
 
 DPI = 300
@@ -55,8 +55,6 @@ MODE_PLOT_FILES = {
     "cache_memory": "cache_memory_vs_context.png",
     "train_step": "train_step_time_vs_seq.png",
 }
-# Okabe-Ito colours: one per model, the same in every plot.
-MODEL_COLORS = {REGULAR_MAMBA: "#0072B2", MAMBA_DECODER_BLOCK: "#D55E00", MLA_BLOCK: "#009E73"}
 _EXTRA_COLORS = ["#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
 BACKEND_STYLES = {"reference": "-", "fast": "--"}
 _LINESTYLES = ["-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 1)), (0, (8, 2))]
@@ -87,10 +85,6 @@ Series = tuple[str, str, str, str]   # (model, backend, dtype, variant)
 def _backend_order(b: str) -> tuple:
     order = list(BACKEND_STYLES)
     return (order.index(b) if b in order else len(order), b)
-
-
-def _mixed_devices(names) -> str:
-    return "MIXED DEVICES: " + ", ".join(sorted(names))
 
 
 def _mode_of(records: Sequence[BenchmarkResult]) -> str:
@@ -177,9 +171,9 @@ class _Data:
         """The device for a title: the records' device_name, else the environment's, else the type."""
         names = {r.device_name for r in self.records if r.device_name}
         if len(names) > 1:
-            return _mixed_devices(names)
+            return mixed_devices(names)
         name = next(iter(names), None) or (env or {}).get("device_name")
-        if name and str(name).startswith("MIXED"):
+        if name and is_mixed(name):
             return str(name)
         devices = ", ".join(sorted({r.device for r in self.records}))
         return f"{devices} ({name})" if name else devices
@@ -449,7 +443,7 @@ def _speedup_heatmaps_figure(data: _Data, env, path: Path) -> Path:
 
 def _cache_tag(variant: str) -> str:
     """The cache part of a variant ("cache=full"); "" when the run used the default cache."""
-    return next((t for t in variant.split("+") if t.startswith("cache=")), "")
+    return next((t for t in variant_tags(variant) if t.startswith("cache=")), "")
 
 
 def _cache_figure(data: _Data, env, path: Path) -> Path:
@@ -568,9 +562,9 @@ def plot_benchmark_results(results: Sequence[BenchmarkResult], output_dir: str |
             ]
         if by_mode.get("train"):
             tr = data if spec_mode == "train" else _Data(by_mode["train"], "train")
-            step = ("forward + backward" + (" + AdamW" if all("adamw" in v.split("+") for v in tr.variants)
+            step = ("forward + backward" + (" + AdamW" if all("adamw" in variant_tags(v) for v in tr.variants)
                                             else " (+ AdamW where the variant says adamw)"
-                                            if any("adamw" in v.split("+") for v in tr.variants) else ""))
+                                            if any("adamw" in variant_tags(v) for v in tr.variants) else ""))
             paths.append(_line_figure(tr, x="seq", metric="latency_median", logy=True, env=env,
                                       ylabel="training step time\n(ms, median; bars p10-p90)",
                                       title=f"Training step time vs sequence length (step = {step})",

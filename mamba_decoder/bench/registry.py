@@ -8,10 +8,10 @@ from torch import nn
 from ..config import DEFAULT_BACKEND, MambaConfig, MoEConfig, check_backend
 from ..models import MambaDecoder, MambaDecoderBlock, MambaLM, MLABlock, RegularMamba
 from ..models.moe import MoE
+from .names import (LM_MODELS, MAMBA_DECODER, MAMBA_DECODER_BLOCK, MAMBA_DECODER_MLA, MAMBA_LM,
+                    MLA_BLOCK, REGULAR_MAMBA, models_for)
 
-REGULAR_MAMBA = "Regular Mamba"
-MAMBA_DECODER_BLOCK = "MambaDecoderBlock"
-MLA_BLOCK = "MLABlock"
+__all__ = ["MODELS", "LM_MODELS", "models_for", "build_model", "build_lm", "parameter_counts"]
 
 # The suite's sizes at width `dim`: mambapy's defaults (d_state 16, expand 2, dt_rank dim/16),
 # the same MoE in both blocks (6 experts, 2 active, SwiGLU width 2*dim, one shared expert) and
@@ -44,17 +44,7 @@ MODELS: dict[str, Callable[[int, str, int], nn.Module]] = {
 }
 
 
-# Language models on token ids (--level model), at the same width and depth.
-MAMBA_LM = "Mamba LM"                      # mambapy's LM layout: embedding, depth residual Mamba layers, head
-MAMBA_DECODER = "MambaDecoder"             # depth MambaDecoderBlocks
-MAMBA_DECODER_MLA = "MambaDecoder+MLA"     # the same, then one MLABlock
-LM_MODELS = (MAMBA_LM, MAMBA_DECODER, MAMBA_DECODER_MLA)
-
-
-def models_for(level: str) -> tuple[str, ...]:
-    return tuple(MODELS) if level == "block" else LM_MODELS
-
-
+# Language models on token ids (--level model), at the same width and depth: names.LM_MODELS.
 def build_lm(name: str, dim: int, backend: str = DEFAULT_BACKEND, depth: int = 4,
              vocab_size: int = 32000, max_seq_len: int = 4096) -> nn.Module:
     """A language model (token ids (B, L) -> logits (B, L, vocab)) of the suite at `dim` x `depth`."""

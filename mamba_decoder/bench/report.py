@@ -4,13 +4,20 @@ Everything here reads records (and settings for the banner), never models.
 """
 from __future__ import annotations
 
+import base64
+import html
 import math
+import sys
 from collections import defaultdict
+from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-from .registry import REGULAR_MAMBA
-from .results import BenchmarkResult
-from .timing import HIGH_SPREAD
+from tqdm import tqdm
+
+from .names import REGULAR_MAMBA, RecordKey
+from .plots import plot_benchmark_results
+from .results import CSV_NAME, ENV_NAME, BenchmarkResult, load_run, read_environment, write_csv
+from .timing import HIGH_SPREAD, mann_whitney_u
 
 RULE = "=" * 100
 NAME_WIDTH = 26   # the spec's lines align '|' at column 27
@@ -61,10 +68,6 @@ def console_printer(multi: bool, file=None):
     When a run sweeps several (backend, dtype) pairs, a header line precedes each pair's lines,
     since the spec's line format has no place for them.
     """
-    import sys
-
-    from tqdm import tqdm
-
     last: list = [None]
 
     def show(r: BenchmarkResult) -> None:
@@ -174,8 +177,6 @@ def comparison_table(results: Sequence[BenchmarkResult], baseline: str = REGULAR
 
 
 def print_summary_table(results: Sequence[BenchmarkResult], file=None) -> None:
-    import sys
-
     out = file or sys.stdout
     print("\n" + RULE, file=out)
     print(summary_table(results), file=out)
@@ -193,10 +194,6 @@ def print_summary_table(results: Sequence[BenchmarkResult], file=None) -> None:
 def _run_devices(run_dir, records: Sequence[BenchmarkResult]) -> str:
     """The device(s) a run measured on: its records' device_name, else environment.json's
     device_name or device; "" when neither says."""
-    from pathlib import Path
-
-    from .results import ENV_NAME, read_environment
-
     names = sorted({r.device_name for r in records if r.device_name})
     if names:
         return ", ".join(names)
@@ -205,14 +202,14 @@ def _run_devices(run_dir, records: Sequence[BenchmarkResult]) -> str:
 
 
 # Record-key fields that `compare --ignore` may leave out when pairing configs of two runs.
-IGNORABLE = {"backend": 1, "dtype": 3, "variant": 7}
+IGNORABLE = ("backend", "dtype", "variant")
 
 
 def _pairing(records, ignore: Sequence[str], run_dir) -> dict:
-    drop = {IGNORABLE[f] for f in ignore}
+    keep = [f for f in RecordKey._fields if f not in ignore]
     out: dict = {}
     for r in records:
-        k = tuple(v for i, v in enumerate(r.key) if i not in drop)
+        k = tuple(getattr(r.key, f) for f in keep)
         if k in out:
             raise ValueError(f"{run_dir}: with --ignore {' '.join(ignore)}, two configs pair with one "
                              f"({r.model_name} L={r.sequence_length} B={r.batch_size}); ignore fewer fields")
@@ -232,9 +229,6 @@ def compare_runs(base_dir, new_dir, *, threshold: float = 0.05, alpha: float = 0
     runs were measured on different devices, the text's first line is a warning that says so (the
     regression verdict is unchanged).
     """
-    from .results import load_run
-    from .timing import mann_whitney_u
-
     base_records, new_records = load_run(base_dir), load_run(new_dir)
     base, new = _pairing(base_records, ignore, base_dir), _pairing(new_records, ignore, new_dir)
     base_dev, new_dev = _run_devices(base_dir, base_records), _run_devices(new_dir, new_records)
@@ -311,13 +305,6 @@ _RECORD_HEADER = ["Model", "Backend", "Dtype", "SeqLen", "Batch", "Latency ms (m
 
 def write_report(run_dir, output_dir) -> list:
     """Redraw the plots from run_dir's records and write report.md and a self-contained report.html."""
-    import base64
-    import html
-    from pathlib import Path
-
-    from .plots import plot_benchmark_results
-    from .results import CSV_NAME, ENV_NAME, load_run, read_environment, write_csv
-
     run_dir, out = Path(run_dir), Path(output_dir)
     results = load_run(run_dir)
     env = read_environment(run_dir / ENV_NAME)

@@ -16,6 +16,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import shutil
 import socket
 import subprocess
 from importlib import metadata
@@ -24,10 +25,18 @@ from typing import Iterable, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .names import RecordKey
 from .timing import summarize
 
 JSONL_NAME, CSV_NAME, ENV_NAME = "results.jsonl", "results.csv", "environment.json"
+REPORT_NAMES = ("report.md", "report.html")
+PLOT_GLOB = "*.png"
+RANKS_DIR, PROVENANCE_NAME = "ranks", "provenance.jsonl"   # a torchrun run's per-rank files
 Status = Literal["ok", "oom", "error", "skipped"]   # skipped: the config does not apply
+
+
+class UsageError(ValueError):
+    """Bad input from the user: the CLI prints it as one `error:` line (exit code 2), the API raises it."""
 
 
 class RecordFileError(ValueError):
@@ -80,7 +89,7 @@ class BenchmarkResult(BaseModel):
     kernels: dict[str, str] = Field(default_factory=dict)
     # the workload: what one timed call did (forward and train: the whole (batch, seq) input;
     # decode: one token for each of `batch_size` sequences after a context of `sequence_length`)
-    variant: str = ""                           # "+"-joined: compile, cuda-graphs, cache=full, adamw
+    variant: str = ""                           # names.join_variant of compile, cuda-graphs, cache=full, adamw
     level: str = "block"                        # block, or model (language models on token ids)
     tokens_per_call: Optional[int] = None       # batch*seq (forward, train) or batch (decode)
     prefill_ms: Optional[float] = None          # decode: median prefill of the context
@@ -100,9 +109,8 @@ class BenchmarkResult(BaseModel):
     timestamp: str = ""
 
     @property
-    def key(self) -> tuple:
-        return config_key(self.model_name, self.backend, self.mode, self.dtype, self.batch_size,
-                          self.sequence_length, self.dim, self.variant)
+    def key(self) -> RecordKey:
+        return RecordKey(*(getattr(self, f) for f in RecordKey._fields))
 
     @property
     def ok(self) -> bool:
@@ -128,9 +136,19 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def config_key(model_name: str, backend: str, mode: str, dtype: str, batch_size: int,
-               sequence_length: int, dim: int, variant: str = "") -> tuple:
-    return (model_name, backend, mode, dtype, batch_size, sequence_length, dim, variant)
+def config_key(cfg, s) -> RecordKey:
+    """The key of the record that config `cfg` of settings `s` makes (settings.Config,
+    settings.SweepSettings): the same as that record's `.key`, whichever launcher made it."""
+    return RecordKey(cfg.model_name, cfg.backend, s.mode, cfg.dtype, cfg.batch_size,
+                     cfg.sequence_length, s.dim, s.variant)
+
+
+def record_identity(cfg, s, device: str) -> dict:
+    """The fields every record of config `cfg` under settings `s` carries, measured or not: the
+    one builder behind `measure`, `measure_isolated` and torchrun's records of unfinished configs."""
+    return dict(model_name=cfg.model_name, sequence_length=cfg.sequence_length,
+                batch_size=cfg.batch_size, dim=s.dim, mode=s.mode, backend=cfg.backend,
+                dtype=cfg.dtype, device=str(device), warmup=s.warmup, variant=s.variant, level=s.level)
 
 
 # ---------------------------------------------------------------- JSON Lines
@@ -202,6 +220,29 @@ def rewrite_csv(run_dir: Path | str) -> None:
     """results.csv from results.jsonl (latest record per key)."""
     run_dir = Path(run_dir)
     write_csv(latest(read_jsonl(run_dir / JSONL_NAME)), run_dir / CSV_NAME)
+
+
+def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Check and create a run directory. A non-empty one needs `resume` (continue it) or
+    `overwrite`, which removes exactly the files a run writes, never anything else there."""
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite exclude each other (choose one)")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output-dir: {str(out)!r} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not (resume or overwrite):
+            raise UsageError(f"--output-dir: {str(out)!r} is not empty "
+                             "(pass --resume to continue it, --overwrite to replace its results)")
+        if overwrite:
+            for name in (JSONL_NAME, CSV_NAME, ENV_NAME, *REPORT_NAMES, PROVENANCE_NAME):
+                (out / name).unlink(missing_ok=True)
+            shutil.rmtree(out / RANKS_DIR, ignore_errors=True)
+            for png in out.glob(PLOT_GLOB):
+                png.unlink()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--output-dir: cannot create {str(out)!r} ({e.strerror})") from None
 
 
 # ---------------------------------------------------------------- CSV

@@ -8,15 +8,16 @@ from __future__ import annotations
 import json
 import sys
 
-from .runner import RECORD_PREFIX, Config, SweepSettings, measure
+import torch
+
+from .runner import RECORD_PREFIX, measure
+from .settings import Config, SweepSettings
 
 
 def main() -> int:
     payload = json.loads(sys.stdin.read())
     s = SweepSettings(**payload["settings"])
     if s.threads is not None:
-        import torch
-
         torch.set_num_threads(s.threads)
     r = measure(Config(**payload["config"]), s)
     sys.stdout.write(RECORD_PREFIX + r.model_dump_json() + "\n")

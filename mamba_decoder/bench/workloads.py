@@ -5,6 +5,7 @@ it knows nothing about timing or records.
 """
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any, Callable, Optional
 
 import torch
@@ -65,10 +66,12 @@ def supports_decode(model: nn.Module) -> bool:
 class DecodeSession:
     """Prefill `context` tokens, then decode one token at a time with the model's own cache.
 
-    `cache_kind` picks MLA's cache: "latent" (absorb) or "full" (naive per-head K/V); Mamba's
-    only cache is its conv window and SSM state (cache_kind does not apply). With `cuda_graph=True` one step is captured once and
-    replayed (fast backend, CUDA only); the MLA step then runs at a device-tensor position.
-    `capacity` is the number of tokens that can be decoded after a prefill.
+    Every block decodes through one interface: `init_cache(batch, max_len=..., kind=...)` and
+    `model(x, start_pos=..., cache=...)`, where start_pos may be a device tensor (MLA's
+    CUDA-graph-safe step; Mamba's state holds its position and takes none). `cache_kind` picks
+    MLA's cache: "latent" (absorb) or "full" (naive per-head K/V); Mamba has one kind. With
+    `cuda_graph=True` one step is captured once and replayed (fast backend, CUDA only), at a
+    device-tensor position. `capacity` is the number of tokens that can be decoded after a prefill.
     """
 
     def __init__(self, model: nn.Module, batch: int, context: int, capacity: int,
@@ -78,17 +81,14 @@ class DecodeSession:
             raise ValueError(f"{type(model).__name__} has no incremental decoding")
         self.model = model.eval()
         self.batch, self.context, self.capacity = batch, context, capacity
-        self.is_mla = isinstance(model, MLABlock)
-        dim = model.attn.dim if self.is_mla else (model.dim if isinstance(model, MambaDecoderBlock)
-                                                  else model.config.d_model)
-        self.prompt = torch.randn(batch, context, dim, device=device, dtype=dtype)
-        self.token = torch.randn(batch, 1, dim, device=device, dtype=dtype)   # static input buffer
-        if self.is_mla:
-            self.cache = model.init_cache(batch, context + capacity, kind=cache_kind, device=device, dtype=dtype)
-        else:   # Mamba has one kind of cache: cache_kind concerns MLA only
-            self.cache = model.init_cache(batch, device=device, dtype=dtype)
+        self.prompt = torch.randn(batch, context, model.dim, device=device, dtype=dtype)
+        self.token = torch.randn(batch, 1, model.dim, device=device, dtype=dtype)   # static input buffer
+        self.cache = model.init_cache(batch, max_len=context + capacity, kind=cache_kind, device=device,
+                                      dtype=dtype)
         self.pos = context
         self.pos_t = torch.tensor(context, device=device)
+        # a graphed step advances the device position only where it is read: Mamba's state holds its own
+        self.advances_pos_t = isinstance(model, MLABlock)
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         if cuda_graph:
             if device.type != "cuda":
@@ -96,47 +96,35 @@ class DecodeSession:
             self._capture()
 
     # -- state
+    def _caches(self) -> list:
+        return self.cache if isinstance(self.cache, list) else [self.cache]   # RegularMamba: one per layer
+
     def _tensors(self) -> list[torch.Tensor]:
-        caches = self.cache if isinstance(self.cache, list) else [self.cache]
-        out = []
-        for c in caches:
-            out += [c.a, c.b] if hasattr(c, "a") else [c.conv, c.ssm]
-        return out
+        return [getattr(c, f.name) for c in self._caches() for f in fields(c)]
 
     def cache_bytes(self, length: Optional[int] = None) -> int:
         """Bytes the cache holds for `length` positions (default: the current one)."""
         n = self.pos if length is None else length
-        if self.is_mla:
-            return self.cache.nbytes(n)
-        caches = self.cache if isinstance(self.cache, list) else [self.cache]
-        return sum(c.nbytes() for c in caches)
+        return sum(c.nbytes(n) for c in self._caches())
 
     def prefill(self) -> None:
         """Reset the cache and run the prompt through it (in place: a captured graph stays valid)."""
         with torch.inference_mode():
             for t in self._tensors():
                 t.zero_()
-            if self.is_mla:
-                self.model(self.prompt, 0, None, self.cache)
-            elif isinstance(self.model, RegularMamba):
-                self.model(self.prompt, self.cache)
-            else:
-                self.model(self.prompt, self.cache)
+            self.model(self.prompt, start_pos=0, cache=self.cache)
         self.pos = self.context
         self.pos_t.fill_(self.context)
 
     # -- one token
     def _eager_step(self) -> Any:
-        if self.is_mla:
-            return self.model(self.token, self.pos, None, self.cache)
-        return self.model(self.token, self.cache)
+        return self.model(self.token, start_pos=self.pos, cache=self.cache)
 
     def _graph_step(self) -> Any:
-        if self.is_mla:
-            out = self.model.decode_step(self.token, self.pos_t, self.cache)
+        out = self.model(self.token, start_pos=self.pos_t, cache=self.cache)
+        if self.advances_pos_t:
             self.pos_t.add_(1)
-            return out
-        return self.model(self.token, self.cache)
+        return out
 
     def _capture(self) -> None:
         self.prefill()

@@ -10,3 +10,14 @@ import importlib.util
 def triton_installed() -> bool:
     """Whether triton can be imported (checked without importing it)."""
     return importlib.util.find_spec("triton") is not None
+
+
+def triton_runs(choice: str, device) -> bool:
+    """Whether an op set to `choice` takes its Triton kernel for tensors on `device` (a
+    torch.device): "auto" on CUDA where triton is installed; "triton" always (forced: CPU tensors
+    need TRITON_INTERPRET=1, and the kernel fails loudly where it cannot run); "torch" never."""
+    if choice == "auto":
+        return device.type == "cuda" and triton_installed()
+    if choice in ("triton", "torch"):
+        return choice == "triton"
+    raise ValueError(f"kernel choice {choice!r} is not one of: auto, triton, torch")

@@ -24,7 +24,8 @@ from ._triton import HAS_TRITON, interpreting as _interpreting, jit as _jit, tl,
 # (8, 1024, 2048) bf16 is 32 MB in, 32 MB out: memory bound. (8 channels, 256 steps) tiles,
 # 4 warps: 16 elements a thread, 8192 programs at the target. The unshifted tap and the store
 # can vectorize along time; the K-1 shifted taps (not provably aligned) re-read the same lines
-# from L1, and the K-1 halo adds ~1% of DRAM reads. Untuned (no GPU yet): cfg overrides.
+# from L1, and the K-1 halo adds ~1% of DRAM reads. Not swept on a GPU (0.03 ms there at the
+# target, docs/BENCHMARKS.md); cfg overrides.
 CONV_CONFIG = dict(BLOCK_D=8, BLOCK_L=256, num_warps=4)
 # Backward (no initial state): the same tiles, two passes (ds = dy * silu'(s) to an fp32 buffer
 # with the weight grads, then dx as the conv's transpose of ds). One pass that rebuilt s at the

@@ -8,12 +8,9 @@ sum over each token's K experts, (T, D), without the shared expert.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
-
-from . import triton_installed
 
 IMPLS = ("grouped_mm", "dense", "loop")
 
@@ -22,34 +19,21 @@ def _swiglu(h1: torch.Tensor, h3: torch.Tensor) -> torch.Tensor:
     return F.silu(h1) * h3
 
 
-def swiglu_rows(h13: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+def swiglu_rows(h13: torch.Tensor, scale: torch.Tensor | None = None, triton: bool = False) -> torch.Tensor:
     """h13 (M, 2I) = [x W1^T | x W3^T] -> silu(h1) * h3 (M, I), each row times scale[m] if given.
 
-    One pass over h13 (Triton, inference on CUDA) instead of silu + mul (+ mul): at T*K = 32K
-    rows and I = 1024 that is 64 MB less traffic. With autograd, or without Triton, the same
-    ops in PyTorch (the twin)."""
+    With `triton` (the kernel policy's moe_triton), one pass over h13 instead of silu + mul
+    (+ mul): at T*K = 32K rows and I = 1024 that is 64 MB less traffic. Otherwise, or with
+    autograd, the same ops in PyTorch (the twin)."""
     M, I2 = h13.shape
     I = I2 // 2
     needs_grad = torch.is_grad_enabled() and (h13.requires_grad or (scale is not None and scale.requires_grad))
-    if needs_grad or h13.stride(1) != 1 or not _triton_runs(h13.device):
+    if needs_grad or h13.stride(1) != 1 or not triton:
         y = _swiglu(h13[:, :I], h13[:, I:])
         return y if scale is None else y * scale.unsqueeze(-1).to(y.dtype)
     from .moe_triton import swiglu_rows_triton   # imports triton: only when it runs
 
     return swiglu_rows_triton(h13, scale)
-
-
-# "auto": the Triton SwiGLU on CUDA; "triton" also on CPU tensors under TRITON_INTERPRET=1
-# (tests); "torch": never.
-SWIGLU_IMPL = "auto"
-
-
-def _triton_runs(device: torch.device) -> bool:
-    if SWIGLU_IMPL == "torch" or not triton_installed():
-        return False
-    if SWIGLU_IMPL == "triton":
-        return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-    return device.type == "cuda"
 
 
 def routed_loop(x, weights, indices, w1, w2, w3):
@@ -75,7 +59,7 @@ def routed_dense(x, weights, indices, w1, w2, w3):
     return (picked * weights.unsqueeze(-1).to(y.dtype)).sum(1)
 
 
-def routed_grouped(x, weights, indices, w1, w2, w3, w13=None):
+def routed_grouped(x, weights, indices, w1, w2, w3, w13=None, triton: bool = False):
     """Sort the T*K (token, expert) pairs by expert, run the experts as grouped GEMMs over
     contiguous row ranges, gather back and sum the K slots. No host sync anywhere.
 
@@ -95,7 +79,7 @@ def routed_grouped(x, weights, indices, w1, w2, w3, w13=None):
     pair_w = weights.reshape(-1).index_select(0, order)                           # (T*K,)
     if w13 is not None:
         h13 = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs)                # (T*K, 2I)
-        h = swiglu_rows(h13, pair_w.to(h13.dtype))                                 # (T*K, I)
+        h = swiglu_rows(h13, pair_w.to(h13.dtype), triton)                         # (T*K, I)
     else:
         h = _swiglu(torch._grouped_mm(xs, w1.transpose(1, 2), offs=offs),
                     torch._grouped_mm(xs, w3.transpose(1, 2), offs=offs))
@@ -137,15 +121,15 @@ def dense_gate(weights, indices, n_experts: int, n_always_on: int = 0):
     return gate.scatter_add_(1, indices, weights)
 
 
-def gated_swiglu(H, weights, indices, n_experts: int, n_always_on: int = 0):
+def gated_swiglu(H, weights, indices, n_experts: int, n_always_on: int = 0, triton: bool = False):
     """H (T, E' * 2I) = x @ W13^T -> (T, E' * I): each expert's silu(h1) * h3 times its dense
     gate (`dense_gate`: the routing weight if the token picked it, exactly 0 if not, 1 for the
-    always-on experts appended last). One Triton pass on CUDA in inference (no gate tensor, one
-    launch instead of five); the PyTorch ops elsewhere and with autograd (the twin)."""
+    always-on experts appended last). With `triton`, one Triton pass in inference (no gate
+    tensor, one launch instead of five); the PyTorch ops otherwise and with autograd (the twin)."""
     T = H.shape[0]
     E = n_experts + n_always_on
     needs_grad = torch.is_grad_enabled() and (H.requires_grad or weights.requires_grad)
-    if not needs_grad and H.stride(1) == 1 and _triton_runs(H.device):
+    if not needs_grad and H.stride(1) == 1 and triton:
         from .moe_triton import gated_swiglu_triton   # imports triton: only when it runs
 
         return gated_swiglu_triton(H, weights, indices, n_experts, n_always_on)
@@ -174,16 +158,17 @@ FUSED_ROUTER_MAX_TOPK = 2
 _ROUTER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def router_fuses(device: torch.device, dtype: torch.dtype, n_experts: int, top_k: int) -> bool:
-    """Whether `scored_swiglu` and `route_scores` route in Triton for this device, dtype and
-    router (in inference; with autograd they never do). Not under autocast, where torch's
-    softmax and sum run in fp32 whatever the scores' dtype (the kernel rounds to the scores')."""
-    return (dtype in _ROUTER_DTYPES and n_experts <= FUSED_ROUTER_MAX_EXPERTS
-            and top_k <= FUSED_ROUTER_MAX_TOPK and _triton_runs(device)
-            and not torch.is_autocast_enabled(device.type))
+def router_fuses(device: torch.device, dtype: torch.dtype, n_experts: int, top_k: int,
+                 triton: bool) -> bool:
+    """Whether `scored_swiglu` and `route_scores` route in Triton for this dtype and router when
+    `triton` (the policy's moe_triton) allows it (in inference; with autograd they never do).
+    Not under autocast on `device`, where torch's softmax and sum run in fp32 whatever the
+    scores' dtype (the kernel rounds to the scores')."""
+    return (triton and dtype in _ROUTER_DTYPES and n_experts <= FUSED_ROUTER_MAX_EXPERTS
+            and top_k <= FUSED_ROUTER_MAX_TOPK and not torch.is_autocast_enabled(device.type))
 
 
-def _fused_router_runs(scores, bias, top_k: int, n_experts: int, *others) -> bool:
+def _fused_router_runs(scores, bias, top_k: int, n_experts: int, *others, triton: bool) -> bool:
     """Whether these tensors take the Triton router: `router_fuses`, no autograd through any of
     them (the kernels have no backward), a bias of a router dtype, unit column strides."""
     tensors = (scores, *others) if bias is None else (scores, bias, *others)
@@ -191,34 +176,34 @@ def _fused_router_runs(scores, bias, top_k: int, n_experts: int, *others) -> boo
         return False
     return ((bias is None or bias.dtype in _ROUTER_DTYPES)
             and all(t.stride(1) == 1 for t in (scores, *others))
-            and router_fuses(scores.device, scores.dtype, n_experts, top_k))
+            and router_fuses(scores.device, scores.dtype, n_experts, top_k, triton))
 
 
-def route_scores(scores, bias, top_k: int):
-    """`topk_route(scores, bias, top_k)`; on CUDA in inference one Triton launch instead of six
-    (the grouped path's router), bit for bit the same (weights, experts) (tests/gpu; the slots of
-    tied weights may come in another order, which the weighted sum over slots does not see)."""
-    if _fused_router_runs(scores, bias, top_k, scores.shape[1]):
+def route_scores(scores, bias, top_k: int, triton: bool = False):
+    """`topk_route(scores, bias, top_k)`; with `triton`, in inference, one Triton launch instead of
+    six (the grouped path's router), bit for bit the same (weights, experts) (tests/gpu; the slots
+    of tied weights may come in another order, which the weighted sum over slots does not see)."""
+    if _fused_router_runs(scores, bias, top_k, scores.shape[1], triton=triton):
         from .moe_triton import topk_route_triton   # imports triton: only when it runs
 
         return topk_route_triton(scores, bias, top_k)
     return topk_route(scores, bias, top_k)
 
 
-def scored_swiglu(H, scores, bias, top_k: int, n_experts: int, n_always_on: int = 0):
-    """`gated_swiglu` of the routing `topk_route(scores, bias, top_k)`. On CUDA in inference one
-    Triton pass routes and gates (six launches fewer than the PyTorch router: decoding and small
-    prefills are launch-bound); bit for bit the PyTorch ops' routing (tests/gpu). Elsewhere, with
-    autograd, or past the FUSED_ROUTER_* limits, those ops then `gated_swiglu` (the twin)."""
-    if _fused_router_runs(scores, bias, top_k, n_experts, H):
+def scored_swiglu(H, scores, bias, top_k: int, n_experts: int, n_always_on: int = 0, triton: bool = False):
+    """`gated_swiglu` of the routing `topk_route(scores, bias, top_k)`. With `triton`, in inference,
+    one Triton pass routes and gates (six launches fewer than the PyTorch router: decoding and
+    small prefills are launch-bound); bit for bit the PyTorch ops' routing (tests/gpu). Otherwise,
+    with autograd, or past the FUSED_ROUTER_* limits, those ops then `gated_swiglu` (the twin)."""
+    if _fused_router_runs(scores, bias, top_k, n_experts, H, triton=triton):
         from .moe_triton import scored_swiglu_triton   # imports triton: only when it runs
 
         return scored_swiglu_triton(H, scores, bias, top_k, n_experts, n_always_on)
     w, idx = topk_route(scores, bias, top_k)
-    return gated_swiglu(H, w, idx, n_experts, n_always_on)
+    return gated_swiglu(H, w, idx, n_experts, n_always_on, triton)
 
 
-def routed_dense_small(x, weights, indices, n_experts: int, n_always_on: int, W13, W2):
+def routed_dense_small(x, weights, indices, n_experts: int, n_always_on: int, W13, W2, triton: bool = False):
     """Every expert on every token, weighted by the dense gate of the router's (weights,
     indices) (T, K): x (T, D), W13 (E' * 2I, D) = [w1_0; w3_0; w1_1; w3_1; ...] (the grouped
     path's w13 (E', 2I, D) seen flat) and W2 (D, E' * I) = [w2_0, w2_1, ...] (each expert's w2
@@ -226,14 +211,15 @@ def routed_dense_small(x, weights, indices, n_experts: int, n_always_on: int, W1
     Two GEMMs and one elementwise pass: no sort, no index, no host sync. The gate scales the
     hidden activations (linear in W2), so unpicked experts contribute exactly zero."""
     H = F.linear(x, W13)                                                           # (T, E' * 2I)
-    return F.linear(gated_swiglu(H, weights, indices, n_experts, n_always_on), W2)  # (T, D)
+    return F.linear(gated_swiglu(H, weights, indices, n_experts, n_always_on, triton), W2)  # (T, D)
 
 
-def scored_dense_small(x, scores, bias, top_k: int, n_experts: int, n_always_on: int, W13, W2):
+def scored_dense_small(x, scores, bias, top_k: int, n_experts: int, n_always_on: int, W13, W2,
+                       triton: bool = False):
     """`routed_dense_small` of the routing `topk_route(scores, bias, top_k)`, the routing fused
     into the gated pass where it runs (`scored_swiglu`)."""
     H = F.linear(x, W13)
-    return F.linear(scored_swiglu(H, scores, bias, top_k, n_experts, n_always_on), W2)
+    return F.linear(scored_swiglu(H, scores, bias, top_k, n_experts, n_always_on, triton), W2)
 
 
 @functools.lru_cache(maxsize=None)

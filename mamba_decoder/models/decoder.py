@@ -6,7 +6,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..config import DEFAULT_BACKEND, MambaConfig, MoEConfig, check_backend, rest_backend
+from ..config import DEFAULT_BACKEND, MambaConfig, MLAConfig, MoEConfig, check_backend, rest_backend
+from ..policy import KernelPolicy
 from .blocks import MambaDecoderBlock, MLABlock
 
 
@@ -17,7 +18,8 @@ class MambaDecoder(nn.Module):
     def __init__(self, heads: int = 64, vocab_size: int = 50000, max_seq_len: int = 512,
                  depth: int = 6, dim: int = 512, post_embed_norm: bool = True,
                  mamba_config: Optional[MambaConfig] = None, moe_config: Optional[MoEConfig] = None,
-                 post_mamba_mla_block: bool = False, backend: str = DEFAULT_BACKEND):
+                 post_mamba_mla_block: bool = False, backend: str = DEFAULT_BACKEND,
+                 policy: Optional[KernelPolicy] = None):
         super().__init__()
         for name, v in dict(heads=heads, vocab_size=vocab_size, max_seq_len=max_seq_len,
                             depth=depth, dim=dim).items():
@@ -30,13 +32,9 @@ class MambaDecoder(nn.Module):
         self.embedding = nn.Embedding(vocab_size, dim)
         self.norm = nn.RMSNorm(dim) if post_embed_norm else None
         self.layers = nn.ModuleList(
-            [MambaDecoderBlock(dim, mamba_config, moe_config, backend) for _ in range(depth)])
-        self.mla_block = MLABlock(
-            dim=dim, n_heads=heads, max_seq_len=max_seq_len, n_experts=moe_config.n_experts,
-            n_activated=moe_config.n_activated, expert_inter_dim=moe_config.expert_inter_dim,
-            shared_expert_inter_dim=moe_config.shared_expert_inter_dim,
-            use_adaptive_bias=moe_config.use_adaptive_bias,
-            bias_update_rate=moe_config.bias_update_rate, backend=rest_backend(backend),
+            [MambaDecoderBlock(dim, mamba_config, moe_config, backend, policy) for _ in range(depth)])
+        self.mla_block = MLABlock.from_configs(
+            MLAConfig(dim=dim, n_heads=heads, max_seq_len=max_seq_len), moe_config, rest_backend(backend), policy,
         ) if post_mamba_mla_block else None
         self.head = nn.Sequential(nn.RMSNorm(dim), nn.Linear(dim, vocab_size))
 

@@ -17,7 +17,7 @@ from mambapy.mamba import RMSNorm as MambaRMSNorm
 from torch import nn
 
 from ..config import DEFAULT_BACKEND, check_backend, rest_backend
-from ..kernels import triton_installed
+from ..policy import DEFAULT_POLICY, KernelPolicy
 from .derived import derived
 
 
@@ -29,19 +29,22 @@ class MambaCache:
     #                     (d_conv of them on the mamba_ssm backend, whose conv step keeps the window)
     ssm: torch.Tensor   # (B, ED, N) the SSM state, fp32
 
-    def nbytes(self) -> int:
+    def nbytes(self, length: Optional[int] = None) -> int:
+        """Bytes held (at any context `length`: the state does not grow)."""
         return sum(t.numel() * t.element_size() for t in (self.conv, self.ssm))
 
 
 class MambaMixer(MambaBlock):
     """mambapy's MambaBlock with a `backend` switch. Input and output (B, L, D)."""
 
-    def __init__(self, config: MambaConfig, backend: str = DEFAULT_BACKEND):
+    def __init__(self, config: MambaConfig, backend: str = DEFAULT_BACKEND,
+                 policy: Optional[KernelPolicy] = None):
         if config.use_cuda:
             raise ValueError("MambaConfig.use_cuda=True asks for the mamba_ssm CUDA kernels; "
                              "use backend='fast' instead (accepted: use_cuda=False)")
         super().__init__(config)
         self.backend = check_backend(backend)
+        self.policy = policy or DEFAULT_POLICY
         if backend == "mamba_ssm":
             self._attach_mamba_ssm()
 
@@ -132,18 +135,9 @@ class MambaMixer(MambaBlock):
         return ssm_step_torch(x, self.dt_proj(dt), self.A_log, B, C, self.D, h)  # (B, ED), (B, ED, N)
 
     def _fused_impl(self, x: torch.Tensor) -> str:
-        """"triton" or "torch" for the conv + SiLU of the channel-major forward and the decode
-        step. `fused_impl` (an instance attribute: "auto" / "triton" / "torch") overrides;
-        "auto" is Triton on CUDA. Forcing "triton" on CPU tensors needs TRITON_INTERPRET=1."""
-        return self._fused_impl_on(x.device)
-
-    def _fused_impl_on(self, device: torch.device) -> str:
-        impl = getattr(self, "fused_impl", None) or "auto"
-        if impl == "auto":
-            return "triton" if device.type == "cuda" and triton_installed() else "torch"
-        if impl not in ("triton", "torch"):
-            raise ValueError(f"fused_impl={impl!r} is not one of auto, triton, torch")
-        return impl
+        """"triton" or "torch" for the conv + SiLU of the channel-major forward (the policy's
+        mamba_fused)."""
+        return "triton" if self.policy.decide(x.device, x.dtype).mamba_fused else "torch"
 
     def _conv(self, x: torch.Tensor) -> torch.Tensor:
         """Causal depthwise conv, x (B, L, ED) -> (B, L, ED) (the channel-major path runs
@@ -181,15 +175,15 @@ class MambaMixer(MambaBlock):
     def _layout(self, x: torch.Tensor) -> str:
         # Channel-major ("BDL": activations (B, ED, L), L contiguous) on CUDA, where the Triton
         # scan reads coalesced time rows and the GEMMs write that layout directly; (B, L, ED) on
-        # CPU, where it measured faster (NOTES.md). `fast_layout` (an instance attribute, "BLD" /
-        # "BDL") overrides. inner_layernorms normalize over dt_rank / d_state, which is the BLD
-        # path's last axis: that config always runs BLD.
-        return self._layout_on(x.device)
+        # CPU, where it measured faster (NOTES.md): the policy's mamba_layout. inner_layernorms
+        # normalize over dt_rank / d_state, which is the BLD path's last axis: that config
+        # always runs BLD.
+        return self._layout_on(x.device, x.dtype)
 
-    def _layout_on(self, device: torch.device) -> str:
+    def _layout_on(self, device: torch.device, dtype=None) -> str:
         if self.config.inner_layernorms:
             return "BLD"
-        return getattr(self, "fast_layout", None) or ("BDL" if device.type == "cuda" else "BLD")
+        return self.policy.decide(device, dtype).mamba_layout
 
     def _forward_fast(self, x: torch.Tensor, cache: Optional[MambaCache] = None,
                       residual: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -279,7 +273,7 @@ class MambaMixer(MambaBlock):
         # The Triton step has no backward and inner_layernorms normalize B, C, dt in between:
         # both keep the PyTorch ops.
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        if self._fused_impl(x) == "triton" and not needs_grad and not cfg.inner_layernorms:
+        if self.policy.decide(x.device, x.dtype, needs_grad).mamba_step and not cfg.inner_layernorms:
             x = ms.conv_step(x, cache.conv, conv_w, conv_b)             # (B, ED), cache shifted
             dt, B, C = torch.split(self.x_proj(x), [cfg.dt_rank, cfg.d_state, cfg.d_state], dim=-1)
             dt = F.linear(dt, self.dt_proj.weight)                      # (B, ED), bias fused
@@ -297,13 +291,11 @@ class MambaMixer(MambaBlock):
         if self.backend == "mamba_ssm":
             return {"scan": "mamba_ssm mamba_inner_fn (selective_scan_cuda)", "conv": "causal_conv1d",
                     "step": "mamba_ssm step (selective_state_update)"}
-        from ..kernels.selective_scan import auto_impl
-
-        fused = self._fused_impl_on(device) == "triton"
-        bdl = self._layout_on(device) == "BDL"
-        return {"scan": auto_impl(device),
-                "conv": "triton-conv-silu" if fused and bdl else "torch-conv1d",
-                "step": "triton-fused" if fused and not self.config.inner_layernorms else "torch"}
+        d = self.policy.decide(device, dtype)
+        bdl = self._layout_on(device, dtype) == "BDL"
+        return {"scan": d.scan,
+                "conv": "triton-conv-silu" if d.mamba_fused and bdl else "torch-conv1d",
+                "step": "triton-fused" if d.mamba_step and not self.config.inner_layernorms else "torch"}
 
 
 class _MixerCoreTrain(torch.autograd.Function):
@@ -387,9 +379,10 @@ class RMSNorm(MambaRMSNorm):
 class ResidualLayer(nn.Module):
     """mambapy's ResidualBlock, mixer(norm(x)) + x, with the mixer's backend chosen."""
 
-    def __init__(self, config: MambaConfig, backend: str = DEFAULT_BACKEND):
+    def __init__(self, config: MambaConfig, backend: str = DEFAULT_BACKEND,
+                 policy: Optional[KernelPolicy] = None):
         super().__init__()
-        self.mixer = MambaMixer(config, backend)
+        self.mixer = MambaMixer(config, backend, policy)
         self.norm = RMSNorm(config.d_model, config.rms_norm_eps, config.mup, rest_backend(backend))
 
     def forward(self, x: torch.Tensor, cache: Optional[MambaCache] = None) -> torch.Tensor:
@@ -402,15 +395,19 @@ class RegularMamba(nn.Module):
     The suite's baseline is `RegularMamba(MambaConfig(d_model=dim, n_layers=1))`.
     """
 
-    def __init__(self, config: MambaConfig, backend: str = DEFAULT_BACKEND):
+    def __init__(self, config: MambaConfig, backend: str = DEFAULT_BACKEND,
+                 policy: Optional[KernelPolicy] = None):
         super().__init__()
-        self.config = config
-        self.layers = nn.ModuleList([ResidualLayer(config, backend) for _ in range(config.n_layers)])
+        self.config, self.dim = config, config.d_model
+        self.layers = nn.ModuleList([ResidualLayer(config, backend, policy) for _ in range(config.n_layers)])
 
-    def init_cache(self, batch_size: int, device=None, dtype=None) -> list[MambaCache]:
+    def init_cache(self, batch_size: int, device=None, dtype=None, *, max_len: Optional[int] = None,
+                   kind: Optional[str] = None) -> list[MambaCache]:
+        """One state per layer, constant in the context (`max_len`, `kind`: see MambaDecoderBlock)."""
         return [layer.mixer.init_cache(batch_size, device, dtype) for layer in self.layers]
 
-    def forward(self, x: torch.Tensor, cache: Optional[list[MambaCache]] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Optional[list[MambaCache]] = None, *,
+                start_pos=None) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
             x = layer(x, None if cache is None else cache[i])
         return x
@@ -422,13 +419,14 @@ class MambaLM(nn.Module):
     mamba_ssm (its lm.py imports mamba2, which needs it). Token ids (B, L) -> logits (B, L, vocab).
     mambapy's muP and custom init are not reproduced: the benchmark times the function."""
 
-    def __init__(self, config: MambaConfig, vocab_size: int, backend: str = DEFAULT_BACKEND):
+    def __init__(self, config: MambaConfig, vocab_size: int, backend: str = DEFAULT_BACKEND,
+                 policy: Optional[KernelPolicy] = None):
         super().__init__()
         if config.mup:
             raise ValueError("MambaConfig.mup=True is not supported by MambaLM (accepted: mup=False)")
         self.config = config
         self.embedding = nn.Embedding(vocab_size, config.d_model, padding_idx=0)
-        self.mamba = RegularMamba(config, backend)
+        self.mamba = RegularMamba(config, backend, policy)
         self.norm_f = RMSNorm(config.d_model, config.rms_norm_eps, config.mup, rest_backend(backend))
         self.lm_head = nn.Linear(config.d_model, vocab_size, bias=False)
 

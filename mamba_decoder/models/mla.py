@@ -4,47 +4,62 @@ Parameter names (wq or wq_a/q_norm/wq_b, wkv_a, kv_norm, wkv_b, wo) and the math
 open_kimi's functions, softmax scale, fp32 softmax) are open_kimi's, so state dicts move both ways
 with strict=True. Two differences, both fixes: `mask=None` means causal (open_kimi attends to the
 future), and a plain forward needs no preallocated cache (open_kimi writes every call into a
-(max_batch_size, max_seq_len) buffer). Decoding uses an explicit `MLACache` (`init_cache`).
+(max_batch_size, max_seq_len) buffer). Decoding uses an explicit cache (`init_cache`): a
+`LatentCache` (absorb's) or a `FullCache` (naive's per-head K/V).
 """
 from __future__ import annotations
 
-import importlib.util
-from dataclasses import dataclass
-from typing import Literal, Optional
+from dataclasses import dataclass, fields
+from typing import ClassVar, Literal, Optional, Union
 
 import torch
 from open_kimi.mla import apply_rotary_emb, precompute_freqs_cis
 from torch import nn
 from torch.nn import RMSNorm
 
-from ..config import DEFAULT_BACKEND, check_backend
+from ..config import DEFAULT_BACKEND, MLAConfig, check_backend
 from ..kernels import attention as attn_kernels
-from ..kernels import triton_installed
-
-ATTN_IMPLS = ("naive", "absorb")
-DECODE_KERNELS = ("auto", "triton", "sdpa")
+from ..policy import DEFAULT_POLICY, KernelPolicy
 
 
-@dataclass
-class MLACache:
-    """Keys and values of the positions seen so far, for incremental decoding.
 
-    latent (absorb): kv (B, T_max, kv_lora_rank) and pe (B, T_max, rope) -- what MLA is for;
-    full (naive): k (B, T_max, H, Dqk) and v (B, T_max, H, Dv), an ordinary MHA cache, for comparison.
-    """
+class _Cache:
+    """Keys and values of the positions seen so far, for incremental decoding: two (B, T_max, ...)
+    buffers written in place (a CUDA graph replays over the same storage)."""
 
-    kind: Literal["latent", "full"]
-    a: torch.Tensor
-    b: torch.Tensor
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(getattr(self, f.name) for f in fields(self))
 
     @property
     def max_len(self) -> int:
-        return self.a.shape[1]
+        return self.tensors()[0].shape[1]
 
     def nbytes(self, length: Optional[int] = None) -> int:
         """Bytes held for `length` positions (all allocated positions by default)."""
         n = self.max_len if length is None else length
-        return sum(t[:, :n].numel() * t.element_size() for t in (self.a, self.b))
+        return sum(t[:, :n].numel() * t.element_size() for t in self.tensors())
+
+
+@dataclass
+class LatentCache(_Cache):
+    """What MLA is for (absorb): the normalized latent and the rotated rope key of each position."""
+
+    kv: torch.Tensor   # (B, T_max, kv_lora_rank)
+    pe: torch.Tensor   # (B, T_max, qk_rope_head_dim)
+    kind: ClassVar[str] = "latent"
+
+
+@dataclass
+class FullCache(_Cache):
+    """An ordinary per-head K/V cache (naive), for comparison."""
+
+    k: torch.Tensor    # (B, T_max, H, qk_nope_head_dim + qk_rope_head_dim)
+    v: torch.Tensor    # (B, T_max, H, v_head_dim)
+    kind: ClassVar[str] = "full"
+
+
+MLACache = Union[LatentCache, FullCache]
+CACHES = {"latent": LatentCache, "full": FullCache}
 
 
 class MLA(nn.Module):
@@ -52,53 +67,47 @@ class MLA(nn.Module):
                  qk_nope_head_dim: int = 128, qk_rope_head_dim: int = 64, v_head_dim: int = 128,
                  max_seq_len: int = 4096, max_batch_size: int = 8,
                  attn_impl: Literal["naive", "absorb"] = "absorb", rope_theta: float = 10000.0,
-                 mscale: float = 1.0, backend: str = DEFAULT_BACKEND):
+                 mscale: float = 1.0, backend: str = DEFAULT_BACKEND,
+                 policy: Optional[KernelPolicy] = None):
         super().__init__()
-        for name, v in dict(dim=dim, n_heads=n_heads, kv_lora_rank=kv_lora_rank,
-                            qk_nope_head_dim=qk_nope_head_dim, qk_rope_head_dim=qk_rope_head_dim,
-                            v_head_dim=v_head_dim, max_seq_len=max_seq_len,
-                            max_batch_size=max_batch_size).items():
-            if not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name}={v!r} must be a positive integer")
-        if q_lora_rank < 0:
-            raise ValueError(f"q_lora_rank={q_lora_rank!r} must be >= 0 (0: no query LoRA)")
-        if qk_rope_head_dim % 2:
-            raise ValueError(f"qk_rope_head_dim={qk_rope_head_dim} must be even (RoPE rotates pairs)")
-        if attn_impl not in ATTN_IMPLS:
-            raise ValueError(f"attn_impl={attn_impl!r} is not one of {', '.join(ATTN_IMPLS)}")
-        self.dim, self.n_heads = dim, n_heads
-        self.q_lora_rank, self.kv_lora_rank = q_lora_rank, kv_lora_rank
-        self.qk_nope_head_dim, self.qk_rope_head_dim = qk_nope_head_dim, qk_rope_head_dim
-        self.qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
-        self.v_head_dim = v_head_dim
-        self.max_seq_len, self.max_batch_size = max_seq_len, max_batch_size
-        self.attn_impl, self.rope_theta, self.mscale = attn_impl, rope_theta, mscale
+        self.config = cfg = MLAConfig(
+            dim=dim, n_heads=n_heads, q_lora_rank=q_lora_rank, kv_lora_rank=kv_lora_rank,
+            qk_nope_head_dim=qk_nope_head_dim, qk_rope_head_dim=qk_rope_head_dim, v_head_dim=v_head_dim,
+            max_seq_len=max_seq_len, max_batch_size=max_batch_size, attn_impl=attn_impl,
+            rope_theta=rope_theta, mscale=mscale)
+        self.dim, self.n_heads = cfg.dim, cfg.n_heads
+        self.q_lora_rank, self.kv_lora_rank = cfg.q_lora_rank, cfg.kv_lora_rank
+        self.qk_nope_head_dim, self.qk_rope_head_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+        self.qk_head_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        self.v_head_dim = cfg.v_head_dim
+        self.max_seq_len, self.max_batch_size = cfg.max_seq_len, cfg.max_batch_size
+        self.attn_impl, self.rope_theta, self.mscale = cfg.attn_impl, cfg.rope_theta, cfg.mscale
         self.backend = check_backend(backend)
+        # The Triton paths (policy.mla_prologue: the multi-token RoPE / latent norm / rope key as
+        # one launch; policy.mla_decode: one-token attention over a latent cache, split-K)
+        self.policy = policy or DEFAULT_POLICY
 
-        if q_lora_rank == 0:
-            self.wq = nn.Linear(dim, n_heads * self.qk_head_dim, bias=False)
+        if cfg.q_lora_rank == 0:
+            self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.qk_head_dim, bias=False)
         else:
-            self.wq_a = nn.Linear(dim, q_lora_rank, bias=False)
-            self.q_norm = RMSNorm(q_lora_rank)
-            self.wq_b = nn.Linear(q_lora_rank, n_heads * self.qk_head_dim, bias=False)
-        self.wkv_a = nn.Linear(dim, kv_lora_rank + qk_rope_head_dim, bias=False)
-        self.kv_norm = RMSNorm(kv_lora_rank)
-        self.wkv_b = nn.Linear(kv_lora_rank, n_heads * (qk_nope_head_dim + v_head_dim), bias=False)
-        self.wo = nn.Linear(n_heads * v_head_dim, dim, bias=False)
+            self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(cfg.q_lora_rank)
+            self.wq_b = nn.Linear(cfg.q_lora_rank, cfg.n_heads * self.qk_head_dim, bias=False)
+        self.wkv_a = nn.Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank)
+        self.wkv_b = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=False)
         # open_kimi scales by mscale only with YaRN (original_seq_len set), which this block does
         # not take: the scale is 1/sqrt(qk_head_dim), as there.
         self.softmax_scale = self.qk_head_dim ** -0.5
-        # One-token attention over a latent cache in the fast backend: "auto" runs the Triton
-        # split-K kernel on CUDA (SDPA elsewhere), "triton" forces it (on CPU tensors it needs
-        # TRITON_INTERPRET=1: what the tests do), "sdpa" never uses it.
-        self.decode_kernel: str = "auto"
-        # The fast backend's multi-token forward between the projections and the attention
-        # (query RoPE, latent RMSNorm, rope key) as one Triton launch: "auto" on CUDA,
-        # "triton" forced (CPU tensors need TRITON_INTERPRET=1), "torch" never.
-        self.fused_impl: str = "auto"
         # RoPE table, complex64 and per device. Not a buffer: Module.to(bfloat16) would cast a
         # complex buffer to real and drop the imaginary part (it does so to open_kimi's MLA).
         self._freqs: dict[torch.device, torch.Tensor] = {}
+
+    @classmethod
+    def from_config(cls, cfg: MLAConfig, backend: str = DEFAULT_BACKEND,
+                    policy: Optional[KernelPolicy] = None) -> "MLA":
+        return cls(**cfg.model_dump(), backend=backend, policy=policy)
 
     def freqs(self, end: int, device: torch.device) -> torch.Tensor:
         """(end, rope/2) complex rotations; grown on demand (plain RoPE: values don't depend on the length)."""
@@ -118,27 +127,33 @@ class MLA(nn.Module):
         p = self.wkv_a.weight
         device, dtype = device or p.device, dtype or p.dtype
         if kind == "latent":
-            a = torch.zeros(batch_size, max_len, self.kv_lora_rank, device=device, dtype=dtype)
-            b = torch.zeros(batch_size, max_len, self.qk_rope_head_dim, device=device, dtype=dtype)
-        elif kind == "full":
-            a = torch.zeros(batch_size, max_len, self.n_heads, self.qk_head_dim, device=device, dtype=dtype)
-            b = torch.zeros(batch_size, max_len, self.n_heads, self.v_head_dim, device=device, dtype=dtype)
-        else:
-            raise ValueError(f"cache kind={kind!r} is not one of latent, full")
-        return MLACache(kind, a, b)
+            return LatentCache(torch.zeros(batch_size, max_len, self.kv_lora_rank, device=device, dtype=dtype),
+                               torch.zeros(batch_size, max_len, self.qk_rope_head_dim, device=device, dtype=dtype))
+        if kind == "full":
+            return FullCache(
+                torch.zeros(batch_size, max_len, self.n_heads, self.qk_head_dim, device=device, dtype=dtype),
+                torch.zeros(batch_size, max_len, self.n_heads, self.v_head_dim, device=device, dtype=dtype))
+        raise ValueError(f"cache kind={kind!r} is not one of {', '.join(CACHES)}")
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
         return q.view(*x.shape[:2], self.n_heads, self.qk_head_dim)          # (B, S, H, Dqk)
 
-    def forward(self, x: torch.Tensor, start_pos: int = 0, mask: Optional[torch.Tensor] = None,
-                cache: Optional[MLACache] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start_pos: Union[int, torch.Tensor] = 0,
+                mask: Optional[torch.Tensor] = None, cache: Optional[MLACache] = None) -> torch.Tensor:
         """x (B, S, D) -> (B, S, D). Positions start_pos .. start_pos+S-1.
 
         Without `cache`, the S tokens attend among themselves (start_pos must be 0). With it,
         their keys are written at [start_pos, start_pos+S) and they attend to [0, start_pos+S).
-        `mask`: additive, broadcastable to (B, S, T); None = causal.
+        `mask`: additive, broadcastable to (B, S, T); None = causal. A device-tensor start_pos
+        (one token, with a cache and no mask) takes `decode_step`: no host sync, CUDA-graph safe.
         """
+        if isinstance(start_pos, torch.Tensor):
+            if cache is None or mask is not None or x.shape[1] != 1:
+                raise ValueError("a tensor start_pos is one decoding step: one token, a cache, no mask "
+                                 f"(got {x.shape[1]} tokens, cache {type(cache).__name__}, mask "
+                                 f"{'given' if mask is not None else 'None'})")
+            return self.decode_step(x, start_pos, cache)
         bsz, seqlen, _ = x.shape
         end = start_pos + seqlen
         if cache is None and start_pos != 0:
@@ -154,12 +169,10 @@ class MLA(nn.Module):
         return self._attend(x, freqs, mask, cache, slice(start_pos, end))
 
     def _fused_prologue(self, x: torch.Tensor, cache: Optional[MLACache]) -> bool:
-        """Whether a causal multi-token forward takes `_prefill_fused` (`fused_impl`)."""
-        if self.fused_impl not in ("auto", "triton", "torch"):
-            raise ValueError(f"fused_impl={self.fused_impl!r} is not one of auto, triton, torch")
+        """Whether a causal multi-token forward takes `_prefill_fused` (policy.mla_prologue)."""
         if self.backend != "fast" or (cache is not None and x.shape[1] == 1):
             return False
-        return self._triton_runs(x, self.fused_impl)
+        return self._decision(x).mla_prologue and self._rope_fits_triton()
 
     def _prefill_fused(self, x: torch.Tensor, start_pos: int, cache: Optional[MLACache]) -> torch.Tensor:
         """The fast causal forward of S tokens at start_pos..: the projections, one Triton
@@ -174,8 +187,8 @@ class MLA(nn.Module):
         q = self._query(x)                                                    # (B, S, H, Dqk)
         kva = self.wkv_a(x)                                                   # (B, S, C + R)
         C, R = self.kv_lora_rank, self.qk_rope_head_dim
-        if cache is not None and cache.kind == "latent":
-            kv_buf, pe_buf, p0 = cache.a[:bsz], cache.b[:bsz], start_pos
+        if isinstance(cache, LatentCache):
+            kv_buf, pe_buf, p0 = cache.kv[:bsz], cache.pe[:bsz], start_pos
         else:
             kv_buf = x.new_empty(bsz, seqlen, C)
             pe_buf = x.new_empty(bsz, seqlen, R)
@@ -185,10 +198,10 @@ class MLA(nn.Module):
         mla_prologue(q, kva, p0, freqs, self.kv_norm.weight, eps, kv_buf, pe_buf, self.qk_nope_head_dim)
         # keys [0, end) (latent cache) or [0, S)
         k, v = self._expand_kv(kv_buf[:, : p0 + seqlen], pe_buf[:, : p0 + seqlen])
-        if cache is not None and cache.kind == "full":
-            cache.a[:bsz, start_pos:end] = k
-            cache.b[:bsz, start_pos:end] = v
-            k, v = cache.a[:bsz, :end], cache.b[:bsz, :end]
+        if isinstance(cache, FullCache):
+            cache.k[:bsz, start_pos:end] = k
+            cache.v[:bsz, start_pos:end] = v
+            k, v = cache.k[:bsz, :end], cache.v[:bsz, :end]
         o = attn_kernels.naive_sdpa(q, k, v, self.softmax_scale, None)      # (B, S, H, Dv)
         return self.wo(o.flatten(2))
 
@@ -208,23 +221,18 @@ class MLA(nn.Module):
         return self._attend(x, freqs, mask, cache, pos.view(1))
 
     def _triton_decode(self, x: torch.Tensor, cache: Optional[MLACache]) -> bool:
-        if self.decode_kernel not in DECODE_KERNELS:
-            raise ValueError(f"decode_kernel={self.decode_kernel!r} is not one of {', '.join(DECODE_KERNELS)}")
-        if self.backend != "fast" or cache is None or cache.kind != "latent" or x.shape[1] != 1:
+        if self.backend != "fast" or not isinstance(cache, LatentCache) or x.shape[1] != 1:
             return False
-        return self._triton_runs(x, self.decode_kernel)
+        return self._decision(x).mla_decode and self._rope_fits_triton()
 
-    def _triton_runs(self, x: torch.Tensor, choice: str) -> bool:
-        """What both Triton paths need: no autograd (the kernels rotate in place and have no
-        backward: a call that wants gradients takes the PyTorch path), a power-of-two rope dim
-        (the prologue's), and `choice` "auto" on CUDA with Triton, or "triton" (forced)."""
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
-            return False
-        if self.qk_rope_head_dim & (self.qk_rope_head_dim - 1):
-            return False
-        if choice == "auto":
-            return x.is_cuda and triton_installed()
-        return choice == "triton"
+    def _decision(self, x: torch.Tensor):
+        """The policy's decision for x; with autograd on, no Triton path (the kernels rotate in
+        place and have no backward: a call that wants gradients takes the PyTorch path)."""
+        grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        return self.policy.decide(x.device, x.dtype, grad)
+
+    def _rope_fits_triton(self) -> bool:
+        return not self.qk_rope_head_dim & (self.qk_rope_head_dim - 1)   # the prologue's power of two
 
     def _expand_kv(self, kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The normalized latent kv (B, T, C) and rotated rope key k_pe (B, T, R) as per-head
@@ -262,24 +270,24 @@ class MLA(nn.Module):
         # FLOPs than attending over the 576-wide latent keys. attn_impl then picks only the
         # decoding cache (absorb -> latent), which one-token steps read in latent form.
         if cache is not None:
-            use_latent = cache.kind == "latent" and not (fast and seqlen > 1)
+            use_latent = isinstance(cache, LatentCache) and not (fast and seqlen > 1)
         else:
             use_latent = self.attn_impl == "absorb" and not fast
         if use_latent:
             if cache is not None:
-                kv, k_pe = store(cache.a, kv), store(cache.b, k_pe)
+                kv, k_pe = store(cache.kv, kv), store(cache.pe, k_pe)
             q_lat = torch.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, : self.qk_nope_head_dim])
             attend = attn_kernels.absorb_sdpa if fast else attn_kernels.absorb_ref
             o = attend(q_lat, q_pe, kv, k_pe, self.softmax_scale, mask)           # (B, S, H, C)
             o = torch.einsum("bshc,hdc->bshd", o, wkv_b[:, -self.v_head_dim:])
         else:
-            if cache is not None and cache.kind == "latent":
+            if isinstance(cache, LatentCache):
                 # Latent prefill: store the latent, then expand all of [0, end) (earlier
                 # positions come from the cache) to per-head K/V.
-                kv, k_pe = store(cache.a, kv), store(cache.b, k_pe)
+                kv, k_pe = store(cache.kv, kv), store(cache.pe, k_pe)
             k, v = self._expand_kv(kv, k_pe)
-            if cache is not None and cache.kind == "full":
-                k, v = store(cache.a, k), store(cache.b, v)
+            if isinstance(cache, FullCache):
+                k, v = store(cache.k, k), store(cache.v, v)
             q = torch.cat([q_nope, q_pe], dim=-1)
             attend = attn_kernels.naive_sdpa if fast else attn_kernels.naive_ref
             o = attend(q, k, v, self.softmax_scale, mask)                     # (B, S, H, Dv)
@@ -295,7 +303,7 @@ class MLA(nn.Module):
 
         bsz = x.shape[0]
         q = self._query(x).view(bsz, self.n_heads, self.qk_head_dim)                   # (B, H, Dqk)
-        kv_a, pe = cache.a[:bsz], cache.b[:bsz]
+        kv_a, pe = cache.kv[:bsz], cache.pe[:bsz]
         eps = self.kv_norm.eps if self.kv_norm.eps is not None else torch.finfo(x.dtype).eps
         mla_decode_prologue(q, self.wkv_a(x).view(bsz, -1), pos, self.freqs(cache.max_len, x.device),
                             self.kv_norm.weight, eps, kv_a, pe, self.qk_nope_head_dim)
@@ -311,12 +319,9 @@ class MLA(nn.Module):
     def kernel_choice(self, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
         if self.backend == "reference":
             return {"attn": f"{self.attn_impl}-einsum"}
-        def triton_on(choice: str) -> bool:
-            return choice == "triton" or (
-                choice == "auto" and torch.device(device).type == "cuda" and triton_installed())
-
-        prefill = "triton prologue + naive-sdpa" if triton_on(self.fused_impl) else "naive-sdpa"
+        d, rope = self.policy.decide(device, dtype), self._rope_fits_triton()
+        prefill = "triton prologue + naive-sdpa" if d.mla_prologue and rope else "naive-sdpa"
         if self.attn_impl != "absorb":
             return {"attn": f"prefill {prefill}, decode full-cache sdpa"}
-        decode = "triton prologue + split-k" if triton_on(self.decode_kernel) else "sdpa"
+        decode = "triton prologue + split-k" if d.mla_decode and rope else "sdpa"
         return {"attn": f"prefill {prefill}, decode latent cache {decode} (full cache sdpa)"}

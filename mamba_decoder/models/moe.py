@@ -18,6 +18,7 @@ from open_kimi.moe import MoE as KimiMoE
 
 from ..config import DEFAULT_BACKEND, MoEConfig, check_backend
 from ..kernels import moe as moe_kernels
+from ..policy import DEFAULT_POLICY, KernelPolicy
 from .derived import derived
 
 
@@ -28,20 +29,24 @@ def _expert_params(experts) -> list[torch.Tensor]:
 
 
 class MoE(KimiMoE):
+    """open_kimi's MoE with a backend; its arguments are validated as a MoEConfig (`.config`)."""
+
     def __init__(self, dim: int, n_experts: int = 6, n_activated: int = 2,
                  expert_inter_dim: Optional[int] = None, shared_expert_inter_dim: Optional[int] = None,
                  use_adaptive_bias: bool = True, bias_update_rate: float = 0.01,
-                 backend: str = DEFAULT_BACKEND):
-        MoEConfig(dim=dim, n_experts=n_experts, n_activated=n_activated,
-                  expert_inter_dim=expert_inter_dim, shared_expert_inter_dim=shared_expert_inter_dim,
-                  use_adaptive_bias=use_adaptive_bias, bias_update_rate=bias_update_rate)  # validate
-        super().__init__(dim, n_experts, n_activated, expert_inter_dim, shared_expert_inter_dim,
-                         use_adaptive_bias, bias_update_rate)
+                 backend: str = DEFAULT_BACKEND, policy: Optional[KernelPolicy] = None):
+        config = MoEConfig(dim=dim, n_experts=n_experts, n_activated=n_activated,
+                           expert_inter_dim=expert_inter_dim, shared_expert_inter_dim=shared_expert_inter_dim,
+                           use_adaptive_bias=use_adaptive_bias, bias_update_rate=bias_update_rate)
+        super().__init__(**config.model_dump())
+        self.config = config
         self.backend = check_backend(backend)
+        self.policy = policy or DEFAULT_POLICY
 
     @classmethod
-    def from_config(cls, cfg: MoEConfig, backend: str = DEFAULT_BACKEND) -> "MoE":
-        return cls(**cfg.model_dump(), backend=backend)
+    def from_config(cls, cfg: MoEConfig, backend: str = DEFAULT_BACKEND,
+                    policy: Optional[KernelPolicy] = None) -> "MoE":
+        return cls(**cfg.model_dump(), backend=backend, policy=policy)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "reference":
@@ -111,30 +116,32 @@ class MoE(KimiMoE):
         shape = x.shape
         x_flat = x.reshape(-1, shape[-1])                                 # (T, D)
         training = torch.is_grad_enabled() and (x.requires_grad or self.experts[0].w1.weight.requires_grad)
+        d = self.policy.decide(x_flat.device, x_flat.dtype, training)
         g = self.gate
         # In train mode the routing bias moves with each forward's picks: route() does that
         # update. Otherwise the scores alone route, fused into a Triton pass on CUDA.
         updates_bias = g.use_adaptive_bias and g.training
-        if x_flat.shape[0] <= self._dense_small_max_tokens(x_flat.device, training):
+        if x_flat.shape[0] <= d.dense_small_max_tokens:
             fold = self.folds_shared_expert()
             if updates_bias:
                 w, idx = self.route(x_flat)
                 out = moe_kernels.routed_dense_small(x_flat, w, idx, self.n_experts, int(fold),
-                                                     *self.dense_small_weights())
+                                                     *self.dense_small_weights(), d.moe_triton)
             else:
                 out = moe_kernels.scored_dense_small(
                     x_flat, F.linear(x_flat, g.gate_weight), self._route_bias(), g.top_k,
-                    self.n_experts, int(fold), *self.dense_small_weights())
+                    self.n_experts, int(fold), *self.dense_small_weights(), d.moe_triton)
             return (out if fold else out + self.shared_expert(x_flat)).view(shape)
         if updates_bias:
             w, idx = self.route(x_flat)
         else:
-            w, idx = moe_kernels.route_scores(F.linear(x_flat, g.gate_weight), self._route_bias(), g.top_k)
-        impl = moe_kernels.auto_impl(x_flat.device, x_flat.dtype)
+            w, idx = moe_kernels.route_scores(F.linear(x_flat, g.gate_weight), self._route_bias(), g.top_k,
+                                              d.moe_triton)
+        impl = d.moe
         if impl == "grouped_mm" and training:
             # training: no per-step concatenated weight copies; the shared expert on its own
             w1, w2, w3 = self.stacked_weights()
-            out = moe_kernels.routed_grouped(x_flat, w, idx, w1, w2, w3)
+            out = moe_kernels.routed_grouped(x_flat, w, idx, w1, w2, w3, None, d.moe_triton)
         elif impl == "grouped_mm":
             w1, w2, w3, w13 = self.grouped_weights()
             if self.folds_shared_expert():
@@ -143,24 +150,20 @@ class MoE(KimiMoE):
                 T = x_flat.shape[0]
                 idx = torch.cat([idx, idx.new_full((T, 1), self.n_experts)], dim=1)
                 w = torch.cat([w, w.new_ones(T, 1)], dim=1)
-                return moe_kernels.routed_grouped(x_flat, w, idx, w1, w2, w3, w13).view(shape)
-            out = moe_kernels.routed_grouped(x_flat, w, idx, w1, w2, w3, w13)
+                return moe_kernels.routed_grouped(x_flat, w, idx, w1, w2, w3, w13, d.moe_triton).view(shape)
+            out = moe_kernels.routed_grouped(x_flat, w, idx, w1, w2, w3, w13, d.moe_triton)
         else:
             w1, w2, w3 = self.stacked_weights()
             out = moe_kernels.routed_experts(x_flat, w, idx, w1, w2, w3, impl=impl)
         return (out + self.shared_expert(x_flat)).view(shape)
 
-    def _dense_small_max_tokens(self, device: torch.device, autograd: bool = False) -> int:
-        # an instance attribute overrides the per-device default (benchmarks, tests); 0 turns it off
-        n = getattr(self, "dense_small_max_tokens", None)
-        return moe_kernels.dense_small_max_tokens(device, autograd) if n is None else n
-
     def kernel_choice(self, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
         if self.backend == "reference":
             return {"moe": "open_kimi-loop"}
-        n, ng = self._dense_small_max_tokens(device), self._dense_small_max_tokens(device, True)
+        d, dg = self.policy.decide(device, dtype), self.policy.decide(device, dtype, grad=True)
+        n, ng = d.dense_small_max_tokens, dg.dense_small_max_tokens
         grad = "" if ng == n else f"; {ng} with autograd"
-        fused = moe_kernels.router_fuses(device, dtype, self.n_experts, self.gate.top_k)
-        return {"moe": f"{moe_kernels.auto_impl(device, dtype)} (T > {n}), dense-small (T <= {n}{grad})",
+        fused = moe_kernels.router_fuses(torch.device(device), dtype, self.n_experts, self.gate.top_k, d.moe_triton)
+        return {"moe": f"{d.moe} (T > {n}), dense-small (T <= {n}{grad})",
                 "router": ("triton, one launch, inside dense-small's gated pass (inference in eval mode; "
                            "torch ops in train mode or with autograd)") if fused else "torch"}

@@ -258,3 +258,24 @@ def test_min_time_and_groups_of_backend_dtype(tmp_path, capsys):
     for r in recs:   # both conditions: >= --runs and >= --min-time of timed runs
         assert r.n_runs >= 2 and sum(r.samples_ms) >= 50.0
     assert "--- backend: fast | dtype: bfloat16 ---" in out
+
+
+def test_api_checks_its_output_dir_as_the_cli_does(tmp_path, capsys):
+    """The API runs execute's one path: a non-empty output_dir needs resume or overwrite, and
+    records, CSV and environment land there as they do from the CLI."""
+    from mamba_decoder.bench.api import run_scaling_benchmarks
+
+    kw = dict(dim=16, sequence_lengths=[4], batch_sizes=[1], use_cuda=False, models=["Regular Mamba"],
+              warmup=0, runs=1, verbose=False, progress=False)
+    out = tmp_path / "api"
+    (r,) = run_scaling_benchmarks(output_dir=out, **kw)
+    assert r.ok and read_jsonl(out / "results.jsonl") == [r] and read_csv(out / "results.csv") == [r]
+    assert (out / "environment.json").is_file()
+    with pytest.raises(ValueError, match="is not empty"):
+        run_scaling_benchmarks(output_dir=out, **kw)
+    assert run_scaling_benchmarks(output_dir=out, resume=True, **kw) == [r]   # recorded ok: not measured again
+    (again,) = run_scaling_benchmarks(output_dir=out, overwrite=True, **kw)
+    assert read_jsonl(out / "results.jsonl") == [again] and again.timestamp >= r.timestamp
+    with pytest.raises(ValueError, match="dim: 0 is not an integer >= 1"):
+        run_scaling_benchmarks(output_dir=tmp_path / "bad", **{**kw, "dim": 0})
+    assert not (tmp_path / "bad").exists()

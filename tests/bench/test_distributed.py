@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mamba_decoder.bench import distributed as D
+from mamba_decoder.bench import torchrun as D
 from mamba_decoder.bench.flops import forward_flops
 from mamba_decoder.bench.registry import build_model
 from mamba_decoder.bench.results import BenchmarkResult, load_run, read_jsonl
@@ -29,7 +29,7 @@ from .conftest import make_record
 ARGS = ["--dim", "32", "--seq-lens", "8", "16", "--batch-sizes", "1", "2", "--runs", "1",
         "--warmup", "0", "--no-cuda", "--no-progress", "--threads", "1"]
 SETTINGS = SweepSettings(dim=32, sequence_lengths=[8, 16], batch_sizes=[1, 2], warmup=0, runs=1,
-                         threads=1).validate()
+                         threads=1)
 ALL_KEYS = {c.key(SETTINGS) for c in iter_configs(SETTINGS)}
 
 
@@ -39,17 +39,17 @@ def _cost(c: Config) -> float:
 
 def _env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", D.TEST_EXIT_AFTER_ENV)}
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "DYING_RANK")}
     env.update(OMP_NUM_THREADS="1", **extra)
     return env
 
 
-def _bench(out: Path, *extra: str, nproc: int | None = None, env=None) -> subprocess.CompletedProcess:
+def _bench(out: Path, *extra: str, nproc: int | None = None, env=None,
+           entry=("-m", "mamba_decoder.bench.distributed")) -> subprocess.CompletedProcess:
     """`python -m mamba_decoder.bench.distributed run`, under torchrun when nproc is given."""
     launcher = [] if nproc is None else ["-m", "torch.distributed.run", "--standalone",
                                          "--nproc-per-node", str(nproc)]
-    cmd = [sys.executable, *launcher, "-m", "mamba_decoder.bench.distributed", "run", *ARGS,
-           "--output-dir", str(out), *extra]
+    cmd = [sys.executable, *launcher, *entry, "run", *ARGS, "--output-dir", str(out), *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env or _env())
 
 
@@ -214,6 +214,29 @@ def test_device_kinds_and_the_mixed_devices_warning():
     assert [r["device_name"] for r in env["distributed"]["ranks"]] == ["NVIDIA H100 80GB HBM3", "NVIDIA H200"]
 
 
+@pytest.mark.parametrize("variant", [dict(compile=True), dict(mode="decode", cache_kind="full"),
+                                     dict(mode="train", optimizer_step=True)])
+def test_merge_records_unfinished_configs_of_a_variant_under_their_own_key(variant, tmp_path):
+    """A rank that did not finish: each of its configs gets an error record whose key is the
+    config's own, variant and level included, so the merge returns every config of the sweep."""
+    s = SweepSettings(dim=32, sequence_lengths=[8, 16], batch_sizes=[1], warmup=0, runs=1,
+                      models=["Regular Mamba"], **variant)
+    assert s.variant
+    configs = list(iter_configs(s))
+    shards = [configs[:1], configs[1:]]
+    infos = [{"rank": r, "world_size": 2, "local_rank": r, "host": "h", "device": "cpu",
+              "device_name": "cpu"} for r in range(2)]
+    done = make_record(seq=8, mode=s.mode, variant=s.variant, backend=configs[0].backend,
+                       dim=32, warmup=0)
+    assert done.key == configs[0].key(s)
+    out = D.merge(tmp_path, s, shards, {0: [(done, infos[0])], 1: []}, infos, {1: "killed"})
+    assert [r.key for r in out] == [c.key(s) for c in configs]
+    (failed,) = out[1:]
+    assert (failed.status, failed.variant, failed.level, failed.mode) == ("error", s.variant, "block", s.mode)
+    assert failed.message == "rank 1 did not finish (killed)"
+    assert {r.key for r in load_run(tmp_path)} == {c.key(s) for c in configs}
+
+
 # ---------------------------------------------------------------- end to end under torchrun
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
@@ -252,13 +275,16 @@ def test_two_ranks_give_the_single_process_result_set(single, tmp_path):
     assert env["distributed"]["warning"] is None and len(env["distributed"]["device_kinds"]) == 1
     assert len(list(out.glob("*.png"))) == 8 and (out / "results.csv").is_file()
     assert "[rank 1]" in p.stdout and "[rank 0]" in p.stdout
+    # the one banner (execute's): the kernels each model runs, then the ranks' shares
+    assert "Kernels Regular Mamba (fast, float32): scan=cpu" in p.stdout and "distributed: 2 ranks" in p.stdout
 
 
 @pytest.fixture(scope="module")
 def killed(tmp_path_factory):
     """3 ranks; rank 1 dies (os._exit) right after its first record."""
     out = tmp_path_factory.mktemp("killed") / "out"
-    p = _bench(out, "--no-plots", nproc=3, env=_env(**{D.TEST_EXIT_AFTER_ENV: "1:1"}))
+    p = _bench(out, "--no-plots", nproc=3, env=_env(DYING_RANK="1:1"),
+               entry=(str(Path(__file__).with_name("dying_rank.py")),))
     return out, p
 
 

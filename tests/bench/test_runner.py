@@ -12,7 +12,7 @@ from mamba_decoder.bench.runner import SweepSettings, measure_isolated, Config, 
 def tiny(**kw) -> SweepSettings:
     base = dict(dim=32, sequence_lengths=[8, 16], batch_sizes=[1, 2], warmup=0, runs=2, device="cpu")
     base.update(kw)
-    return SweepSettings(**base).validate()
+    return SweepSettings(**base)
 
 
 def _inject(monkeypatch, exc, model="MambaDecoderBlock", seq=16):
@@ -115,3 +115,19 @@ def test_isolated_crash_costs_one_row_and_names_the_signal(monkeypatch):
     out = run_sweep(tiny(models=["Regular Mamba"], batch_sizes=[1], isolate=True), progress=False)
     assert len(out) == 2
     assert all(r.status == "error" and "SIGSEGV" in r.message for r in out)
+
+
+def test_settings_errors_are_one_line_naming_the_value_and_what_is_accepted():
+    from pydantic import ValidationError
+
+    from mamba_decoder.bench.settings import one_line
+
+    for kw, msg in [(dict(dim=True), "dim: True is not an integer >= 1"),
+                    (dict(batch_sizes=[]), "batch sizes: none given (accepted: an integer >= 1)"),
+                    (dict(min_time_s=float("inf")), "min time: inf is not a finite number of seconds >= 0"),
+                    (dict(backends=["cuda"]), "backend 'cuda' is not one of: 'reference', 'fast'"),
+                    (dict(mode="decode", level="model"), "--mode decode runs at --level block"),
+                    (dict(bogus=1), "bogus: extra inputs are not permitted")]:
+        with pytest.raises(ValidationError) as e:
+            SweepSettings(**kw)
+        assert one_line(e.value).startswith(msg) and "\n" not in one_line(e.value)

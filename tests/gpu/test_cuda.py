@@ -121,7 +121,6 @@ def test_triton_mla_decode_equals_absorb_ref_on_cuda(length):
 
 def test_mla_block_graphed_triton_decode_step_equals_eager():
     from mamba_decoder.models import MLABlock
-    from mamba_decoder.models.mla import MLACache
 
     torch.manual_seed(0)
     B, P, steps, T = 8, 700, 6, 1024 + 64
@@ -132,7 +131,7 @@ def test_mla_block_graphed_triton_decode_step_equals_eager():
     with torch.inference_mode():
         cache = model.init_cache(B, T)
         model(x[:, :P], 0, None, cache)
-        gcache = MLACache(cache.kind, cache.a.clone(), cache.b.clone())
+        gcache = type(cache)(*(t.clone() for t in cache.tensors()))
         want = [model.decode_step(x[:, t:t + 1], torch.tensor(t, device=DEV), cache)
                 for t in range(P, P + steps)]
         tok, pos = x[:, P:P + 1].clone(), torch.tensor(P, device=DEV)
@@ -152,7 +151,7 @@ def test_mla_block_graphed_triton_decode_step_equals_eager():
             out.fill_(float("nan"))              # the replay must write every element
             graph.replay()
             got.append(out.clone())
-    assert torch.equal(gcache.a, cache.a) and torch.equal(gcache.b, cache.b)
+    assert all(torch.equal(g, c) for g, c in zip(gcache.tensors(), cache.tensors()))
     for t, (g, w) in enumerate(zip(got, want)):
         assert torch.isfinite(g).all() and rel_err(g, w) < 1e-2, t
     # and the Triton steps (prologue + split-k) against the causal full forward of the attention
@@ -232,7 +231,8 @@ def test_triton_causal_conv_gradients_on_cuda(monkeypatch):
 def test_graphed_mamba_decoder_block_decode_equals_eager():
     """MambaDecoderBlock at dim 512, batch 8, bf16: the fused Triton step + dense-small MoE,
     captured in a CUDA graph and replayed, equals eager steps; eager fused equals the PyTorch
-    ops step (fused_impl="torch")."""
+    ops step (policy mamba_fused="torch")."""
+    from mamba_decoder import KernelPolicy
     from mamba_decoder.models import MambaDecoderBlock
 
     torch.manual_seed(0)
@@ -245,12 +245,12 @@ def test_graphed_mamba_decoder_block_decode_equals_eager():
     with torch.inference_mode():
         caches = {}
         for impl in ("torch", "triton", "graph"):
-            model.mixer.fused_impl = "torch" if impl == "torch" else "triton"
+            model.mixer.policy = KernelPolicy(mamba_fused="torch" if impl == "torch" else "triton")
             caches[impl] = model.init_cache(B)
             model(x[:, :P], caches[impl])                        # prefill (Triton conv unless torch)
-        model.mixer.fused_impl = "torch"
+        model.mixer.policy = KernelPolicy(mamba_fused="torch")
         want = [model(x[:, t:t + 1], caches["torch"]) for t in range(P, P + steps)]
-        model.mixer.fused_impl = "triton"
+        model.mixer.policy = KernelPolicy(mamba_fused="triton")
         eager = [model(x[:, t:t + 1], caches["triton"]) for t in range(P, P + steps)]
         gcache = caches["graph"]
         tok = x[:, P:P + 1].clone()

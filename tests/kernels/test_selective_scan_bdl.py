@@ -216,12 +216,13 @@ def test_fast_mixer_bdl_path_equals_reference():
     pytest.importorskip("mambapy")
     from mambapy.mamba import MambaConfig
 
+    from mamba_decoder import KernelPolicy
     from mamba_decoder.models import MambaMixer
     torch.manual_seed(0)
     ref = MambaMixer(MambaConfig(d_model=24, n_layers=1), backend="reference")
-    fast = MambaMixer(MambaConfig(d_model=24, n_layers=1), backend="fast")
+    fast = MambaMixer(MambaConfig(d_model=24, n_layers=1), backend="fast",
+                      policy=KernelPolicy(mamba_layout="BDL"))
     fast.load_state_dict(ref.state_dict())
-    fast.fast_layout = "BDL"
     x = torch.randn(2, 19, 24)
     assert rel(fast(x), ref(x)) < 1e-5
     # prefill continuing from a cache
@@ -327,12 +328,12 @@ def test_fused_mixer_training_path_equals_reference(small_tiles, d_model, d_stat
 
     from helpers import randomize_
     from mamba_decoder.models import MambaMixer
+    from mamba_decoder.policy import KernelPolicy
 
     cfg = MambaConfig(d_model=d_model, n_layers=1, d_state=d_state)
     ref = randomize_(MambaMixer(cfg, backend="reference")).to(DEV, dtype)
-    fast = MambaMixer(cfg, backend="fast").to(DEV, dtype)
+    fast = MambaMixer(cfg, backend="fast", policy=KernelPolicy(mamba_fused="triton", mamba_layout="BDL")).to(DEV, dtype)
     fast.load_state_dict(ref.state_dict())
-    fast.fast_layout, fast.fused_impl = "BDL", "triton"
     x = torch.randn(*shape, d_model, device=DEV, dtype=dtype)
     res = torch.randn_like(x) if residual else None
     gy = torch.randn_like(x)

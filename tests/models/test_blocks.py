@@ -1,4 +1,7 @@
-"""The blocks and the decoder compute DESIGN.md's diagram with the field's own modules."""
+"""The blocks and the decoder compute DESIGN.md's architecture ("Architecture of the blocks")
+with the field's own modules."""
+import os
+
 import pytest
 import torch
 from helpers import randomize_, rel_err
@@ -121,3 +124,57 @@ def test_fast_is_the_default_backend_everywhere():
     for name in MODELS:
         model = build_model(name, 32)
         assert {m.backend for m in model.modules() if hasattr(m, "backend")} == {"fast"}, name
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                    reason="forcing the Triton conv on CPU tensors needs TRITON_INTERPRET=1")
+def test_the_policy_given_is_what_runs_and_what_kernel_choice_reports(monkeypatch):
+    """One decision: a policy given at construction drives the forward (counted) and the
+    kernels a record names; set_kernel_policy swaps it for every part of a block."""
+    from mamba_decoder import KernelPolicy
+    from mamba_decoder.kernels import causal_conv
+    from mamba_decoder.kernels import moe as moe_kernels
+    from mamba_decoder.models import kernel_choices, set_kernel_policy
+
+    calls = []
+    for name in ("causal_conv1d_silu", "causal_conv1d_silu_torch"):
+        real = getattr(causal_conv, name)
+        monkeypatch.setattr(causal_conv, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    grouped = moe_kernels.routed_grouped
+    monkeypatch.setattr(moe_kernels, "routed_grouped", lambda *a: calls.append("grouped") or grouped(*a))
+    policy = KernelPolicy(mamba_fused="triton", mamba_layout="BDL", dense_small_max_tokens=0)
+    block = MambaDecoderBlock(32, MambaConfig(d_model=32, n_layers=1), MoEConfig(dim=32), policy=policy).eval()
+    cpu = torch.device("cpu")
+    if not moe_kernels.grouped_mm_works("cpu", None, torch.float32):
+        pytest.skip("torch._grouped_mm does not run here")
+    k = kernel_choices(block, cpu, torch.float32)
+    assert k["conv"] == "triton-conv-silu" and k["moe"].startswith("grouped_mm (T > 0)")
+    with torch.no_grad():
+        block(torch.randn(2, 8, 32))
+    assert calls == ["causal_conv1d_silu", "grouped"]
+    calls.clear()
+    set_kernel_policy(block, KernelPolicy())            # the defaults: PyTorch conv, dense-small
+    k = kernel_choices(block, cpu, torch.float32)
+    assert k["conv"] == "torch-conv1d" and "dense-small (T <= 64)" in k["moe"]
+    with torch.no_grad():
+        block(torch.randn(2, 8, 32))
+    assert calls == []                                  # BLD on the CPU: no causal_conv kernel at all
+
+
+def test_mla_block_from_typed_configs_is_the_keyword_block():
+    """The spec's keyword constructor and MLABlock.from_configs build the same block (same
+    parameters for the same seed); the configs are validated, naming the bad value."""
+    from mamba_decoder import MLAConfig
+
+    torch.manual_seed(0)
+    flat = MLABlock(dim=D, **MLA_KW, n_experts=4, n_activated=2, backend="reference")
+    torch.manual_seed(0)
+    typed = MLABlock.from_configs(MLAConfig(dim=D, **MLA_KW), MoEConfig(dim=D, n_experts=4, n_activated=2),
+                                  backend="reference")
+    assert typed.mla_config == flat.mla_config and typed.moe_config == flat.moe_config
+    a, b = flat.state_dict(), typed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="must equal mla_config.dim"):
+        MLABlock.from_configs(MLAConfig(dim=D, **MLA_KW), MoEConfig(dim=2 * D))
+    with pytest.raises(ValueError, match="n_heads=0"):
+        MLAConfig(dim=D, n_heads=0)

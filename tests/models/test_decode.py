@@ -10,8 +10,8 @@ if not torch.cuda.is_available():
 from helpers import randomize_, rel_err  # noqa: E402
 from mambapy.mamba import MambaBlock  # noqa: E402
 
-from mamba_decoder import MambaConfig, MambaDecoder, MambaDecoderBlock, MLABlock, MoEConfig  # noqa: E402
-from mamba_decoder.models import MambaMixer, RegularMamba  # noqa: E402
+from mamba_decoder import KernelPolicy, MambaConfig, MambaDecoder, MambaDecoderBlock, MLABlock, MoEConfig  # noqa: E402
+from mamba_decoder.models import MambaMixer, RegularMamba, set_kernel_policy  # noqa: E402
 
 D = 40
 MOE = MoEConfig(dim=D, n_experts=4, n_activated=2, expert_inter_dim=48)
@@ -114,8 +114,7 @@ def test_mla_decode_step_with_a_tensor_position_equals_forward(backend, kind):
 def test_mla_block_triton_decode_step_equals_forward(prefill):
     """MLABlock.decode_step through the Triton split-K kernel (forced on CPU, interpreted),
     as the CUDA-graphed step runs it: token by token equal to the full causal forward."""
-    model = randomize_(_build("MLABlock", "fast")).eval()
-    model.attn.decode_kernel = "triton"
+    model = set_kernel_policy(randomize_(_build("MLABlock", "fast")).eval(), KernelPolicy(mla_decode="triton"))
     x = torch.randn(3, 12, D)
     with torch.no_grad():
         want = model(x)
@@ -138,7 +137,7 @@ NEEDS_INTERPRET = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
 def _force_fused(model, layout):
     mixers = [m for m in model.modules() if isinstance(m, MambaMixer)]
     for m in mixers:
-        m.fused_impl, m.fast_layout = "triton", layout
+        m.policy = KernelPolicy(mamba_fused="triton", mamba_layout=layout)
     return mixers
 
 
@@ -205,7 +204,7 @@ def test_decode_steps_with_autograd_on_keep_every_gradient(name, monkeypatch):
         cache = model.init_cache(2)
         out = model(torch.randn(2, 1, D), cache)
     else:
-        model.attn.decode_kernel = "triton"
+        model.attn.policy = KernelPolicy(mla_decode="triton")
         model.attn.wq.weight.requires_grad_(False)
         cache = model.init_cache(2, 8)
         model(torch.randn(2, 3, D), 0, None, cache)
@@ -216,3 +215,26 @@ def test_decode_steps_with_autograd_on_keep_every_gradient(name, monkeypatch):
                and "experts" not in n]   # (unrouted experts get no gradient, as in the reference)
     assert trained and all(p.grad is not None for _, p in trained), \
         [n for n, p in trained if p.grad is None]
+
+
+def test_one_decoding_interface_for_every_block():
+    """init_cache(batch, max_len=...) and block(x, start_pos=..., cache=...) for all three blocks;
+    a device-tensor start_pos is MLA's graph-safe step and equals the int-position forward."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, D)
+    for name in ("Regular Mamba", "MambaDecoderBlock", "MLABlock"):
+        model = randomize_(_build(name, "fast")).eval()
+        with torch.no_grad():
+            want = model(x)
+            outs = {}
+            for pos_kind in ("int", "tensor"):
+                cache = model.init_cache(2, max_len=16)
+                seq = [model(x[:, :5], start_pos=0, cache=cache)]
+                for t in range(5, 9):
+                    pos = t if pos_kind == "int" else torch.tensor(t)
+                    seq.append(model(x[:, t:t + 1], start_pos=pos, cache=cache))
+                outs[pos_kind] = torch.cat(seq, 1)
+        assert rel_err(outs["int"], want) < 1e-5 and rel_err(outs["tensor"], want) < 1e-5, name
+    mla = _build("MLABlock", "fast")
+    with pytest.raises(ValueError, match="a tensor start_pos is one decoding step"):
+        mla(x, start_pos=torch.tensor(0), cache=mla.init_cache(2, 16))

@@ -119,7 +119,8 @@ def test_mamba_lm_has_mambapy_lm_state_dict_names():
 # -- the channel-major fast path with the Triton causal conv + SiLU, forced on CPU tensors
 
 def _fused_bdl(mixer):
-    mixer.fast_layout, mixer.fused_impl = "BDL", "triton"
+    from mamba_decoder import KernelPolicy
+    mixer.policy = KernelPolicy(mamba_layout="BDL", mamba_fused="triton")
     return mixer
 
 

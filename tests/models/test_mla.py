@@ -14,6 +14,7 @@ from mamba_decoder.kernels import attention as attn_kernels  # noqa: E402
 from mamba_decoder.kernels import triton_installed  # noqa: E402
 from mamba_decoder.kernels.attention import causal_mask  # noqa: E402
 from mamba_decoder.models import MLA  # noqa: E402
+from mamba_decoder.policy import KernelPolicy  # noqa: E402
 
 SMALL = dict(dim=48, n_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12)
 
@@ -153,8 +154,7 @@ def _count_kernel_calls(monkeypatch):
 @pytest.mark.parametrize("B", [1, 3])
 def test_triton_decode_equals_full_forward(monkeypatch, B, q_lora_rank):
     calls = _count_kernel_calls(monkeypatch)
-    m = randomize_(_mla("fast", q_lora_rank=q_lora_rank))
-    m.decode_kernel = "triton"
+    m = randomize_(_mla("fast", q_lora_rank=q_lora_rank, policy=KernelPolicy(mla_decode="triton")))
     x = torch.randn(B, 40, 48)
     with torch.no_grad():
         want = m(x)
@@ -172,8 +172,7 @@ def test_triton_decode_equals_full_forward(monkeypatch, B, q_lora_rank):
 @needs_interpreter
 def test_triton_decode_in_bf16_follows_fp32(monkeypatch):
     _count_kernel_calls(monkeypatch)
-    m = randomize_(_mla("fast"))
-    m.decode_kernel = "triton"
+    m = randomize_(_mla("fast", policy=KernelPolicy(mla_decode="triton")))
     x = torch.randn(2, 12, 48)
     outs = {}
     with torch.no_grad():
@@ -193,13 +192,12 @@ def test_decode_kernel_choice_follows_the_device():
     assert cpu == "prefill naive-sdpa, decode latent cache sdpa (full cache sdpa)"
     assert m.kernel_choice(torch.device("cuda"), torch.bfloat16)["attn"].startswith(
         "prefill triton prologue + naive-sdpa" if triton_installed() else "prefill naive-sdpa")
-    m.decode_kernel = "triton"
+    m.policy = KernelPolicy(mla_decode="triton")
     assert "latent cache triton prologue + split-k" in m.kernel_choice(torch.device("cpu"), torch.bfloat16)["attn"]
-    m.decode_kernel = "sdpa"
+    m.policy = KernelPolicy(mla_decode="torch")
     assert "latent cache sdpa" in m.kernel_choice(torch.device("cuda"), torch.bfloat16)["attn"]
-    m.decode_kernel = "flash"
-    with pytest.raises(ValueError, match="decode_kernel='flash'"):
-        m(torch.randn(1, 1, 48), 0, None, m.init_cache(1, 4))
+    with pytest.raises(ValueError, match="mla_decode='flash'"):
+        KernelPolicy(mla_decode="flash")
 
 
 @pytest.mark.parametrize("q_lora_rank", [0, 24], ids=["no-qlora", "qlora24"])
@@ -230,7 +228,7 @@ def test_fast_latent_prefill_expands_keys_and_equals_latent_attention(monkeypatc
             got = fast(x[:, lo:hi], lo, None, c_fast)
             assert rel_err(got, want) < 1e-5, (lo, hi)
     assert naive_calls == [(2, 12, 4, 24), (2, 20, 4, 24)]
-    assert torch.equal(c_fast.a, c_ref.a) and torch.equal(c_fast.b, c_ref.b)
+    assert torch.equal(c_fast.kv, c_ref.kv) and torch.equal(c_fast.pe, c_ref.pe)
 
 
 @needs_interpreter
@@ -246,11 +244,9 @@ def test_fused_prologue_prefill_equals_the_torch_path(monkeypatch, q_lora_rank, 
     calls = []
     real = md.mla_prologue
     monkeypatch.setattr(md, "mla_prologue", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
-    torch_path = randomize_(_mla("fast", q_lora_rank=q_lora_rank)).to(dtype)
-    torch_path.fused_impl = "torch"
-    fused = _mla("fast", q_lora_rank=q_lora_rank).to(dtype)
+    torch_path = randomize_(_mla("fast", q_lora_rank=q_lora_rank, policy=KernelPolicy(mla_prologue="torch"))).to(dtype)
+    fused = _mla("fast", q_lora_rank=q_lora_rank, policy=KernelPolicy(mla_prologue="triton")).to(dtype)
     fused.load_state_dict(torch_path.state_dict())
-    fused.fused_impl = "triton"
     x = torch.randn(2, 21, 48).to(dtype)
     with torch.no_grad():
         if kind is None:
@@ -261,8 +257,9 @@ def test_fused_prologue_prefill_equals_the_torch_path(monkeypatch, q_lora_rank, 
         c_t, c_f = torch_path.init_cache(3, 32, kind), fused.init_cache(3, 32, kind)
         for lo, hi in [(0, 13), (13, 20)]:
             assert rel_err(fused(x[:, lo:hi], lo, None, c_f), torch_path(x[:, lo:hi], lo, None, c_t)) < tol
-        assert rel_err(c_f.a[:2, :20], c_t.a[:2, :20]) < tol and rel_err(c_f.b[:2, :20], c_t.b[:2, :20]) < tol
-        assert c_f.a[2].abs().sum() == 0 and c_f.b[2].abs().sum() == 0
+        (fa, fb), (ta, tb) = c_f.tensors(), c_t.tensors()   # (kv, pe) or (k, v)
+        assert rel_err(fa[:2, :20], ta[:2, :20]) < tol and rel_err(fb[:2, :20], tb[:2, :20]) < tol
+        assert fa[2].abs().sum() == 0 and fb[2].abs().sum() == 0
         # the latent cache is written at the chunk's positions; full K/V go through a (B, S) buffer
         assert calls == ([0, 13] if kind == "latent" else [0, 0])
         # a one-token step is not a prefill: it takes the decode path
@@ -271,15 +268,13 @@ def test_fused_prologue_prefill_equals_the_torch_path(monkeypatch, q_lora_rank, 
 
 
 def test_fused_prologue_is_off_with_autograd_and_for_a_bad_name():
-    m = _mla("fast")
-    m.fused_impl = "triton"
+    m = _mla("fast", policy=KernelPolicy(mla_prologue="triton"))
     x = torch.randn(1, 5, 48)
     assert not m._fused_prologue(x, None)          # parameters want gradients: the PyTorch path
     with torch.no_grad():
         assert m._fused_prologue(x, None)
-    m.fused_impl = "cuda"
-    with pytest.raises(ValueError, match="fused_impl='cuda'"):
-        m(x)
+    with pytest.raises(ValueError, match="mla_prologue='cuda'"):
+        KernelPolicy(mla_prologue="cuda")
 
 
 def test_rope_table_built_under_inference_mode_serves_a_later_backward():

@@ -9,6 +9,9 @@ from pydantic import ValidationError
 from mamba_decoder import MoEConfig
 from mamba_decoder.kernels import moe as K
 from mamba_decoder.models import MoE
+from mamba_decoder.policy import KernelPolicy
+
+TRITON = KernelPolicy(moe_triton="triton")   # the MoE's Triton passes, forced (CPU tensors: interpreted)
 
 
 def stack_dense_small(w1s, w2s, w3s):
@@ -172,7 +175,6 @@ def test_gated_swiglu_triton_equals_twin(monkeypatch, T, E, fold, I, dtype, tol)
     w, idx = _picks(T, E, 2)
     H = torch.randn(T, (E + fold) * 2 * I).to(dev, dtype)
     w, idx = w.to(dev, dtype), idx.to(dev)
-    monkeypatch.setattr(K, "SWIGLU_IMPL", "torch")
     want = K.gated_swiglu(H, w, idx, E, fold)
     got = gated_swiglu_triton(H, w, idx, E, fold)
     assert got.shape == (T, (E + fold) * I) and got.dtype == dtype
@@ -312,10 +314,8 @@ def test_triton_swiglu_rows_equals_twin(monkeypatch, dtype, tol, scaled):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     h13 = torch.randn(37, 2 * 45, device=dev).to(dtype)
     scale = torch.rand(37, device=dev).to(dtype) if scaled else None
-    monkeypatch.setattr(mk, "SWIGLU_IMPL", "torch")
-    want = mk.swiglu_rows(h13.float(), None if scale is None else scale.float())
-    monkeypatch.setattr(mk, "SWIGLU_IMPL", "triton")
-    got = mk.swiglu_rows(h13, scale)
+    want = mk.swiglu_rows(h13.float(), None if scale is None else scale.float(), triton=False)
+    got = mk.swiglu_rows(h13, scale, triton=True)
     assert got.dtype == dtype and got.shape == (37, 45)
     assert rel_err(got, want) <= tol
 
@@ -330,15 +330,13 @@ def test_grouped_path_with_folded_shared_expert_equals_reference(monkeypatch):
     from mamba_decoder.kernels import moe as mk
     if not mk.grouped_mm_works("cpu", None, torch.float32) and not torch.cuda.is_available():
         pytest.skip("torch._grouped_mm does not run here")
-    monkeypatch.setattr(mk, "SWIGLU_IMPL", "triton")
     monkeypatch.setattr(mk, "auto_impl", lambda device, dtype: "grouped_mm")
     torch.manual_seed(0)
     ref = randomize_(MoE(24, n_experts=4, n_activated=2, expert_inter_dim=20,
                          shared_expert_inter_dim=20, backend="reference")).eval()
     fast = MoE(24, n_experts=4, n_activated=2, expert_inter_dim=20, shared_expert_inter_dim=20,
-               backend="fast").eval()
-    fast.load_state_dict(ref.state_dict())
-    fast.dense_small_max_tokens = 0          # the grouped path even for few tokens
+               backend="fast", policy=KernelPolicy(moe_triton="triton", dense_small_max_tokens=0)).eval()
+    fast.load_state_dict(ref.state_dict())   # dense_small_max_tokens=0: the grouped path even for few tokens
     assert fast.folds_shared_expert()
     x = torch.randn(3, 29, 24)
     with torch.no_grad():
@@ -385,13 +383,13 @@ def test_dense_small_limit_follows_the_device(monkeypatch):
     assert K.dense_small_max_tokens(torch.device("meta")) == 64
     assert K.dense_small_max_tokens(torch.device("cuda"), autograd=True) == 64
     moe = MoE(32, 6, 2, 48, 48, backend="fast")
-    assert moe._dense_small_max_tokens(torch.device("cuda")) == 4096
-    assert moe._dense_small_max_tokens(torch.device("cuda"), autograd=True) == 64
+    assert moe.policy.decide(torch.device("cuda"), torch.float32).dense_small_max_tokens == 4096
+    assert moe.policy.decide(torch.device("cuda"), torch.float32, grad=True).dense_small_max_tokens == 64
     monkeypatch.setitem(K.DENSE_SMALL_MAX_TOKENS, "cpu", 4096)      # CPU tensors stand in for CUDA
     assert moe.kernel_choice(torch.device("cpu"), torch.float32)["moe"].endswith(
         "dense-small (T <= 4096; 64 with autograd)")
-    moe.dense_small_max_tokens = 7
-    assert moe._dense_small_max_tokens(torch.device("cuda")) == 7
+    moe.policy = KernelPolicy(dense_small_max_tokens=7)           # a policy overrides the limit
+    assert moe.policy.decide(torch.device("cuda"), torch.float32).dense_small_max_tokens == 7
 
 
 def test_training_forward_takes_dense_small_at_decode_sizes_only(monkeypatch):
@@ -470,7 +468,6 @@ def test_scored_swiglu_triton_routes_like_topk_route(monkeypatch, triton_dev, E,
         tied = (probs.float().sort(-1, descending=True).values[:, 1:3].diff(dim=-1) == 0).squeeze(-1)
         assert tied.sum() >= 3                                               # the grid made ties
     H = torch.randn(T, (E + fold) * 2 * I).to(dev, dtype)
-    monkeypatch.setattr(K, "SWIGLU_IMPL", "torch")
     assert rel_err(scored_swiglu_triton(H, s, b, k, E, fold),
                    K.gated_swiglu(H, w, idx, E, fold)) < (1e-6 if dtype == torch.float32 else 1e-2)
 
@@ -498,11 +495,12 @@ def test_scored_swiglu_rejects_wide_routers(triton_dev):
 def test_router_fuses_within_its_limits_only():
     pytest.importorskip("triton")
     cuda = torch.device("cuda")
-    assert K.router_fuses(cuda, torch.bfloat16, 6, 2) and K.router_fuses(cuda, torch.float32, 32, 1)
-    assert not K.router_fuses(cuda, torch.bfloat16, 6, 3)         # k > 2: torch's sum order differs
-    assert not K.router_fuses(cuda, torch.bfloat16, 33, 2)        # wider than one warp's softmax
-    assert not K.router_fuses(cuda, torch.float64, 6, 2)
-    assert not K.router_fuses(torch.device("cpu"), torch.bfloat16, 6, 2)
+    assert K.router_fuses(cuda, torch.bfloat16, 6, 2, True) and K.router_fuses(cuda, torch.float32, 32, 1, True)
+    assert not K.router_fuses(cuda, torch.bfloat16, 6, 3, True)   # k > 2: torch's sum order differs
+    assert not K.router_fuses(cuda, torch.bfloat16, 33, 2, True)  # wider than one warp's softmax
+    assert not K.router_fuses(cuda, torch.float64, 6, 2, True)
+    cpu = torch.device("cpu")                                     # the default policy: no Triton on the CPU
+    assert not K.router_fuses(cpu, torch.bfloat16, 6, 2, KernelPolicy().decide(cpu, torch.bfloat16).moe_triton)
 
 
 @pytest.mark.triton
@@ -537,11 +535,8 @@ def test_grouped_path_with_the_fused_router_equals_open_kimi(monkeypatch, triton
     forced on CPU tensors, counted) and equals open_kimi's loop."""
     from mamba_decoder.kernels import moe_triton
     dev = triton_dev
-    if dev == "cpu":
-        monkeypatch.setattr(K, "SWIGLU_IMPL", "triton")
     theirs = randomize_(KimiMoE(32, 6, 2, 48, shared)).eval().to(dev)
-    fast = _fast_like(theirs).eval().to(dev)
-    fast.dense_small_max_tokens = 0
+    fast = _fast_like(theirs, policy=KernelPolicy(moe_triton="triton", dense_small_max_tokens=0)).eval().to(dev)
     calls = []
     real = moe_triton.topk_route_triton
     monkeypatch.setattr(moe_triton, "topk_route_triton", lambda *a: calls.append(1) or real(*a))
@@ -557,11 +552,8 @@ def test_eval_moe_takes_the_fused_router_and_equals_open_kimi(monkeypatch, trito
     """Through the dispatchers (Triton forced on CPU tensors): dense-small routes inside the gated
     pass, the grouped path through topk_route_triton (each counted), and both equal open_kimi."""
     from mamba_decoder.kernels import moe_triton
-    if triton_dev == "cpu":
-        monkeypatch.setattr(K, "SWIGLU_IMPL", "triton")
     theirs = randomize_(KimiMoE(32, 6, 2, 48, 48)).eval().to(triton_dev)
-    fast = _fast_like(theirs).eval().to(triton_dev)
-    fast.dense_small_max_tokens = 64
+    fast = _fast_like(theirs, policy=KernelPolicy(moe_triton="triton", dense_small_max_tokens=64)).eval().to(triton_dev)
     calls = []
     for name in ("scored_swiglu_triton", "topk_route_triton"):
         real = getattr(moe_triton, name)
@@ -578,16 +570,14 @@ def test_router_stays_torch_under_autocast_and_for_float64(monkeypatch, triton_d
     dtype the kernel rounds to: both take the torch router; the fp64 MoE still runs (the gated
     kernel from (weights, indices) takes any dtype)."""
     from mamba_decoder.kernels import moe_triton
-    if triton_dev == "cpu":
-        monkeypatch.setattr(K, "SWIGLU_IMPL", "triton")
     monkeypatch.setattr(moe_triton, "topk_route_triton", None)          # would fail if called
     monkeypatch.setattr(moe_triton, "scored_swiglu_triton", None)
     s = torch.randn(8, 6, device=triton_dev)
     with torch.autocast(torch.device(triton_dev).type, dtype=torch.bfloat16):
-        w, idx = K.route_scores(s.bfloat16(), None, 2)
+        w, idx = K.route_scores(s.bfloat16(), None, 2, triton=True)
     assert torch.equal(idx, K.topk_route(s.bfloat16(), None, 2)[1])
     theirs = randomize_(KimiMoE(32, 6, 2, 48, 48)).eval().double().to(triton_dev)
-    fast = _fast_like(theirs).eval().double().to(triton_dev)
+    fast = _fast_like(theirs, policy=TRITON).eval().double().to(triton_dev)
     x = torch.randn(1, 12, 32, device=triton_dev, dtype=torch.float64)
     with torch.no_grad():
         got = fast(x)

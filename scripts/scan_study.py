@@ -1,6 +1,6 @@
-"""H100 check + benchmark of the Triton selective scan (channel-major kernels).
+"""GPU check + study of the Triton selective scan (channel-major kernels), on the suite's timer.
 
-python -m mamba_decoder.kernels.selective_scan.bench_gpu [--tune] [--skip-check] [--budget S]
+python scripts/scan_study.py [--tune] [--skip-check] [--budget S]
 
 Prints one JSON line per measurement:
   check: rel. errors of every forward variant (fwd, final state, the backward's stored states)
@@ -17,11 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import traceback
 
 import torch
 
+from mamba_decoder import MambaConfig
+from mamba_decoder.bench.timing import summarize, time_callable
 from mamba_decoder.kernels.selective_scan import selective_scan_pscan, selective_scan_ref
 from mamba_decoder.kernels.selective_scan import triton_bdl as tb
+from mamba_decoder.models import RegularMamba
 
 BENCH_SHAPES = [(1, 128, 1024, 16), (8, 2048, 1024, 16), (8, 8192, 1024, 16)]
 CHECK_SHAPES = [(2, 37, 48, 16), (1, 200, 1000, 16), (3, 130, 96, 8), (2, 513, 256, 16)]
@@ -56,19 +60,8 @@ def bld_view(inp):
 
 
 def cuda_time(fn, iters=50, warmup=5):
-    """Median ms over `iters` runs, CUDA events around each."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    return sorted(times)[len(times) // 2]
+    """Median ms over `iters` runs (the suite's timer: CUDA events around each run)."""
+    return summarize(time_callable(fn, "cuda", warmup=warmup, runs=iters)).median
 
 
 def fwd_bwd(inp, h0=None, seed=1, impl="triton"):
@@ -160,8 +153,6 @@ def table():
 
 
 def layer(Bsz=8, L=2048, dim=512):
-    from mamba_decoder import MambaConfig
-    from mamba_decoder.models import RegularMamba
     x = torch.randn(Bsz, L, dim, device="cuda", dtype=torch.bfloat16)
     for backend in ("fast", "reference"):
         torch.manual_seed(0)
@@ -182,7 +173,7 @@ def main():
     ap.add_argument("--tune-dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     ap.add_argument("--skip-table", action="store_true", help="no table / layer steps")
     a = ap.parse_args()
-    assert torch.cuda.is_available(), "bench_gpu needs a CUDA device"
+    assert torch.cuda.is_available(), "scan_study needs a CUDA device"
     emit(kind="env", device=torch.cuda.get_device_name(), torch=torch.__version__,
          triton=__import__("triton").__version__, fwd_by_dtype={str(k): v for k, v in tb.FWD_BY_DTYPE.items()},
          fwd_tiles=tb.FWD_TILES, bwd_config=tb.BWD_CONFIG)
@@ -194,7 +185,6 @@ def main():
         try:
             fn()
         except Exception:  # keep going: one GPU run must report everything it can
-            import traceback
             emit(kind="error", step=name, error=traceback.format_exc()[-1500:])
         emit(kind="elapsed", step=name, s=round(time.time() - t0, 1))
 

@@ -1,0 +1,122 @@
+"""The one path a run takes, whoever starts it (the CLI, the API, torchrun):
+
+    settings -> execute(settings, launcher, output):
+        launcher.plan     the output directory checked and prepared, what --resume skips
+        banner, environment.json
+        launcher.run      every config measured -> records (JSONL as they finish)
+        results.csv, summary table, plots, the closing line
+
+The launcher decides how configs are measured: in this process, one subprocess each
+(`launchers.Local`), or sharded over torchrun's ranks (`torchrun.Torchrun`). Everything else a run
+does is here, once.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Protocol
+
+import torch
+
+from . import report
+from .plots import plot_benchmark_results
+from .results import (CSV_NAME, ENV_NAME, JSONL_NAME, BenchmarkResult, environment,
+                      read_environment, rewrite_csv, write_environment)
+from .runner import banner_kernels
+from .settings import SweepSettings
+
+EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_REGRESSION, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+@dataclass
+class Output:
+    """Where a run's records go and what it shows."""
+
+    dir: Optional[Path] = None          # None: records are returned only (the API's default)
+    resume: bool = False                # continue `dir`, skipping configs recorded ok
+    overwrite: bool = False             # replace the records and plots already in `dir`
+    verbose: bool = True                # banner and one line per config
+    report: bool = True                 # summary table, plots (unless `plots` is off), closing line
+    plots: bool = True
+    progress: bool = True               # progress bar on stderr
+    cuda_hint: Optional[str] = None     # CUDA was asked for and is missing: the notice names this
+
+
+@dataclass
+class Plan:
+    """What the launcher's `plan` decided: the records to reuse, extra banner lines, or a stop."""
+
+    done: dict = field(default_factory=dict)   # key -> record already ok (shown, not measured)
+    banner: list[str] = field(default_factory=list)
+    stop: Optional[int] = None                 # a rank that only learns the run cannot start
+
+
+@dataclass
+class Outcome:
+    results: list[BenchmarkResult]
+    code: int = EXIT_OK
+    interrupted: bool = False          # stopped early: no summary (the records so far are kept)
+    closing: str = ""                  # appended to the closing line (e.g. where rank files are)
+    error: Optional[str] = None        # one stderr line after the closing line
+
+
+class Launcher(Protocol):
+    main: bool    # the process that prepares the output directory, merges and reports
+
+    def plan(self, s: SweepSettings, o: Output) -> Plan: ...
+
+    def run(self, s: SweepSettings, o: Output, plan: Plan,
+            show: Optional[Callable[[BenchmarkResult], None]]) -> Outcome: ...
+
+
+def resolve_device(use_cuda: bool) -> str:
+    """'cuda' when asked for and present, else 'cpu' (execute prints the notice, after validation)."""
+    return "cuda" if use_cuda and torch.cuda.is_available() else "cpu"
+
+
+def cuda_notice(silence_hint: str = "pass --no-cuda") -> None:
+    print(f"notice: CUDA is not available; running on CPU ({silence_hint} to silence this)",
+          file=sys.stderr)
+
+
+def execute(s: SweepSettings, launcher: Launcher, o: Output) -> Outcome:
+    """Run the sweep `s` with `launcher`; returns its records (sweep order) and exit code."""
+    if s.threads is not None:
+        torch.set_num_threads(s.threads)
+    plan = launcher.plan(s, o)
+    if plan.stop is not None:
+        return Outcome([], plan.stop)
+    if launcher.main:
+        if o.cuda_hint is not None:
+            cuda_notice(o.cuda_hint)
+        if o.verbose:
+            print(report.banner(s.device, s.dim, s.sequence_lengths, s.batch_sizes, backends=s.backends,
+                                dtypes=s.dtypes, threads=torch.get_num_threads(),
+                                kernels=banner_kernels(s)), flush=True)
+            for line in plan.banner:
+                print(line, flush=True)
+        if o.dir is not None:
+            write_environment(environment(s.device, torch.get_num_threads()), o.dir / ENV_NAME)
+    show = report.console_printer(multi=len(s.backends) * len(s.dtypes) > 1) if o.verbose else None
+    outcome = launcher.run(s, o, plan, show)
+    if not launcher.main:
+        return outcome
+    if o.dir is not None:
+        rewrite_csv(o.dir)
+    if outcome.interrupted:
+        if o.dir is not None:
+            print(f"interrupted: every finished record is kept in {o.dir / JSONL_NAME} "
+                  f"(continue with --resume)", file=sys.stderr)
+        return outcome
+    if o.report:
+        report.print_summary_table(outcome.results)
+        paths = []
+        if o.plots and o.dir is not None:
+            paths = plot_benchmark_results(outcome.results, o.dir, env=read_environment(o.dir / ENV_NAME))
+        if o.dir is not None:
+            print(f"\nrecords: {o.dir / JSONL_NAME}, {o.dir / CSV_NAME}; environment: {o.dir / ENV_NAME}; "
+                  f"{outcome.closing}{len(paths)} plots in {o.dir}")
+    if outcome.error:
+        print(outcome.error, file=sys.stderr)
+    return outcome

@@ -1,0 +1,173 @@
+"""What a sweep measures: its settings (validated once, at the edge) and its configs.
+
+A config is one (model, backend, dtype, sequence length, batch size) of the grid; with the
+settings it makes one record, identified by `results.config_key`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Iterator, Literal, Optional
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..config import BACKENDS, DEFAULT_BACKEND
+from ..kernels import mamba_ssm_ext
+from .names import RecordKey, join_variant, models_for
+from .results import UsageError, config_key  # noqa: F401 (UsageError: settings' errors)
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                                  "float16": torch.float16}
+MODES = ("forward", "decode", "train")
+LEVELS = ("block", "model")
+CACHE_KINDS = ("latent", "full")
+
+
+def _field(title: str, accepted: str, default=..., **kw):
+    """A field whose errors read "<title>: <value> is not <accepted>" (`_one_line`)."""
+    return Field(default, title=title, description=accepted, **kw)
+
+
+def _choices(values) -> str:
+    return "one of: " + ", ".join(map(repr, values))
+
+
+PosInt = Annotated[int, Field(strict=True, ge=1)]
+Backend = Literal[BACKENDS]
+DType = Literal[tuple(DTYPES)]
+
+
+class SweepSettings(BaseModel):
+    """Everything a sweep needs, validated when it is made (at the edge: CLI, API, worker).
+
+    A bad value raises ValueError (pydantic's ValidationError) with one line that names the
+    value and what is accepted; the CLI prints it as its `error:` line."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dim: PosInt = _field("dim", "an integer >= 1", 512)
+    sequence_lengths: list[PosInt] = _field("sequence lengths", "an integer >= 1",
+                                            default_factory=lambda: [128, 256, 512, 1024, 2048], min_length=1)
+    batch_sizes: list[PosInt] = _field("batch sizes", "an integer >= 1",
+                                       default_factory=lambda: [1, 2, 4, 8], min_length=1)
+    models: list[str] = Field(default_factory=list)   # empty: every model of `level`
+    backends: list[Backend] = _field("backend", _choices(BACKENDS), default_factory=lambda: [DEFAULT_BACKEND],
+                                     min_length=1)
+    dtypes: list[DType] = _field("dtype", _choices(DTYPES), default_factory=lambda: ["float32"], min_length=1)
+    device: str = "cpu"
+    mode: Literal[MODES] = _field("mode", _choices(MODES), "forward")
+    warmup: Annotated[int, Field(strict=True, ge=0)] = _field("warmup", "an integer >= 0", 5)
+    runs: PosInt = _field("runs", "an integer >= 1", 20)
+    min_time_s: Annotated[float, Field(strict=True, ge=0, allow_inf_nan=False)] = _field(
+        "min time", "a finite number of seconds >= 0", 0.0)
+    threads: Optional[PosInt] = _field("threads", "an integer >= 1", None)  # None keeps torch's setting
+    seed: Annotated[int, Field(strict=True, ge=0)] = _field("seed", "an integer >= 0", 0)
+    isolate: bool = False
+    level: Literal[LEVELS] = _field("level", _choices(LEVELS), "block")  # block: the three blocks; model: LMs
+    compile: bool = False           # torch.compile the model's forward (nn.Module.compile)
+    cuda_graphs: bool = False       # forward / decode: capture one call in a CUDA graph and replay it
+    cache_kind: Optional[Literal[CACHE_KINDS]] = _field("cache kind", _choices(CACHE_KINDS), None)  # decode: MLA's cache
+    optimizer_step: bool = False    # train: add an AdamW step to forward + backward
+    depth: PosInt = _field("depth", "an integer >= 1", 4)                    # model level: Mamba blocks
+    vocab_size: Annotated[int, Field(strict=True, ge=2)] = _field("vocab size", "an integer >= 2", 32000)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _one_line(cls, data, handler):
+        """Field errors as one ValueError naming the field, the value and what is accepted."""
+        try:
+            return handler(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            if err["type"] == "value_error" or not err["loc"]:   # _consistent's own message
+                raise
+            name = str(err["loc"][0])
+            f = cls.model_fields.get(name)
+            if f is None or f.description is None:
+                raise ValueError(f"{name}: {err['msg'].lower()}") from None
+            if err["type"] == "too_short":
+                raise ValueError(f"{f.title}: none given (accepted: {f.description})") from None
+            sep = " " if f.description.startswith("one of") else ": "
+            raise ValueError(f"{f.title}{sep}{err['input']!r} is not {f.description}") from None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SweepSettings":
+        """What no one field says alone: models of the level, the device, and which flags apply."""
+        known = models_for(self.level)
+        if not self.models:
+            self.models = list(known)
+        for m in self.models:
+            if m not in known:
+                raise ValueError(f"model {m!r} is not {_choices(known)}")
+        dev = torch.device(self.device)
+        if dev.type not in ("cpu", "cuda"):
+            raise ValueError(f"device {self.device!r} is not 'cpu' or 'cuda'")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} requested but CUDA is not available")
+        if dev.type == "cpu" and "float16" in self.dtypes and not cpu_supports_float16():
+            raise ValueError("dtype 'float16' is not supported on this CPU (accepted: float32, bfloat16)")
+        if "mamba_ssm" in self.backends:
+            mamba_ssm_ext.require(dev)     # the install hint, or why it cannot run here
+        if self.cuda_graphs and (self.mode == "train" or dev.type != "cuda"):
+            raise ValueError(f"--cuda-graphs applies to --mode forward or decode on CUDA "
+                             f"(got mode {self.mode!r} on {dev.type})")
+        if self.cache_kind is not None and self.mode != "decode":
+            raise ValueError(f"--cache-kind applies to --mode decode (got mode {self.mode!r})")
+        if self.optimizer_step and self.mode != "train":
+            raise ValueError(f"--optimizer-step applies to --mode train (got mode {self.mode!r})")
+        if self.mode == "decode" and self.level != "block":
+            raise ValueError("--mode decode runs at --level block (the blocks' own caches)")
+        return self
+
+    @property
+    def variant(self) -> str:
+        """What distinguishes runs of the same mode beyond the grid (part of the record key)."""
+        tags = ["compile"] * self.compile + ["cuda-graphs"] * self.cuda_graphs
+        if self.cache_kind is not None:
+            tags.append(f"cache={self.cache_kind}")
+        if self.optimizer_step:
+            tags.append("adamw")
+        if self.level == "model":
+            tags.append(f"depth={self.depth}")
+        return join_variant(tags)
+
+    @property
+    def n_configs(self) -> int:
+        return (len(self.models) * len(self.backends) * len(self.dtypes)
+                * len(self.sequence_lengths) * len(self.batch_sizes))
+
+
+def cpu_supports_float16() -> bool:
+    try:
+        a = torch.randn(4, 4).half()
+        (a @ a).sum().item()
+        return True
+    except RuntimeError:
+        return False
+
+
+def one_line(e: ValidationError) -> str:
+    """The settings' error as the one line the CLI prints."""
+    return e.errors()[0]["msg"].removeprefix("Value error, ")
+
+
+@dataclass(frozen=True)
+class Config:
+    model_name: str
+    backend: str
+    dtype: str
+    sequence_length: int
+    batch_size: int
+
+    def key(self, s: SweepSettings) -> RecordKey:
+        return config_key(self, s)
+
+
+def iter_configs(s: SweepSettings) -> Iterator[Config]:
+    """The spec's order: for each shape, every model (so models compare line by line)."""
+    for backend in s.backends:
+        for dtype in s.dtypes:
+            for seq in s.sequence_lengths:
+                for batch in s.batch_sizes:
+                    for name in s.models:
+                        yield Config(name, backend, dtype, seq, batch)

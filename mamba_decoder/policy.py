@@ -1,0 +1,98 @@
+"""The kernel policy: which implementation each op of the fast backend takes.
+
+A block takes one at construction (`policy=`; the default is `KernelPolicy()`, all "auto") or
+gets one later with `models.set_kernel_policy`. `decide(device, dtype, grad)` turns it into a
+`KernelDecision` once per (device, dtype, grad) (cached: the limits in kernels.moe are read
+when a decision is first made); the forward and `kernel_choice()` (what a record's `kernels`
+field says) read that same decision.
+
+Choices: "auto" takes the Triton kernel on CUDA where triton is installed and PyTorch ops
+elsewhere; "triton" forces the kernel (CPU tensors need TRITON_INTERPRET=1, which the tests
+use; where it cannot run the kernel fails loudly); "torch" never takes it. Kernels without a
+backward never run with autograd on, whatever the policy says.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, fields
+from typing import Literal, Optional
+
+import torch
+
+from .kernels import triton_runs
+from .kernels import moe as moe_kernels
+from .kernels.selective_scan import auto_impl as scan_impl
+
+IMPLS = ("auto", "triton", "torch")
+LAYOUTS = ("BLD", "BDL")
+Impl = Literal["auto", "triton", "torch"]
+
+
+@dataclass(frozen=True)
+class KernelPolicy:
+    mamba_fused: Impl = "auto"        # Mamba's conv + SiLU (channel-major forward) and one-token step
+    mamba_layout: Optional[Literal["BLD", "BDL"]] = None   # None: BDL on CUDA, BLD elsewhere (NOTES.md)
+    moe_triton: Impl = "auto"         # the MoE's SwiGLU and router passes (kernels.moe)
+    dense_small_max_tokens: Optional[int] = None   # None: kernels.moe's limit per device; 0: never
+    mla_prologue: Impl = "auto"       # MLA's multi-token RoPE / latent norm / rope key in one launch
+    mla_decode: Impl = "auto"         # one-token attention over the latent cache (torch: SDPA)
+
+    def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "mamba_layout":
+                ok, accepted = v is None or v in LAYOUTS, "None, " + ", ".join(LAYOUTS)
+            elif f.name == "dense_small_max_tokens":
+                ok = v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+                accepted = "None or an integer >= 0"
+            else:
+                ok, accepted = v in IMPLS, ", ".join(IMPLS)
+            if not ok:
+                raise ValueError(f"{f.name}={v!r} is not one of: {accepted}")
+
+    def decide(self, device, dtype: Optional[torch.dtype] = None, grad: bool = False) -> "KernelDecision":
+        device = device if isinstance(device, torch.device) else torch.device(device)
+        return _decide(self, device, dtype, bool(grad))   # forwards call this: a cache lookup
+
+
+@dataclass(frozen=True)
+class KernelDecision:
+    """What runs on one (device, dtype, grad)."""
+
+    device: torch.device
+    dtype: Optional[torch.dtype]
+    scan: str                    # selective scan: "triton" on CUDA, "cpu" (chunked torch) elsewhere
+    mamba_fused: bool            # Triton conv + SiLU in the channel-major forward
+    mamba_step: bool             # Triton one-token step (no backward)
+    mamba_layout: str            # "BDL" (channel-major) or "BLD"
+    moe_triton: bool             # Triton SwiGLU and router passes (no backward)
+    dense_small_max_tokens: int  # dense-small MoE up to this many tokens
+    mla_prologue: bool           # Triton prefill prologue (no backward)
+    mla_decode: bool             # Triton split-K one-token attention (no backward)
+
+    @functools.cached_property
+    def moe(self) -> str:
+        """Routed experts above the dense-small limit: grouped_mm or dense. Found on first use
+        (it probes the device once), so a block without a MoE never probes, even under compile."""
+        if self.dtype is None or (self.device.type == "cuda" and not torch.cuda.is_available()):
+            return "n/a"   # no dtype, or a device this process cannot see
+        return moe_kernels.auto_impl(self.device, self.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _decide(p: KernelPolicy, device: torch.device, dtype: Optional[torch.dtype], grad: bool) -> KernelDecision:
+    fused = triton_runs(p.mamba_fused, device)
+    dense_small = (moe_kernels.dense_small_max_tokens(device, grad) if p.dense_small_max_tokens is None
+                   else p.dense_small_max_tokens)
+    return KernelDecision(
+        device=device, dtype=dtype,
+        scan=scan_impl(device) if device.type in ("cpu", "cuda") else "cpu",
+        mamba_fused=fused, mamba_step=fused and not grad,
+        mamba_layout=p.mamba_layout or ("BDL" if device.type == "cuda" else "BLD"),
+        moe_triton=triton_runs(p.moe_triton, device) and not grad,
+        dense_small_max_tokens=dense_small,
+        mla_prologue=triton_runs(p.mla_prologue, device) and not grad,
+        mla_decode=triton_runs(p.mla_decode, device) and not grad)
+
+
+DEFAULT_POLICY = KernelPolicy()
