@@ -426,6 +426,35 @@ def _join_cols(c, BD: tl.constexpr, NS: tl.constexpr, E: tl.constexpr):
 
 
 @triton.jit
+def _lane_index(ED, BLOCK_D: tl.constexpr, NS: tl.constexpr, E: tl.constexpr):
+    """The lane kernels' index tiles for program (d-block, batch): channels (BD, 1, 1), lanes
+    (1, NS, 1), steps (1, 1, E) and the channel mask; then the states' (BD, NS) channel and lane
+    indices and their mask."""
+    offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_s = tl.arange(0, NS)
+    d3 = offs_d[:, None, None]
+    d2 = offs_d[:, None]
+    s2 = offs_s[None, :]
+    return (d3, offs_s[None, :, None], tl.arange(0, E)[None, None, :], d3 < ED, d2, s2,
+            (d2 < ED) & (s2 < NS))
+
+
+@triton.jit
+def _lane_delta(x_b, dt_b, t3, m, sx_l, sdt_l, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """One (BD, NS, E) step tile: x, dt + bias and delta = softplus(dt + bias), fp32. Padded
+    steps get delta 0: decay 1, input 0, so the state passes through them."""
+    xt = tl.load(x_b + t3 * sx_l, mask=m, other=0.0).to(tl.float32)
+    ut = tl.load(dt_b + t3 * sdt_l, mask=m, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        ut = ut + bias
+    if SOFTPLUS:
+        dlt = _softplus(ut)
+    else:
+        dlt = ut
+    return xt, ut, tl.where(m, dlt, 0.0)
+
+
+@triton.jit
 def _bdl_fwd_lane_kernel(
     x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, h0_ptr,
     out_ptr, hfin_ptr, states_ptr,
@@ -447,19 +476,13 @@ def _bdl_fwd_lane_kernel(
     NL: tl.constexpr = N // NS
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_s = tl.arange(0, NS)
-    d3 = offs_d[:, None, None]
-    s3 = offs_s[None, :, None]
-    e3 = tl.arange(0, E)[None, None, :]
-    md3 = d3 < ED
-    d2 = offs_d[:, None]
-    s2 = offs_s[None, :]
-    md2 = (d2 < ED) & (s2 < NS)
+    d3, s3, e3, md3, d2, s2, md2 = _lane_index(ED, BLOCK_D, NS, E)
     if HAS_D:
         Dv = tl.load(D_ptr + d3 + s3 * 0, mask=md3, other=0.0).to(tl.float32)   # (BD, NS, 1)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d3 + s3 * 0, mask=md3, other=0.0).to(tl.float32)
+    else:
+        bias = 0.0
     st2 = d2 * N + s2 * NL   # (BD, NS) offsets into an (ED, N) slab; + j for state s * NL + j
     n_states = tl.cdiv(L, STATE_CHUNK)
     A2 = ()
@@ -485,15 +508,7 @@ def _bdl_fwd_lane_kernel(
         t3 = c * E + e3
         mt = t3 < L
         m = md3 & mt
-        xt = tl.load(x_b + t3 * sx_l, mask=m, other=0.0).to(tl.float32)
-        ut = tl.load(dt_b + t3 * sdt_l, mask=m, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            ut = ut + bias
-        if SOFTPLUS:
-            dlt = _softplus(ut)
-        else:
-            dlt = ut
-        dlt = tl.where(m, dlt, 0.0)  # padded steps: decay 1, input 0 -> the state passes through
+        xt, ut, dlt = _lane_delta(x_b, dt_b, t3, m, sx_l, sdt_l, bias, HAS_BIAS, SOFTPLUS)
         Bt = ()
         Ct = ()
         for j in tl.static_range(NL):
@@ -562,21 +577,15 @@ def _bdl_bwd_lane_kernel(
     NT: tl.constexpr = STATE_CHUNK // E
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_s = tl.arange(0, NS)
-    d3 = offs_d[:, None, None]
-    s3 = offs_s[None, :, None]
-    e3 = tl.arange(0, E)[None, None, :]
-    md3 = d3 < ED
-    d2 = offs_d[:, None]
-    s2 = offs_s[None, :]
-    md2 = (d2 < ED) & (s2 < NS)
-    s_r = offs_s[:, None]                 # (NS, 1): rows of the channel-summed (NS, E) tiles
+    d3, s3, e3, md3, d2, s2, md2 = _lane_index(ED, BLOCK_D, NS, E)
+    s_r = tl.arange(0, NS)[:, None]       # (NS, 1): rows of the channel-summed (NS, E) tiles
     e_r = tl.arange(0, E)[None, :]
     if HAS_D:
         Dv = tl.load(D_ptr + d3 + s3 * 0, mask=md3, other=0.0).to(tl.float32)   # (BD, NS, 1)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d3 + s3 * 0, mask=md3, other=0.0).to(tl.float32)
+    else:
+        bias = 0.0
     st2 = d2 * N + s2 * NL   # (BD, NS) offsets into an (ED, N) slab; + j for state s * NL + j
     n_states = tl.cdiv(L, STATE_CHUNK)
     A1 = ()
@@ -624,15 +633,7 @@ def _bdl_bwd_lane_kernel(
                 t3 = c * STATE_CHUNK + k * E + e3
                 mt = t3 < L
                 m = md3 & mt
-                xt = tl.load(x_b + t3 * sx_l, mask=m, other=0.0).to(tl.float32)
-                ut = tl.load(dt_b + t3 * sdt_l, mask=m, other=0.0).to(tl.float32)
-                if HAS_BIAS:
-                    ut = ut + bias
-                if SOFTPLUS:
-                    dlt = _softplus(ut)
-                else:
-                    dlt = ut
-                dlt = tl.where(m, dlt, 0.0)
+                xt, ut, dlt = _lane_delta(x_b, dt_b, t3, m, sx_l, sdt_l, bias, HAS_BIAS, SOFTPLUS)
                 dl = _cols(dlt, BLOCK_D, NS, E)
                 dx = _cols(dlt * xt, BLOCK_D, NS, E)
                 for j in tl.static_range(NL):
@@ -649,16 +650,8 @@ def _bdl_bwd_lane_kernel(
             t3 = c * STATE_CHUNK + k * E + e3
             mt = t3 < L
             m = md3 & mt
-            xt = tl.load(x_b + t3 * sx_l, mask=m, other=0.0).to(tl.float32)
-            ut = tl.load(dt_b + t3 * sdt_l, mask=m, other=0.0).to(tl.float32)
+            xt, ut, dlt = _lane_delta(x_b, dt_b, t3, m, sx_l, sdt_l, bias, HAS_BIAS, SOFTPLUS)
             dout = tl.load(do_b + t3 * sdo_l, mask=m, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                ut = ut + bias
-            if SOFTPLUS:
-                dlt = _softplus(ut)
-            else:
-                dlt = ut
-            dlt = tl.where(m, dlt, 0.0)
             dl = _cols(dlt, BLOCK_D, NS, E)
             dx = _cols(dlt * xt, BLOCK_D, NS, E)
             Bt = ()
