@@ -59,7 +59,7 @@ def tune_bwd(budget_s):
     configs = []
     for bd, ns, e, nw, at, ch in [(4, 8, 8, 1, True, 32), (4, 8, 4, 1, True, 32), (2, 16, 4, 1, True, 32),
                                   (4, 8, 8, 1, True, 128), (8, 4, 8, 1, True, 32), (2, 16, 8, 1, True, 64)]:
-        configs.append(dict(variant="lane", BLOCK_D=bd, NS=ns, E=e, num_warps=nw, ATOMIC=at, CHUNK=ch))
+        configs.append(dict(BLOCK_D=bd, NS=ns, E=e, num_warps=nw, ATOMIC=at, CHUNK=ch))
     t0 = time.time()
     for cfg in configs:
         if time.time() - t0 > budget_s:

@@ -48,7 +48,6 @@ def small_scan_tiles(mp, triton_bdl) -> None:
     fast and partial ED blocks, time tiles and state chunks (8 steps) still occur."""
     mp.setitem(triton_bdl.FWD_TILES, "chan", dict(BLOCK_D=4, CHUNK=16, num_warps=1))
     mp.setitem(triton_bdl.FWD_TILES, "lane", dict(BLOCK_D=16, CHUNK=4, NS=2, num_warps=1))
-    mp.setitem(triton_bdl.BWD_TILES, "chunk", dict(BLOCK_D=16, num_warps=1))
     mp.setitem(triton_bdl.BWD_TILES, "lane", dict(BLOCK_D=16, NS=2, E=4, num_warps=1, ATOMIC=False))
     mp.setitem(triton_bdl.BWD_TILES, "lane-small", dict(BLOCK_D=8, NS=4, E=2, num_warps=1, ATOMIC=True))
     mp.setitem(triton_bdl.BWD_CONFIG, "CHUNK", 8)

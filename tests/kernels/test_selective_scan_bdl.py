@@ -184,15 +184,13 @@ def test_triton_bdl_two_halves_equal_whole(small_tiles):
 
 @pytest.mark.triton
 def test_triton_bdl_real_associative_scan_path(monkeypatch):
-    """Interpret tl.associative_scan itself (the chan forward's and the backward's; slow in
-    the interpreter, so a tiny shape), against the reference, outputs and gradients."""
+    """Interpret tl.associative_scan itself (the chan forward's, storing the backward's states;
+    slow in the interpreter, so a tiny shape), against the reference, outputs and gradients."""
     pytest.importorskip("triton")
     from mamba_decoder.kernels.selective_scan import triton_bdl
     monkeypatch.setattr(triton_bdl, "INTERPRET_SEQ_SCAN", False)
     use_variant(triton_bdl, monkeypatch, "chan")
     monkeypatch.setitem(triton_bdl.FWD_TILES, "chan", dict(BLOCK_D=2, CHUNK=16, num_warps=1))
-    monkeypatch.setitem(triton_bdl.BWD_CONFIG, "variant", "chunk")
-    monkeypatch.setitem(triton_bdl.BWD_TILES, "chunk", dict(BLOCK_D=4, num_warps=1))
     monkeypatch.setitem(triton_bdl.BWD_CONFIG, "CHUNK", 8)
     inp, h0 = make_bdl(1, 21, 6, 4)
     o, hf, g = run_with_grads(bdl_fn("triton"), inp, h0)

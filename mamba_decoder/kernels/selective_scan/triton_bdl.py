@@ -12,10 +12,14 @@ Forward, two kernels picked by input dtype (FWD_BY_DTYPE; NOTES.md has the measu
 Both fuse softplus(dt + bias), the D skip and the silu(z) gate, use exp2 with A pre-multiplied
 by log2(e), and store the backward's chunk-boundary states only when a backward will follow.
 
-Backward: reverse over chunks, recomputing each chunk's states from its stored boundary state
-(shifted scan gives h_{t-1}), reverse scan for the state adjoint
-g_t = dA_{t+1} g_{t+1} + C_t dy_t. Grads reducing over ED (dB, dC) are fp32 per-program
-partials (n_dblocks, B, N, L) summed in torch; over batch (dA, dD, dt_bias) likewise.
+With the backward's states stored (training) the lane forward runs for every dtype.
+
+Backward ("lane", `_bdl_bwd_lane_kernel`): the lane layout run backwards over the stored state
+chunks: the states recomputed tile by tile from each chunk's stored state, the adjoint
+g_t = exp(delta_{t+1} A) g_{t+1} + C_t dy_t step by step. Grads reducing over ED (dB, dC) are
+summed over a program's channels and added atomically into fp32 (B, N, L); over batch (dA, dD,
+dt_bias) per-batch partials summed in torch. (The earlier chunk backward, two associative scans a
+chunk, is retired: NOTES.md run 7.)
 """
 
 from __future__ import annotations
@@ -48,13 +52,12 @@ FWD_TILES = {"chan": dict(BLOCK_D=1, CHUNK=512, num_warps=1),
 # lane (8 channels x 4 lanes, E 8, 1 warp, dB/dC added atomically) 1.21 ms; 4 x 8: 1.30; 4 x 8 E 4:
 # 1.47; 2 x 16: 2.06; with per-program partials instead of atomics 2.76; the older chunk kernel
 # (2 channels, two associative scans a chunk) 3.33. The state chunk: 32 and 128 within 2%.
-BWD_CONFIG = dict(variant="lane", CHUNK=32)
+BWD_CONFIG = dict(CHUNK=32)
 # At batch 1 (128 programs of 8 channels at ED 1024) 8 x 4 starves the card: B1 L8192 scan
 # forward + backward 4.85 ms with 8 x 4, 2.33 with 4 x 8 (mamba_ssm 0.95). Below
 # BWD_LANE_MIN_PROGRAMS programs (~8 resident 1-warp programs on each of 132 SMs at ~250
 # registers) the backward takes "lane-small".
-BWD_TILES = {"chunk": dict(BLOCK_D=2, num_warps=1),
-             "lane": dict(BLOCK_D=8, NS=4, E=8, num_warps=1, ATOMIC=True),
+BWD_TILES = {"lane": dict(BLOCK_D=8, NS=4, E=8, num_warps=1, ATOMIC=True),
              "lane-small": dict(BLOCK_D=4, NS=8, E=8, num_warps=1, ATOMIC=True)}
 BWD_LANE_MIN_PROGRAMS = 1024
 FWD_TUNE = ([dict(variant="chan", BLOCK_D=bd, CHUNK=ch, num_warps=nw)
@@ -79,190 +82,10 @@ def _combine(a1, b1, a2, b2):
 
 
 @triton.jit
-def _scan_t(a, b, offs_t, CHUNK: tl.constexpr, REVERSE: tl.constexpr, SEQ: tl.constexpr):
-    """Inclusive scan of h -> a*h + b along axis 2 (time) of (BLOCK_D, BLOCK_N, CHUNK) tiles."""
-    if SEQ:
-        acc_a = tl.sum(a * 0.0, axis=2) + 1.0
-        acc_b = tl.sum(b * 0.0, axis=2)
-        pa = a * 0.0
-        pb = b * 0.0
-        for k in tl.static_range(CHUNK):
-            if REVERSE:
-                sel = (offs_t == CHUNK - 1 - k)[None, None, :]
-            else:
-                sel = (offs_t == k)[None, None, :]
-            a_k = tl.sum(tl.where(sel, a, 0.0), axis=2)
-            b_k = tl.sum(tl.where(sel, b, 0.0), axis=2)
-            acc_b = a_k * acc_b + b_k
-            acc_a = acc_a * a_k
-            pa = tl.where(sel, acc_a[:, :, None], pa)
-            pb = tl.where(sel, acc_b[:, :, None], pb)
-        return pa, pb
-    else:
-        return tl.associative_scan((a, b), axis=2, combine_fn=_combine, reverse=REVERSE)
-
-
-@triton.jit
 def _softplus(u):
     # stable log(1 + exp(u)) through exp2 / log2
     return tl.maximum(u, 0.0) + 0.6931471805599453 * tl.log2(
         1.0 + tl.exp2(-tl.abs(u) * 1.4426950408889634))
-
-
-@triton.jit
-def _bdl_bwd_kernel(
-    x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, states_ptr,
-    dout_ptr, dhfin_ptr,
-    dx_ptr, ddt_ptr, dz_ptr, dBp_ptr, dCp_ptr, dAp_ptr, dDp_ptr, dbiasp_ptr, dh0_ptr,
-    Bsz, L, ED, N,
-    sx_b, sx_d, sx_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l,
-    sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sA_d, sA_n,
-    sdo_b, sdo_d, sdo_l,
-    HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_DHFIN: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SEQ_SCAN: tl.constexpr,
-):
-    # dx, ddt, dz: (B, ED, L) contiguous. dBp, dCp: (n_dblocks, B, N, L) fp32 partials.
-    # dAp: (B, ED, N) fp32; dDp / dbiasp: (B, ED) fp32; dh0: (B, ED, N) fp32.
-    pid_d = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_t = tl.arange(0, CHUNK)
-    mask_d = offs_d < ED
-    mask_n = offs_n < N
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-
-    A = tl.load(A_ptr + offs_d[:, None] * sA_d + offs_n[None, :] * sA_n,
-                mask=mask_dn, other=0.0).to(tl.float32)
-    A2 = A * 1.4426950408889634
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-
-    st_off = offs_d[:, None] * N + offs_n[None, :]
-    if HAS_DHFIN:
-        carry = tl.load(dhfin_ptr + pid_b * ED * N + st_off, mask=mask_dn, other=0.0).to(tl.float32)
-    else:
-        carry = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    dA_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-
-    x_base = x_ptr + pid_b * sx_b + offs_d[:, None] * sx_d
-    dt_base = dt_ptr + pid_b * sdt_b + offs_d[:, None] * sdt_d
-    z_base = z_ptr + pid_b * sz_b + offs_d[:, None] * sz_d
-    do_base = dout_ptr + pid_b * sdo_b + offs_d[:, None] * sdo_d
-    B_base = B_ptr + pid_b * sB_b + offs_n[:, None] * sB_n
-    C_base = C_ptr + pid_b * sC_b + offs_n[:, None] * sC_n
-    g_off = pid_b * ED * L + offs_d[:, None] * L  # contiguous (B, ED, L) grads
-    p_off = (pid_d * Bsz + pid_b) * N * L + offs_n[:, None] * L  # (n_db, B, N, L) partials
-
-    n_chunks = tl.cdiv(L, CHUNK)
-    for i in range(0, n_chunks):
-        c = n_chunks - 1 - i
-        t = c * CHUNK + offs_t
-        mask_t = t < L
-        mask_dt = mask_d[:, None] & mask_t[None, :]
-        mask_nt = mask_n[:, None] & mask_t[None, :]
-        tp = t - 1
-        mask_tp = (offs_t > 0) & mask_t
-        mask_dtp = mask_d[:, None] & mask_tp[None, :]
-        tn = t + 1
-        mask_dtn = mask_d[:, None] & (tn < L)[None, :]
-
-        x = tl.load(x_base + t[None, :] * sx_l, mask=mask_dt, other=0.0).to(tl.float32)
-        u = tl.load(dt_base + t[None, :] * sdt_l, mask=mask_dt, other=0.0).to(tl.float32)
-        x_p = tl.load(x_base + tp[None, :] * sx_l, mask=mask_dtp, other=0.0).to(tl.float32)
-        u_p = tl.load(dt_base + tp[None, :] * sdt_l, mask=mask_dtp, other=0.0).to(tl.float32)
-        u_n = tl.load(dt_base + tn[None, :] * sdt_l, mask=mask_dtn, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            u = u + bias[:, None]
-            u_p = u_p + bias[:, None]
-            u_n = u_n + bias[:, None]
-        if SOFTPLUS:
-            delta = _softplus(u)
-            delta_p = _softplus(u_p)
-            delta_n = _softplus(u_n)
-        else:
-            delta = u
-            delta_p = u_p
-            delta_n = u_n
-        delta = tl.where(mask_dt, delta, 0.0)
-        delta_p = tl.where(mask_dtp, delta_p, 0.0)
-        delta_n = tl.where(mask_dtn, delta_n, 0.0)
-
-        Bm = tl.load(B_base + t[None, :] * sB_l, mask=mask_nt, other=0.0).to(tl.float32)
-        Bm_p = tl.load(B_base + tp[None, :] * sB_l, mask=mask_n[:, None] & mask_tp[None, :],
-                       other=0.0).to(tl.float32)
-        Cm = tl.load(C_base + t[None, :] * sC_l, mask=mask_nt, other=0.0).to(tl.float32)
-        dout = tl.load(do_base + t[None, :] * sdo_l, mask=mask_dt, other=0.0).to(tl.float32)
-
-        # recompute h_{t-1} over the chunk from its boundary state (shifted scan)
-        h_in = tl.load(states_ptr + (pid_b * n_chunks + c) * ED * N + st_off,
-                       mask=mask_dn, other=0.0)
-        dA_p = tl.exp2(delta_p[:, None, :] * A2[:, :, None])  # (BD, BN, CH)
-        dBx_p = (delta_p * x_p)[:, None, :] * Bm_p[None, :, :]
-        pa, pb = _scan_t(dA_p, dBx_p, offs_t, CHUNK, False, SEQ_SCAN)
-        h_prev = pb + pa * h_in[:, :, None]
-        dA = tl.exp2(delta[:, None, :] * A2[:, :, None])
-        dx_delta = delta * x
-        h = dA * h_prev + dx_delta[:, None, :] * Bm[None, :, :]
-
-        if HAS_Z:
-            z = tl.load(z_base + t[None, :] * sz_l, mask=mask_dt, other=0.0).to(tl.float32)
-            y = tl.sum(h * Cm[None, :, :], axis=1)
-            if HAS_D:
-                y = y + Dv[:, None] * x
-            sig = tl.sigmoid(z)
-            dz = dout * y * sig * (1.0 + z * (1.0 - sig))
-            tl.store(dz_ptr + g_off + t[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask_dt)
-            dy = dout * z * sig
-        else:
-            dy = dout
-        dC = tl.sum(dy[:, None, :] * h, axis=0)  # (BN, CH)
-        tl.store(dCp_ptr + p_off + t[None, :], dC, mask=mask_nt)
-
-        dA_n = tl.exp2(delta_n[:, None, :] * A2[:, :, None])
-        ga, gb = _scan_t(dA_n, dy[:, None, :] * Cm[None, :, :], offs_t, CHUNK, True, SEQ_SCAN)
-        g = gb + ga * carry[:, :, None]  # (BD, BN, CH)
-
-        gB = tl.sum(g * Bm[None, :, :], axis=1)  # (BD, CH)
-        dx = delta * gB
-        if HAS_D:
-            dx = dx + dy * Dv[:, None]
-            dD_acc += tl.sum(dy * x, axis=1)
-        tl.store(dx_ptr + g_off + t[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask_dt)
-        gh = g * h_prev * dA
-        ddelta = tl.sum(gh * A[:, :, None], axis=1) + x * gB
-        dA_acc += tl.sum(gh * delta[:, None, :], axis=2)
-        dB = tl.sum(g * dx_delta[:, None, :], axis=0)  # (BN, CH)
-        tl.store(dBp_ptr + p_off + t[None, :], dB, mask=mask_nt)
-        if SOFTPLUS:
-            du = ddelta * tl.sigmoid(u)
-        else:
-            du = ddelta
-        du = tl.where(mask_dt, du, 0.0)
-        tl.store(ddt_ptr + g_off + t[None, :], du.to(ddt_ptr.dtype.element_ty), mask=mask_dt)
-        dbias_acc += tl.sum(du, axis=1)
-        carry = tl.sum(tl.where((offs_t == 0)[None, None, :], g, 0.0), axis=2)
-
-    # h_0 = dA_0 h_init + ...  =>  dh_init = dA_0 g_0
-    mask_d0 = mask_d & ((offs_d * 0 + L) > 0)
-    u0 = tl.load(dt_ptr + pid_b * sdt_b + offs_d * sdt_d, mask=mask_d0, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        u0 = u0 + bias
-    if SOFTPLUS:
-        d0 = _softplus(u0)
-    else:
-        d0 = u0
-    d0 = tl.where(mask_d0, d0, 0.0)
-    dh0 = carry * tl.exp2(d0[:, None] * A2)
-    tl.store(dh0_ptr + pid_b * ED * N + st_off, dh0, mask=mask_dn)
-    tl.store(dAp_ptr + pid_b * ED * N + st_off, dA_acc, mask=mask_dn)
-    tl.store(dDp_ptr + pid_b * ED + offs_d, dD_acc, mask=mask_d)
-    tl.store(dbiasp_ptr + pid_b * ED + offs_d, dbias_acc, mask=mask_d)
 
 
 @triton.jit
@@ -474,7 +297,6 @@ def _bdl_fwd_lane_kernel(
     delta x B_n, y += h_n C_n step by step: ~5 instructions and one exp2 per (d, n, t), no
     shuffles but the NS-lane sum of y. The states are N/NS-tuples of (BLOCK_D, NS) vectors."""
     NL: tl.constexpr = N // NS
-    pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     d3, s3, e3, md3, d2, s2, md2 = _lane_index(ED, BLOCK_D, NS, E)
     if HAS_D:
@@ -828,72 +650,56 @@ def _launch_fwd(kernel, x, dt, A, B, C, D, z, dt_bias, initial_state, softplus, 
     return out, hfin, (states if store_states else None), state_chunk
 
 
-def _bwd(dout, dhfin, x, dt, A, B, C, D, z, dt_bias, states, softplus, CHUNK, variant=None,
-         dz_out=None, y_out=None, **tiles):
-    """Gradients from the forward's states (stored every CHUNK steps). `variant` ("lane" |
-    "chunk") and `tiles` override BWD_CONFIG / BWD_TILES. lane only: `dz_out` (B, ED, L) with L
+def _bwd(dout, dhfin, x, dt, A, B, C, D, z, dt_bias, states, softplus, CHUNK, dz_out=None,
+         y_out=None, **tiles):
+    """Gradients from the forward's states (stored every CHUNK steps), by the lane backward;
+    `tiles` (BLOCK_D, NS, E, num_warps, ATOMIC) override BWD_TILES. `dz_out` (B, ED, L) with L
     contiguous (e.g. half of the in-projection's gradient) receives dz; `y_out` (B, ED, L)
     contiguous receives the gated output y * silu(z) recomputed on the way."""
-    variant = variant or BWD_CONFIG["variant"]
-    if variant not in ("lane", "chunk"):
-        raise ValueError(f"backward variant {variant!r} is not one of lane, chunk")
     Bsz, ED, L = x.shape
-    table = BWD_TILES[variant]
-    if variant == "lane" and Bsz * triton.cdiv(ED, table["BLOCK_D"]) < BWD_LANE_MIN_PROGRAMS:
+    N = A.shape[1]
+    table = BWD_TILES["lane"]
+    if Bsz * triton.cdiv(ED, table["BLOCK_D"]) < BWD_LANE_MIN_PROGRAMS:
         table = BWD_TILES["lane-small"]          # too few programs to fill the card: more of them
     cfg = {**table, **{k: v for k, v in tiles.items() if v is not None}}
-    N = A.shape[1]
-    BLOCK_D = cfg["BLOCK_D"]
+    BLOCK_D, NS, E, nw, atomic = cfg["BLOCK_D"], cfg["NS"], cfg["E"], cfg["num_warps"], cfg["ATOMIC"]
+    if NS & (NS - 1) or CHUNK % E or BLOCK_D * NS != 32 * nw or E not in (2, 4, 8):
+        raise ValueError(f"lane backward: NS={NS} a power of two, E={E} (2, 4 or 8) dividing "
+                         f"the state chunk {CHUNK}, and BLOCK_D*NS={BLOCK_D * NS} = 32*num_warps")
+    while N % NS:          # fewer lanes per channel where NS does not divide N (e.g. N = 6)
+        NS //= 2
+        BLOCK_D *= 2
+    if (dz_out is not None or y_out is not None) and z is None:
+        raise ValueError("dz_out / y_out take the backward of a gated scan (z given)")
     dev = x.device
     f32 = torch.float32
     dx = torch.empty((Bsz, ED, L), device=dev, dtype=x.dtype)
     ddt = torch.empty((Bsz, ED, L), device=dev, dtype=dt.dtype)
-    if (dz_out is not None or y_out is not None) and (variant != "lane" or z is None):
-        raise ValueError("dz_out / y_out take the lane backward of a gated scan (z given)")
     dz = dz_out if dz_out is not None else (
         torch.empty((Bsz, ED, L), device=dev, dtype=z.dtype) if z is not None else dx)
+    if dz.stride(2) != 1 or (y_out is not None and not y_out.is_contiguous()):
+        raise ValueError("lane backward: dz_out needs L contiguous and y_out to be contiguous")
     dAp = torch.empty((Bsz, ED, N), device=dev, dtype=f32)
     dDp = torch.empty((Bsz, ED), device=dev, dtype=f32)
     dbp = torch.empty((Bsz, ED), device=dev, dtype=f32)
     dh0 = torch.empty((Bsz, ED, N), device=dev, dtype=f32)
+    n_db = triton.cdiv(ED, BLOCK_D)
+    shape = (Bsz, N, L) if atomic else (n_db, Bsz, N, L)
+    alloc = torch.zeros if atomic else torch.empty
+    dBp, dCp = alloc(shape, device=dev, dtype=f32), alloc(shape, device=dev, dtype=f32)
+    scratch = torch.empty((Bsz, CHUNK // E, ED, N), device=dev, dtype=f32)
     zz = z if z is not None else x
     dhf = dhfin.float().contiguous() if dhfin is not None else dh0
-    strides = (*x.stride(), *dt.stride(), *zz.stride(), *B.stride(), *C.stride(), *A.stride(),
-               *dout.stride())
-    flags = dict(HAS_Z=z is not None, HAS_D=D is not None, HAS_BIAS=dt_bias is not None,
-                 HAS_DHFIN=dhfin is not None, SOFTPLUS=softplus)
-    ins = (x, dt, zz, B, C, A, D if D is not None else A, dt_bias if dt_bias is not None else A,
-           states, dout, dhf)
-    if variant == "lane":
-        NS, E, nw, atomic = cfg["NS"], cfg["E"], cfg["num_warps"], cfg["ATOMIC"]
-        if NS & (NS - 1) or CHUNK % E or BLOCK_D * NS != 32 * nw or E not in (2, 4, 8):
-            raise ValueError(f"lane backward: NS={NS} a power of two, E={E} (2, 4 or 8) dividing "
-                             f"the state chunk {CHUNK}, and BLOCK_D*NS={BLOCK_D * NS} = 32*num_warps")
-        while N % NS:          # fewer lanes per channel where NS does not divide N (e.g. N = 6)
-            NS //= 2
-            BLOCK_D *= 2
-        n_db = triton.cdiv(ED, BLOCK_D)
-        shape = (Bsz, N, L) if atomic else (n_db, Bsz, N, L)
-        alloc = torch.zeros if atomic else torch.empty
-        dBp, dCp = alloc(shape, device=dev, dtype=f32), alloc(shape, device=dev, dtype=f32)
-        scratch = torch.empty((Bsz, CHUNK // E, ED, N), device=dev, dtype=f32)
-        if dz.stride(2) != 1 or (y_out is not None and not y_out.is_contiguous()):
-            raise ValueError("lane backward: dz_out needs L contiguous and y_out to be contiguous")
-        _bdl_bwd_lane_kernel[(n_db, Bsz)](
-            *ins, dx, ddt, dz, dBp, dCp, dAp, dDp, dbp, dh0, scratch,
-            y_out if y_out is not None else dx, Bsz, L, ED, *strides, dz.stride(0), dz.stride(1),
-            **flags, ATOMIC=atomic, STORE_Y=y_out is not None,
-            N=N, BLOCK_D=BLOCK_D, NS=NS, E=E, STATE_CHUNK=CHUNK, num_warps=nw)
-        dB, dC = (dBp, dCp) if atomic else (dBp.sum(0), dCp.sum(0))
-    else:
-        n_db = triton.cdiv(ED, BLOCK_D)
-        dBp = torch.empty((n_db, Bsz, N, L), device=dev, dtype=f32)
-        dCp = torch.empty((n_db, Bsz, N, L), device=dev, dtype=f32)
-        _bdl_bwd_kernel[(n_db, Bsz)](
-            *ins, dx, ddt, dz, dBp, dCp, dAp, dDp, dbp, dh0, Bsz, L, ED, N, *strides, **flags,
-            BLOCK_D=BLOCK_D, BLOCK_N=triton.next_power_of_2(N), CHUNK=CHUNK,
-            SEQ_SCAN=_seq_scan_flag(), num_warps=cfg["num_warps"])
-        dB, dC = dBp.sum(0), dCp.sum(0)
+    _bdl_bwd_lane_kernel[(n_db, Bsz)](
+        x, dt, zz, B, C, A, D if D is not None else A, dt_bias if dt_bias is not None else A,
+        states, dout, dhf, dx, ddt, dz, dBp, dCp, dAp, dDp, dbp, dh0, scratch,
+        y_out if y_out is not None else dx, Bsz, L, ED,
+        *x.stride(), *dt.stride(), *zz.stride(), *B.stride(), *C.stride(), *A.stride(),
+        *dout.stride(), dz.stride(0), dz.stride(1),
+        HAS_Z=z is not None, HAS_D=D is not None, HAS_BIAS=dt_bias is not None,
+        HAS_DHFIN=dhfin is not None, SOFTPLUS=softplus, ATOMIC=atomic, STORE_Y=y_out is not None,
+        N=N, BLOCK_D=BLOCK_D, NS=NS, E=E, STATE_CHUNK=CHUNK, num_warps=nw)
+    dB, dC = (dBp, dCp) if atomic else (dBp.sum(0), dCp.sum(0))
     return dx, ddt, (dz if z is not None else None), dAp.sum(0), dB, dC, dDp.sum(0), \
         dbp.sum(0), dh0
 
