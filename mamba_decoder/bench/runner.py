@@ -25,7 +25,7 @@ from ..models import kernel_choices
 from . import flops
 from .registry import build_lm, build_model, models_for, parameter_counts
 from .results import BenchmarkResult, RecordWriter, config_key, cpu_model
-from .timing import time_callable
+from .timing import cpu_gemm_tflops, time_callable
 from .workloads import DecodeSession, GraphedForward, TrainStep
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16,
@@ -270,6 +270,8 @@ def measure(cfg: Config, s: SweepSettings, cache: Optional[dict] = None) -> Benc
         if cuda:
             peak = torch.cuda.max_memory_allocated(device)
             fields.update(peak_memory_mb=peak / MB, memory_mb=(peak - base) / MB)
+        elif device.type == "cpu":
+            fields.update(peak_tflops=cpu_gemm_tflops(DTYPES[cfg.dtype]))
         result = BenchmarkResult.from_samples(samples, **fields)
         _add_rates(result, s, device)
     except KeyboardInterrupt:
@@ -325,8 +327,8 @@ def _add_rates(r: BenchmarkResult, s: SweepSettings, device: torch.device) -> No
     sec = r.latency_median_ms / 1e3
     if r.flops:
         r.tflops_per_sec = r.flops / sec / 1e12
-        peak = flops.peak_tflops(r.device_name or "", r.dtype)
-        r.mfu = r.tflops_per_sec / peak if peak else None
+        r.peak_tflops = r.peak_tflops or flops.peak_tflops(r.device_name or "", r.dtype)
+        r.mfu = r.tflops_per_sec / r.peak_tflops if r.peak_tflops else None
     if r.bytes_per_call:
         r.gb_per_sec = r.bytes_per_call / sec / 1e9
 

@@ -123,3 +123,11 @@ def mann_whitney_u(x: list[float], y: list[float]) -> tuple[float, float]:
     d = u1 - n1 * n2 / 2
     z = (abs(d) - 0.5) / sigma if abs(d) >= 0.5 else 0.0
     return float(u1), float(min(1.0, math.erfc(z / math.sqrt(2))))
+
+
+def cpu_gemm_tflops(dtype: torch.dtype = torch.float32, n: int = 1024, runs: int = 3) -> float:
+    """This CPU's GEMM rate now (TFLOP/s): the median of `runs` (n x n) @ (n x n) products at the
+    current thread count. On the CPU the suite probes it beside every config, so a config's MFU
+    is against what the machine gave in the same minute (a shared machine drifts 3x in seconds)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2 * n ** 3 / (summarize(time_callable(lambda: a @ b, "cpu", warmup=1, runs=runs)).median * 1e9)

@@ -36,7 +36,7 @@ def test_console_lines(tmp_path, capsys):
     assert len(lines) == 4 and all(LINE_RE.match(ln) for ln in lines), lines
     assert out.startswith("=" * 100 + "\nCOMPREHENSIVE BENCHMARKING SUITE\n" + "=" * 100 + "\nDevice: cpu\n"
                           "Model Dimension: 32\nSequence Lengths: [8, 16]\nBatch Sizes: [1, 2]\n")
-    assert "Kernels Regular Mamba (fast, float32): scan=cpu" in out
+    assert "Kernels Regular Mamba (fast, float32): scan=cpu_compiled" in out
     assert "SUMMARY" in out and "Traceback" not in out + err
 
 

@@ -46,8 +46,10 @@ def test_sweep_records_every_config_in_spec_order():
         assert r.num_parameters > 0 and r.active_parameters <= r.num_parameters
         assert r.memory_mb is None and r.weights_mb > 0        # CPU: no per-config memory figure
         assert r.kernels and r.threads == torch.get_num_threads()
+        # the CPU floor: MFU against the GEMM rate probed beside this config
+        assert r.peak_tflops > 0 and r.mfu == pytest.approx(r.tflops_per_sec / r.peak_tflops)
     mdb = next(r for r in out if r.model_name == "MambaDecoderBlock")
-    assert mdb.kernels == {"scan": "cpu", "conv": "torch-conv1d", "step": "torch",
+    assert mdb.kernels == {"scan": "cpu_compiled", "conv": "torch-conv1d", "step": "torch",
                            "moe": "grouped_mm (T > {0}), dense-small (T <= {0})".format(DENSE_SMALL_MAX_TOKENS["cpu"]),
                            "router": "torch"}
 

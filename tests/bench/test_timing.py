@@ -115,3 +115,12 @@ def test_mann_whitney_fully_separated_is_tiny():
     u, p = mann_whitney_u(x, y)
     assert u == 0 and p < 1e-9
     assert mann_whitney_u(y, x)[0] == 900 and mann_whitney_u(y, x)[1] == pytest.approx(p)
+
+
+def test_cpu_gemm_rate_is_a_plausible_measurement(monkeypatch):
+    from mamba_decoder.bench import timing
+    rate = timing.cpu_gemm_tflops(n=128, runs=2)
+    assert 1e-4 < rate < 100          # TFLOP/s: a real measurement, not a constant
+    # the FLOP count is 2 n^3 over the median time
+    monkeypatch.setattr(timing, "time_callable", lambda fn, device, warmup, runs: [1.0, 2.0, 3.0])
+    assert timing.cpu_gemm_tflops(n=100) == pytest.approx(2 * 100 ** 3 / 2e-3 / 1e12)

@@ -148,10 +148,10 @@ def test_fast_mixer_with_triton_conv_equals_reference(case, dtype, tol, monkeypa
 def test_kernel_choice_names_conv_and_step():
     fast = MambaMixer(MambaConfig(d_model=24, n_layers=1), backend="fast")
     cpu = torch.device("cpu")
-    assert fast.kernel_choice(cpu, torch.float32) == {"scan": "cpu", "conv": "torch-conv1d", "step": "torch"}
+    assert fast.kernel_choice(cpu, torch.float32) == {"scan": "cpu_compiled", "conv": "torch-conv1d", "step": "torch"}
     _fused_bdl(fast)
     assert fast.kernel_choice(cpu, torch.float32) == {
-        "scan": "cpu", "conv": "triton-conv-silu", "step": "triton-fused"}
+        "scan": "cpu_compiled", "conv": "triton-conv-silu", "step": "triton-fused"}
 
 
 def test_fast_mixer_sees_in_place_parameter_updates_in_inference():

@@ -2,26 +2,31 @@
 
 impl names:
   "reference": sequential fp32 loop (ground truth, slow)
-  "cpu":       chunked torch path (fast on CPU, works on any device)
+  "cpu":       chunked torch path (works on any device)
+  "cpu_compiled": a C loop over time, vectorized over channels (CPU tensors; built at first use,
+               kernels/cpu_native.py)
   "triton":    Triton kernels, fused forward + chunk-recomputing Triton backward (CUDA, or CPU
                tensors under TRITON_INTERPRET=1)
-  "auto":      "triton" for CUDA tensors, "cpu" for CPU tensors
+  "auto":      "triton" for CUDA tensors, "cpu_compiled" for CPU tensors ("cpu" where no C
+               compiler builds it: the record's kernels field and a warning say so)
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
-from .. import triton_installed
+from .. import cpu_native, triton_installed
 from .cpu import selective_scan_cpu
+from .cpu_compiled import selective_scan_cpu_compiled
 from .reference import selective_scan_pscan, selective_scan_ref
 
 __all__ = ["selective_scan", "selective_scan_ref", "selective_scan_pscan", "selective_scan_cpu",
-           "available_impls", "auto_impl"]
+           "selective_scan_cpu_compiled", "available_impls", "auto_impl"]
 
-_IMPLS = ("reference", "cpu", "triton")
+_IMPLS = ("reference", "cpu", "cpu_compiled", "triton")
 _LAYOUTS = ("BLD", "BDL")
 
 
@@ -31,6 +36,8 @@ def available_impls(device) -> list[str]:
     """Impls that can run on tensors of `device`."""
     device = torch.device(device)
     impls = ["reference", "cpu"]
+    if device.type == "cpu" and cpu_native.available()[0]:
+        impls.append("cpu_compiled")
     if triton_installed() and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
         impls.append("triton")
     return impls
@@ -42,8 +49,21 @@ def auto_impl(device) -> str:
     if device.type == "cuda":
         return "triton"
     if device.type == "cpu":
-        return "cpu"
+        ok, why = cpu_native.available()
+        if not ok:
+            _warn_once(f"selective_scan: the compiled CPU scan is unavailable ({why}); running the "
+                       "chunked torch scan ('cpu'), several times slower")
+        return "cpu_compiled" if ok else "cpu"
     raise ValueError(f"selective_scan: no auto impl for device type {device.type!r}")
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 def _validate(x, dt, A, B, C, D, z, dt_bias, initial_state, layout="BLD"):
@@ -107,8 +127,9 @@ def selective_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=Tru
             raise ValueError("selective_scan impl='triton': triton is not importable")
         from .triton_bdl import selective_scan_triton_bdl as fn  # raises ValueError off CUDA
         native = "BDL"
-    elif impl in ("reference", "cpu"):
-        fn = selective_scan_ref if impl == "reference" else selective_scan_cpu
+    elif impl in ("reference", "cpu", "cpu_compiled"):
+        fn = {"reference": selective_scan_ref, "cpu": selective_scan_cpu,
+              "cpu_compiled": selective_scan_cpu_compiled}[impl]
         native = "BLD"
     else:
         raise ValueError(f"selective_scan: unknown impl {impl!r}; expected 'auto' or one of {_IMPLS}")
