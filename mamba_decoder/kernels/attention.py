@@ -68,6 +68,13 @@ def naive_sdpa(q, k, v, scale: float, mask=None):
     if S == 1 and q.is_cuda:
         with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=scale)
+    elif q.device.type == "cpu" and v.shape[-1] < q.shape[-1]:
+        # The CPU's flash kernel needs Dv == Dqk, else SDPA runs its math path, which
+        # materializes the (B, H, S, T) scores (4.3 s vs 1.6 s at B8 H16 L1024, 2 threads):
+        # zero-pad V to Dqk (the padded output columns are exactly zero) and drop them after.
+        Dv = v.shape[-1]
+        v = F.pad(v, (0, q.shape[-1] - Dv))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=scale)[..., :Dv]
     else:
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=scale)
     return o.transpose(1, 2)                                     # (B, S, H, Dv)

@@ -327,3 +327,38 @@ void scan_bwd(const ScanArgs *a, i64 b, i64 d0, i64 d1, i64 split) {
     free(lam); free(hbuf); free(abuf); free(dbuf); free(gBl); free(gCl); free(At);
     free(gA); free(gD); free(gb);
 }
+
+/* Causal depthwise conv + SiLU in (B, L, ED) layout, batch b, channels [d0, d1):
+ * out[b, t, d] = silu(bias[d] + sum_k wT[k, d] x[b, t - (K-1) + k, d])  (x before t = 0 is 0).
+ * x by strides (unit along ED: a half of in_proj's output); wT (K, ED), out (B, L, ED) contiguous. */
+void causal_conv_silu(const float *x, i64 sx_b, i64 sx_l, const float *wT, const float *bias,
+                      float *out, i64 L, i64 ED, i64 K, i64 b, i64 d0, i64 d1) {
+    for (i64 t = 0; t < L; t++) {
+        float *orow = out + (b * L + t) * ED;
+        for (i64 dv = d0; dv < d1; dv += VL) {
+            const int vl = (int)(d1 - dv < VL ? d1 - dv : VL);
+            float acc[VL], xv[VL], wv[VL];
+            load_row(acc, bias, dv, vl, 0.0f);
+            for (i64 k = 0; k < K; k++) {
+                const i64 tt = t - (K - 1) + k;
+                if (tt < 0) continue;
+                load_row(xv, x + b * sx_b + tt * sx_l, dv, vl, 0.0f);
+                load_row(wv, wT + k * ED, dv, vl, 0.0f);
+                _Pragma("omp simd") for (int j = 0; j < VL; j++) acc[j] += wv[j] * xv[j];
+            }
+            _Pragma("omp simd") for (int j = 0; j < VL; j++) acc[j] = acc[j] * vsigmoid(acc[j]);
+            store_row(orow, acc, dv, vl);
+        }
+    }
+}
+
+/* SwiGLU of rows [r0, r1): h13 (rows, 2I) = [h1 | h3] contiguous -> out (rows, I) =
+ * silu(h1) * h3 * scale[r] (scale NULL: 1). One pass instead of three torch ops. */
+void swiglu_rows(const float *h13, const float *scale, float *out, i64 I, i64 r0, i64 r1) {
+    for (i64 r = r0; r < r1; r++) {
+        const float *h1 = h13 + r * 2 * I, *h3 = h1 + I;
+        float *o = out + r * I;
+        const float s = scale ? scale[r] : 1.0f;
+        _Pragma("omp simd") for (i64 i = 0; i < I; i++) o[i] = h1[i] * vsigmoid(h1[i]) * h3[i] * s;
+    }
+}

@@ -33,6 +33,15 @@ FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-strict-aliasing", "-f
          "-fopenmp-simd", "-std=c99"]
 
 
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+_SIGNATURES = {   # the C functions' parameters, in order
+    "scan_fwd": [_P, _I, _I, _I],
+    "scan_bwd": [_P, _I, _I, _I, _I],
+    "causal_conv_silu": [_P, _I, _I, _P, _P, _P, _I, _I, _I, _I, _I, _I],
+    "swiglu_rows": [_P, _P, _P, _I, _I, _I],
+}
+
+
 class CPUKernelsUnavailable(RuntimeError):
     """The compiled CPU kernels could not be built or loaded on this machine."""
 
@@ -87,9 +96,13 @@ def load() -> ctypes.CDLL:
     if not target.exists():
         _build(target)
     try:
-        return ctypes.CDLL(str(target))
+        lib = ctypes.CDLL(str(target))
     except OSError as e:
         raise CPUKernelsUnavailable(f"loading {target} failed: {e}") from e
+    for name, args in _SIGNATURES.items():   # without argtypes ctypes would pass 32-bit ints
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, None
+    return lib
 
 
 @functools.lru_cache(maxsize=None)

@@ -16,7 +16,7 @@ from mambapy.mamba import RMSNorm as MambaRMSNorm
 from torch import nn
 
 from ..config import DEFAULT_BACKEND, check_backend
-from ..kernels import triton_installed
+from ..kernels import cpu_fused, cpu_gemm, triton_installed
 from .derived import derived
 
 
@@ -131,10 +131,10 @@ class MambaMixer(MambaBlock):
             # (B, ED, L); bias fused in the scan
             dt = torch.bmm(self.dt_proj.weight.expand(Bsz, -1, -1), dt)
             return dt, A, B, C
-        dBC = self.x_proj(x)                                            # (B, L, R + 2N)
+        dBC = cpu_gemm.linear(x, self.x_proj.weight, self.x_proj.bias)  # (B, L, R + 2N)
         dt, B, C = torch.split(dBC, [cfg.dt_rank, cfg.d_state, cfg.d_state], dim=-1)
         dt, B, C = self._apply_layernorms(dt, B, C)
-        dt = F.linear(dt, self.dt_proj.weight)                          # (B, L, ED); bias fused in the scan
+        dt = cpu_gemm.linear(dt, self.dt_proj.weight)                   # (B, L, ED); bias fused in the scan
         return dt, A, B, C
 
     def _layout(self, x: torch.Tensor) -> str:
@@ -157,17 +157,18 @@ class MambaMixer(MambaBlock):
         if self._layout(x) == "BDL":
             return self._forward_fast_bdl(x, cache, selective_scan, residual)
 
-        xz = self.in_proj(x)                                            # (B, L, 2 ED)
+        xz = cpu_gemm.linear(x, self.in_proj.weight, self.in_proj.bias)  # (B, L, 2 ED)
         x, z = xz.chunk(2, dim=-1)                                      # (B, L, ED) each
-        if cache is None:
-            x = self._conv(x)
+        if cache is None and cpu_fused.runs(x, self.conv1d.weight):
+            x = cpu_fused.causal_conv1d_silu_bld(x, self.conv1d.weight, self.conv1d.bias)
+        elif cache is None:
+            x = F.silu(self._conv(x))
         else:
             K = self.config.d_conv
             xt = torch.cat([cache.conv, x.transpose(1, 2)], dim=2)     # (B, ED, K - 1 + L)
             cache.conv.copy_(xt[:, :, -(K - 1):])
             x = F.conv1d(xt, self.conv1d.weight, self.conv1d.bias, groups=self.config.d_inner)
-            x = x.transpose(1, 2)                                       # (B, L, ED)
-        x = F.silu(x)
+            x = F.silu(x.transpose(1, 2))                               # (B, L, ED)
         dt, A, B, C = self._ssm_inputs(x)
         _, D, dt_bias = self._scan_params()
         y = selective_scan(x, dt, A, B, C, D, z=z, dt_bias=dt_bias,
@@ -176,7 +177,7 @@ class MambaMixer(MambaBlock):
         if cache is not None:
             y, h = y
             cache.ssm.copy_(h)
-        return self.out_proj(y)
+        return cpu_gemm.linear(y, self.out_proj.weight, self.out_proj.bias)
 
     def _forward_fast_bdl(self, x, cache, selective_scan, residual=None):
         """Channel-major fast path: x (B, L, D) -> (B, L, D) (a transposed view of (B, D, L))."""
@@ -245,9 +246,14 @@ class MambaMixer(MambaBlock):
 
         fused = self._fused_impl_on(device) == "triton"
         bdl = self._layout_on(device) == "BDL"
-        return {"scan": auto_impl(device),
-                "conv": "triton-conv-silu" if fused and bdl else "torch-conv1d",
-                "step": "triton-fused" if fused and not self.config.inner_layernorms else "torch"}
+        conv = "triton-conv-silu" if fused and bdl else "torch-conv1d"
+        if not bdl and cpu_fused.available_for(device, dtype):
+            conv = "cpu-conv-silu (inference), torch-conv1d otherwise"
+        out = {"scan": auto_impl(device), "conv": conv,
+               "step": "triton-fused" if fused and not self.config.inner_layernorms else "torch"}
+        if torch.device(device).type == "cpu":
+            out["gemm"] = cpu_gemm.kernel_name(device, dtype)
+        return out
 
 
 class RMSNorm(MambaRMSNorm):

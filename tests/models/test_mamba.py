@@ -11,6 +11,7 @@ from helpers import randomize_, rel_err  # noqa: E402
 from mambapy.mamba import Mamba, MambaBlock, MambaConfig  # noqa: E402
 
 from mamba_decoder.models import MambaMixer, RegularMamba  # noqa: E402
+from mamba_decoder.kernels import cpu_gemm  # noqa: E402
 
 NEEDS_INTERPRET = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                      reason="forcing the Triton kernels on CPU needs TRITON_INTERPRET=1")
@@ -148,10 +149,14 @@ def test_fast_mixer_with_triton_conv_equals_reference(case, dtype, tol, monkeypa
 def test_kernel_choice_names_conv_and_step():
     fast = MambaMixer(MambaConfig(d_model=24, n_layers=1), backend="fast")
     cpu = torch.device("cpu")
-    assert fast.kernel_choice(cpu, torch.float32) == {"scan": "cpu_compiled", "conv": "torch-conv1d", "step": "torch"}
+    gemm = cpu_gemm.kernel_name(cpu, torch.float32)
+    assert fast.kernel_choice(cpu, torch.float32) == {
+        "scan": "cpu_compiled", "conv": "cpu-conv-silu (inference), torch-conv1d otherwise", "step": "torch",
+        "gemm": gemm}
+    assert fast.kernel_choice(cpu, torch.bfloat16)["conv"] == "torch-conv1d"
     _fused_bdl(fast)
     assert fast.kernel_choice(cpu, torch.float32) == {
-        "scan": "cpu_compiled", "conv": "triton-conv-silu", "step": "triton-fused"}
+        "scan": "cpu_compiled", "conv": "triton-conv-silu", "step": "triton-fused", "gemm": gemm}
 
 
 def test_fast_mixer_sees_in_place_parameter_updates_in_inference():

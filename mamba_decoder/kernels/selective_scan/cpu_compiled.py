@@ -85,7 +85,7 @@ def _forward(a, x, keep_states: bool):
     a.out, a.hfin, a.hsave = out.data_ptr(), hfin.data_ptr(), _ptr(hsave)
     a.so_b, a.so_l = out.stride(0), out.stride(1)
     fn = cpu_native.load().scan_fwd
-    ref = ctypes.byref(a)
+    ref = ctypes.addressof(a)
     cpu_native.run_tasks(lambda b, d0, d1: fn(ref, b, d0, d1),
                          [(b, d0, d1) for b in range(Bsz) for d0, d1 in _splits(Bsz, ED)])
     return out, hfin, hsave
@@ -121,7 +121,7 @@ class _Scan(torch.autograd.Function):
             setattr(a, k, _ptr(v))
         a.n_split = len(splits)
         fn = cpu_native.load().scan_bwd
-        ref = ctypes.byref(a)
+        ref = ctypes.addressof(a)
         cpu_native.run_tasks(lambda b, d0, d1, s: fn(ref, b, d0, d1, s),
                              [(b, d0, d1, s) for b in range(Bsz) for s, (d0, d1) in enumerate(splits)])
         dx, ddt, dA, dB, dC, dD, dz, dbias, dh0 = ctx.dtypes
