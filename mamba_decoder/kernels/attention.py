@@ -73,7 +73,10 @@ def naive_sdpa(q, k, v, scale: float, mask=None):
         # materializes the (B, H, S, T) scores (4.3 s vs 1.6 s at B8 H16 L1024, 2 threads):
         # zero-pad V to Dqk (the padded output columns are exactly zero) and drop them after.
         Dv = v.shape[-1]
-        v = F.pad(v, (0, q.shape[-1] - Dv))
+        vp = v.new_empty(*v.shape[:-1], q.shape[-1])               # each element written once
+        vp[..., :Dv] = v                                            # (F.pad fills, then copies)
+        vp[..., Dv:] = 0
+        v = vp
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=scale)[..., :Dv]
     else:
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=scale)

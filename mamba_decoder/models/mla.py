@@ -19,7 +19,7 @@ from torch.nn import RMSNorm
 
 from ..config import DEFAULT_BACKEND, check_backend
 from ..kernels import attention as attn_kernels
-from ..kernels import triton_installed
+from ..kernels import cpu_gemm, triton_installed
 
 ATTN_IMPLS = ("naive", "absorb")
 DECODE_KERNELS = ("auto", "triton", "sdpa")
@@ -127,8 +127,12 @@ class MLA(nn.Module):
             raise ValueError(f"cache kind={kind!r} is not one of latent, full")
         return MLACache(kind, a, b)
 
+    def _linear(self, x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+        """layer(x); the fast backend's through kernels.cpu_gemm (oneDNN for fp32 CPU inference)."""
+        return cpu_gemm.linear(x, layer.weight, layer.bias) if self.backend == "fast" else layer(x)
+
     def _query(self, x: torch.Tensor) -> torch.Tensor:
-        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = self._linear(x, self.wq) if self.q_lora_rank == 0 else self._linear(self.q_norm(self._linear(x, self.wq_a)), self.wq_b)
         return q.view(*x.shape[:2], self.n_heads, self.qk_head_dim)          # (B, S, H, Dqk)
 
     def forward(self, x: torch.Tensor, start_pos: int = 0, mask: Optional[torch.Tensor] = None,
@@ -229,8 +233,11 @@ class MLA(nn.Module):
     def _expand_kv(self, kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The normalized latent kv (B, T, C) and rotated rope key k_pe (B, T, R) as per-head
         keys (B, T, H, nope + R) and values (B, T, H, v) (the values a strided view)."""
-        wkv_b = self.wkv_b.weight.view(self.n_heads, -1, self.kv_lora_rank)   # (H, nope + v, C)
-        kvb = torch.einsum("btc,hdc->bthd", kv, wkv_b)                        # (B, T, H, nope + v)
+        if self.backend == "fast" and cpu_gemm.runs_onednn(kv, self.wkv_b.weight):   # the same product, one GEMM
+            kvb = cpu_gemm.linear(kv, self.wkv_b.weight).view(*kv.shape[:2], self.n_heads, -1)
+        else:
+            wkv_b = self.wkv_b.weight.view(self.n_heads, -1, self.kv_lora_rank)   # (H, nope + v, C)
+            kvb = torch.einsum("btc,hdc->bthd", kv, wkv_b)                        # (B, T, H, nope + v)
         k_nope, v = torch.split(kvb, [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         return torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1), v
 
@@ -242,9 +249,10 @@ class MLA(nn.Module):
         bsz, seqlen = x.shape[:2]
         if mask is None and self._triton_decode(x, cache):
             return self._decode_step_triton(x, cache, where.start)
-        q_nope, q_pe = torch.split(self._query(x), [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_full = self._query(x)                                               # (B, S, H, Dqk)
+        q_nope, q_pe = torch.split(q_full, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         q_pe = apply_rotary_emb(q_pe, freqs)
-        kv, k_pe = torch.split(self.wkv_a(x), [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        kv, k_pe = torch.split(self._linear(x, self.wkv_a), [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         k_pe = apply_rotary_emb(k_pe.unsqueeze(2), freqs).squeeze(2)          # (B, S, R)
         kv = self.kv_norm(kv)                                                 # (B, S, C)
         wkv_b = self.wkv_b.weight.view(self.n_heads, -1, self.kv_lora_rank)   # (H, nope + v, C)
@@ -280,10 +288,14 @@ class MLA(nn.Module):
             k, v = self._expand_kv(kv, k_pe)
             if cache is not None and cache.kind == "full":
                 k, v = store(cache.a, k), store(cache.b, v)
-            q = torch.cat([q_nope, q_pe], dim=-1)
+            if fast and not torch.is_grad_enabled():
+                q_full[..., self.qk_nope_head_dim:] = q_pe                    # in place: no (B, S, H, Dqk) cat
+                q = q_full
+            else:
+                q = torch.cat([q_nope, q_pe], dim=-1)
             attend = attn_kernels.naive_sdpa if fast else attn_kernels.naive_ref
             o = attend(q, k, v, self.softmax_scale, mask)                     # (B, S, H, Dv)
-        return self.wo(o.flatten(2))
+        return self._linear(o.flatten(2), self.wo)
 
     def _decode_step_triton(self, x: torch.Tensor, cache: MLACache, pos) -> torch.Tensor:
         """One token per sequence, x (B, 1, D) at position `pos` (an int, or a 1-element device
@@ -316,7 +328,10 @@ class MLA(nn.Module):
                 choice == "auto" and torch.device(device).type == "cuda" and triton_installed())
 
         prefill = "triton prologue + naive-sdpa" if triton_on(self.fused_impl) else "naive-sdpa"
+        if torch.device(device).type == "cpu" and self.v_head_dim < self.qk_head_dim:
+            prefill += " (V padded to Dqk: the CPU flash kernel)"
+        gemm = {"gemm": cpu_gemm.kernel_name(device, dtype)} if torch.device(device).type == "cpu" else {}
         if self.attn_impl != "absorb":
-            return {"attn": f"prefill {prefill}, decode full-cache sdpa"}
+            return {"attn": f"prefill {prefill}, decode full-cache sdpa", **gemm}
         decode = "triton prologue + split-k" if triton_on(self.decode_kernel) else "sdpa"
-        return {"attn": f"prefill {prefill}, decode latent cache {decode} (full cache sdpa)"}
+        return {"attn": f"prefill {prefill}, decode latent cache {decode} (full cache sdpa)", **gemm}

@@ -161,6 +161,9 @@ class MoE(KimiMoE):
         n, ng = self._dense_small_max_tokens(device), self._dense_small_max_tokens(device, True)
         grad = "" if ng == n else f"; {ng} with autograd"
         fused = moe_kernels.router_fuses(device, dtype, self.n_experts, self.gate.top_k)
-        return {"moe": f"{moe_kernels.auto_impl(device, dtype)} (T > {n}), dense-small (T <= {n}{grad})",
+        impl = moe_kernels.auto_impl(device, dtype)
+        if impl == "grouped_mm" and moe_kernels.cpu_gemm.kernel_name(device, dtype) != "torch":
+            impl = "onednn per-expert GEMMs (inference), grouped_mm with autograd"
+        return {"moe": f"{impl} (T > {n}), dense-small (T <= {n}{grad})",
                 "router": ("triton, one launch, inside dense-small's gated pass (inference in eval mode; "
                            "torch ops in train mode or with autograd)") if fused else "torch"}

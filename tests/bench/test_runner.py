@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from mamba_decoder.kernels.moe import DENSE_SMALL_MAX_TOKENS
+from mamba_decoder.kernels import cpu_gemm
 
 from mamba_decoder.bench import runner
 from mamba_decoder.bench.runner import SweepSettings, measure_isolated, Config, run_sweep
@@ -49,8 +50,10 @@ def test_sweep_records_every_config_in_spec_order():
         # the CPU floor: MFU against the GEMM rate probed beside this config
         assert r.peak_tflops > 0 and r.mfu == pytest.approx(r.tflops_per_sec / r.peak_tflops)
     mdb = next(r for r in out if r.model_name == "MambaDecoderBlock")
-    assert mdb.kernels == {"scan": "cpu_compiled", "conv": "torch-conv1d", "step": "torch",
-                           "moe": "grouped_mm (T > {0}), dense-small (T <= {0})".format(DENSE_SMALL_MAX_TOKENS["cpu"]),
+    assert mdb.kernels == {"scan": "cpu_compiled", "conv": "cpu-conv-silu (inference), torch-conv1d otherwise",
+                           "step": "torch", "gemm": cpu_gemm.kernel_name(torch.device("cpu"), torch.float32),
+                           "moe": "onednn per-expert GEMMs (inference), grouped_mm with autograd (T > {0}), "
+                                  "dense-small (T <= {0})".format(DENSE_SMALL_MAX_TOKENS["cpu"]),
                            "router": "torch"}
 
 
