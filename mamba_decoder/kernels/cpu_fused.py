@@ -4,6 +4,7 @@
 - `causal_conv1d_silu_bld`: Mamba's causal depthwise conv + SiLU in the (B, L, ED) layout the CPU
   path runs, reading x (a strided half of in_proj's output) in place. Its twin is
   `kernels.causal_conv.causal_conv1d_silu_torch` on the transposed view.
+- `rms_norm_cpu`: RMSNorm over the last axis in one pass (torch's composite takes four).
 - `swiglu_rows_cpu`: the MoE's silu(h1) * h3 * row scale in one pass over h13 = [h1 | h3], the
   twin of `kernels.moe.swiglu_rows`'s torch ops (three passes, two of them over strided halves).
 """
@@ -59,3 +60,20 @@ def swiglu_rows_cpu(h13: torch.Tensor, scale: torch.Tensor | None = None) -> tor
                                            out.data_ptr(), I2 // 2, r0, r1),
                          [(r, min(r + rows, M)) for r in range(0, M, rows)])
     return out
+
+
+def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """x (..., D) fp32 CPU, unit stride along D -> x * rsqrt(mean(x^2, -1) + eps) * weight, contiguous."""
+    D = x.shape[-1]
+    x2 = x.reshape(-1, D)
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x2.stride(-1) != 1:
+        raise ValueError(f"rms_norm_cpu takes fp32 CPU rows with unit stride, got {x.dtype} {x.device}")
+    w = weight.float().contiguous() if weight is not None else None
+    out = x.new_empty(x2.shape)
+    M = x2.shape[0]
+    fn = cpu_native.load().rms_norm_rows
+    rows = max(1, -(-M // (4 * torch.get_num_threads())))
+    cpu_native.run_tasks(lambda r0, r1: fn(x2.data_ptr(), x2.stride(0), None if w is None else w.data_ptr(),
+                                           float(eps), out.data_ptr(), D, r0, r1),
+                         [(r, min(r + rows, M)) for r in range(0, M, rows)])
+    return out.view(x.shape)

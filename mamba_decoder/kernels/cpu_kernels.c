@@ -362,3 +362,17 @@ void swiglu_rows(const float *h13, const float *scale, float *out, i64 I, i64 r0
         _Pragma("omp simd") for (i64 i = 0; i < I; i++) o[i] = h1[i] * vsigmoid(h1[i]) * h3[i] * s;
     }
 }
+
+/* RMSNorm of rows [r0, r1): out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w (w NULL: 1). x rows
+ * by stride sx (unit along D), out contiguous. One read of x, one write (torch: four passes). */
+void rms_norm_rows(const float *x, i64 sx, const float *w, float eps, float *out, i64 D, i64 r0, i64 r1) {
+    for (i64 r = r0; r < r1; r++) {
+        const float *xr = x + r * sx;
+        float *o = out + r * D;
+        float ss = 0.0f;
+        _Pragma("omp simd reduction(+:ss)") for (i64 i = 0; i < D; i++) ss += xr[i] * xr[i];
+        const float inv = 1.0f / sqrtf(ss / (float)D + eps);
+        if (w) { _Pragma("omp simd") for (i64 i = 0; i < D; i++) o[i] = xr[i] * inv * w[i]; }
+        else   { _Pragma("omp simd") for (i64 i = 0; i < D; i++) o[i] = xr[i] * inv; }
+    }
+}

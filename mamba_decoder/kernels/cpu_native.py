@@ -39,6 +39,7 @@ _SIGNATURES = {   # the C functions' parameters, in order
     "scan_bwd": [_P, _I, _I, _I, _I],
     "causal_conv_silu": [_P, _I, _I, _P, _P, _P, _I, _I, _I, _I, _I, _I],
     "swiglu_rows": [_P, _P, _P, _I, _I, _I],
+    "rms_norm_rows": [_P, _I, _P, ctypes.c_float, _P, _I, _I, _I],
 }
 
 

@@ -268,7 +268,10 @@ class RMSNorm(MambaRMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "reference":
             return super().forward(x)
-        return F.rms_norm(x, (x.shape[-1],), None if self.use_mup else self.weight, self.eps)
+        w = None if self.use_mup else self.weight
+        if cpu_fused.runs(x, *([] if w is None else [w])):
+            return cpu_fused.rms_norm_cpu(x, w, self.eps)               # fp32 CPU inference: one pass
+        return F.rms_norm(x, (x.shape[-1],), w, self.eps)
 
 
 class ResidualLayer(nn.Module):

@@ -2,8 +2,8 @@
 against fp32 within a stated bound, at odd sizes:
 
 - kernels.cpu_gemm.linear (oneDNN for fp32 inference) vs F.linear in fp64;
-- kernels.cpu_fused: the (B, L, ED) conv + SiLU vs causal_conv1d_silu_torch, the SwiGLU rows vs
-  the torch ops;
+- kernels.cpu_fused: the (B, L, ED) conv + SiLU vs causal_conv1d_silu_torch, the SwiGLU rows and
+  the RMSNorm vs the torch ops;
 - kernels.moe's oneDNN grouped path vs routed_loop (open_kimi's loop);
 - kernels.attention.naive_sdpa with V padded for the CPU flash kernel vs naive_ref;
 - each block, fast backend in inference (where these kernels run) vs the reference backend.
@@ -94,6 +94,17 @@ def test_swiglu_rows_matches_torch_ops(M, I, scaled):
     with torch.inference_mode():
         assert rel_err(cpu_fused.swiglu_rows_cpu(h13, s), want) <= 1e-5
         assert rel_err(K.swiglu_rows(h13, s), want) <= 1e-5      # the dispatch takes it
+
+
+@needs_cc
+@pytest.mark.parametrize("shape", [(1, 1, 16), (3, 7, 31), (2, 50, 512)], ids=lambda v: str(v))
+@pytest.mark.parametrize("weighted", [True, False], ids=["weight", "no-weight"])
+def test_rms_norm_matches_torch(shape, weighted):
+    x = torch.randn(*shape[:-1], shape[-1] + 3)[..., :shape[-1]]      # strided rows
+    w = torch.randn(shape[-1]) if weighted else None
+    want = F.rms_norm(x.double(), (shape[-1],), None if w is None else w.double(), 1e-5)
+    with torch.inference_mode():
+        assert rel_err(cpu_fused.rms_norm_cpu(x, w, 1e-5), want) <= 1e-5
 
 
 # ---------------------------------------------------------------- MoE
