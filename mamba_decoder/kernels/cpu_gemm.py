@@ -6,8 +6,9 @@ ran 2-8x below oneDNN's fp32 GEMM at the blocks' shapes, interleaved in one proc
 relative error against fp64). oneDNN is the library torch already uses for bf16 CPU GEMMs; its
 fp32 linear is reachable on dense tensors as `torch.ops.mkldnn._linear_pointwise` (what
 torch.compile's CPU backend emits). `linear` takes it for fp32 CPU inference with at least
-MIN_ROWS rows (below that MKL's small-matrix path is as fast, and decode steps stay as they
-were), and F.linear everywhere else: other devices and dtypes, and with autograd (the op has no
+MIN_ROWS rows and MIN_MACS multiply-adds (below that MKL's small-matrix path is as fast and runs
+on one thread, where a 2-thread oneDNN call can stall a scheduler tick whenever another process
+holds a core; decode steps stay as they were), and F.linear everywhere else: other devices and dtypes, and with autograd (the op has no
 backward). Whether it runs is probed once per process against F.linear.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 MIN_ROWS = 16
+MIN_MACS = 1 << 24   # ~0.3 ms at 100 GFLOP/s
 
 
 @functools.lru_cache(maxsize=None)
@@ -39,7 +41,8 @@ def runs_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False
-    return x.numel() >= MIN_ROWS * x.shape[-1] and onednn_available()
+    rows = x.numel() // max(1, x.shape[-1])
+    return rows >= MIN_ROWS and x.numel() * weight.shape[0] >= MIN_MACS and onednn_available()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -56,5 +59,5 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def kernel_name(device: torch.device, dtype: torch.dtype) -> str:
     """What a record's kernels field says about the fast backend's GEMMs on this device."""
     if torch.device(device).type == "cpu" and dtype == torch.float32 and onednn_available():
-        return f"onednn (inference, >= {MIN_ROWS} rows), torch otherwise"
+        return f"onednn (inference, >= {MIN_ROWS} rows and 2^24 MACs), torch otherwise"
     return "torch"

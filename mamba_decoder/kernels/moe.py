@@ -85,7 +85,7 @@ def routed_grouped(x, weights, indices, w1, w2, w3, w13=None):
     as one grouped GEMM; without it (training: no per-step weight copy) as two. Each pair's
     routing weight scales its hidden row before w2 (linear in w2), in the same pass as the
     SwiGLU (`swiglu_rows`). fp32 CPU inference runs `_routed_grouped_onednn` instead."""
-    if w13 is not None and cpu_gemm.runs_onednn(x, w13):
+    if w13 is not None and cpu_gemm.runs_onednn(x, w13[0]):
         return _routed_grouped_onednn(x, weights, indices, w13, w2)
     T, K = indices.shape
     E = w1.shape[0]

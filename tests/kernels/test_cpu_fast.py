@@ -26,6 +26,12 @@ needs_cc = pytest.mark.skipif(not cpu_native.available()[0], reason=cpu_native.a
 needs_onednn = pytest.mark.skipif(not cpu_gemm.onednn_available(), reason="no oneDNN fp32 linear in this torch")
 
 
+@pytest.fixture(autouse=True)
+def _onednn_at_test_sizes(monkeypatch):
+    """oneDNN takes GEMMs from 2^24 multiply-adds; the tests' small ones must run it too."""
+    monkeypatch.setattr(cpu_gemm, "MIN_MACS", 0)
+
+
 # ---------------------------------------------------------------- GEMM
 @needs_onednn
 @pytest.mark.parametrize("M,Kd,N", [(16, 24, 40), (33, 17, 129), (1000, 512, 96)], ids=lambda v: str(v))
@@ -61,6 +67,17 @@ def test_linear_falls_back_to_f_linear_exactly_where_onednn_does_not_run():
     assert not cpu_gemm.runs_onednn(x, w)
     cpu_gemm.linear(x, w).sum().backward()
     assert torch.allclose(x.grad, w.sum(0).expand(64, -1))
+
+
+def test_small_gemms_stay_on_f_linear(monkeypatch):
+    """Below MIN_MACS multiply-adds F.linear runs (one thread, no 2-thread stall)."""
+    monkeypatch.setattr(cpu_gemm, "MIN_MACS", 1 << 24)
+    with torch.inference_mode():
+        x, w = torch.randn(32, 128), torch.randn(512, 128)          # 2M MACs: the README example's in_proj
+        assert not cpu_gemm.runs_onednn(x, w)
+        assert torch.equal(cpu_gemm.linear(x, w), F.linear(x, w))
+        big = torch.randn(128, 512)
+        assert cpu_gemm.runs_onednn(big, torch.randn(2048, 512)) == cpu_gemm.onednn_available()
 
 
 # ---------------------------------------------------------------- conv + SiLU, SwiGLU
