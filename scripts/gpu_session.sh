@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Measurements on a lent GPU, one stage per call (each fits a 10-minute command).
-#   bash scripts/gpu_session.sh check|probe|host|retest|targets|final|workloads|train|train-check|sweep   (writes under $OUT, or ./gpu_out)
+#   bash scripts/gpu_session.sh check|probe|host|retest|targets|final|workloads|train|train-check|s6|sweep   (writes under $OUT, or ./gpu_out)
 # Needs the runtime wheels in .whl/ (mambapy, open-kimi, pydantic...) and gpu_floor.py in .devcarry/.
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -123,6 +123,25 @@ train|train-check)   # issue 12: fast vs mamba_ssm on the card; train-check: the
       --dim 512 --seq-lens 512 --batch-sizes 1 8 64 --dtype bfloat16 --runs 50 --warmup 10 --output-dir /tmp/r/decode12 \
       --overwrite 2>&1 | grep -E "SeqLen|error"
   runs+=(decode12)
+  ;;
+s6)   # session 6: every tests/gpu test at this commit, then issue 12's targets from the suite (fast and mamba_ssm)
+  env_info
+  if [ -f .devcarry/peer/peer_so.tar.xz ]; then
+    mkdir -p /tmp/peerbuild && tar xJf .devcarry/peer/peer_so.tar.xz -C /tmp/peerbuild
+    export PYTHONPATH=$PYTHONPATH:/tmp/peerbuild/cc:/tmp/peerbuild/ss:$PWD/.devcarry/peer/src
+  fi
+  card_tests 270 tests/gpu
+  log suite train; timeout 110 $BENCH --mode train --backend fast mamba_ssm --dim 512 --seq-lens 2048 8192 \
+      --batch-sizes 8 --dtype bfloat16 --output-dir /tmp/r/train_s6 --overwrite 2>&1 | grep -E "SeqLen|error|Kernels"
+  runs+=(train_s6)
+  log suite forward graphed; timeout 50 $BENCH --cuda-graphs --backend fast mamba_ssm --models "Regular Mamba" \
+      --dim 512 --seq-lens 2048 8192 --batch-sizes 8 --dtype bfloat16 --output-dir /tmp/r/fwd_s6 --overwrite 2>&1 \
+      | grep -E "SeqLen|error"
+  runs+=(fwd_s6)
+  log suite decode graphed; timeout 60 $BENCH --mode decode --cuda-graphs --backend fast mamba_ssm --models "Regular Mamba" \
+      --dim 512 --seq-lens 512 --batch-sizes 1 8 64 --dtype bfloat16 --runs 50 --warmup 10 --output-dir /tmp/r/decode_s6 \
+      --overwrite 2>&1 | grep -E "SeqLen|error"
+  runs+=(decode_s6)
   ;;
 sweep)   # the spec's default grid, fp32 and bf16, both backends
   timeout 560 $BENCH --backend fast reference --dtype float32 bfloat16 --output-dir /tmp/r/default_sweep \
