@@ -240,7 +240,7 @@ class MLA(nn.Module):
         wkv_b = self.wkv_b.weight.view(self.n_heads, -1, self.kv_lora_rank)   # (H, nope + v, C)
         kvb = torch.einsum("btc,hdc->bthd", kv, wkv_b)                        # (B, T, H, nope + v)
         k_nope, v = torch.split(kvb, [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-        return torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1), v
+        return attn_kernels.join_last(k_nope, k_pe.unsqueeze(2)), v
 
     def _attend(self, x, freqs, mask, cache: Optional[MLACache], where) -> torch.Tensor:
         """Attention of x's tokens (rotated by `freqs`); with a cache, their keys are written at
@@ -288,7 +288,7 @@ class MLA(nn.Module):
             k, v = self._expand_kv(kv, k_pe)
             if isinstance(cache, FullCache):
                 k, v = store(cache.k, k), store(cache.v, v)
-            q = torch.cat([q_nope, q_pe], dim=-1)
+            q = attn_kernels.join_last(q_nope, q_pe)
             attend = attn_kernels.naive_sdpa if fast else attn_kernels.naive_ref
             o = attend(q, k, v, self.softmax_scale, mask)                     # (B, S, H, Dv)
         return self.wo(o.flatten(2))
