@@ -7,6 +7,8 @@ python scripts/mla_train_study.py    one JSON line per measurement:
               with each one's error against fp32 math
   join_ab:    an MLABlock train step with its per-head q/k joined by torch.cat (A) or by
               kernels.attention.join_last (B), interleaved A, B, A, B in one process
+  --train-ms: only MLABlock's train-step median at B8 L2048 / L8192 (for an A/B of two trees run
+              as alternating processes)
   profile:    the top CUDA kernels of one train step of each block at B8 L2048 and L8192
 """
 import json
@@ -116,6 +118,16 @@ def profile_steps():
 
 if __name__ == "__main__":
     print(torch.__version__, torch.backends.cudnn.version(), file=sys.stderr)
+    if "--train-ms" in sys.argv:
+        for L in [2048, 8192]:
+            m = build_model("MLABlock", 512, backend="fast", max_seq_len=L).to(dev, dt)
+            step = TrainStep(m, torch.randn(8, L, 512, device=dev, dtype=dt))
+            emit(kind="train_ms", model="MLABlock", B=8, L=L, tree=sys.argv[-1],
+                 ms=round(summarize(time_callable(step, dev, warmup=3, runs=15)).median, 3))
+        sys.exit()
+    if "--profile" in sys.argv:
+        profile_steps()
+        sys.exit()
     if "--ab" in sys.argv:
         join_ab()
         sys.exit()
