@@ -46,6 +46,19 @@ targets() {
   runs+=(targets_reference)
 }
 
+# issue 12's targets from the suite, fast and mamba_ssm: train (B8), graphed forward, graphed decode (runs kept as NAME<suffix>)
+issue12_suite() {
+  log suite train; timeout 120 $BENCH --mode train --backend fast mamba_ssm --dim 512 --seq-lens 2048 8192 \
+      --batch-sizes 8 --dtype bfloat16 --output-dir "/tmp/r/train$1" --overwrite 2>&1 | grep -E "SeqLen|error|Kernels"
+  log suite forward graphed; timeout 50 $BENCH --cuda-graphs --backend fast mamba_ssm --models "Regular Mamba" \
+      --dim 512 --seq-lens 2048 8192 --batch-sizes 8 --dtype bfloat16 --output-dir "/tmp/r/fwd$1" --overwrite 2>&1 \
+      | grep -E "SeqLen|error"
+  log suite decode graphed; timeout 60 $BENCH --mode decode --cuda-graphs --backend fast mamba_ssm --models "Regular Mamba" \
+      --dim 512 --seq-lens 512 --batch-sizes 1 8 64 --dtype bfloat16 --runs 50 --warmup 10 --output-dir "/tmp/r/decode$1" \
+      --overwrite 2>&1 | grep -E "SeqLen|error"
+  runs+=("train$1" "fwd$1" "decode$1")
+}
+
 case "${1:-check}" in
 check)   # correctness on the card, the floor, the scan kernels, where eager host time goes
   env_info
@@ -112,17 +125,7 @@ train|train-check)   # issue 12: fast vs mamba_ssm on the card; train-check: the
       -k "mamba_ssm or conv or fused or fwd_bwd or gradients"
   log study; timeout 150 python3 scripts/train_study.py --budget 60 --profile > "$OUT/study.jsonl" 2>&1
   grep -E "tune_bwd|scan_fwd_bwd|mixer|error" "$OUT/study.jsonl" | cut -c1-260
-  log suite train; timeout 120 $BENCH --mode train --backend fast mamba_ssm --dim 512 --seq-lens 2048 8192 \
-      --batch-sizes 8 --dtype bfloat16 --output-dir /tmp/r/train12 --overwrite 2>&1 | grep -E "SeqLen|error|Kernels|==="
-  runs+=(train12)
-  log suite forward graphed; timeout 50 $BENCH --cuda-graphs --backend fast mamba_ssm --models "Regular Mamba" \
-      --dim 512 --seq-lens 2048 8192 --batch-sizes 8 --dtype bfloat16 --output-dir /tmp/r/fwd12 --overwrite 2>&1 \
-      | grep -E "SeqLen|error"
-  runs+=(fwd12)
-  log suite decode graphed; timeout 60 $BENCH --mode decode --cuda-graphs --backend fast mamba_ssm --models "Regular Mamba" \
-      --dim 512 --seq-lens 512 --batch-sizes 1 8 64 --dtype bfloat16 --runs 50 --warmup 10 --output-dir /tmp/r/decode12 \
-      --overwrite 2>&1 | grep -E "SeqLen|error"
-  runs+=(decode12)
+  issue12_suite 12
   ;;
 s6)   # session 6: every tests/gpu test at this commit, then issue 12's targets from the suite (fast and mamba_ssm)
   env_info
@@ -131,17 +134,7 @@ s6)   # session 6: every tests/gpu test at this commit, then issue 12's targets 
     export PYTHONPATH=$PYTHONPATH:/tmp/peerbuild/cc:/tmp/peerbuild/ss:$PWD/.devcarry/peer/src
   fi
   card_tests 270 tests/gpu
-  log suite train; timeout 110 $BENCH --mode train --backend fast mamba_ssm --dim 512 --seq-lens 2048 8192 \
-      --batch-sizes 8 --dtype bfloat16 --output-dir /tmp/r/train_s6 --overwrite 2>&1 | grep -E "SeqLen|error|Kernels"
-  runs+=(train_s6)
-  log suite forward graphed; timeout 50 $BENCH --cuda-graphs --backend fast mamba_ssm --models "Regular Mamba" \
-      --dim 512 --seq-lens 2048 8192 --batch-sizes 8 --dtype bfloat16 --output-dir /tmp/r/fwd_s6 --overwrite 2>&1 \
-      | grep -E "SeqLen|error"
-  runs+=(fwd_s6)
-  log suite decode graphed; timeout 60 $BENCH --mode decode --cuda-graphs --backend fast mamba_ssm --models "Regular Mamba" \
-      --dim 512 --seq-lens 512 --batch-sizes 1 8 64 --dtype bfloat16 --runs 50 --warmup 10 --output-dir /tmp/r/decode_s6 \
-      --overwrite 2>&1 | grep -E "SeqLen|error"
-  runs+=(decode_s6)
+  issue12_suite _s6
   ;;
 sweep)   # the spec's default grid, fp32 and bf16, both backends
   timeout 560 $BENCH --backend fast reference --dtype float32 bfloat16 --output-dir /tmp/r/default_sweep \
