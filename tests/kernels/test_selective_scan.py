@@ -210,13 +210,13 @@ def test_triton_requires_cuda_without_interpreter(monkeypatch):
 
 
 def test_auto_and_available():
-    assert auto_impl(torch.device("cpu")) == "cpu"
+    assert auto_impl(torch.device("cpu")) == "cpu-compiled"   # this machine has a C compiler
     assert auto_impl(torch.device("cuda")) == "triton"
-    assert {"reference", "cpu"} <= set(available_impls("cpu"))
+    assert {"reference", "cpu", "cpu-compiled"} <= set(available_impls("cpu"))
     inp, _ = make_inputs(1, 9, 8, 4, device="cpu")
     with torch.no_grad():
-        a = selective_scan(**inp)  # auto on CPU = cpu
-        b = selective_scan(**inp, impl="cpu")
+        a = selective_scan(**inp)  # auto on CPU = cpu-compiled
+        b = selective_scan(**inp, impl="cpu-compiled")
     assert torch.equal(a, b)
 
 
@@ -248,3 +248,35 @@ def test_cpu_no_grad_memory_is_chunked():
     finally:
         mp.undo()
     assert max(biggest) <= cpu_mod.DEFAULT_CHUNK * Bsz * ED * N < L * Bsz * ED * N
+
+
+def test_auto_without_the_compiled_scan_warns_and_takes_the_torch_scan(monkeypatch):
+    """Where the C kernels cannot be built, auto falls back to the chunked torch scan, loudly,
+    naming why; and the result still equals the reference."""
+    from mamba_decoder.kernels import cpu_native
+    from mamba_decoder.kernels import selective_scan as ss
+
+    monkeypatch.setattr(cpu_native, "available", lambda: (False, "no C compiler (cc) found"))
+    monkeypatch.setattr(ss, "_WARNED", set())
+    with pytest.warns(RuntimeWarning, match="no C compiler"):
+        assert auto_impl(torch.device("cpu")) == "cpu"
+    assert "cpu-compiled" not in available_impls("cpu")
+    g = torch.Generator().manual_seed(0)
+    x, dt, z = (torch.randn(1, 9, 6, generator=g) for _ in range(3))
+    A = -torch.rand(6, 4, generator=g)
+    Bm, C = (torch.randn(1, 9, 4, generator=g) for _ in range(2))
+    with pytest.warns(RuntimeWarning):
+        monkeypatch.setattr(ss, "_WARNED", set())
+        got = selective_scan(x, dt, A, Bm, C, z=z, impl="auto")
+    assert torch.allclose(got, selective_scan(x, dt, A, Bm, C, z=z, impl="reference"), atol=1e-5)
+
+
+def test_auto_on_cpu_takes_the_compiled_scan_and_equals_the_reference():
+    g = torch.Generator().manual_seed(1)
+    x, dt, z = (torch.randn(2, 19, 20, generator=g) for _ in range(3))
+    A = -torch.rand(20, 16, generator=g)
+    Bm, C = (torch.randn(2, 19, 16, generator=g) for _ in range(2))
+    got = selective_scan(x, dt, A, Bm, C, z=z, impl="auto")
+    want = selective_scan(x, dt, A, Bm, C, z=z, impl="reference")
+    assert auto_impl("cpu") == "cpu-compiled"
+    assert ((got - want).norm() / want.norm()).item() < 1e-5

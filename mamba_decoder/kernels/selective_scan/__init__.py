@@ -3,34 +3,49 @@
 impl names:
   "reference": sequential fp32 loop (ground truth, slow)
   "cpu":       chunked torch path (fast on CPU, works on any device)
+  "cpu-compiled": one loop over time in C (cpu_compiled.py; built at first use with the system
+               C compiler), CPU tensors
   "triton":    Triton kernels, fused forward + chunk-recomputing Triton backward (CUDA, or CPU
                tensors under TRITON_INTERPRET=1)
-  "auto":      "triton" for CUDA tensors, "cpu" for CPU tensors
+  "auto":      "triton" for CUDA tensors; "cpu-compiled" for CPU tensors, or "cpu" with a warning
+               (once) naming why where the C kernels cannot be built
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
-from .. import triton_installed
+from .. import cpu_native, triton_installed
 from .cpu import selective_scan_cpu
 from .reference import selective_scan_pscan, selective_scan_ref
 
 __all__ = ["selective_scan", "selective_scan_ref", "selective_scan_pscan", "selective_scan_cpu",
            "available_impls", "auto_impl"]
 
-_IMPLS = ("reference", "cpu", "triton")
+_IMPLS = ("reference", "cpu", "cpu-compiled", "triton")
 _LAYOUTS = ("BLD", "BDL")
 
 
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def available_impls(device) -> list[str]:
     """Impls that can run on tensors of `device`."""
     device = torch.device(device)
     impls = ["reference", "cpu"]
+    if device.type == "cpu" and cpu_native.available()[0]:
+        impls.append("cpu-compiled")
     if triton_installed() and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
         impls.append("triton")
     return impls
@@ -42,7 +57,11 @@ def auto_impl(device) -> str:
     if device.type == "cuda":
         return "triton"
     if device.type == "cpu":
-        return "cpu"
+        ok, why = cpu_native.available()
+        if not ok:
+            _warn_once(f"selective_scan: the compiled CPU scan is unavailable ({why}); "
+                       "using the chunked torch scan ('cpu')")
+        return "cpu-compiled" if ok else "cpu"
     raise ValueError(f"selective_scan: no auto impl for device type {device.type!r}")
 
 
@@ -109,6 +128,9 @@ def selective_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=Tru
         native = "BDL"
     elif impl in ("reference", "cpu"):
         fn = selective_scan_ref if impl == "reference" else selective_scan_cpu
+        native = "BLD"
+    elif impl == "cpu-compiled":
+        from .cpu_compiled import selective_scan_cpu_compiled as fn
         native = "BLD"
     else:
         raise ValueError(f"selective_scan: unknown impl {impl!r}; expected 'auto' or one of {_IMPLS}")
