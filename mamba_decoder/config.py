@@ -29,6 +29,23 @@ def rest_backend(backend: str) -> str:
     return "fast" if check_backend(backend) == "mamba_ssm" else backend
 
 
+def one_line_errors(message):
+    """A pydantic wrap validator turning a field's ValidationError into one ValueError line,
+    `message(cls, err)` (err: pydantic's first error dict); value errors of the model's own
+    validators pass through as they are."""
+    @model_validator(mode="wrap")
+    @classmethod
+    def _validator(cls, data, handler):
+        try:
+            return handler(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            if err["type"] == "value_error" or not err["loc"]:
+                raise
+            raise ValueError(message(cls, err)) from None
+    return _validator
+
+
 class MoEConfig(BaseModel):
     """Mixture-of-Experts settings, as open_kimi's MoE takes them (validated once, here)."""
 
@@ -68,17 +85,8 @@ class MLAConfig(BaseModel):
     rope_theta: float = 10000.0
     mscale: float = 1.0                     # open_kimi's YaRN scale (unused without YaRN, as there)
 
-    @model_validator(mode="wrap")
-    @classmethod
-    def _name_the_value(cls, data, handler):
-        """Errors as "<field>=<value>: <what is wrong>", one line."""
-        try:
-            return handler(data)
-        except ValidationError as e:
-            err = e.errors()[0]
-            if err["type"] == "value_error" or not err["loc"]:
-                raise
-            raise ValueError(f"{err['loc'][0]}={err['input']!r}: {err['msg'].lower()}") from None
+    # errors as "<field>=<value>: <what is wrong>", one line
+    _name_the_value = one_line_errors(lambda cls, err: f"{err['loc'][0]}={err['input']!r}: {err['msg'].lower()}")
 
     @model_validator(mode="after")
     def _rope_pairs(self) -> "MLAConfig":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Measurements on a lent GPU, one stage per call (each fits a 10-minute command).
-#   bash scripts/gpu_session.sh check|probe|host|retest|targets|final|workloads|train|train-check|sweep   (writes under $OUT, or ./gpu_out)
+#   bash scripts/gpu_session.sh check|probe|host|retest|targets|final|workloads|train|train-check|s6|sweep   (writes under $OUT, or ./gpu_out)
 # Needs the runtime wheels in .whl/ (mambapy, open-kimi, pydantic...) and gpu_floor.py in .devcarry/.
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -44,6 +44,19 @@ targets() {
   timeout 200 $BENCH --dim 512 --seq-lens 128 2048 8192 --batch-sizes 1 8 --backend reference --dtype bfloat16 \
       --output-dir /tmp/r/targets_reference --overwrite 2>&1 | grep -E "SeqLen|error"
   runs+=(targets_reference)
+}
+
+# issue 12's targets from the suite, fast and mamba_ssm: train (B8), graphed forward, graphed decode (runs kept as NAME<suffix>)
+issue12_suite() {
+  log suite train; timeout 120 $BENCH --mode train --backend fast mamba_ssm --dim 512 --seq-lens 2048 8192 \
+      --batch-sizes 8 --dtype bfloat16 --output-dir "/tmp/r/train$1" --overwrite 2>&1 | grep -E "SeqLen|error|Kernels"
+  log suite forward graphed; timeout 50 $BENCH --cuda-graphs --backend fast mamba_ssm --models "Regular Mamba" \
+      --dim 512 --seq-lens 2048 8192 --batch-sizes 8 --dtype bfloat16 --output-dir "/tmp/r/fwd$1" --overwrite 2>&1 \
+      | grep -E "SeqLen|error"
+  log suite decode graphed; timeout 60 $BENCH --mode decode --cuda-graphs --backend fast mamba_ssm --models "Regular Mamba" \
+      --dim 512 --seq-lens 512 --batch-sizes 1 8 64 --dtype bfloat16 --runs 50 --warmup 10 --output-dir "/tmp/r/decode$1" \
+      --overwrite 2>&1 | grep -E "SeqLen|error"
+  runs+=("train$1" "fwd$1" "decode$1")
 }
 
 case "${1:-check}" in
@@ -112,17 +125,16 @@ train|train-check)   # issue 12: fast vs mamba_ssm on the card; train-check: the
       -k "mamba_ssm or conv or fused or fwd_bwd or gradients"
   log study; timeout 150 python3 scripts/train_study.py --budget 60 --profile > "$OUT/study.jsonl" 2>&1
   grep -E "tune_bwd|scan_fwd_bwd|mixer|error" "$OUT/study.jsonl" | cut -c1-260
-  log suite train; timeout 120 $BENCH --mode train --backend fast mamba_ssm --dim 512 --seq-lens 2048 8192 \
-      --batch-sizes 8 --dtype bfloat16 --output-dir /tmp/r/train12 --overwrite 2>&1 | grep -E "SeqLen|error|Kernels|==="
-  runs+=(train12)
-  log suite forward graphed; timeout 50 $BENCH --cuda-graphs --backend fast mamba_ssm --models "Regular Mamba" \
-      --dim 512 --seq-lens 2048 8192 --batch-sizes 8 --dtype bfloat16 --output-dir /tmp/r/fwd12 --overwrite 2>&1 \
-      | grep -E "SeqLen|error"
-  runs+=(fwd12)
-  log suite decode graphed; timeout 60 $BENCH --mode decode --cuda-graphs --backend fast mamba_ssm --models "Regular Mamba" \
-      --dim 512 --seq-lens 512 --batch-sizes 1 8 64 --dtype bfloat16 --runs 50 --warmup 10 --output-dir /tmp/r/decode12 \
-      --overwrite 2>&1 | grep -E "SeqLen|error"
-  runs+=(decode12)
+  issue12_suite 12
+  ;;
+s6)   # session 6: every tests/gpu test at this commit, then issue 12's targets from the suite (fast and mamba_ssm)
+  env_info
+  if [ -f .devcarry/peer/peer_so.tar.xz ]; then
+    mkdir -p /tmp/peerbuild && tar xJf .devcarry/peer/peer_so.tar.xz -C /tmp/peerbuild
+    export PYTHONPATH=$PYTHONPATH:/tmp/peerbuild/cc:/tmp/peerbuild/ss:$PWD/.devcarry/peer/src
+  fi
+  card_tests 270 tests/gpu
+  issue12_suite _s6
   ;;
 sweep)   # the spec's default grid, fp32 and bf16, both backends
   timeout 560 $BENCH --backend fast reference --dtype float32 bfloat16 --output-dir /tmp/r/default_sweep \

@@ -11,7 +11,7 @@ from typing import Annotated, Iterator, Literal, Optional
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..config import BACKENDS, DEFAULT_BACKEND
+from ..config import BACKENDS, DEFAULT_BACKEND, one_line_errors
 from ..kernels import mamba_ssm_ext
 from .names import RecordKey, join_variant, models_for
 from .results import UsageError, config_key  # noqa: F401 (UsageError: settings' errors)
@@ -35,6 +35,18 @@ def _choices(values) -> str:
 PosInt = Annotated[int, Field(strict=True, ge=1)]
 Backend = Literal[BACKENDS]
 DType = Literal[tuple(DTYPES)]
+
+
+def _field_message(fields, err) -> str:
+    """A field error as one line naming the field, the value and what is accepted."""
+    name = str(err["loc"][0])
+    f = fields.get(name)
+    if f is None or f.description is None:
+        return f"{name}: {err['msg'].lower()}"
+    if err["type"] == "too_short":
+        return f"{f.title}: none given (accepted: {f.description})"
+    sep = " " if f.description.startswith("one of") else ": "
+    return f"{f.title}{sep}{err['input']!r} is not {f.description}"
 
 
 class SweepSettings(BaseModel):
@@ -71,24 +83,7 @@ class SweepSettings(BaseModel):
     depth: PosInt = _field("depth", "an integer >= 1", 4)                    # model level: Mamba blocks
     vocab_size: Annotated[int, Field(strict=True, ge=2)] = _field("vocab size", "an integer >= 2", 32000)
 
-    @model_validator(mode="wrap")
-    @classmethod
-    def _one_line(cls, data, handler):
-        """Field errors as one ValueError naming the field, the value and what is accepted."""
-        try:
-            return handler(data)
-        except ValidationError as e:
-            err = e.errors()[0]
-            if err["type"] == "value_error" or not err["loc"]:   # _consistent's own message
-                raise
-            name = str(err["loc"][0])
-            f = cls.model_fields.get(name)
-            if f is None or f.description is None:
-                raise ValueError(f"{name}: {err['msg'].lower()}") from None
-            if err["type"] == "too_short":
-                raise ValueError(f"{f.title}: none given (accepted: {f.description})") from None
-            sep = " " if f.description.startswith("one of") else ": "
-            raise ValueError(f"{f.title}{sep}{err['input']!r} is not {f.description}") from None
+    _one_line = one_line_errors(lambda cls, err: _field_message(cls.model_fields, err))
 
     @model_validator(mode="after")
     def _consistent(self) -> "SweepSettings":

@@ -188,7 +188,7 @@ def test_triton_bdl_real_associative_scan_path(monkeypatch):
     slow in the interpreter, so a tiny shape), against the reference, outputs and gradients."""
     pytest.importorskip("triton")
     from mamba_decoder.kernels.selective_scan import triton_bdl
-    monkeypatch.setattr(triton_bdl, "INTERPRET_SEQ_SCAN", False)
+    monkeypatch.setenv("MAMBA_SCAN_INTERPRET_ASSOC", "1")
     use_variant(triton_bdl, monkeypatch, "chan")
     monkeypatch.setitem(triton_bdl.FWD_TILES, "chan", dict(BLOCK_D=2, CHUNK=16, num_warps=1))
     monkeypatch.setitem(triton_bdl.BWD_CONFIG, "CHUNK", 8)

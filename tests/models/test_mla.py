@@ -288,3 +288,29 @@ def test_rope_table_built_under_inference_mode_serves_a_later_backward():
     got = m(x)
     got.square().sum().backward()
     assert m.wq.weight.grad is not None and rel_err(got.detach(), want) < 1e-6
+
+
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [dict(), dict(qk_nope_head_dim=6, qk_rope_head_dim=4, q_lora_rank=24)],
+                         ids=["default", "small-heads-qlora"])
+def test_fast_gradients_equal_reference(dtype, bound, shape):
+    """The fast training path (whole-query RoPE, two expansion GEMMs, join_last) against the
+    reference's: output, the input's and every parameter's gradient, at an odd length, batch 1."""
+    shape = dict(shape)
+    q_lora = shape.pop("q_lora_rank", 0)
+    ref = randomize_(_mla("reference", "naive", q_lora, **shape)).to(dtype)
+    fast = _mla("fast", "naive", q_lora, **shape).to(dtype)
+    fast.load_state_dict(ref.state_dict(), strict=True)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 13, 48, generator=g).to(dtype)
+    go = torch.randn(1, 13, 48, generator=g).to(dtype)
+    outs, grads = [], []
+    for m in (ref, fast):
+        xi = x.clone().requires_grad_()
+        y = m(xi)
+        y.backward(go)
+        outs.append(y.float())
+        grads.append({"x": xi.grad.float(), **{n: p.grad.float() for n, p in m.named_parameters()}})
+    assert rel_err(outs[1], outs[0]) <= bound
+    for name, want in grads[0].items():
+        assert rel_err(grads[1][name], want) <= bound, name

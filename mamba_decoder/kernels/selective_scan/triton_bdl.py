@@ -67,13 +67,11 @@ FWD_TUNE = ([dict(variant="chan", BLOCK_D=bd, CHUNK=ch, num_warps=nw)
                                      (8, 4, 8, 1), (64, 1, 8, 2), (32, 2, 8, 2), (16, 4, 8, 2)]])
 
 
-# The interpreter runs tl.associative_scan element by element in Python,
-# so under TRITON_INTERPRET=1 the chunk scan defaults to an equivalent whole-tile step loop.
-INTERPRET_SEQ_SCAN = os.environ.get("MAMBA_SCAN_INTERPRET_ASSOC") != "1"
-
-
 def _seq_scan_flag() -> bool:
-    return _interpreting() and INTERPRET_SEQ_SCAN
+    """The interpreter runs tl.associative_scan element by element in Python, so under
+    TRITON_INTERPRET=1 the chunk scan takes an equivalent whole-tile step loop, unless
+    MAMBA_SCAN_INTERPRET_ASSOC=1 asks to interpret the associative scan itself (read per launch)."""
+    return _interpreting() and os.environ.get("MAMBA_SCAN_INTERPRET_ASSOC") != "1"
 
 
 @triton.jit
