@@ -21,8 +21,8 @@ import torch
 
 from . import report
 from .plots import plot_benchmark_results
-from .results import (CSV_NAME, ENV_NAME, JSONL_NAME, BenchmarkResult, environment,
-                      read_environment, rewrite_csv, write_environment)
+from .results import (CSV_NAME, ENV_NAME, JSONL_NAME, BenchmarkResult, environment, lock_dir,
+                      note_written, read_environment, rewrite_csv, write_environment)
 from .runner import banner_kernels
 from .settings import SweepSettings
 
@@ -81,7 +81,17 @@ def cuda_notice(silence_hint: str = "pass --no-cuda") -> None:
 
 
 def execute(s: SweepSettings, launcher: Launcher, o: Output) -> Outcome:
-    """Run the sweep `s` with `launcher`; returns its records (sweep order) and exit code."""
+    """Run the sweep `s` with `launcher`; returns its records (sweep order) and exit code. The
+    main process holds the output directory's lock throughout (a second run there is refused)."""
+    lock = lock_dir(o.dir) if launcher.main and o.dir is not None else None
+    try:
+        return _execute(s, launcher, o)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _execute(s: SweepSettings, launcher: Launcher, o: Output) -> Outcome:
     if s.threads is not None:
         torch.set_num_threads(s.threads)
     plan = launcher.plan(s, o)
@@ -103,7 +113,14 @@ def execute(s: SweepSettings, launcher: Launcher, o: Output) -> Outcome:
     if not launcher.main:
         return outcome
     if o.dir is not None:
-        rewrite_csv(o.dir)
+        try:
+            rewrite_csv(o.dir)
+        except OSError as e:   # e.g. a full disk: the old CSV (or none) stays, no .tmp left
+            outcome.code, outcome.error = EXIT_UNEXPECTED, (
+                f"error: cannot write {o.dir / CSV_NAME} ({e.strerror or e}); every record is kept in "
+                f"{o.dir / JSONL_NAME} (`mamba-bench report {o.dir}` writes the CSV again)")
+            print(outcome.error, file=sys.stderr)
+            return outcome
     if outcome.interrupted:
         if o.dir is not None:
             print(f"interrupted: every finished record is kept in {o.dir / JSONL_NAME} "
@@ -114,6 +131,7 @@ def execute(s: SweepSettings, launcher: Launcher, o: Output) -> Outcome:
         paths = []
         if o.plots and o.dir is not None:
             paths = plot_benchmark_results(outcome.results, o.dir, env=read_environment(o.dir / ENV_NAME))
+            note_written(o.dir, paths)
         if o.dir is not None:
             print(f"\nrecords: {o.dir / JSONL_NAME}, {o.dir / CSV_NAME}; environment: {o.dir / ENV_NAME}; "
                   f"{outcome.closing}{len(paths)} plots in {o.dir}")

@@ -65,6 +65,7 @@ STYLE = {
     "xtick.labelsize": 7, "ytick.labelsize": 7, "axes.spines.top": False,
     "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3, "grid.linewidth": 0.5,
     "lines.linewidth": 1.6, "lines.markersize": 4.5, "figure.facecolor": "white",
+    "text.parse_math": False,   # saved names are plain text: a `$` in one must not crash the plots
 }
 MODES_ORDER = ("forward", "decode", "train")
 # What the x axis and the latency / throughput of a record mean in each mode.

@@ -16,7 +16,8 @@ from tqdm import tqdm
 
 from .names import REGULAR_MAMBA, RecordKey
 from .plots import plot_benchmark_results
-from .results import CSV_NAME, ENV_NAME, BenchmarkResult, load_run, read_environment, write_csv
+from .results import (CSV_NAME, ENV_NAME, JSONL_NAME, BenchmarkResult, UsageError, load_run, lock_dir,
+                      note_written, read_environment, write_csv)
 from .timing import HIGH_SPREAD, mann_whitney_u
 
 RULE = "=" * 100
@@ -276,9 +277,15 @@ def _side(base: str, new: str) -> str:
 
 
 # ---------------------------------------------------------------- report.md / report.html
+def _md_cell(c) -> str:
+    """A Markdown table cell from saved text: HTML escaped (a renderer would run it), `|` and
+    line breaks kept inside the cell."""
+    return html.escape(" ".join(str(c).split())).replace("|", "\\|")
+
+
 def _md_table(header, rows) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    out = ["| " + " | ".join(map(_md_cell, header)) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(map(_md_cell, r)) + " |" for r in rows]
     return "\n".join(out)
 
 
@@ -304,12 +311,23 @@ _RECORD_HEADER = ["Model", "Backend", "Dtype", "SeqLen", "Batch", "Latency ms (m
 
 
 def write_report(run_dir, output_dir) -> list:
-    """Redraw the plots from run_dir's records and write report.md and a self-contained report.html."""
+    """Redraw the plots from run_dir's records and write report.md and a self-contained report.html
+    (into output_dir, which must not hold another run's records), holding output_dir's lock."""
     run_dir, out = Path(run_dir), Path(output_dir)
     results = load_run(run_dir)
     env = read_environment(run_dir / ENV_NAME)
-    out.mkdir(parents=True, exist_ok=True)
-    write_csv(results, run_dir / CSV_NAME if out == run_dir else out / CSV_NAME)
+    if out.resolve() != run_dir.resolve() and (out / JSONL_NAME).exists():
+        raise UsageError(f"--output-dir: {str(out)!r} holds another run's records ({JSONL_NAME}); "
+                         "a report never writes over them (choose an empty folder)")
+    lock = lock_dir(out)
+    try:
+        return _write_report(run_dir, out, results, env)
+    finally:
+        lock.release()
+
+
+def _write_report(run_dir: Path, out: Path, results, env) -> list:
+    write_csv(results, out / CSV_NAME)
     pngs = plot_benchmark_results(results, out, env=env)
     env_rows = [[k, v if not isinstance(v, dict) else ", ".join(f"{a} {b}" for a, b in v.items())]
                 for k, v in env.items()]
@@ -322,7 +340,7 @@ def write_report(run_dir, output_dir) -> list:
           "## Speedup vs Regular Mamba", "",
           _md_table(["Model", "Backend", "Dtype", "SeqLen", "Batch", "Speedup"], sp_rows) if sp_rows
           else "(Regular Mamba or the other models missing)", "", "## Plots", ""]
-    md += [f"![{p.stem}]({p.name})" for p in pngs]
+    md += [f"![{p.stem}]({p.name})" for p in pngs]   # the tool's own file names
     md_path = out / "report.md"
     md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
 
@@ -351,4 +369,5 @@ figure{{margin:2em 0}}figcaption{{color:#666;font-size:12px}}</style></head><bod
 """
     html_path = out / "report.html"
     html_path.write_text(page, encoding="utf-8")
+    note_written(out, [md_path, html_path, *pngs])
     return [md_path, html_path, *pngs]

@@ -7,6 +7,9 @@ Files in a run directory:
     results.csv        the same records, flat (lists and dicts as JSON strings), rewritten from
                        the JSONL at the end of a run and by `mamba-bench report`
     environment.json   versions, device, CPU, threads, git commit, time, host
+    .mamba-bench-files the names of the plots and reports the tool wrote (what --overwrite may remove)
+    .mamba-bench.lock  held (filelock) while a run or report writes there: a second one is refused
+A record cut short by a kill or a full disk (the last line only) is dropped with a warning.
 Nothing read back is unpickled or executed: records are validated plain JSON.
 """
 from __future__ import annotations
@@ -19,20 +22,25 @@ import platform
 import shutil
 import socket
 import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Iterable, Literal, Optional
+from typing import Annotated, Iterable, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from filelock import FileLock, Timeout
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .names import RecordKey
 from .timing import summarize
 
 JSONL_NAME, CSV_NAME, ENV_NAME = "results.jsonl", "results.csv", "environment.json"
-REPORT_NAMES = ("report.md", "report.html")
-PLOT_GLOB = "*.png"
+WRITTEN_NAME, LOCK_NAME = ".mamba-bench-files", ".mamba-bench.lock"
 RANKS_DIR, PROVENANCE_NAME = "ranks", "provenance.jsonl"   # a torchrun run's per-rank files
-Status = Literal["ok", "oom", "error", "skipped"]   # skipped: the config does not apply
+# skipped: the config does not apply; timeout: an --isolate worker ran past --config-timeout
+Status = Literal["ok", "oom", "error", "skipped", "timeout"]
+MAX_SEQUENCE_LENGTH = 2**31 - 1     # positions are int32 in every kernel
+Ms = Annotated[float, Field(gt=0, allow_inf_nan=False)]          # a duration: finite and > 0
+NonNeg = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
 class UsageError(ValueError):
@@ -61,25 +69,25 @@ class BenchmarkResult(BaseModel):
 
     # the spec's fields
     model_name: str
-    sequence_length: int = Field(gt=0)
-    batch_size: int = Field(gt=0)
-    latency_ms: Optional[float] = None
-    throughput_tokens_per_sec: Optional[float] = None
-    memory_mb: Optional[float] = None
-    num_parameters: Optional[int] = None
+    sequence_length: int = Field(gt=0, le=MAX_SEQUENCE_LENGTH)
+    batch_size: int = Field(gt=0, le=MAX_SEQUENCE_LENGTH)
+    latency_ms: Optional[Ms] = None
+    throughput_tokens_per_sec: Optional[Ms] = None
+    memory_mb: Optional[NonNeg] = None
+    num_parameters: Optional[int] = Field(None, ge=0)
     # what a reader needs to trust it
-    latency_std_ms: Optional[float] = None
-    latency_median_ms: Optional[float] = None
-    latency_iqr_ms: Optional[float] = None
-    latency_p10_ms: Optional[float] = None
-    latency_p90_ms: Optional[float] = None
-    samples_ms: list[float] = Field(default_factory=list)
-    n_runs: int = 0
-    warmup: int = 0
+    latency_std_ms: Optional[NonNeg] = None
+    latency_median_ms: Optional[Ms] = None
+    latency_iqr_ms: Optional[NonNeg] = None
+    latency_p10_ms: Optional[Ms] = None
+    latency_p90_ms: Optional[Ms] = None
+    samples_ms: list[Ms] = Field(default_factory=list)
+    n_runs: int = Field(0, ge=0)
+    warmup: int = Field(0, ge=0)
     high_spread: bool = False
-    active_parameters: Optional[int] = None
-    peak_memory_mb: Optional[float] = None
-    weights_mb: Optional[float] = None
+    active_parameters: Optional[int] = Field(None, ge=0)
+    peak_memory_mb: Optional[NonNeg] = None
+    weights_mb: Optional[NonNeg] = None
     dim: int = Field(gt=0)
     mode: str = "forward"
     backend: str
@@ -108,6 +116,15 @@ class BenchmarkResult(BaseModel):
     message: str = ""
     timestamp: str = ""
 
+    @model_validator(mode="after")
+    def _ok_is_measured(self) -> "BenchmarkResult":
+        """An ok record carries what every reader divides by; a failed one carries no latency."""
+        if self.status == "ok":
+            missing = [f for f in _MEASURED if getattr(self, f) is None]
+            if missing:
+                raise ValueError(f"an ok record needs {', '.join(missing)}")
+        return self
+
     @property
     def key(self) -> RecordKey:
         return RecordKey(*(getattr(self, f) for f in RecordKey._fields))
@@ -130,6 +147,9 @@ class BenchmarkResult(BaseModel):
     def failed(cls, status: Status, message: str, **fields) -> "BenchmarkResult":
         one_line = " ".join(str(message).split())[:500]
         return cls(status=status, message=one_line, timestamp=now(), **fields)
+
+
+_MEASURED = ("latency_ms", "throughput_tokens_per_sec")   # what every reader of an ok record uses
 
 
 def now() -> str:
@@ -157,6 +177,8 @@ class RecordWriter:
 
     def __init__(self, path: Path | str, mode: str = "a"):
         self.path = Path(path)
+        if mode == "a":
+            _heal_tail(self.path)
         self._f = open(self.path, mode, encoding="utf-8")
 
     def write(self, record: BenchmarkResult) -> None:
@@ -174,22 +196,63 @@ class RecordWriter:
         self.close()
 
 
+def _heal_tail(path: Path) -> None:
+    """Before appending: a last line without its newline gets one when it is a whole record, and
+    is cut off (with a warning) when it is a record torn by a kill or a full disk."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data.endswith(b"\n"):
+            return
+        start = data.rfind(b"\n") + 1
+        try:
+            BenchmarkResult.model_validate_json(data[start:])
+            f.write(b"\n")
+        except ValidationError:
+            _warn_torn(path, data.count(b"\n") + 1)
+            f.truncate(start)
+
+
+def _warn_torn(path: Path, line: int) -> None:
+    print(f"warning: {path}:{line}: the last record is cut short (a killed run or a full disk); "
+          "dropped, every whole record kept", file=sys.stderr)
+
+
+def _decode(path: Path, i: int, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecordFileError(f"{path}:{i}: not UTF-8 text (byte {e.start + 1} of the line)") from None
+
+
 def read_jsonl(path: Path | str) -> list[BenchmarkResult]:
-    """All records of a JSONL file, validated; a bad line raises RecordFileError naming file:line."""
+    """All records of a JSONL file, validated; a bad line raises RecordFileError naming file:line,
+    except a bad last line without its newline, which is what a kill leaves: dropped with a warning."""
     path = Path(path)
     if not path.is_file():
         raise RecordFileError(f"{path}: no such results file")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                out.append(BenchmarkResult.model_validate_json(line))
-            except ValidationError as e:
-                err = e.errors()[0]
-                where = ".".join(map(str, err.get("loc", ()))) or "line"
-                raise RecordFileError(f"{path}:{i}: not a valid record ({where}: {err['msg']})") from None
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except OSError as e:
+        raise RecordFileError(f"{path}: cannot be read ({e.strerror})") from None
+    # torn: the last line has no newline (a write cut short); a finished line is never torn
+    last = len(lines) if lines and lines[-1].strip() else 0
+    for i, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            out.append(BenchmarkResult.model_validate_json(_decode(path, i, raw)))
+        except (ValidationError, RecordFileError) as e:
+            if i == last:
+                _warn_torn(path, i)
+                break
+            if isinstance(e, RecordFileError):
+                raise
+            err = e.errors()[0]
+            where = ".".join(map(str, err.get("loc", ()))) or "line"
+            raise RecordFileError(f"{path}:{i}: not a valid record ({where}: {err['msg']})") from None
     return out
 
 
@@ -222,23 +285,53 @@ def rewrite_csv(run_dir: Path | str) -> None:
     write_csv(latest(read_jsonl(run_dir / JSONL_NAME)), run_dir / CSV_NAME)
 
 
+def lock_dir(out: Path, flag: str = "--output-dir") -> FileLock:
+    """Create `out` if needed and hold its lock (release it when done): a folder that cannot be
+    created or written, or that another run holds, is a UsageError naming it, before any banner."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{flag}: {str(out)!r} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(out / LOCK_NAME, timeout=0)
+        lock.acquire()
+    except Timeout:
+        raise UsageError(f"{flag}: {str(out)!r} is in use by another run (wait for it to finish, "
+                         "or choose another folder)") from None
+    except OSError as e:
+        raise UsageError(f"{flag}: cannot write to {str(out)!r} ({e.strerror})") from None
+    return lock
+
+
+def note_written(out: Path, paths: Iterable[Path]) -> None:
+    """Add plots and reports the tool wrote to the folder's list (what --overwrite removes)."""
+    names = _written(out) | {Path(p).name for p in paths if Path(p).parent == out}
+    (out / WRITTEN_NAME).write_text("".join(n + "\n" for n in sorted(names)), encoding="utf-8")
+
+
+def _written(out: Path) -> set[str]:
+    try:
+        return {n for n in (out / WRITTEN_NAME).read_text(encoding="utf-8").splitlines()
+                if n and "/" not in n and n not in (".", "..")}
+    except (OSError, UnicodeDecodeError):
+        return set()
+
+
 def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
     """Check and create a run directory. A non-empty one needs `resume` (continue it) or
-    `overwrite`, which removes exactly the files a run writes, never anything else there."""
+    `overwrite`, which removes exactly the files a run writes (the records, and the plots and
+    reports named in .mamba-bench-files), never anything else there."""
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other (choose one)")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output-dir: {str(out)!r} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()):
         if not (resume or overwrite):
             raise UsageError(f"--output-dir: {str(out)!r} is not empty "
                              "(pass --resume to continue it, --overwrite to replace its results)")
         if overwrite:
-            for name in (JSONL_NAME, CSV_NAME, ENV_NAME, *REPORT_NAMES, PROVENANCE_NAME):
+            for name in (JSONL_NAME, CSV_NAME, ENV_NAME, PROVENANCE_NAME, *_written(out), WRITTEN_NAME):
                 (out / name).unlink(missing_ok=True)
             shutil.rmtree(out / RANKS_DIR, ignore_errors=True)
-            for png in out.glob(PLOT_GLOB):
-                png.unlink()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -250,27 +343,54 @@ _JSON_COLUMNS = ("samples_ms", "kernels")
 _EMPTY_STR_FIELDS = tuple(n for n, f in BenchmarkResult.model_fields.items() if f.default == "")
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")   # OWASP: what a spreadsheet may run as a formula
+
+
+def _cell(v):
+    """A CSV cell: text that a spreadsheet would read as a formula gets a leading ' (OWASP)."""
+    if v is None:
+        return ""
+    if isinstance(v, str) and v.startswith(_FORMULA_START):
+        return "'" + v
+    return v
+
+
 def write_csv(records: Iterable[BenchmarkResult], path: Path | str) -> None:
+    """Written to a temporary file and renamed: a failure (a full disk) leaves the old file or none,
+    never a part of one, and removes the temporary file."""
     fields = list(BenchmarkResult.model_fields)
     tmp = Path(str(path) + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        for r in records:
-            row = r.model_dump()
-            for c in _JSON_COLUMNS:
-                row[c] = json.dumps(row[c])
-            w.writerow({k: "" if v is None else v for k, v in row.items()})
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            for r in records:
+                row = r.model_dump()
+                for c in _JSON_COLUMNS:
+                    row[c] = json.dumps(row[c])
+                w.writerow({k: _cell(v) for k, v in row.items()})
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_csv(path: Path | str) -> list[BenchmarkResult]:
     path = Path(path)
     out = []
-    with open(path, newline="", encoding="utf-8") as f:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad = e.object[:e.start].count(b"\n") + 1
+        raise RecordFileError(f"{path}:{bad}: not UTF-8 text") from None
+    import io
+    with io.StringIO(text, newline="") as f:
         for i, row in enumerate(csv.DictReader(f), 2):
             try:
-                data = {k: (None if v == "" else v) for k, v in row.items()}
+                data = {k: (None if v == "" else v[1:] if v.startswith("'") and v[1:].startswith(_FORMULA_START)
+                            else v) for k, v in row.items()}
                 for c in _JSON_COLUMNS:
                     data[c] = json.loads(data[c]) if data.get(c) else ([] if c == "samples_ms" else {})
                 for name in _EMPTY_STR_FIELDS:   # CSV writes "" and None alike
@@ -351,8 +471,12 @@ def read_environment(path: Path | str) -> dict:
     path = Path(path)
     if not path.is_file():
         return {}
+    raw = path.read_bytes()
     try:
-        env = json.loads(path.read_text(encoding="utf-8"))
+        env = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise RecordFileError(f"{path}:{line}: not UTF-8 text") from None
     except json.JSONDecodeError as e:
         raise RecordFileError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
     if not isinstance(env, dict):
