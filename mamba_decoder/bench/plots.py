@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .names import MODEL_COLORS, REGULAR_MAMBA, is_mixed, mixed_devices, variant_tags
-from .results import BenchmarkResult
+from .results import BenchmarkResult, record_devices
 
 DPI = 300
 PLOT_FILES = {
@@ -169,15 +169,17 @@ class _Data:
         raise ValueError(metric)
 
     def device_text(self, env: Optional[dict]) -> str:
-        """The device for a title: the records' device_name, else the environment's, else the type."""
-        names = {r.device_name for r in self.records if r.device_name}
-        if len(names) > 1:
-            return mixed_devices(names)
-        name = next(iter(names), None) or (env or {}).get("device_name")
+        """The device for a title: `record_devices` (records without a device_name take the
+        environment's), with the records' device types."""
+        kinds = record_devices(self.records, default=(env or {}).get("device_name"))
+        if len(kinds) > 1:
+            return mixed_devices(kinds)
+        name = next(iter(kinds), None)
         if name and is_mixed(name):
             return str(name)
-        devices = ", ".join(sorted({r.device for r in self.records}))
-        return f"{devices} ({name})" if name else devices
+        types = {r.device for r in self.records}
+        devices = ", ".join(sorted(types))
+        return f"{devices} ({name})" if name and name not in {t.split(":")[0] for t in types} else devices
 
     def title_suffix(self, env: Optional[dict]) -> str:
         dims = sorted({r.dim for r in self.records})

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from .names import REGULAR_MAMBA, RecordKey
 from .plots import plot_benchmark_results
 from .results import (CSV_NAME, ENV_NAME, JSONL_NAME, BenchmarkResult, UsageError, load_run, lock_dir,
+                      record_devices,
                       note_written, read_environment, write_csv)
 from .timing import HIGH_SPREAD, mann_whitney_u
 
@@ -193,13 +194,15 @@ def print_summary_table(results: Sequence[BenchmarkResult], file=None) -> None:
 
 # ---------------------------------------------------------------- compare two saved runs
 def _run_devices(run_dir, records: Sequence[BenchmarkResult]) -> str:
-    """The device(s) a run measured on: its records' device_name, else environment.json's
-    device_name or device; "" when neither says."""
-    names = sorted({r.device_name for r in records if r.device_name})
-    if names:
-        return ", ".join(names)
-    env = read_environment(Path(run_dir) / ENV_NAME)
-    return str(env.get("device_name") or env.get("device") or "")
+    """The device(s) a run measured on (`record_devices`; records without a device_name take
+    environment.json's device_name or device); "" when nothing says."""
+    default = None
+    if not records or not all(r.device_name for r in records):
+        env = read_environment(Path(run_dir) / ENV_NAME)
+        default = env.get("device_name") or env.get("device")
+    if not records:
+        return str(default or "")
+    return ", ".join(sorted(record_devices(records, default=default)))
 
 
 # Record-key fields that `compare --ignore` may leave out when pairing configs of two runs.

@@ -437,6 +437,21 @@ def _git_commit() -> Optional[str]:
     return out.stdout.strip() + ("-dirty" if dirty else "")
 
 
+def record_devices(records: Iterable["BenchmarkResult"], provenance: Optional[dict[tuple, dict]] = None,
+                   default: Optional[str] = None) -> set[str]:
+    """The kinds of device (e.g. 'NVIDIA H200', a CPU model) that produced `records`, the one
+    answer for the rank merge, plots and compare: each record's device_name field if it has one,
+    else its provenance line (torchrun), else `default` (the run's environment.json device_name),
+    else its device type."""
+    kinds = set()
+    for r in records:
+        name = getattr(r, "device_name", None)
+        if not name and provenance is not None:
+            name = (provenance.get((r.key, r.timestamp)) or {}).get("device_name")
+        kinds.add(name or default or str(r.device).split(":")[0])
+    return kinds
+
+
 def environment(device: str = "cpu", threads: Optional[int] = None) -> dict:
     """What a reader needs to reproduce or trust a run."""
     import torch

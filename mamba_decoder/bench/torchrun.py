@@ -52,6 +52,7 @@ from .execute import EXIT_INTERRUPTED, EXIT_UNEXPECTED, EXIT_USAGE, Outcome, Pla
 from .flops import forward_flops
 from .names import is_mixed, mixed_devices
 from .registry import build_model
+from .results import record_devices as device_kinds  # noqa: F401 (the rank merge's name for it)
 from .results import (ENV_NAME, JSONL_NAME, PROVENANCE_NAME, RANKS_DIR, BenchmarkResult,
                       RecordWriter, UsageError, environment, latest, prepare_run_dir,
                       read_environment, read_jsonl, record_identity, recorded_ok,
@@ -248,21 +249,6 @@ def read_provenance(out: Path) -> dict[tuple, dict]:
                 d = json.loads(line)
                 prov[(tuple(d.pop("key")), d.pop("timestamp"))] = d
     return prov
-
-
-def device_kinds(records: Iterable[BenchmarkResult], provenance: Optional[dict[tuple, dict]] = None,
-                 default: Optional[str] = None) -> set[str]:
-    """The kinds of device (e.g. 'NVIDIA H100 80GB HBM3', a CPU model) that produced `records`:
-    the record's device_name field if it has one, else its provenance line, else `default` (the
-    run's earlier environment.json device_name: records of a single-process run), else its
-    device type."""
-    kinds = set()
-    for r in records:
-        name = getattr(r, "device_name", None)
-        if not name and provenance is not None:
-            name = (provenance.get((r.key, r.timestamp)) or {}).get("device_name")
-        kinds.add(name or default or torch.device(r.device).type)
-    return kinds
 
 
 def mixed_devices_warning(kinds: set[str]) -> Optional[str]:
