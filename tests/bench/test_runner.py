@@ -7,6 +7,7 @@ from mamba_decoder.kernels.moe import DENSE_SMALL_MAX_TOKENS
 
 from mamba_decoder.bench import runner
 from mamba_decoder.bench.runner import SweepSettings, measure_isolated, Config, run_sweep
+from mamba_decoder.kernels.selective_scan import auto_impl  # noqa: E402  (cpu-compiled where a C compiler builds it)
 
 
 def tiny(**kw) -> SweepSettings:
@@ -47,7 +48,7 @@ def test_sweep_records_every_config_in_spec_order():
         assert r.memory_mb is None and r.weights_mb > 0        # CPU: no per-config memory figure
         assert r.kernels and r.threads == torch.get_num_threads()
     mdb = next(r for r in out if r.model_name == "MambaDecoderBlock")
-    assert mdb.kernels == {"scan": "cpu", "conv": "torch-conv1d", "step": "torch",
+    assert mdb.kernels == {"scan": auto_impl("cpu"), "conv": "torch-conv1d", "step": "torch",
                            "moe": "grouped_mm (T > {0}), dense-small (T <= {0})".format(DENSE_SMALL_MAX_TOKENS["cpu"]),
                            "router": "torch"}
 
