@@ -8,7 +8,7 @@ python scripts/mla_train_study.py    one JSON line per measurement:
   join_ab:    an MLABlock train step with its per-head q/k joined by torch.cat (A) or by
               kernels.attention.join_last (B), interleaved A, B, A, B in one process
   --train-ms: only MLABlock's train-step median at B8 L2048 / L8192 (for an A/B of two trees run
-              as alternating processes)
+              as alternating processes: python3 scripts/mla_train_study.py --train-ms NAME, with PYTHONPATH at each tree)
   profile:    the top CUDA kernels of one train step of each block at B8 L2048 and L8192
 """
 import json

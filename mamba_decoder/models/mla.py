@@ -238,21 +238,9 @@ class MLA(nn.Module):
         """The normalized latent kv (B, T, C) and rotated rope key k_pe (B, T, R) as per-head
         keys (B, T, H, nope + R) and values (B, T, H, v) (the values a strided view)."""
         wkv_b = self.wkv_b.weight.view(self.n_heads, -1, self.kv_lora_rank)   # (H, nope + v, C)
-        nope = self.qk_nope_head_dim
-        # two GEMMs, not one split afterwards: split's backward is a last-dim cat of the grads
-        k_nope = torch.einsum("btc,hdc->bthd", kv, wkv_b[:, :nope])          # (B, T, H, nope)
-        v = torch.einsum("btc,hdc->bthd", kv, wkv_b[:, nope:])               # (B, T, H, v)
+        kvb = torch.einsum("btc,hdc->bthd", kv, wkv_b)                        # (B, T, H, nope + v)
+        k_nope, v = torch.split(kvb, [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         return attn_kernels.join_last(k_nope, k_pe.unsqueeze(2)), v
-
-    def _split_rotate(self, q: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(q_nope, rotated q_pe) of a query (B, S, H, Dqk)."""
-        q_nope, q_pe = torch.split(q, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        return q_nope, apply_rotary_emb(q_pe, freqs)
-
-    def _tail_freqs(self, freqs: torch.Tensor) -> torch.Tensor:
-        """freqs (S, rope/2) extended to (S, Dqk/2) by unit rotations for the nope pairs."""
-        ones = torch.ones(freqs.shape[0], self.qk_nope_head_dim // 2, dtype=freqs.dtype, device=freqs.device)
-        return torch.cat([ones, freqs], dim=-1)
 
     def _attend(self, x, freqs, mask, cache: Optional[MLACache], where) -> torch.Tensor:
         """Attention of x's tokens (rotated by `freqs`); with a cache, their keys are written at
@@ -262,7 +250,8 @@ class MLA(nn.Module):
         bsz, seqlen = x.shape[:2]
         if mask is None and self._triton_decode(x, cache):
             return self._decode_step_triton(x, cache, where.start)
-        q = self._query(x)                                                    # (B, S, H, Dqk)
+        q_nope, q_pe = torch.split(self._query(x), [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_pe = apply_rotary_emb(q_pe, freqs)
         kv, k_pe = torch.split(self.wkv_a(x), [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         k_pe = apply_rotary_emb(k_pe.unsqueeze(2), freqs).squeeze(2)          # (B, S, R)
         kv = self.kv_norm(kv)                                                 # (B, S, C)
@@ -287,7 +276,6 @@ class MLA(nn.Module):
         if use_latent:
             if cache is not None:
                 kv, k_pe = store(cache.kv, kv), store(cache.pe, k_pe)
-            q_nope, q_pe = self._split_rotate(q, freqs)
             q_lat = torch.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, : self.qk_nope_head_dim])
             attend = attn_kernels.absorb_sdpa if fast else attn_kernels.absorb_ref
             o = attend(q_lat, q_pe, kv, k_pe, self.softmax_scale, mask)           # (B, S, H, C)
@@ -300,12 +288,7 @@ class MLA(nn.Module):
             k, v = self._expand_kv(kv, k_pe)
             if isinstance(cache, FullCache):
                 k, v = store(cache.k, k), store(cache.v, v)
-            if fast:
-                # RoPE on the whole query, the nope pairs rotated by 1 (exact): no split, whose
-                # backward would cat the two grads along the last dim
-                q = apply_rotary_emb(q, self._tail_freqs(freqs))
-            else:
-                q = attn_kernels.join_last(*self._split_rotate(q, freqs))
+            q = attn_kernels.join_last(q_nope, q_pe)
             attend = attn_kernels.naive_sdpa if fast else attn_kernels.naive_ref
             o = attend(q, k, v, self.softmax_scale, mask)                     # (B, S, H, Dv)
         return self.wo(o.flatten(2))
