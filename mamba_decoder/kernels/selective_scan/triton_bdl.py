@@ -601,15 +601,21 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, initial_state, softplus, store_states,
                      cfg["BLOCK_D"], cfg["NS"], cfg["CHUNK"], cfg["num_warps"], state_chunk)
 
 
-def _fwd_lane(x, dt, A, B, C, D, z, dt_bias, initial_state, softplus, store_states,
-              BLOCK_D, NS, E, num_warps, state_chunk):
-    N = A.shape[1]
+def _lane_tile(what: str, N: int, BLOCK_D: int, NS: int, E: int, num_warps: int, state_chunk: int):
+    """A lane kernel's (BLOCK_D, NS) for d_state N, after checking the tile: fewer lanes per
+    channel (and more channels) where NS does not divide N (e.g. N = 6)."""
     if NS & (NS - 1) or state_chunk % E or BLOCK_D * NS != 32 * num_warps or E not in (2, 4, 8):
-        raise ValueError(f"lane forward: NS={NS} a power of two, E={E} (2, 4 or 8) dividing the "
+        raise ValueError(f"{what}: NS={NS} a power of two, E={E} (2, 4 or 8) dividing the "
                          f"state chunk {state_chunk}, and BLOCK_D*NS={BLOCK_D * NS} = 32*num_warps")
-    while N % NS:              # fewer lanes per channel where NS does not divide N (e.g. N = 6)
+    while N % NS:
         NS //= 2
         BLOCK_D *= 2
+    return BLOCK_D, NS
+
+
+def _fwd_lane(x, dt, A, B, C, D, z, dt_bias, initial_state, softplus, store_states,
+              BLOCK_D, NS, E, num_warps, state_chunk):
+    BLOCK_D, NS = _lane_tile("lane forward", A.shape[1], BLOCK_D, NS, E, num_warps, state_chunk)
     return _launch_fwd(_bdl_fwd_lane_kernel, x, dt, A, B, C, D, z, dt_bias, initial_state, softplus,
                        store_states, state_chunk, BLOCK_D=BLOCK_D, NS=NS, E=E, num_warps=num_warps)
 
@@ -661,12 +667,7 @@ def _bwd(dout, dhfin, x, dt, A, B, C, D, z, dt_bias, states, softplus, CHUNK, dz
         table = BWD_TILES["lane-small"]          # too few programs to fill the card: more of them
     cfg = {**table, **{k: v for k, v in tiles.items() if v is not None}}
     BLOCK_D, NS, E, nw, atomic = cfg["BLOCK_D"], cfg["NS"], cfg["E"], cfg["num_warps"], cfg["ATOMIC"]
-    if NS & (NS - 1) or CHUNK % E or BLOCK_D * NS != 32 * nw or E not in (2, 4, 8):
-        raise ValueError(f"lane backward: NS={NS} a power of two, E={E} (2, 4 or 8) dividing "
-                         f"the state chunk {CHUNK}, and BLOCK_D*NS={BLOCK_D * NS} = 32*num_warps")
-    while N % NS:          # fewer lanes per channel where NS does not divide N (e.g. N = 6)
-        NS //= 2
-        BLOCK_D *= 2
+    BLOCK_D, NS = _lane_tile("lane backward", N, BLOCK_D, NS, E, nw, CHUNK)
     if (dz_out is not None or y_out is not None) and z is None:
         raise ValueError("dz_out / y_out take the backward of a gated scan (z given)")
     dev = x.device
