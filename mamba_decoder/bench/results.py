@@ -82,6 +82,12 @@ class BenchmarkResult(BaseModel):
     latency_p10_ms: Optional[Ms] = None
     latency_p90_ms: Optional[Ms] = None
     samples_ms: list[Ms] = Field(default_factory=list)
+    # interleaved timing: the round of each sample; records timed in the same rounds share
+    # rounds_id (their ratios pair by round); the calibration kernel's ms before each round
+    sample_rounds: list[int] = Field(default_factory=list)
+    rounds_id: str = ""
+    calibration_ms: list[Ms] = Field(default_factory=list)
+    order: str = ""                             # interleaved, or blocked (one config at a time)
     n_runs: int = Field(0, ge=0)
     warmup: int = Field(0, ge=0)
     high_spread: bool = False
@@ -119,6 +125,9 @@ class BenchmarkResult(BaseModel):
     @model_validator(mode="after")
     def _ok_is_measured(self) -> "BenchmarkResult":
         """An ok record carries what every reader divides by; a failed one carries no latency."""
+        if self.sample_rounds and len(self.sample_rounds) != len(self.samples_ms):
+            raise ValueError(f"sample_rounds has {len(self.sample_rounds)} entries for "
+                             f"{len(self.samples_ms)} samples")
         if self.status == "ok":
             missing = [f for f in _MEASURED if getattr(self, f) is None]
             if missing:
@@ -135,7 +144,8 @@ class BenchmarkResult(BaseModel):
 
     @classmethod
     def from_samples(cls, samples_ms: list[float], **fields) -> "BenchmarkResult":
-        """An ok record whose statistics and throughput all come from `samples_ms`."""
+        """An ok record whose statistics and throughput all come from `samples_ms` (`fields` may
+        carry sample_rounds, rounds_id, calibration_ms, order)."""
         s = summarize(samples_ms)
         tokens = fields.get("tokens_per_call") or fields["batch_size"] * fields["sequence_length"]
         return cls(latency_ms=s.mean, latency_std_ms=s.std, latency_median_ms=s.median,
@@ -339,7 +349,7 @@ def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
 
 
 # ---------------------------------------------------------------- CSV
-_JSON_COLUMNS = ("samples_ms", "kernels")
+_JSON_COLUMNS = ("samples_ms", "kernels", "sample_rounds", "calibration_ms")
 _EMPTY_STR_FIELDS = tuple(n for n, f in BenchmarkResult.model_fields.items() if f.default == "")
 
 
@@ -392,7 +402,7 @@ def read_csv(path: Path | str) -> list[BenchmarkResult]:
                 data = {k: (None if v == "" else v[1:] if v.startswith("'") and v[1:].startswith(_FORMULA_START)
                             else v) for k, v in row.items()}
                 for c in _JSON_COLUMNS:
-                    data[c] = json.loads(data[c]) if data.get(c) else ([] if c == "samples_ms" else {})
+                    data[c] = json.loads(data[c]) if data.get(c) else ({} if c == "kernels" else [])
                 for name in _EMPTY_STR_FIELDS:   # CSV writes "" and None alike
                     data[name] = data.get(name) or ""
                 out.append(BenchmarkResult.model_validate(data))

@@ -21,6 +21,7 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bf
 MODES = ("forward", "decode", "train")
 LEVELS = ("block", "model")
 CACHE_KINDS = ("latent", "full")
+ORDERS = ("interleaved", "blocked")
 
 
 def _field(title: str, accepted: str, default=..., **kw):
@@ -75,6 +76,9 @@ class SweepSettings(BaseModel):
     threads: Optional[PosInt] = _field("threads", "an integer >= 1", None)  # None keeps torch's setting
     seed: Annotated[int, Field(strict=True, ge=0)] = _field("seed", "an integer >= 0", 0)
     isolate: bool = False
+    # interleaved: at each shape every config is timed in rounds, round robin (drift hits all
+    # alike; ratios pair by round); blocked: each config's runs in one block (the old order)
+    order: Literal[ORDERS] = _field("order", _choices(ORDERS), "interleaved")
     level: Literal[LEVELS] = _field("level", _choices(LEVELS), "block")  # block: the three blocks; model: LMs
     compile: bool = False           # torch.compile the model's forward (nn.Module.compile)
     cuda_graphs: bool = False       # forward / decode: capture one call in a CUDA graph and replay it
@@ -159,7 +163,16 @@ class Config:
 
 
 def iter_configs(s: SweepSettings) -> Iterator[Config]:
-    """The spec's order: for each shape, every model (so models compare line by line)."""
+    """The spec's order: for each shape, every model (so models compare line by line). Interleaved
+    (and not --isolate), each shape holds every backend and dtype too, since they are timed together."""
+    if s.order == "interleaved" and not s.isolate:
+        for seq in s.sequence_lengths:
+            for batch in s.batch_sizes:
+                for backend in s.backends:
+                    for dtype in s.dtypes:
+                        for name in s.models:
+                            yield Config(name, backend, dtype, seq, batch)
+        return
     for backend in s.backends:
         for dtype in s.dtypes:
             for seq in s.sequence_lengths:
