@@ -21,8 +21,8 @@ from .launchers import Local
 from .names import LM_MODELS, models_for
 from .registry import MODELS
 from .report import IGNORABLE, compare_runs, write_report
-from .results import RecordFileError, UsageError
-from .settings import CACHE_KINDS, DTYPES, LEVELS, MODES, SweepSettings, one_line
+from .results import RecordFileError, UsageError, tool_version
+from .settings import CACHE_KINDS, DTYPES, LEVELS, MODES, ORDERS, SweepSettings, one_line
 from .torchrun import Torchrun, dist_env
 
 # --quick: a useful look in about a minute on a 2-core CPU (reference backend).
@@ -90,6 +90,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="continue a run in --output-dir, skipping configs already recorded ok")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the records and plots already in --output-dir")
+    p.add_argument("--order", default="interleaved", choices=ORDERS,
+                   help="interleaved: at each shape time every model in rounds, round robin, so a "
+                        "slow period hits all alike; blocked: each config's runs in one block "
+                        "(default: interleaved)")
     p.add_argument("--isolate", action="store_true",
                    help="measure each config in its own subprocess (a crash costs one row)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -134,7 +138,7 @@ def settings_from_args(args: argparse.Namespace, device: str) -> SweepSettings:
                           models=list(dict.fromkeys(models)), backends=list(dict.fromkeys(args.backend)),
                           dtypes=list(dict.fromkeys(args.dtype)), device=device, warmup=pick("warmup"),
                           runs=pick("runs"), min_time_s=args.min_time, threads=args.threads,
-                          seed=args.seed, isolate=args.isolate, mode=args.mode, level=args.level,
+                          seed=args.seed, isolate=args.isolate, order=args.order, mode=args.mode, level=args.level,
                           compile=args.compile, cuda_graphs=args.cuda_graphs, cache_kind=args.cache_kind,
                           optimizer_step=args.optimizer_step, depth=args.depth, vocab_size=args.vocab_size)
     except ValidationError as e:
@@ -156,7 +160,8 @@ def run_command(args: argparse.Namespace) -> int:
     s = settings_from_args(args, Torchrun.rank_device(device, env) if torchrun else device)
     o = Output(dir=out, resume=args.resume, overwrite=args.overwrite, plots=not args.no_plots,
                progress=not args.no_progress,
-               cuda_hint="pass --no-cuda" if device == "cpu" and not args.no_cuda else None)
+               cuda_hint="pass --no-cuda" if device == "cpu" and not args.no_cuda else None,
+               command=getattr(args, "argv", None))
     return execute(s, Torchrun(s, env) if torchrun else Local(), o).code
 
 
@@ -194,6 +199,7 @@ def _float(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="mamba-bench", description="Benchmark MambaDecoderBlock, MLABlock and Regular Mamba.")
+    p.add_argument("--version", action="version", version=f"mamba-bench {tool_version()}")
     sub = p.add_subparsers(dest="command", metavar="{run,report,compare}")
     run = sub.add_parser("run", help="run a sweep (the spec's flags)")
     add_run_arguments(run)
@@ -236,6 +242,7 @@ def _guarded(fn, argv) -> int:
 
 def _main(argv: Optional[Sequence[str]]) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = ["mamba-bench", *argv]
     commands = {"run": run_command, "report": report_command, "compare": compare_command}
     if args.command is None:
         raise UsageError("choose a command: run, report or compare (see mamba-bench --help)")
@@ -252,7 +259,10 @@ def run_main(argv: Optional[Sequence[str]] = None, prog: str = "run_benchmark.py
     def go(a):
         p = _Parser(prog=prog, description="Comprehensive benchmarking suite (run).")
         add_run_arguments(p)
-        return run_command(p.parse_args(a))
+        p.add_argument("--version", action="version", version=f"{prog} (mamba-bench {tool_version()})")
+        args = p.parse_args(a)
+        args.argv = [prog, *a]
+        return run_command(args)
     return _guarded(go, list(sys.argv[1:] if argv is None else argv))
 
 

@@ -22,7 +22,8 @@ import torch
 from . import report
 from .plots import plot_benchmark_results
 from .results import (CSV_NAME, ENV_NAME, JSONL_NAME, BenchmarkResult, environment, lock_dir,
-                      note_written, read_environment, rewrite_csv, write_environment)
+                      note_written, read_environment, resumed_environment, rewrite_csv,
+                      write_environment)
 from .runner import banner_kernels
 from .settings import SweepSettings
 
@@ -41,6 +42,7 @@ class Output:
     plots: bool = True
     progress: bool = True               # progress bar on stderr
     cuda_hint: Optional[str] = None     # CUDA was asked for and is missing: the notice names this
+    command: Optional[list[str]] = None  # the command line saved with the run (default: sys.argv)
 
 
 @dataclass
@@ -107,7 +109,12 @@ def _execute(s: SweepSettings, launcher: Launcher, o: Output) -> Outcome:
             for line in plan.banner:
                 print(line, flush=True)
         if o.dir is not None:
-            write_environment(environment(s.device, torch.get_num_threads()), o.dir / ENV_NAME)
+            env = dict(environment(s.device, torch.get_num_threads()),
+                       command_line=list(o.command if o.command is not None else sys.argv),
+                       seed=s.seed, settings=s.model_dump(mode="json"))
+            if o.resume:
+                env = resumed_environment(env, read_environment(o.dir / ENV_NAME))
+            write_environment(env, o.dir / ENV_NAME)
     show = report.console_printer(multi=len(s.backends) * len(s.dtypes) > 1) if o.verbose else None
     outcome = launcher.run(s, o, plan, show)
     if not launcher.main:
@@ -128,6 +135,9 @@ def _execute(s: SweepSettings, launcher: Launcher, o: Output) -> Outcome:
         return outcome
     if o.report:
         report.print_summary_table(outcome.results)
+        for line in report.noise_warnings(outcome.results, read_environment(o.dir / ENV_NAME)
+                                          if o.dir is not None else None):
+            print(line, file=sys.stderr)
         paths = []
         if o.plots and o.dir is not None:
             paths = plot_benchmark_results(outcome.results, o.dir, env=read_environment(o.dir / ENV_NAME))

@@ -14,12 +14,12 @@ from typing import Iterable, Optional, Sequence
 
 from tqdm import tqdm
 
-from .names import REGULAR_MAMBA, RecordKey
+from .names import MAMBA_LM, REGULAR_MAMBA, RecordKey
 from .plots import plot_benchmark_results
 from .results import (CSV_NAME, ENV_NAME, JSONL_NAME, BenchmarkResult, UsageError, load_run, lock_dir,
                       record_devices,
                       note_written, read_environment, write_csv)
-from .timing import HIGH_SPREAD, mann_whitney_u
+from .timing import DRIFT_WARN, HIGH_SPREAD, Ratio, drift, geomean_ratio, mann_whitney_u, ratio
 
 RULE = "=" * 100
 NAME_WIDTH = 26   # the spec's lines align '|' at column 27
@@ -140,12 +140,27 @@ def summary_table(results: Sequence[BenchmarkResult]) -> str:
     return "SUMMARY\n" + _table(header, rows, "l" + "r" * (len(header) - 2) + "l")
 
 
-def speedups(results: Sequence[BenchmarkResult], baseline: str = REGULAR_MAMBA
-             ) -> list[tuple[BenchmarkResult, Optional[float]]]:
-    """(record, baseline latency / record latency) for every non-baseline record; None if either failed.
+def baseline_for(results: Sequence[BenchmarkResult]) -> str:
+    """What speedups are measured against: Regular Mamba for blocks, Mamba LM for language models."""
+    return MAMBA_LM if results and all(r.level == "model" for r in results) else REGULAR_MAMBA
 
-    A speedup above 1 means faster than the baseline at the same backend, dtype, shape and mode.
-    """
+
+def latency_ratio(num: BenchmarkResult, den: BenchmarkResult) -> Ratio:
+    """num's median latency / den's, with its 95% interval: paired by round when both were timed
+    in the same interleaved rounds, else from the two sets of samples independently."""
+    if not num.samples_ms or not den.samples_ms:    # a record written without its samples
+        v = num.latency_median_ms / den.latency_median_ms
+        return Ratio(v, v, v, False)
+    return ratio(num.samples_ms, den.samples_ms, num.sample_rounds, den.sample_rounds,
+                 paired=bool(num.rounds_id) and num.rounds_id == den.rounds_id)
+
+
+def speedup_ratios(results: Sequence[BenchmarkResult], baseline: Optional[str] = None
+                   ) -> list[tuple[BenchmarkResult, Optional[Ratio], bool]]:
+    """(record, speedup with its interval, noisy) for every non-baseline record: speedup = the
+    baseline's median latency / the record's, paired by round where they were interleaved; None
+    if either failed. noisy: the interval crosses 1 or either record has a high spread."""
+    baseline = baseline or baseline_for(results)
     base = {(r.backend, r.dtype, r.mode, r.dim, r.batch_size, r.sequence_length): r
             for r in results if r.model_name == baseline}
     out = []
@@ -153,29 +168,93 @@ def speedups(results: Sequence[BenchmarkResult], baseline: str = REGULAR_MAMBA
         if r.model_name == baseline:
             continue
         b = base.get((r.backend, r.dtype, r.mode, r.dim, r.batch_size, r.sequence_length))
-        ok = b is not None and b.ok and r.ok
-        out.append((r, b.latency_ms / r.latency_ms if ok else None))
+        if b is None or not (b.ok and r.ok):
+            out.append((r, None, False))
+            continue
+        sp = latency_ratio(b, r)
+        out.append((r, sp, sp.crosses_one or b.high_spread or r.high_spread))
     return out
 
 
-def comparison_table(results: Sequence[BenchmarkResult], baseline: str = REGULAR_MAMBA) -> str:
-    pairs = speedups(results, baseline)
+def speedups(results: Sequence[BenchmarkResult], baseline: Optional[str] = None
+             ) -> list[tuple[BenchmarkResult, Optional[float]]]:
+    """(record, median speedup) for every non-baseline record; None if either failed.
+
+    A speedup above 1 means faster than the baseline at the same backend, dtype, shape and mode.
+    """
+    return [(r, None if sp is None else sp.value) for r, sp, _ in speedup_ratios(results, baseline)]
+
+
+def geomean_speedups(results: Sequence[BenchmarkResult], baseline: Optional[str] = None,
+                     label=lambda r: r.model_name) -> dict[str, tuple[Ratio, int]]:
+    """label -> (geometric-mean speedup with its 95% interval, configs) over the configs where
+    both the record and the baseline are ok."""
+    baseline = baseline or baseline_for(results)
+    base = {(r.backend, r.dtype, r.mode, r.dim, r.batch_size, r.sequence_length): r
+            for r in results if r.model_name == baseline and r.ok}
+    parts: dict[str, list] = defaultdict(list)
+    for r in results:
+        b = base.get((r.backend, r.dtype, r.mode, r.dim, r.batch_size, r.sequence_length))
+        if r.model_name == baseline or b is None or not r.ok or not (b.samples_ms and r.samples_ms):
+            continue
+        parts[label(r)].append((b.samples_ms, r.samples_ms, b.sample_rounds, r.sample_rounds,
+                                bool(b.rounds_id) and b.rounds_id == r.rounds_id))
+    return {k: (geomean_ratio(v), len(v)) for k, v in parts.items()}
+
+
+def format_ratio(x: Ratio) -> str:
+    return f"{x.value:.3g}x [{x.lo:.3g}, {x.hi:.3g}]"
+
+
+NOISY_MARK = "~"
+NOISY_NOTE = (f"{NOISY_MARK} noisy: the 95% interval crosses 1 or a config has a high spread "
+              f"(IQR > {HIGH_SPREAD:.0%} of median)")
+
+
+def comparison_table(results: Sequence[BenchmarkResult], baseline: Optional[str] = None) -> str:
+    baseline = baseline or baseline_for(results)
+    pairs = speedup_ratios(results, baseline)
     if not pairs or not any(r.model_name == baseline for r in results):
         return f"COMPARISON vs {baseline}: {baseline} not in this run"
     many = len({(r.backend, r.dtype) for r in results}) > 1
     rows = [[_label(r, many), r.sequence_length, r.batch_size,
-             "n/a" if sp is None else f"{sp:.2f}x",
-             "n/a" if sp is None else ("faster" if sp > 1 else "slower")] for r, sp in pairs]
-    geo: dict[str, list[float]] = defaultdict(list)
-    for r, sp in pairs:
-        if sp is not None:
-            geo[_label(r, many)].append(sp)
-    lines = [f"COMPARISON vs {baseline} (speedup = {baseline} latency / model latency; > 1 is faster)",
-             _table(["Model", "SeqLen", "Batch", "Speedup", ""], rows, "lrrrl")]
-    for label, v in geo.items():
-        lines.append(f"geometric mean speedup, {label}: "
-                     f"{math.exp(sum(map(math.log, v)) / len(v)):.2f}x over {len(v)} configs")
+             "n/a" if sp is None else f"{sp.value:.3g}x" + (NOISY_MARK if noisy else ""),
+             "" if sp is None else f"[{sp.lo:.3g}, {sp.hi:.3g}]",
+             "n/a" if sp is None else ("faster" if sp.value > 1 else "slower")] for r, sp, noisy in pairs]
+    paired = all(sp.paired for _, sp, _ in pairs if sp is not None)
+    lines = [f"COMPARISON vs {baseline}: speedup = median({baseline} latency / model latency)"
+             + (" per round" if paired else ""),
+             "(> 1 is faster; [95% interval], bootstrap over " + ("rounds)" if paired else "samples)"),
+             _table(["Model", "SeqLen", "Batch", "Speedup", "95% CI", ""], rows, "lrrrrl")]
+    if any(noisy for _, _, noisy in pairs):
+        lines.append(NOISY_NOTE)
+    for lab, (g, n) in geomean_speedups(results, baseline, lambda r: _label(r, many)).items():
+        lines.append(f"geometric mean speedup, {lab}: {format_ratio(g)} over {n} configs")
     return "\n".join(lines)
+
+
+def noise_warnings(results: Sequence[BenchmarkResult], env: Optional[dict] = None) -> list[str]:
+    """Warnings that the machine's speed moved while it measured (the calibration kernel's drift
+    over a shape's rounds) or that it was loaded when the run started; each names what to do."""
+    remedy = ("stop other jobs, use fewer --threads, or raise --min-time (e.g. --min-time 1) "
+              "so each config's runs span the slow periods")
+    out = []
+    groups = {r.rounds_id: r for r in results if r.ok and r.calibration_ms}
+    worst = max(groups.values(), key=lambda r: drift(r.calibration_ms), default=None)
+    if worst is not None and drift(worst.calibration_ms) > DRIFT_WARN:
+        out.append(f"warning: the machine's speed drifted {drift(worst.calibration_ms):.0%} "
+                   f"(calibration kernel between rounds, at L={worst.sequence_length} "
+                   f"B={worst.batch_size}; > {DRIFT_WARN:.0%}): something else uses this "
+                   f"{'GPU' if str(worst.device).startswith('cuda') else 'CPU'}; {remedy}")
+    load, cpus = (env or {}).get("load_average"), (env or {}).get("cpu_count")
+    if load and cpus and load[0] >= cpus:
+        out.append(f"warning: the machine was loaded when the run started (load average "
+                   f"{load[0]:.1f} on {cpus} CPUs): other jobs compete with the timed runs; {remedy}")
+    spread = [r for r in results if r.ok and r.high_spread]
+    if spread and len(spread) * 4 >= sum(r.ok for r in results):
+        out.append(f"warning: {len(spread)} of {sum(r.ok for r in results)} configs have a high "
+                   f"spread (IQR > {HIGH_SPREAD:.0%} of median); {remedy}")
+    return out
 
 
 def print_summary_table(results: Sequence[BenchmarkResult], file=None) -> None:
@@ -334,15 +413,25 @@ def _write_report(run_dir: Path, out: Path, results, env) -> list:
     pngs = plot_benchmark_results(results, out, env=env)
     env_rows = [[k, v if not isinstance(v, dict) else ", ".join(f"{a} {b}" for a, b in v.items())]
                 for k, v in env.items()]
+    base_name = baseline_for(results)
     sp_rows = [[r.model_name, r.backend, r.dtype, r.sequence_length, r.batch_size,
-                "n/a" if sp is None else f"{sp:.2f}x"] for r, sp in speedups(results)]
+                "n/a" if sp is None else f"{sp.value:.3g}x", "" if sp is None else f"[{sp.lo:.3g}, {sp.hi:.3g}]",
+                "noisy" if noisy else ""] for r, sp, noisy in speedup_ratios(results)]
+    sp_header = ["Model", "Backend", "Dtype", "SeqLen", "Batch", "Speedup (median)", "95% CI", "Noise"]
+    geo_lines = [f"Geometric mean speedup (median), {k}: {format_ratio(g)} over {n} configs"
+                 for k, (g, n) in geomean_speedups(results).items()]
+    warn_lines = noise_warnings(results, env)
     md = ["# Benchmark report", "", f"Records: `{run_dir}` ({len(results)} configs, "
           f"{sum(not r.ok for r in results)} failed)", "", "## Environment", "",
           _md_table(["Key", "Value"], env_rows) if env_rows else "(no environment.json)", "",
           "## Results", "", _md_table(_RECORD_HEADER, _record_rows(results)), "",
-          "## Speedup vs Regular Mamba", "",
-          _md_table(["Model", "Backend", "Dtype", "SeqLen", "Batch", "Speedup"], sp_rows) if sp_rows
-          else "(Regular Mamba or the other models missing)", "", "## Plots", ""]
+          f"## Speedup vs {base_name}", "",
+          f"Speedup = median of {base_name} latency / model latency (per interleaved round where "
+          "measured so), with its 95% bootstrap interval. Noisy: the interval crosses 1 or a "
+          f"config has a high spread (IQR > {HIGH_SPREAD:.0%} of median).", "",
+          _md_table(sp_header, sp_rows) if sp_rows
+          else f"({base_name} or the other models missing)", ""]
+    md += [f"- {ln}" for ln in geo_lines + warn_lines] + ["", "## Plots", ""]
     md += [f"![{p.stem}]({p.name})" for p in pngs]   # the tool's own file names
     md_path = out / "report.md"
     md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
@@ -366,7 +455,8 @@ figure{{margin:2em 0}}figcaption{{color:#666;font-size:12px}}</style></head><bod
 {sum(not r.ok for r in results)} failed)</p>
 <h2>Environment</h2>{h_table(["Key", "Value"], env_rows)}
 <h2>Results</h2>{h_table(_RECORD_HEADER, _record_rows(results))}
-<h2>Speedup vs Regular Mamba</h2>{h_table(["Model", "Backend", "Dtype", "SeqLen", "Batch", "Speedup"], sp_rows)}
+<h2>Speedup vs {html.escape(base_name)}</h2>{h_table(sp_header, sp_rows)}
+{"".join(f"<p>{html.escape(ln)}</p>" for ln in geo_lines + warn_lines)}
 <h2>Plots</h2>{imgs}
 </body></html>
 """

@@ -483,9 +483,58 @@ def environment(device: str = "cpu", threads: Optional[int] = None) -> dict:
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "packages": {name: _version(name) for name in
                      ("mamba-decoder-bench", "mambapy", "open-kimi", "triton", "numpy", "matplotlib",
-                      "pydantic")},
+                      "pydantic", "scipy")},
         "git_commit": _git_commit(),
+        "version": tool_version(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
+
+
+def tool_version() -> str:
+    """This tool's version (the installed distribution's, else the package's own)."""
+    v = _version("mamba-decoder-bench")
+    if v is None:
+        from .. import __version__ as v   # a source tree that was never installed
+    return v
+
+
+# Settings that only choose which configs a sweep holds (or how each is isolated): a resumed run
+# may add configs along these. Every other setting defines the measurement and must match.
+# threads is checked as the environment's torch_threads (the count in effect, also when unset).
+RESUMABLE_SETTINGS = ("sequence_lengths", "batch_sizes", "models", "backends", "dtypes", "isolate", "threads")
+RESUME_ENV_FIELDS = ("torch_threads", "torch", "device_name")
+
+
+def check_resume(out: Path, settings: dict, env: dict) -> None:
+    """--resume: refuse (UsageError naming the field) when the run saved in `out` was measured
+    with other settings or in another environment than this one would be."""
+    saved = read_environment(Path(out) / ENV_NAME)
+    if not saved:
+        return
+    if "settings" not in saved:
+        print(f"warning: --resume: {Path(out) / ENV_NAME} predates saved settings; cannot check that "
+              "this run measures the same way", file=sys.stderr)
+        return
+    pairs = [(k, saved["settings"].get(k), v) for k, v in settings.items() if k not in RESUMABLE_SETTINGS]
+    pairs += [(k, saved.get(k), env.get(k)) for k in RESUME_ENV_FIELDS]
+    for name, old, new in pairs:
+        if old != new:
+            raise UsageError(f"--resume: {name} differs from the run in {str(out)!r} ({old!r} there, "
+                             f"{new!r} now); resume with the same settings, or choose another "
+                             "--output-dir or --overwrite")
+
+
+def resumed_environment(env: dict, saved: dict) -> dict:
+    """environment.json of a resumed run: the original start kept as `time`, this session added
+    to `resumptions` (its time, command line and versions)."""
+    if not saved:
+        return env
+    out = dict(env, time=saved.get("time", env["time"]))
+    this = {k: env.get(k) for k in ("time", "command_line", "git_commit", "version", "load_average")}
+    out["resumptions"] = list(saved.get("resumptions", [])) + [this]
+    if "command_line" in saved:
+        out["command_line"] = saved["command_line"]
+    return out
 
 
 def write_environment(env: dict, path: Path | str) -> None:
