@@ -14,7 +14,7 @@ from typing import Iterable, Optional, Sequence
 
 from tqdm import tqdm
 
-from .names import MAMBA_LM, REGULAR_MAMBA, RecordKey
+from .names import MAMBA_LM, REGULAR_MAMBA, RecordKey, sig3
 from .plots import plot_benchmark_results
 from .results import (CSV_NAME, ENV_NAME, JSONL_NAME, BenchmarkResult, UsageError, load_run, lock_dir,
                       record_devices,
@@ -203,7 +203,7 @@ def geomean_speedups(results: Sequence[BenchmarkResult], baseline: Optional[str]
 
 
 def format_ratio(x: Ratio) -> str:
-    return f"{x.value:.3g}x [{x.lo:.3g}, {x.hi:.3g}]"
+    return f"{sig3(x.value)}x [{sig3(x.lo)}, {sig3(x.hi)}]"
 
 
 NOISY_MARK = "~"
@@ -218,8 +218,8 @@ def comparison_table(results: Sequence[BenchmarkResult], baseline: Optional[str]
         return f"COMPARISON vs {baseline}: {baseline} not in this run"
     many = len({(r.backend, r.dtype) for r in results}) > 1
     rows = [[_label(r, many), r.sequence_length, r.batch_size,
-             "n/a" if sp is None else f"{sp.value:.3g}x" + (NOISY_MARK if noisy else ""),
-             "" if sp is None else f"[{sp.lo:.3g}, {sp.hi:.3g}]",
+             "n/a" if sp is None else f"{sig3(sp.value)}x" + (NOISY_MARK if noisy else ""),
+             "" if sp is None else f"[{sig3(sp.lo)}, {sig3(sp.hi)}]",
              "n/a" if sp is None else ("faster" if sp.value > 1 else "slower")] for r, sp, noisy in pairs]
     paired = all(sp.paired for _, sp, _ in pairs if sp is not None)
     lines = [f"COMPARISON vs {baseline}: speedup = median({baseline} latency / model latency)"
@@ -415,7 +415,7 @@ def _write_report(run_dir: Path, out: Path, results, env) -> list:
                 for k, v in env.items()]
     base_name = baseline_for(results)
     sp_rows = [[r.model_name, r.backend, r.dtype, r.sequence_length, r.batch_size,
-                "n/a" if sp is None else f"{sp.value:.3g}x", "" if sp is None else f"[{sp.lo:.3g}, {sp.hi:.3g}]",
+                "n/a" if sp is None else f"{sig3(sp.value)}x", "" if sp is None else f"[{sig3(sp.lo)}, {sig3(sp.hi)}]",
                 "noisy" if noisy else ""] for r, sp, noisy in speedup_ratios(results)]
     sp_header = ["Model", "Backend", "Dtype", "SeqLen", "Batch", "Speedup (median)", "95% CI", "Noise"]
     geo_lines = [f"Geometric mean speedup (median), {k}: {format_ratio(g)} over {n} configs"
