@@ -2,7 +2,8 @@
 
 Every bad input ends as one line `error: ...` on stderr naming the value and what is accepted,
 exit code 2; an unexpected failure prints one line and exits 1; Ctrl-C exits 130 keeping every
-finished record; `compare` exits 3 when the new run is significantly slower than the base.
+finished record; `compare` exits 3 when the new run is significantly slower than the base and 4
+when the two runs share no config.
 """
 from __future__ import annotations
 
@@ -15,12 +16,12 @@ from typing import Optional, Sequence
 from pydantic import ValidationError
 
 from ..config import BACKENDS, DEFAULT_BACKEND
-from .execute import (EXIT_INTERRUPTED, EXIT_OK, EXIT_REGRESSION, EXIT_UNEXPECTED, EXIT_USAGE,  # noqa: F401
+from .execute import (EXIT_INTERRUPTED, EXIT_NO_COMMON, EXIT_OK, EXIT_REGRESSION, EXIT_UNEXPECTED, EXIT_USAGE,  # noqa: F401
                       Output, execute, resolve_device)
 from .launchers import Local
 from .names import LM_MODELS, models_for
 from .registry import MODELS
-from .report import IGNORABLE, compare_runs, write_report
+from .report import IGNORABLE, NoCommonConfigs, compare_runs, write_report
 from .results import RecordFileError, UsageError, tool_version
 from .settings import CACHE_KINDS, DTYPES, LEVELS, MODES, ORDERS, SweepSettings, one_line
 from .torchrun import Torchrun, dist_env
@@ -181,7 +182,10 @@ def compare_command(args: argparse.Namespace) -> int:
         raise UsageError(f"--alpha: {args.alpha!r} is not a probability in (0, 1)")
     try:
         text, regressed = compare_runs(Path(args.base_dir), Path(args.new_dir), threshold=args.threshold,
-                                       alpha=args.alpha, ignore=args.ignore)
+                                       alpha=args.alpha, ignore=args.ignore, fmt=args.format)
+    except NoCommonConfigs as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_NO_COMMON
     except ValueError as e:
         if isinstance(e, RecordFileError):
             raise
@@ -215,7 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="significance level of the Mann-Whitney U test (default: 0.05)")
     cmp_.add_argument("--ignore", nargs="+", default=[], choices=IGNORABLE,
                       help="pair configs without these fields, e.g. --ignore backend to compare a "
-                           "fast run with a reference run")
+                           "fast run with a reference run (automatic when the runs differ in one "
+                           "of them uniformly)")
+    cmp_.add_argument("--format", default="text", choices=("text", "md", "json"),
+                      help="output: text (default), md (Markdown) or json")
     return p
 
 
@@ -250,7 +257,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """`mamba-bench`: returns the exit code (0 ok, 1 unexpected, 2 bad input, 3 regression, 130 Ctrl-C)."""
+    """`mamba-bench`: returns the exit code (0 ok, 1 unexpected, 2 bad input, 3 regression,
+    4 compare: no config in common, 130 Ctrl-C)."""
     return _guarded(_main, list(sys.argv[1:] if argv is None else argv))
 
 

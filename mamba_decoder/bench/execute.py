@@ -28,6 +28,7 @@ from .runner import banner_kernels
 from .settings import SweepSettings
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_REGRESSION, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_NO_COMMON = 4   # compare: the two runs share no config
 
 
 @dataclass

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import math
 import sys
 from collections import defaultdict
@@ -300,58 +301,165 @@ def _pairing(records, ignore: Sequence[str], run_dir) -> dict:
     return out
 
 
-def compare_runs(base_dir, new_dir, *, threshold: float = 0.05, alpha: float = 0.05,
-                 ignore: Sequence[str] = ()) -> tuple[str, bool]:
-    """Per-config median latency ratio NEW/BASE with a Mann-Whitney U test on the raw samples.
+class NoCommonConfigs(ValueError):
+    """compare: the two runs share no config (the CLI's distinct exit code); names the fields."""
 
-    Configs pair by their record key; `ignore` leaves fields out of it (backend, dtype, variant),
-    e.g. to compare a fast-backend run with a reference-backend run of the same grid.
 
-    A config regresses when NEW is slower by more than `threshold` (ratio > 1 + threshold) and the
-    U test says the difference is significant (p < alpha). Returns (text, any regression). When the
-    runs were measured on different devices, the text's first line is a warning that says so (the
-    regression verdict is unchanged).
-    """
+def _differing_fields(base: dict, new: dict) -> list[str]:
+    """Key fields whose values differ between two runs' records, with the values: 'backend
+    (fast vs reference)'."""
+    out = []
+    for i, f in enumerate(RecordKey._fields):
+        a = sorted({str(k[i]) for k in base}) if base else []
+        b = sorted({str(k[i]) for k in new}) if new else []
+        if a != b:
+            out.append(f"{f} ({', '.join(a) or '-'} vs {', '.join(b) or '-'})")
+    return out
+
+
+def _uniform_difference(base: dict, new: dict) -> Optional[str]:
+    """The one ignorable key field in which every base record has one value and every new record
+    another (all fast vs all reference, all bf16 vs all fp32), or None."""
+    diff = []
+    for f in IGNORABLE:
+        i = RecordKey._fields.index(f)
+        a, b = {k[i] for k in base}, {k[i] for k in new}
+        if a != b:
+            diff.append((f, a, b))
+    if len(diff) == 1 and len(diff[0][1]) == 1 and len(diff[0][2]) == 1:
+        return diff[0][0]
+    return None
+
+
+ENV_WARN_FIELDS = (("torch_threads", "threads"), ("torch", "torch"))
+
+
+def compare_data(base_dir, new_dir, *, threshold: float = 0.05, alpha: float = 0.05,
+                 ignore: Sequence[str] = ()) -> dict:
+    """compare_runs' findings as plain data (what `--format json` prints)."""
     base_records, new_records = load_run(base_dir), load_run(new_dir)
+    full_b = {r.key: r for r in base_records}
+    full_n = {r.key: r for r in new_records}
+    ignore = list(ignore)
+    across = None
+    if not ignore and not (set(full_b) & set(full_n)):
+        across = _uniform_difference(full_b, full_n)
+        if across is not None:
+            ignore = [across]
     base, new = _pairing(base_records, ignore, base_dir), _pairing(new_records, ignore, new_dir)
+    if not (set(base) & set(new)):
+        fields = _differing_fields(full_b, full_n)
+        raise NoCommonConfigs(f"{base_dir} and {new_dir} share no config; they differ in "
+                              + ("; ".join(fields) if fields else "nothing (one run is empty)")
+                              + (" (pass --ignore FIELD to compare across backend, dtype or variant)"
+                                 if any(f.split()[0] in IGNORABLE for f in fields) else ""))
+    warnings = []
     base_dev, new_dev = _run_devices(base_dir, base_records), _run_devices(new_dir, new_records)
-    rows, regressed = [], []
+    if base_dev and new_dev and base_dev != new_dev:
+        warnings.append(f"warning: comparing different devices: base {base_dev}, new {new_dev}")
+    env_b, env_n = read_environment(Path(base_dir) / ENV_NAME), read_environment(Path(new_dir) / ENV_NAME)
+    for key, name in ENV_WARN_FIELDS:
+        if env_b.get(key) is not None and env_n.get(key) is not None and env_b[key] != env_n[key]:
+            warnings.append(f"warning: {name} differ: base {env_b[key]}, new {env_n[key]}")
+    rows, parts = [], []
     for key, n in new.items():
         b = base.get(key)
         if b is None:
             continue
-        label = f"{n.model_name} ({_side(b.backend, n.backend)}, {_side(b.dtype, n.dtype)}, {n.mode})"
+        row = dict(model=n.model_name, backend=_side(b.backend, n.backend), dtype=_side(b.dtype, n.dtype),
+                   mode=n.mode, variant=_side(b.variant, n.variant), sequence_length=n.sequence_length,
+                   batch_size=n.batch_size)
         if not (b.ok and n.ok) or not b.samples_ms or not n.samples_ms:
-            rows.append([label, n.sequence_length, n.batch_size, "-", "-", "-", "-",
-                         f"not comparable (base {b.status}, new {n.status})"])
+            rows.append(dict(row, verdict=f"not comparable (base {b.status}, new {n.status})"))
             continue
-        ratio = n.latency_median_ms / b.latency_median_ms
+        x = ratio(n.samples_ms, b.samples_ms, paired=False)
         _, p = mann_whitney_u(b.samples_ms, n.samples_ms)
         significant = p < alpha
-        if ratio > 1 + threshold and significant:
+        if x.value > 1 + threshold and significant:
             verdict = "SLOWER (regression)"
-            regressed.append(label)
-        elif ratio < 1 - threshold and significant:
+        elif x.value < 1 - threshold and significant:
             verdict = "faster"
         else:
             verdict = "same" if not significant else "within threshold"
-        rows.append([label, n.sequence_length, n.batch_size, f"{b.latency_median_ms:.3f}",
-                     f"{n.latency_median_ms:.3f}", f"{ratio:.3f}", f"{p:.3g}", verdict])
-    lines = [f"warning: comparing different devices: base {base_dev}, new {new_dev}"] \
-        if base_dev and new_dev and base_dev != new_dev else []
-    lines += [f"COMPARE  base: {base_dir}  new: {new_dir}",
-             f"ratio = new median / base median latency; regression: ratio > {1 + threshold:.3f} "
-             f"and Mann-Whitney U p < {alpha}",
-             _table(["Config", "SeqLen", "Batch", "Base ms", "New ms", "Ratio", "p", "Verdict"],
-                    rows, "lrrrrrrl") if rows else "(no config present in both runs)"]
-    for name, run, other in (("base", base, new), ("new", new, base)):
-        only = [r for k, r in run.items() if k not in other]
-        if only:
-            lines.append(f"only in {name} ({len(only)}): " + "; ".join(
-                f"{r.model_name} ({r.backend}, {r.dtype}, {r.mode}) L={r.sequence_length} "
-                f"B={r.batch_size} dim={r.dim}" for r in only))
-    lines.append(f"{len(regressed)} regression(s)" + (": " + ", ".join(dict.fromkeys(regressed)) if regressed else ""))
-    return "\n".join(lines), bool(regressed)
+        noisy = b.high_spread or n.high_spread
+        rows.append(dict(row, base_median_ms=b.latency_median_ms, new_median_ms=n.latency_median_ms,
+                         ratio=x.value, ratio_lo=x.lo, ratio_hi=x.hi, p=p, noisy=bool(noisy), verdict=verdict))
+        parts.append((n.samples_ms, b.samples_ms, (), (), False))
+    geo = geomean_ratio(parts)
+    only = {name: [dict(model=r.model_name, backend=r.backend, dtype=r.dtype, mode=r.mode,
+                        sequence_length=r.sequence_length, batch_size=r.batch_size, dim=r.dim)
+                   for k, r in run.items() if k not in other]
+            for name, run, other in (("base", base, new), ("new", new, base))}
+    return dict(base=str(base_dir), new=str(new_dir), threshold=threshold, alpha=alpha,
+                across=across, ignore=ignore, warnings=warnings, rows=rows, only=only,
+                geomean=None if geo is None else dict(ratio=geo.value, lo=geo.lo, hi=geo.hi, configs=len(parts)),
+                regressions=[f"{r['model']} ({r['backend']}, {r['dtype']}, {r['mode']})"
+                             for r in rows if r["verdict"].startswith("SLOWER")])
+
+
+def _compare_rows(d: dict) -> list[list]:
+    out = []
+    for r in d["rows"]:
+        label = f"{r['model']} ({r['backend']}, {r['dtype']}, {r['mode']})"
+        if "ratio" not in r:
+            out.append([label, r["sequence_length"], r["batch_size"], "-", "-", "-", "-", "-", r["verdict"]])
+            continue
+        out.append([label, r["sequence_length"], r["batch_size"], sig3(r["base_median_ms"]),
+                    sig3(r["new_median_ms"]), f"{r['ratio']:.3f}" + (NOISY_MARK if r["noisy"] else ""),
+                    f"[{sig3(r['ratio_lo'])}, {sig3(r['ratio_hi'])}]", f"{r['p']:.3g}", r["verdict"]])
+    return out
+
+
+_COMPARE_HEADER = ["Config", "SeqLen", "Batch", "Base ms", "New ms", "Ratio", "95% CI", "p", "Verdict"]
+
+
+def format_compare(d: dict, fmt: str = "text") -> str:
+    """compare_data's findings as text (the console), Markdown or JSON."""
+    if fmt == "json":
+        return json.dumps(d, indent=2)
+    lines = list(d["warnings"])
+    if d["across"]:
+        lines.append(f"note: the runs differ only in {d['across']} (every record): compared across it")
+    rule = (f"ratio = new median / base median latency (95% bootstrap interval); regression: "
+            f"ratio > {1 + d['threshold']:.3f} and Mann-Whitney U p < {d['alpha']}")
+    only = [f"only in {name} ({len(v)}): " + "; ".join(
+        f"{r['model']} ({r['backend']}, {r['dtype']}, {r['mode']}) L={r['sequence_length']} "
+        f"B={r['batch_size']} dim={r['dim']}" for r in v) for name, v in d["only"].items() if v]
+    g = d["geomean"]
+    summary = ([f"geometric mean ratio new/base (median): {sig3(g['ratio'])}x "
+                f"[{sig3(g['lo'])}, {sig3(g['hi'])}] over {g['configs']} configs"] if g else [])
+    regs = d["regressions"]
+    verdict = f"{len(regs)} regression(s)" + (": " + ", ".join(dict.fromkeys(regs)) if regs else "")
+    if fmt == "md":
+        md = [f"# Compare: `{d['base']}` (base) vs `{d['new']}` (new)", ""]
+        md += [f"- {w}" for w in lines] + ([""] if lines else [])
+        md += [rule, "", _md_table(_COMPARE_HEADER, _compare_rows(d)), ""]
+        md += [f"- {x}" for x in only + summary + [verdict]]
+        return "\n".join(md)
+    lines += [f"COMPARE  base: {d['base']}  new: {d['new']}", rule,
+              _table(_COMPARE_HEADER, _compare_rows(d), "lrrrrrrrl")]
+    if any(r.get("noisy") for r in d["rows"]):
+        lines.append(f"{NOISY_MARK} noisy: a config has a high spread (IQR > {HIGH_SPREAD:.0%} of median)")
+    return "\n".join(lines + only + summary + [verdict])
+
+
+def compare_runs(base_dir, new_dir, *, threshold: float = 0.05, alpha: float = 0.05,
+                 ignore: Sequence[str] = (), fmt: str = "text") -> tuple[str, bool]:
+    """Per-config median latency ratio NEW/BASE with its 95% bootstrap interval and a
+    Mann-Whitney U test on the raw samples, and their geometric mean with its interval.
+
+    Configs pair by their record key; `ignore` leaves fields out of it (backend, dtype, variant),
+    e.g. to compare a fast-backend run with a reference-backend run of the same grid. When the
+    runs share no config but differ uniformly in one of those fields, they are compared across it
+    and the text says so; when they share none even then, NoCommonConfigs names the fields.
+
+    A config regresses when NEW is slower by more than `threshold` (ratio > 1 + threshold) and the
+    U test says the difference is significant (p < alpha). Returns (text, any regression). When the
+    runs were measured on different devices, or with other threads or torch, the text's first
+    lines are warnings that say so (the regression verdict is unchanged).
+    """
+    d = compare_data(base_dir, new_dir, threshold=threshold, alpha=alpha, ignore=ignore)
+    return format_compare(d, fmt), bool(d["regressions"])
 
 
 def _side(base: str, new: str) -> str:

@@ -1,3 +1,6 @@
+import json
+import re
+
 import pytest
 
 from mamba_decoder.bench.report import (banner, comparison_table, format_line, speedups,
@@ -158,7 +161,42 @@ def test_compare_across_backends_pairs_configs_and_flags_the_slower_one(tmp_path
         (tmp_path / name).mkdir()
         with RecordWriter(tmp_path / name / "results.jsonl", "w") as w:
             w.write(make_record(backend=backend, samples=(ms, ms * 1.01, ms * 0.99, ms) * 3))
+    # every record differs in backend alone: compared across it, and the output says so
     text, regressed = compare_runs(tmp_path / "fast", tmp_path / "ref")
-    assert not regressed and "no config present in both runs" in text
+    assert regressed and "differ only in backend" in text and "fast -> reference" in text
     text, regressed = compare_runs(tmp_path / "fast", tmp_path / "ref", ignore=["backend"])
     assert regressed and "fast -> reference" in text and "SLOWER (regression)" in text
+    assert "differ only in" not in text
+    g = json.loads(compare_runs(tmp_path / "fast", tmp_path / "ref", fmt="json")[0])["geomean"]
+    assert g["configs"] == 1 and g["lo"] <= g["ratio"] <= g["hi"] and g["ratio"] == pytest.approx(3.0)
+
+
+def test_compare_of_runs_sharing_no_config_exits_distinctly_naming_the_fields(tmp_path, capsys):
+    from mamba_decoder.bench.results import RecordWriter
+
+    from .conftest import make_record, run
+
+    for name, dim, seq in (("a", 32, 8), ("b", 64, 16)):
+        (tmp_path / name).mkdir()
+        with RecordWriter(tmp_path / name / "results.jsonl", "w") as w:
+            w.write(make_record(dim=dim, seq=seq, samples=[1.0, 1.1, 0.9]))
+    code, out, err = run(["compare", str(tmp_path / "a"), str(tmp_path / "b")], capsys)
+    assert code == 4 and out == "" and err.count("\n") == 1
+    assert "share no config" in err and "sequence_length (8 vs 16)" in err and "dim (32 vs 64)" in err
+
+
+def test_compare_warns_on_threads_and_torch_and_prints_md_and_json(tmp_path, capsys):
+    from .conftest import run
+
+    a = _run_dir(tmp_path / "a", env={"device": "cpu", "torch_threads": 2, "torch": "2.5.0"})
+    b = _run_dir(tmp_path / "b", env={"device": "cpu", "torch_threads": 1, "torch": "2.6.0"}, scale=1.02)
+    code, out, _ = run(["compare", str(a), str(b)], capsys)
+    assert code == 0
+    assert "warning: threads differ: base 2, new 1" in out and "warning: torch differ: base 2.5.0, new 2.6.0" in out
+    m = re.search(r"geometric mean ratio new/base \(median\): (\S+)x \[(\S+), (\S+)\] over 1 configs", out)
+    assert m and float(m[2]) <= float(m[1]) <= float(m[3]) and float(m[1]) == pytest.approx(1.02, abs=0.01)
+    code, out, _ = run(["compare", str(a), str(b), "--format", "md"], capsys)
+    assert code == 0 and out.startswith("# Compare") and "| Config | SeqLen |" in out
+    code, out, _ = run(["compare", str(a), str(b), "--format", "json"], capsys)
+    d = json.loads(out)
+    assert code == 0 and d["rows"][0]["ratio"] == pytest.approx(1.02, abs=0.01) and len(d["warnings"]) == 2
