@@ -138,7 +138,7 @@ def _execute(s: SweepSettings, launcher: Launcher, o: Output) -> Outcome:
         report.print_summary_table(outcome.results)
         for line in report.noise_warnings(outcome.results, read_environment(o.dir / ENV_NAME)
                                           if o.dir is not None else None):
-            print(line, file=sys.stderr)
+            print(report.wrap80(line), file=sys.stderr)
         paths = []
         if o.plots and o.dir is not None:
             paths = plot_benchmark_results(outcome.results, o.dir, env=read_environment(o.dir / ENV_NAME))

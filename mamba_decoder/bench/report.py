@@ -8,7 +8,9 @@ import base64
 import html
 import json
 import math
+import re
 import sys
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -51,12 +53,41 @@ def format_params(n: Optional[int]) -> str:
     return "n/a" if n is None else f"{n / 1e6:.2f}M"
 
 
+def fmt_ms(v: float) -> str:
+    """A latency with the spec's two decimals, and at least three significant digits below 1 ms
+    (0.0213, not 0.02)."""
+    return f"{v:.2f}" if abs(v) >= 1 or v == 0 else f"{v:#.3g}"
+
+
+def fmt_mean_std(mean: float, std: float) -> str:
+    """mean±std, the std with as many decimals as the mean (12.34±0.56, 0.0213±0.0001)."""
+    m = fmt_ms(mean)
+    return f"{m}±{std:.{len(m.partition('.')[2])}f}"
+
+
+_OOM_PARTS = (re.compile(r"Tried to allocate [\d.]+ [KMGT]?i?B"),
+              re.compile(r"of which [\d.]+ [KMGT]?i?B is free"),
+              re.compile(r"[\d.]+ [KMGT]?i?B is allocated by PyTorch"))
+
+
+def short_message(r: BenchmarkResult, width: int = 60) -> str:
+    """A failure's message cut to `width` keeping its useful part: for an out-of-memory error what
+    was asked for and what was free (torch's message puts them after a long preamble)."""
+    msg = r.message
+    if r.status == "oom":
+        parts = [m.group(0) for rx in _OOM_PARTS if (m := rx.search(msg))]
+        if parts:
+            msg = "out of memory: " + ", ".join(parts)
+    return msg if len(msg) <= width else msg[:width - 3] + "..."
+
+
 def format_line(r: BenchmarkResult) -> str:
     """The spec's per-config line; a failed config says OOM/ERROR and why; noisy ones say so."""
     head = f"{r.model_name:<{NAME_WIDTH}} | SeqLen: {r.sequence_length:>4} | Batch: {r.batch_size:>2}"
     if not r.ok:
-        return f"{head} | {r.status.upper()}: {r.message}"
-    line = (f"{head} | Latency: {r.latency_ms:>6.2f}±{r.latency_std_ms:.2f} ms"
+        return f"{head} | {r.status.upper()}: {short_message(r, 200)}"
+    m, sd = fmt_mean_std(r.latency_ms, r.latency_std_ms).split("±")
+    line = (f"{head} | Latency: {m:>6}±{sd} ms"
             f" | Throughput: {r.throughput_tokens_per_sec:>9.2f} tokens/s"
             f" | Params: {format_params(r.num_parameters)}")
     if r.high_spread:
@@ -119,8 +150,8 @@ def summary_table(results: Sequence[BenchmarkResult]) -> str:
             mem = "n/a" if r.memory_mb is None else f"{r.memory_mb:.1f}"
             tpm = r.throughput_tokens_per_sec / (r.num_parameters / 1e6) if r.num_parameters else float("nan")
             row = [label, r.sequence_length, r.batch_size,
-                   f"{r.latency_ms:.2f}±{r.latency_std_ms:.2f}",
-                   f"{r.latency_median_ms:.2f}", f"{r.latency_iqr_ms:.2f}" + (" !" if r.high_spread else ""),
+                   fmt_mean_std(r.latency_ms, r.latency_std_ms),
+                   fmt_ms(r.latency_median_ms), fmt_ms(r.latency_iqr_ms) + (" !" if r.high_spread else ""),
                    f"{r.throughput_tokens_per_sec:.1f}", f"{tpm:.1f}", mem]
             if compute:
                 row += (["-", "-"] if r.mode == "decode" else
@@ -132,7 +163,7 @@ def summary_table(results: Sequence[BenchmarkResult]) -> str:
         else:
             rows.append([label, r.sequence_length, r.batch_size, "-", "-", "-", "-", "-", "-"]
                         + ["-"] * (2 * compute + 3 * decode)
-                        + [format_params(r.num_parameters), f"{r.status.upper()}: {r.message[:60]}"])
+                        + [format_params(r.num_parameters), f"{r.status.upper()}: {short_message(r)}"])
     header = ["Model", "SeqLen", "Batch", "Mean±Std ms", "Median ms", "IQR ms", "Tokens/s",
               "Tok/s per M", "Mem MB"] + ["TFLOP/s", "MFU %"] * compute \
         + ["GB/s", "Prefill ms", "Cache MiB"] * decode + ["Params tot/act", "Status"]
@@ -256,6 +287,11 @@ def noise_warnings(results: Sequence[BenchmarkResult], env: Optional[dict] = Non
         out.append(f"warning: {len(spread)} of {sum(r.ok for r in results)} configs have a high "
                    f"spread (IQR > {HIGH_SPREAD:.0%} of median); {remedy}")
     return out
+
+
+def wrap80(line: str) -> str:
+    """A long message for the console, wrapped to 80 columns (continuation lines indented)."""
+    return "\n".join(textwrap.wrap(line, 80, subsequent_indent="  ", break_on_hyphens=False))
 
 
 def print_summary_table(results: Sequence[BenchmarkResult], file=None) -> None:
