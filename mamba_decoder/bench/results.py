@@ -493,8 +493,11 @@ def environment(device: str = "cpu", threads: Optional[int] = None) -> dict:
 def tool_version() -> str:
     """This tool's version (the installed distribution's, else the package's own)."""
     v = _version("mamba-decoder-bench")
-    if v is None:
-        from .. import __version__ as v   # a source tree that was never installed
+    if v is None:   # a source tree that was never installed: the package's __version__, read, not
+        # imported (importing the package would load the models into plots and reports)
+        text = (Path(__file__).resolve().parents[1] / "__init__.py").read_text(encoding="utf-8")
+        v = next((ln.split("=", 1)[1].strip().strip("\"'") for ln in text.splitlines()
+                  if ln.startswith("__version__")), "unknown")
     return v
 
 
