@@ -268,8 +268,11 @@ def comparison_table(results: Sequence[BenchmarkResult], baseline: Optional[str]
 def noise_warnings(results: Sequence[BenchmarkResult], env: Optional[dict] = None) -> list[str]:
     """Warnings that the machine's speed moved while it measured (the calibration kernel's drift
     over a shape's rounds) or that it was loaded when the run started; each names what to do."""
-    remedy = ("stop other jobs, use fewer --threads, or raise --min-time (e.g. --min-time 1) "
-              "so each config's runs span the slow periods")
+    threads = (env or {}).get("torch_threads") or max((r.threads or 1 for r in results), default=1)
+    fewer = "--threads 1" if threads > 1 else "fewer --threads"
+    remedy = (f"stop other jobs, use {fewer} (threads that wait for each other suffer most from a "
+              "busy CPU), or raise --min-time (e.g. --min-time 1) so each config's runs span the "
+              "slow periods")
     out = []
     groups = {r.rounds_id: r for r in results if r.ok and r.calibration_ms}
     worst = max(groups.values(), key=lambda r: drift(r.calibration_ms), default=None)
