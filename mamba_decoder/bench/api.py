@@ -20,12 +20,15 @@ def run_scaling_benchmarks(dim: int = 512, sequence_lengths: Optional[Sequence[i
                            backend: str | Sequence[str] = DEFAULT_BACKEND,
                            dtype: str | Sequence[str] = "float32", warmup: int = 5, runs: int = 20,
                            min_time: float = 0.0, threads: Optional[int] = None, seed: int = 0,
-                           isolate: bool = False, output_dir: Optional[str | Path] = None,
+                           isolate: bool = False, order: str = "interleaved",
+                           output_dir: Optional[str | Path] = None,
                            resume: bool = False, overwrite: bool = False, verbose: bool = True,
                            progress: bool = True) -> list[BenchmarkResult]:
     """Measure every model at every (sequence length, batch size); one record per config.
 
     Prints the banner and one line per config (the spec's format) unless `verbose=False`.
+    `order="interleaved"` times the models of each shape in rounds, round robin; "blocked" one
+    config after another.
     `use_cuda=True` without CUDA runs on the CPU with one notice on stderr. With `output_dir`,
     records go to results.jsonl (as they finish), results.csv and environment.json there; a
     directory that holds files needs `resume=True` (skip configs already recorded ok) or
@@ -42,7 +45,7 @@ def run_scaling_benchmarks(dim: int = 512, sequence_lengths: Optional[Sequence[i
             backends=[backend] if isinstance(backend, str) else list(backend),
             dtypes=[dtype] if isinstance(dtype, str) else list(dtype),
             device=device, warmup=warmup, runs=runs, min_time_s=min_time, threads=threads, seed=seed,
-            isolate=isolate)
+            isolate=isolate, order=order)
     except ValidationError as e:
         raise UsageError(one_line(e)) from None
     o = Output(dir=None if output_dir is None else Path(output_dir), resume=resume, overwrite=overwrite,

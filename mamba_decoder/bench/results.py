@@ -30,7 +30,7 @@ from typing import Annotated, Iterable, Literal, Optional
 from filelock import FileLock, Timeout
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .names import RecordKey
+from .names import RecordKey, is_mixed
 from .timing import summarize
 
 JSONL_NAME, CSV_NAME, ENV_NAME = "results.jsonl", "results.csv", "environment.json"
@@ -521,6 +521,8 @@ def check_resume(out: Path, settings: dict, env: dict) -> None:
     pairs = [(k, saved["settings"].get(k), v) for k, v in settings.items() if k not in RESUMABLE_SETTINGS]
     pairs += [(k, saved.get(k), env.get(k)) for k in RESUME_ENV_FIELDS]
     for name, old, new in pairs:
+        if name == "device_name" and (is_mixed(old) or is_mixed(new)):
+            continue   # a torchrun run over several kinds of device: no one name to compare
         if old != new:
             raise UsageError(f"--resume: {name} differs from the run in {str(out)!r} ({old!r} there, "
                              f"{new!r} now); resume with the same settings, or choose another "

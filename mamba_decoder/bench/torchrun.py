@@ -562,6 +562,9 @@ class Torchrun:
         reasons = {r: reasons.get(r, "its process ended before its shard was done") for r in unfinished}
         env_all = run_environment(self.base, self.rank_infos, dist.get_backend(), kinds, shards,
                                   recorded, reasons)
+        saved = read_environment(out / ENV_NAME)   # what execute wrote: the start, command, settings
+        env_all.update({k: saved[k] for k in ("time", "command_line", "seed", "settings", "resumptions")
+                        if k in saved})
         write_environment(env_all, out / ENV_NAME)
         _finish_group()
         if env_all["distributed"]["warning"]:
