@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import hashlib
 import json
 import os
 import platform
@@ -99,6 +100,8 @@ class BenchmarkResult(BaseModel):
     # decode: one token for each of `batch_size` sequences after a context of `sequence_length`)
     variant: str = ""                           # names.join_variant of compile, cuda-graphs, cache=full, adamw
     level: str = "block"                        # block, or model (language models on token ids)
+    block_config: dict[str, int] = Field(default_factory=dict)   # the model's whole config (dim, its parts' sizes)
+    config_hash: str = ""                       # config_hash(block_config): part of the key
     tokens_per_call: Optional[int] = None       # batch*seq (forward, train) or batch (decode)
     prefill_ms: Optional[float] = None          # decode: median prefill of the context
     cache_bytes: Optional[int] = None           # decode: cache held at the context length
@@ -156,19 +159,30 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def config_hash(block_config: dict) -> str:
+    """A short hash of a model's whole config (8 hex digits of the SHA-256 of its sorted JSON):
+    part of the record key, so resume, compare and the rank merge tell configs apart."""
+    if not block_config:
+        return ""
+    text = json.dumps(dict(sorted(dict(block_config).items())), separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
+
+
 def config_key(cfg, s) -> RecordKey:
     """The key of the record that config `cfg` of settings `s` makes (settings.Config,
     settings.SweepSettings): the same as that record's `.key`, whichever launcher made it."""
     return RecordKey(cfg.model_name, cfg.backend, s.mode, cfg.dtype, cfg.batch_size,
-                     cfg.sequence_length, s.dim, s.variant)
+                     cfg.sequence_length, s.dim, s.variant, config_hash(dict(cfg.block_config)))
 
 
 def record_identity(cfg, s, device: str) -> dict:
     """The fields every record of config `cfg` under settings `s` carries, measured or not: the
     one builder behind `measure`, `measure_isolated` and torchrun's records of unfinished configs."""
+    block_config = dict(cfg.block_config)
     return dict(model_name=cfg.model_name, sequence_length=cfg.sequence_length,
                 batch_size=cfg.batch_size, dim=s.dim, mode=s.mode, backend=cfg.backend,
-                dtype=cfg.dtype, device=str(device), warmup=s.warmup, variant=s.variant, level=s.level)
+                dtype=cfg.dtype, device=str(device), warmup=s.warmup, variant=s.variant, level=s.level,
+                block_config=block_config, config_hash=config_hash(block_config))
 
 
 # ---------------------------------------------------------------- JSON Lines
@@ -339,7 +353,7 @@ def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
 
 
 # ---------------------------------------------------------------- CSV
-_JSON_COLUMNS = ("samples_ms", "kernels")
+_JSON_COLUMNS = ("samples_ms", "kernels", "block_config")
 _EMPTY_STR_FIELDS = tuple(n for n, f in BenchmarkResult.model_fields.items() if f.default == "")
 
 
