@@ -96,3 +96,16 @@ def _decide(p: KernelPolicy, device: torch.device, dtype: Optional[torch.dtype],
 
 
 DEFAULT_POLICY = KernelPolicy()
+
+
+# ---------------------------------------------------------------- sizes a kernel cannot take
+# Where a block's hyperparameters rule a Triton kernel out, the op takes its PyTorch path and the
+# block's kernel_choice (the record's `kernels`) names why. The other sizes the kernels take as
+# they come: any d_state (the scan's lanes are fitted to it, triton_bdl._lane_tile), any expert
+# count and top-k (the MoE's fused router runs up to kernels.moe.FUSED_ROUTER_MAX_EXPERTS experts
+# and top-FUSED_ROUTER_MAX_TOPK, else torch's topk: kernel_choice's "router"), any head count.
+def mla_triton_unfit(qk_rope_head_dim: int) -> Optional[str]:
+    """Why MLA's Triton prologue and split-K decode cannot take this head shape (None: they can)."""
+    if qk_rope_head_dim & (qk_rope_head_dim - 1):
+        return f"qk_rope_dim {qk_rope_head_dim} is not a power of two, which the Triton MLA prologue needs: torch ops"
+    return None
