@@ -45,7 +45,7 @@ class RecordKey(NamedTuple):
     sequence_length: int
     dim: int
     variant: str = ""
-    config_hash: str = ""   # results.config_hash of the record's block_config ("" in older records)
+    config_hash: str = ""   # results.config_hash of its non-default sizes ("" for the defaults and older records)
 
 
 # A record's variant: what distinguishes runs of one mode beyond the grid, as tags joined by "+"

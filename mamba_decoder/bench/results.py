@@ -101,7 +101,7 @@ class BenchmarkResult(BaseModel):
     variant: str = ""                           # names.join_variant of compile, cuda-graphs, cache=full, adamw
     level: str = "block"                        # block, or model (language models on token ids)
     block_config: dict[str, int] = Field(default_factory=dict)   # the model's whole config (dim, its parts' sizes)
-    config_hash: str = ""                       # config_hash(block_config): part of the key
+    config_hash: str = ""                       # config_hash of its non-default sizes ("" for the defaults): in the key
     tokens_per_call: Optional[int] = None       # batch*seq (forward, train) or batch (decode)
     prefill_ms: Optional[float] = None          # decode: median prefill of the context
     cache_bytes: Optional[int] = None           # decode: cache held at the context length
@@ -159,12 +159,14 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def config_hash(block_config: dict) -> str:
-    """A short hash of a model's whole config (8 hex digits of the SHA-256 of its sorted JSON):
-    part of the record key, so resume, compare and the rank merge tell configs apart."""
-    if not block_config:
+def config_hash(sizes: dict) -> str:
+    """A short hash of a model's sizes (8 hex digits of the SHA-256 of their sorted JSON), part
+    of the record key, so resume, compare and the rank merge tell configs apart. It hashes the
+    sizes that differ from the suite's defaults (settings.Config.size_changes): "" for the
+    defaults, so records made before the sizes could change keep their keys."""
+    if not sizes:
         return ""
-    text = json.dumps(dict(sorted(dict(block_config).items())), separators=(",", ":"))
+    text = json.dumps(dict(sorted(dict(sizes).items())), separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
 
 
@@ -172,17 +174,16 @@ def config_key(cfg, s) -> RecordKey:
     """The key of the record that config `cfg` of settings `s` makes (settings.Config,
     settings.SweepSettings): the same as that record's `.key`, whichever launcher made it."""
     return RecordKey(cfg.model_name, cfg.backend, s.mode, cfg.dtype, cfg.batch_size,
-                     cfg.sequence_length, s.dim, s.variant, config_hash(dict(cfg.block_config)))
+                     cfg.sequence_length, s.dim, s.variant, config_hash(cfg.size_changes))
 
 
 def record_identity(cfg, s, device: str) -> dict:
     """The fields every record of config `cfg` under settings `s` carries, measured or not: the
     one builder behind `measure`, `measure_isolated` and torchrun's records of unfinished configs."""
-    block_config = dict(cfg.block_config)
     return dict(model_name=cfg.model_name, sequence_length=cfg.sequence_length,
                 batch_size=cfg.batch_size, dim=s.dim, mode=s.mode, backend=cfg.backend,
                 dtype=cfg.dtype, device=str(device), warmup=s.warmup, variant=s.variant, level=s.level,
-                block_config=block_config, config_hash=config_hash(block_config))
+                block_config=dict(cfg.block_config), config_hash=config_hash(cfg.size_changes))
 
 
 # ---------------------------------------------------------------- JSON Lines

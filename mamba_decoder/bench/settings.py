@@ -196,6 +196,18 @@ class Config:
         return config_key(self, s)
 
     @property
+    def size_changes(self) -> dict:
+        """The entries of block_config that differ from the suite's defaults at its width (what
+        the key's config_hash hashes: the defaults hash to "", as records made before sizes
+        could change, so those keep their keys)."""
+        d = dict(self.block_config)
+        if not d:
+            return {}
+        parts = MODEL_PARTS.get(self.model_name, ())
+        default = {**BlockSizes().applied(d["dim"], parts), "depth": 4, "vocab_size": 32000}
+        return {k: v for k, v in d.items() if k != "dim" and default.get(k) != v}
+
+    @property
     def sizes(self) -> BlockSizes:
         """The BlockSizes that builds this config's model."""
         return BlockSizes(**{k: v for k, v in self.block_config if k in BlockSizes.model_fields})
