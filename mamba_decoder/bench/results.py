@@ -186,6 +186,27 @@ def record_identity(cfg, s, device: str) -> dict:
                 block_config=dict(cfg.block_config), config_hash=config_hash(cfg.size_changes))
 
 
+def swept_sizes(records: Iterable["BenchmarkResult"]) -> list[str]:
+    """The block_config entries that differ between records of one model (what a sweep over
+    sizes varied, e.g. n_experts): the plots' and tables' labels name these."""
+    values: dict[tuple, set] = {}
+    for r in records:
+        for k, v in r.block_config.items():
+            values.setdefault((r.model_name, k), set()).add(v)
+    return list(dict.fromkeys(k for (_, k), vs in values.items() if len(vs) > 1))
+
+
+def config_label(r: "BenchmarkResult", keys: Iterable[str]) -> str:
+    """'n_experts=8, d_state=16': the record's values of `keys` (those its model has)."""
+    return ", ".join(f"{k}={r.block_config[k]}" for k in keys if k in r.block_config)
+
+
+def same_sizes(a: "BenchmarkResult", b: "BenchmarkResult") -> bool:
+    """Whether two records agree on every size both have (a Mamba block and a Mamba+MoE block of
+    the same d_state: the like-for-like baseline of a sweep)."""
+    return all(b.block_config[k] == v for k, v in a.block_config.items() if k in b.block_config)
+
+
 # ---------------------------------------------------------------- JSON Lines
 class RecordWriter:
     """Appends records to a JSONL file, flushed and fsynced one by one (a kill loses no finished row)."""

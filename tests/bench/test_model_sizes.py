@@ -100,3 +100,18 @@ def test_presets_command_lists_sources(capsys):
     for name in ("mamba-130m", "mamba-2.8b", "deepseek-v2-lite", "deepseek-v3", "kimi-k2"):
         assert f"\n{name}: dim=" in "\n" + out
     assert "source: DeepSeek-V3 (671B): deepseek-ai/DeepSeek-V3, inference/configs/config_671B.json" in out
+
+
+def test_tables_and_plots_tell_configs_apart(tmp_path):
+    from mamba_decoder.bench.plots import plot_benchmark_results
+    from mamba_decoder.bench.report import speedups, summary_table
+
+    from .conftest import make_record
+    recs = [make_record("Regular Mamba", seq=q, block_config=dict(dim=32, d_state=16)) for q in (8, 16)]
+    recs += [make_record("MLABlock", seq=q, samples=(n / 4,) * 3, block_config=dict(dim=32, n_experts=n),
+                         config_hash=f"h{n}") for n in (4, 8) for q in (8, 16)]
+    table = summary_table(recs)
+    assert "MLABlock (n_experts=4)" in table and "MLABlock (n_experts=8)" in table
+    assert [round(sp, 3) for _, sp in speedups(recs)] == [1.0, 1.0, 0.5, 0.5]
+    paths = plot_benchmark_results(recs, tmp_path)
+    assert tmp_path / "param_sweep_n_experts.png" in paths
