@@ -55,6 +55,7 @@ MODE_PLOT_FILES = {
     "decode_latency": "decode_latency_vs_context.png",
     "cache_memory": "cache_memory_vs_context.png",
     "train_step": "train_step_time_vs_seq.png",
+    "energy": "energy_per_token_vs_seq.png",   # records with an energy figure (NVML / RAPL)
 }
 _EXTRA_COLORS = ["#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
 BACKEND_STYLES = {"reference": "-", "fast": "--"}
@@ -175,6 +176,8 @@ class _Data:
         if metric == "efficiency_active":
             return (r.throughput_tokens_per_sec / (r.active_parameters / 1e6)
                     if r.active_parameters else math.nan)
+        if metric == "energy_mj_per_token":
+            return r.energy_per_token_j * 1e3 if r.energy_per_token_j is not None else math.nan
         if metric == "cache_mib":
             return r.cache_bytes / 2 ** 20 if r.cache_bytes else math.nan
         if metric == "speedup":
@@ -633,4 +636,13 @@ def plot_benchmark_results(results: Sequence[BenchmarkResult], output_dir: str |
                                       ylabel="training step time\n(ms, median; bars p10-p90)",
                                       title=f"Training step time vs sequence length (step = {step})",
                                       path=m["train_step"]))
+        energy = [r for r in data.records if r.ok and r.energy_per_token_j is not None]
+        if energy:
+            en = _Data(energy)
+            src = ", ".join(sorted({r.energy_source for r in energy}))
+            paths.append(_line_figure(en, x="seq", metric="energy_mj_per_token", logy=True, env=env,
+                                      ylabel="energy per token\n(mJ, log)",
+                                      title=f"Energy per token vs sequence length ({src}: the whole "
+                                            f"device's energy over the timed runs){en.text['title']}",
+                                      path=m["energy"]))
     return paths

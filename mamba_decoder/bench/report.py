@@ -112,6 +112,7 @@ def summary_table(results: Sequence[BenchmarkResult]) -> str:
     ok = [r for r in results if r.ok]
     compute = any(r.mode != "decode" and r.tflops_per_sec is not None for r in ok)
     decode = any(r.mode == "decode" for r in ok)
+    energy = any(r.energy_per_token_j is not None for r in ok)
     rows = []
     for r in results:
         label = _label(r, many, modes, variants, sizes)
@@ -128,14 +129,16 @@ def summary_table(results: Sequence[BenchmarkResult]) -> str:
             if decode:
                 row += ([_opt(r.gb_per_sec, ".1f"), _opt(r.prefill_ms, ".2f"),
                          _opt(r.cache_bytes, ".2f", 1 / 2 ** 20)] if r.mode == "decode" else ["-", "-", "-"])
+            if energy:
+                row += [_opt(r.energy_per_token_j, ".3g", 1e3), _opt(r.avg_power_w, ".0f")]
             rows.append(row + [f"{format_params(r.num_parameters)}/{format_params(r.active_parameters)}", "ok"])
         else:
             rows.append([label, r.sequence_length, r.batch_size, "-", "-", "-", "-", "-", "-"]
-                        + ["-"] * (2 * compute + 3 * decode)
+                        + ["-"] * (2 * compute + 3 * decode + 2 * energy)
                         + [format_params(r.num_parameters), f"{r.status.upper()}: {r.message[:60]}"])
     header = ["Model", "SeqLen", "Batch", "Mean±Std ms", "Median ms", "IQR ms", "Tokens/s",
               "Tok/s per M", "Mem MB"] + ["TFLOP/s", "MFU %"] * compute \
-        + ["GB/s", "Prefill ms", "Cache MiB"] * decode + ["Params tot/act", "Status"]
+        + ["GB/s", "Prefill ms", "Cache MiB"] * decode + ["mJ/token", "Avg W"] * energy + ["Params tot/act", "Status"]
     if decode and not modes:
         header[1] = "Context"   # decode: the context each generated token follows
     return "SUMMARY\n" + _table(header, rows, "l" + "r" * (len(header) - 2) + "l")
@@ -314,16 +317,27 @@ def _record_rows(results):
                          f"{r.latency_iqr_ms:.3f}" + (" (high spread)" if r.high_spread else ""),
                          f"{r.throughput_tokens_per_sec:.1f}",
                          "n/a" if r.memory_mb is None else f"{r.memory_mb:.1f}",
-                         format_params(r.num_parameters), r.n_runs, "ok"])
+                         format_params(r.num_parameters), r.n_runs, _energy_cell(r), "ok"])
         else:
             rows.append([_named(r, sizes), r.backend, r.dtype, r.sequence_length, r.batch_size,
-                         "-", "-", "-", "-", "-", format_params(r.num_parameters), 0,
+                         "-", "-", "-", "-", "-", format_params(r.num_parameters), 0, "-",
                          f"{r.status.upper()}: {r.message}"])
     return rows
 
 
 _RECORD_HEADER = ["Model", "Backend", "Dtype", "SeqLen", "Batch", "Latency ms (mean ± std)", "Median ms",
-                  "IQR ms", "Tokens/s", "Mem MB", "Params", "Runs", "Status"]
+                  "IQR ms", "Tokens/s", "Mem MB", "Params", "Runs", "Energy", "Status"]
+
+
+def _energy_cell(r) -> str:
+    """'0.123 mJ/token, 412 W (nvml); peak RSS 812 MB', or n/a where not measured."""
+    parts = []
+    if r.energy_per_token_j is not None:
+        parts.append(f"{r.energy_per_token_j * 1e3:.3g} mJ/token, {r.energy_per_call_j:.3g} J/call, "
+                     f"{_opt(r.avg_power_w, '.0f')} W ({r.energy_source})")
+    if r.host_peak_rss_mb is not None:
+        parts.append(f"peak RSS {r.host_peak_rss_mb:.0f} MB")
+    return "; ".join(parts) or "n/a"
 
 
 def write_report(run_dir, output_dir) -> list:

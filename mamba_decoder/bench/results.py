@@ -110,6 +110,14 @@ class BenchmarkResult(BaseModel):
     mfu: Optional[float] = None                 # tflops_per_sec / the device's dense peak for the dtype
     bytes_per_call: Optional[float] = None      # decode: weights + cache read per step
     gb_per_sec: Optional[float] = None          # bytes_per_call / median latency
+    # energy of the timed region (bench/energy.py): NVML on CUDA, RAPL on the CPU where readable,
+    # else None (never a guess); the whole device's or package's energy, idle power included
+    energy_j: Optional[NonNeg] = None           # all timed calls together
+    energy_per_call_j: Optional[NonNeg] = None  # per forward / train step / decode step
+    energy_per_token_j: Optional[NonNeg] = None # per call / tokens_per_call
+    avg_power_w: Optional[NonNeg] = None        # energy_j / the region's wall time
+    energy_source: Optional[str] = None         # "nvml" or "rapl"
+    host_peak_rss_mb: Optional[NonNeg] = None   # host resident-memory high-water mark of the timed region
     # provenance (a torchrun sweep: which process measured it)
     rank: Optional[int] = None
     world_size: Optional[int] = None

@@ -26,6 +26,7 @@ from . import flops
 from .registry import NO_MAMBA_MIXER, build_lm, build_model, parameter_counts
 from .results import BenchmarkResult, RecordWriter, cpu_model, record_identity
 from .settings import CACHE_KINDS, DTYPES, LEVELS, MODES, Config, SweepSettings, iter_configs  # noqa: F401
+from .energy import EnergyMeter, energy_fields
 from .timing import time_callable
 from .workloads import DecodeSession, GraphedForward, TrainStep
 
@@ -144,9 +145,15 @@ def measure(cfg: Config, s: SweepSettings, cache: Optional[dict] = None) -> Benc
             base = torch.cuda.memory_allocated(device)
         torch.manual_seed(s.seed * 1_000_003 + cfg.sequence_length * 1009 + cfg.batch_size)
         step, max_runs, workload = _workload(model, cfg, s, device, fields)
-        reset = (lambda: torch.cuda.reset_peak_memory_stats(device)) if cuda else None
+        meter = EnergyMeter(device)
+
+        def before_timing():   # after warmup: the peak-memory stats and the energy counter start here
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            meter.start()
         samples = time_callable(step, device, warmup=s.warmup, runs=s.runs, max_runs=max_runs,
-                                min_time_s=s.min_time_s, before_timing=reset)
+                                min_time_s=s.min_time_s, before_timing=before_timing)
+        fields.update(energy_fields(meter.stop(), len(samples), fields.get("tokens_per_call")))
         if cuda:
             peak = torch.cuda.max_memory_allocated(device)
             fields.update(peak_memory_mb=peak / MB, memory_mb=(peak - base) / MB)
