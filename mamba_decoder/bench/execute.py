@@ -108,7 +108,8 @@ def _execute(s: SweepSettings, launcher: Launcher, o: Output) -> Outcome:
                 print(line, flush=True)
         if o.dir is not None:
             write_environment(environment(s.device, torch.get_num_threads()), o.dir / ENV_NAME)
-    show = report.console_printer(multi=len(s.backends) * len(s.dtypes) > 1) if o.verbose else None
+    show = report.console_printer(multi=len(s.backends) * len(s.dtypes) > 1,
+                                  sizes=s.swept_sizes()) if o.verbose else None
     outcome = launcher.run(s, o, plan, show)
     if not launcher.main:
         return outcome

@@ -55,8 +55,8 @@ MODE_PLOT_FILES = {
     "decode_latency": "decode_latency_vs_context.png",
     "cache_memory": "cache_memory_vs_context.png",
     "train_step": "train_step_time_vs_seq.png",
-    "energy": "energy_per_token_vs_seq.png",   # records with an energy figure (NVML / RAPL)
 }
+ENERGY_PLOT_FILE = "energy_per_token_vs_seq.png"   # drawn when records carry energy (NVML / RAPL)
 _EXTRA_COLORS = ["#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
 BACKEND_STYLES = {"reference": "-", "fast": "--"}
 _LINESTYLES = ["-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 1)), (0, (8, 2))]
@@ -644,5 +644,5 @@ def plot_benchmark_results(results: Sequence[BenchmarkResult], output_dir: str |
                                       ylabel="energy per token\n(mJ, log)",
                                       title=f"Energy per token vs sequence length ({src}: the whole "
                                             f"device's energy over the timed runs){en.text['title']}",
-                                      path=m["energy"]))
+                                      path=out / ENERGY_PLOT_FILE))
     return paths

@@ -64,19 +64,24 @@ def format_line(r: BenchmarkResult) -> str:
     return line
 
 
-def console_printer(multi: bool, file=None):
+def console_printer(multi: bool, file=None, sizes: Sequence[str] = ()):
     """A callback printing each record's line as it finishes (above the progress bar).
 
     When a run sweeps several (backend, dtype) pairs, a header line precedes each pair's lines,
-    since the spec's line format has no place for them.
+    since the spec's line format has no place for them; so does each point of a sweep over
+    block sizes (`sizes`: the swept ones), e.g. "--- n_experts=64 ---".
     """
-    last: list = [None]
+    last: list = [None, ""]
 
     def show(r: BenchmarkResult) -> None:
         out = file or sys.stdout
         if multi and (r.backend, r.dtype) != last[0]:
             last[0] = (r.backend, r.dtype)
             tqdm.write(f"--- backend: {r.backend} | dtype: {r.dtype} ---", file=out)
+        label = config_label(r, sizes)
+        if label and label != last[1]:
+            last[1] = label
+            tqdm.write(f"--- {label} ---", file=out)
         tqdm.write(format_line(r), file=out)
         out.flush()
     return show
@@ -215,7 +220,7 @@ def _run_devices(run_dir, records: Sequence[BenchmarkResult]) -> str:
 
 
 # Record-key fields that `compare --ignore` may leave out when pairing configs of two runs.
-IGNORABLE = ("backend", "dtype", "variant")
+IGNORABLE = ("backend", "dtype", "variant", "config_hash")   # config_hash: pair configs of other sizes
 
 
 def _pairing(records, ignore: Sequence[str], run_dir) -> dict:

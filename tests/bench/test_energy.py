@@ -58,13 +58,12 @@ def test_energy_fields_per_call_and_token():
 
 
 def test_report_and_plot_show_energy(tmp_path):
-    from mamba_decoder.bench.plots import MODE_PLOT_FILES, plot_benchmark_results
+    from mamba_decoder.bench.plots import ENERGY_PLOT_FILE, plot_benchmark_results
     from mamba_decoder.bench.report import summary_table
     recs = [make_record(m, seq=q, energy_j=1.0, energy_per_call_j=0.25, energy_per_token_j=0.25 / q,
                         avg_power_w=300.0, energy_source="nvml") for m in ("Regular Mamba", "MLABlock")
             for q in (8, 16)]
     table = summary_table(recs)
     assert "mJ/token" in table and "Avg W" in table and "31.2" in table   # 0.25 J / 8 tokens
-    assert tmp_path / MODE_PLOT_FILES["energy"] in plot_benchmark_results(recs, tmp_path)
-    assert tmp_path / MODE_PLOT_FILES["energy"] not in plot_benchmark_results(
-        [make_record()], tmp_path / "none")
+    assert tmp_path / ENERGY_PLOT_FILE in plot_benchmark_results(recs, tmp_path)
+    assert tmp_path / "none" / ENERGY_PLOT_FILE not in plot_benchmark_results([make_record()], tmp_path / "none")

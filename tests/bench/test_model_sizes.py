@@ -49,6 +49,7 @@ def test_a_sweep_over_a_size_is_one_more_axis_with_distinct_keys(tmp_path, capsy
     argv = ["run", *TINY1, "--model-config", str(f), "--n-experts", "8", "16", "--output-dir", str(out_dir)]
     code, out, err = run(argv, capsys)
     assert code == 0, err
+    assert out.index("--- n_experts=8 ---") < out.index("--- n_experts=16 ---")   # the console names each point
     recs = read_jsonl(out_dir / "results.jsonl")
     # Regular Mamba once (no MoE: the swept size does not apply), the two MoE blocks twice each
     assert sorted(r.model_name for r in recs) == ["MLABlock", "MLABlock", "MambaDecoderBlock",
