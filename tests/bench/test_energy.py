@@ -67,3 +67,20 @@ def test_report_and_plot_show_energy(tmp_path):
     assert "mJ/token" in table and "Avg W" in table and "31.2" in table   # 0.25 J / 8 tokens
     assert tmp_path / ENERGY_PLOT_FILE in plot_benchmark_results(recs, tmp_path)
     assert tmp_path / "none" / ENERGY_PLOT_FILE not in plot_benchmark_results([make_record()], tmp_path / "none")
+
+
+def test_nvml_counter_in_millijoules(monkeypatch):
+    """The CUDA path on a fake NVML (the counter in mJ since the driver loaded)."""
+    import sys
+    import types
+
+    import torch
+    counter = iter([1_000_000, 1_004_500])
+    fake = types.SimpleNamespace(nvmlDeviceGetTotalEnergyConsumption=lambda h: next(counter))
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(energy, "_nvml_handle", lambda device: "handle")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    m = EnergyMeter("cuda:0")
+    m.start()
+    e = m.stop()
+    assert e.source == "nvml" and e.joules == pytest.approx(4.5)
