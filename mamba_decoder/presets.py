@@ -53,14 +53,15 @@ _MAMBA_SOURCE = ("huggingface.co/state-spaces/mamba-{size}/blob/main/config.json
                  "{depth}, vocab_size 50277 padded to a multiple of 8 (pad_vocab_size_multiple 8): 50280); "
                  "d_state 16, expand 2, d_conv 4 and dt_rank ceil(d_model / 16) are mamba_ssm's Mamba "
                  "defaults (state-spaces/mamba, mamba_ssm/modules/mamba_simple.py), which these configs "
-                 "keep (ssm_cfg {{}}). A Mamba-1 model has no MoE and no MLA: those parts keep the suite's "
-                 "defaults.")
+                 "keep (ssm_cfg {{}}); dt_rank is left to the suite's default, ceil(dim / 16), so it follows "
+                 "a --dim given with the preset. A Mamba-1 model has no MoE and no MLA: those parts keep "
+                 "the suite's defaults.")
 
 
 for _size, _dim, _depth in (("130m", 768, 24), ("370m", 1024, 48), ("790m", 1536, 48), ("1.4b", 2048, 48),
                             ("2.8b", 2560, 64)):
     PRESETS[f"mamba-{_size}"] = Preset(
-        f"mamba-{_size}", _dim, dict(d_state=16, expand=2, d_conv=4, dt_rank=-(-_dim // 16)), depth=_depth,
+        f"mamba-{_size}", _dim, dict(d_state=16, expand=2, d_conv=4), depth=_depth,
         vocab_size=50280, doc=_MAMBA_SOURCE.format(size=_size, dim=_dim, depth=_depth))
 
 
