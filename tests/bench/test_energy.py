@@ -57,8 +57,10 @@ def test_energy_fields_per_call_and_token():
                      energy_source="nvml", host_peak_rss_mb=100.0)
 
 
-def test_report_and_plot_show_energy(tmp_path):
+def test_report_and_plot_show_energy(tmp_path, monkeypatch):
+    from mamba_decoder.bench import plots
     from mamba_decoder.bench.plots import ENERGY_PLOT_FILE, plot_benchmark_results
+    monkeypatch.setattr(plots, "DPI", 30)   # what is drawn, not how finely
     from mamba_decoder.bench.report import summary_table
     recs = [make_record(m, seq=q, energy_j=1.0, energy_per_call_j=0.25, energy_per_token_j=0.25 / q,
                         avg_power_w=300.0, energy_source="nvml") for m in ("Regular Mamba", "MLABlock")

@@ -103,8 +103,10 @@ def test_presets_command_lists_sources(capsys):
     assert "source: DeepSeek-V3 (671B): deepseek-ai/DeepSeek-V3, inference/configs/config_671B.json" in out
 
 
-def test_tables_and_plots_tell_configs_apart(tmp_path):
+def test_tables_and_plots_tell_configs_apart(tmp_path, monkeypatch):
+    from mamba_decoder.bench import plots
     from mamba_decoder.bench.plots import plot_benchmark_results
+    monkeypatch.setattr(plots, "DPI", 30)   # what is drawn, not how finely
     from mamba_decoder.bench.report import speedups, summary_table
 
     from .conftest import make_record
