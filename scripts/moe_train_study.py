@@ -2,6 +2,7 @@
 in one process (old, new, old, new, ...), on the suite's timer.
 
     python scripts/moe_train_study.py [--rounds 6] [--runs 5]
+    python scripts/moe_train_study.py --profile     # where the blocks' B8 L2048 train step spends host and GPU time
 
 Measures (bf16, dim 512, the suite's MoE: 6 experts, top-2, a shared expert of the same width):
 the MoE alone, forward + backward, at 8 x 2048 and 8 x 8192 tokens; then the suite's train step
@@ -56,8 +57,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--profile", action="store_true")
     a = ap.parse_args()
     torch.manual_seed(0)
+    if a.profile:
+        return profile()
     D, I, E, K = 512, 1024, 6, 2
     for T in (8 * 2048, 8 * 8192):
         x = torch.randn(T, D, device=DEV, dtype=DT, requires_grad=True)
@@ -95,6 +99,45 @@ def main():
                               **interleaved({"old": step(old_path), "new": step(NEW)}, a.rounds, a.runs)}), flush=True)
             del block, xb
             torch.cuda.empty_cache()
+
+
+def profile():
+    """torch.profiler over 5 train steps of each block at B8 L2048: wall per step, GPU time per
+    step, launches per step, and the ops with the most host time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof_ctx
+
+    from mamba_decoder.bench.registry import build_model
+
+    for name in ("Regular Mamba", "MambaDecoderBlock", "MLABlock"):
+        block = build_model(name, 512, "fast").to(DEV, DT).train()
+        xb = torch.randn(8, 2048, 512, device=DEV, dtype=DT)
+        g = torch.randn(8, 2048, 512, device=DEV, dtype=DT)
+
+        def step():
+            block(xb).backward(g)
+            block.zero_grad(set_to_none=True)
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        with prof_ctx(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+        ev = p.key_averages()
+        gpu_us = sum(e.self_device_time_total for e in ev) / 5
+        launches = sum(e.count for e in ev if e.device_type == torch.autograd.DeviceType.CUDA) / 5
+        wall = statistics.median(time_callable(step, DEV, warmup=3, runs=20))
+        print(json.dumps({"what": "profile", "model": name, "wall_ms": round(wall, 3),
+                          "gpu_ms": round(gpu_us / 1e3, 3), "kernels_per_step": launches}), flush=True)
+        rows = sorted(ev, key=lambda e: -e.self_cpu_time_total)[:25]
+        for e in rows:
+            print(f"   host {e.self_cpu_time_total / 5 / 1e3:7.3f} ms  n {e.count // 5:4d}  gpu {e.self_device_time_total / 5 / 1e3:7.3f} ms  {e.key[:90]}")
+        rows = sorted(ev, key=lambda e: -e.self_device_time_total)[:12]
+        for e in rows:
+            print(f"   GPU  {e.self_device_time_total / 5 / 1e3:7.3f} ms  n {e.count // 5:4d}  {e.key[:100]}")
+        del block, xb, g
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
