@@ -183,3 +183,23 @@ def test_train_gradients_fast_equal_reference_at_other_sizes(name, z):
         # top-1: the normalized routing weight is 1 whatever the score, so the router's gradient
         # is rounding noise (about 1e-6) on both paths: compared absolutely there
         assert rel_err(grads[1][n], grads[0][n]) < 1e-4 or (grads[1][n] - grads[0][n]).abs().max() < 1e-5, n
+
+
+def test_dense_small_is_off_for_many_experts_and_says_so(monkeypatch):
+    """Dense-small (every expert on every token) at 64 experts top-8 would do 7x the routed work:
+    the grouped path is taken at every token count, and the record's kernels say why; at the
+    suite's 6 experts top-2 nothing changes, and a policy's explicit limit is kept."""
+    from mamba_decoder.kernels import moe as K
+    calls = []
+    monkeypatch.setattr(K, "scored_dense_small", lambda *a, **k: calls.append("dense") or 1 / 0)
+    big = build_model("MambaDecoderBlock", DIM, "fast", sizes=BlockSizes(n_experts=64, n_activated=8)).eval()
+    with torch.no_grad():
+        big(torch.randn(1, 4, DIM))
+    assert calls == []
+    assert "off: 64 experts top-8 would compute 7.2x the routed work" in big.moe.kernel_choice(
+        torch.device("cpu"), torch.float32)["moe"]
+    small = build_model("MambaDecoderBlock", DIM, "fast").eval()
+    assert "off" not in small.moe.kernel_choice(torch.device("cpu"), torch.float32)["moe"]
+    set_kernel_policy(big, KernelPolicy(dense_small_max_tokens=64))
+    with torch.no_grad(), pytest.raises(ZeroDivisionError):
+        big(torch.randn(1, 4, DIM))            # the explicit limit: dense-small again
