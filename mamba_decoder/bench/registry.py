@@ -5,7 +5,7 @@ from typing import Callable, Optional
 
 from torch import nn
 
-from ..config import DEFAULT_BACKEND, BlockSizes, MambaConfig, check_backend
+from ..config import DEFAULT_BACKEND, BlockSizes, check_backend
 from ..models import MambaDecoder, MambaDecoderBlock, MambaLM, MLABlock, RegularMamba
 from ..models.moe import MoE
 from .names import (LM_MODELS, MAMBA_DECODER, MAMBA_DECODER_BLOCK, MAMBA_DECODER_MLA, MAMBA_LM,
