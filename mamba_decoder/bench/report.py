@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from .names import MAMBA_LM, REGULAR_MAMBA, RecordKey, sig3
 from .plots import plot_benchmark_results
-from .results import (CSV_NAME, ENV_NAME, JSONL_NAME, BenchmarkResult, UsageError, load_run, lock_dir,
-                      record_devices,
+from .results import (CSV_NAME, ENV_NAME, JSONL_NAME, BenchmarkResult, UsageError, config_label, load_run,
+                      lock_dir, record_devices, same_sizes, swept_sizes,
                       note_written, read_environment, write_csv)
 from .timing import DRIFT_WARN, HIGH_SPREAD, Ratio, drift, geomean_ratio, mann_whitney_u, ratio
 
@@ -96,19 +96,24 @@ def format_line(r: BenchmarkResult) -> str:
     return line
 
 
-def console_printer(multi: bool, file=None):
+def console_printer(multi: bool, file=None, sizes: Sequence[str] = ()):
     """A callback printing each record's line as it finishes (above the progress bar).
 
     When a run sweeps several (backend, dtype) pairs, a header line precedes each pair's lines,
-    since the spec's line format has no place for them.
+    since the spec's line format has no place for them; so does each point of a sweep over
+    block sizes (`sizes`: the swept ones), e.g. "--- n_experts=64 ---".
     """
-    last: list = [None]
+    last: list = [None, ""]
 
     def show(r: BenchmarkResult) -> None:
         out = file or sys.stdout
         if multi and (r.backend, r.dtype) != last[0]:
             last[0] = (r.backend, r.dtype)
             tqdm.write(f"--- backend: {r.backend} | dtype: {r.dtype} ---", file=out)
+        label = config_label(r, sizes)
+        if label and label != last[1]:
+            last[1] = label
+            tqdm.write(f"--- {label} ---", file=out)
         tqdm.write(format_line(r), file=out)
         out.flush()
     return show
@@ -123,9 +128,9 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]], align: str) -> 
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows])
 
 
-def _label(r: BenchmarkResult, many: bool, modes: bool = False, variants: bool = False) -> str:
+def _label(r: BenchmarkResult, many: bool, modes: bool = False, variants: bool = False, sizes=()) -> str:
     extra = ([r.backend, r.dtype] if many else []) + ([r.mode] if modes else []) \
-        + ([r.variant or "default"] if variants else [])
+        + ([r.variant or "default"] if variants else []) + ([config_label(r, sizes)] if config_label(r, sizes) else [])
     return f"{r.model_name} ({', '.join(extra)})" if extra else r.model_name
 
 
@@ -140,12 +145,14 @@ def summary_table(results: Sequence[BenchmarkResult]) -> str:
     many = len({(r.backend, r.dtype) for r in results}) > 1
     modes = len({r.mode for r in results}) > 1
     variants = len({r.variant for r in results}) > 1
+    sizes = swept_sizes(results)
     ok = [r for r in results if r.ok]
     compute = any(r.mode != "decode" and r.tflops_per_sec is not None for r in ok)
     decode = any(r.mode == "decode" for r in ok)
+    energy = any(r.energy_per_token_j is not None for r in ok)
     rows = []
     for r in results:
-        label = _label(r, many, modes, variants)
+        label = _label(r, many, modes, variants, sizes)
         if r.ok:
             mem = "n/a" if r.memory_mb is None else f"{r.memory_mb:.1f}"
             tpm = r.throughput_tokens_per_sec / (r.num_parameters / 1e6) if r.num_parameters else float("nan")
@@ -159,14 +166,16 @@ def summary_table(results: Sequence[BenchmarkResult]) -> str:
             if decode:
                 row += ([_opt(r.gb_per_sec, ".1f"), _opt(r.prefill_ms, ".2f"),
                          _opt(r.cache_bytes, ".2f", 1 / 2 ** 20)] if r.mode == "decode" else ["-", "-", "-"])
+            if energy:
+                row += [_opt(r.energy_per_token_j, ".3g", 1e3), _opt(r.avg_power_w, ".0f")]
             rows.append(row + [f"{format_params(r.num_parameters)}/{format_params(r.active_parameters)}", "ok"])
         else:
             rows.append([label, r.sequence_length, r.batch_size, "-", "-", "-", "-", "-", "-"]
-                        + ["-"] * (2 * compute + 3 * decode)
+                        + ["-"] * (2 * compute + 3 * decode + 2 * energy)
                         + [format_params(r.num_parameters), f"{r.status.upper()}: {short_message(r)}"])
     header = ["Model", "SeqLen", "Batch", "Mean±Std ms", "Median ms", "IQR ms", "Tokens/s",
               "Tok/s per M", "Mem MB"] + ["TFLOP/s", "MFU %"] * compute \
-        + ["GB/s", "Prefill ms", "Cache MiB"] * decode + ["Params tot/act", "Status"]
+        + ["GB/s", "Prefill ms", "Cache MiB"] * decode + ["mJ/token", "Avg W"] * energy + ["Params tot/act", "Status"]
     if decode and not modes:
         header[1] = "Context"   # decode: the context each generated token follows
     return "SUMMARY\n" + _table(header, rows, "l" + "r" * (len(header) - 2) + "l")
@@ -187,19 +196,32 @@ def latency_ratio(num: BenchmarkResult, den: BenchmarkResult) -> Ratio:
                  paired=bool(num.rounds_id) and num.rounds_id == den.rounds_id)
 
 
+def _baseline_records(results: Sequence[BenchmarkResult], baseline: str):
+    """record -> its baseline record: the same backend, dtype, shape and mode (and, in a sweep over
+    sizes, the baseline's sizes the record shares: results.same_sizes), or None."""
+    base: dict[tuple, list[BenchmarkResult]] = defaultdict(list)
+    for r in results:
+        if r.model_name == baseline:
+            base[(r.backend, r.dtype, r.mode, r.dim, r.batch_size, r.sequence_length)].append(r)
+
+    def of(r: BenchmarkResult) -> Optional[BenchmarkResult]:
+        return next((b for b in base.get((r.backend, r.dtype, r.mode, r.dim, r.batch_size, r.sequence_length), [])
+                     if same_sizes(b, r)), None)
+    return of
+
+
 def speedup_ratios(results: Sequence[BenchmarkResult], baseline: Optional[str] = None
                    ) -> list[tuple[BenchmarkResult, Optional[Ratio], bool]]:
     """(record, speedup with its interval, noisy) for every non-baseline record: speedup = the
     baseline's median latency / the record's, paired by round where they were interleaved; None
     if either failed. noisy: the interval crosses 1 or either record has a high spread."""
     baseline = baseline or baseline_for(results)
-    base = {(r.backend, r.dtype, r.mode, r.dim, r.batch_size, r.sequence_length): r
-            for r in results if r.model_name == baseline}
+    base_of = _baseline_records(results, baseline)
     out = []
     for r in results:
         if r.model_name == baseline:
             continue
-        b = base.get((r.backend, r.dtype, r.mode, r.dim, r.batch_size, r.sequence_length))
+        b = base_of(r)
         if b is None or not (b.ok and r.ok):
             out.append((r, None, False))
             continue
@@ -212,7 +234,8 @@ def speedups(results: Sequence[BenchmarkResult], baseline: Optional[str] = None
              ) -> list[tuple[BenchmarkResult, Optional[float]]]:
     """(record, median speedup) for every non-baseline record; None if either failed.
 
-    A speedup above 1 means faster than the baseline at the same backend, dtype, shape and mode.
+    A speedup above 1 means faster than the baseline at the same backend, dtype, shape and mode
+    (and, in a sweep over sizes, the baseline's sizes the record shares: results.same_sizes).
     """
     return [(r, None if sp is None else sp.value) for r, sp, _ in speedup_ratios(results, baseline)]
 
@@ -222,12 +245,11 @@ def geomean_speedups(results: Sequence[BenchmarkResult], baseline: Optional[str]
     """label -> (geometric-mean speedup with its 95% interval, configs) over the configs where
     both the record and the baseline are ok."""
     baseline = baseline or baseline_for(results)
-    base = {(r.backend, r.dtype, r.mode, r.dim, r.batch_size, r.sequence_length): r
-            for r in results if r.model_name == baseline and r.ok}
+    base_of = _baseline_records(results, baseline)
     parts: dict[str, list] = defaultdict(list)
     for r in results:
-        b = base.get((r.backend, r.dtype, r.mode, r.dim, r.batch_size, r.sequence_length))
-        if r.model_name == baseline or b is None or not r.ok or not (b.samples_ms and r.samples_ms):
+        b = None if r.model_name == baseline else base_of(r)
+        if b is None or not (b.ok and r.ok) or not (b.samples_ms and r.samples_ms):
             continue
         parts[label(r)].append((b.samples_ms, r.samples_ms, b.sample_rounds, r.sample_rounds,
                                 bool(b.rounds_id) and b.rounds_id == r.rounds_id))
@@ -249,7 +271,8 @@ def comparison_table(results: Sequence[BenchmarkResult], baseline: Optional[str]
     if not pairs or not any(r.model_name == baseline for r in results):
         return f"COMPARISON vs {baseline}: {baseline} not in this run"
     many = len({(r.backend, r.dtype) for r in results}) > 1
-    rows = [[_label(r, many), r.sequence_length, r.batch_size,
+    sizes = swept_sizes(results)
+    rows = [[_label(r, many, sizes=sizes), r.sequence_length, r.batch_size,
              "n/a" if sp is None else f"{sig3(sp.value)}x" + (NOISY_MARK if noisy else ""),
              "" if sp is None else f"[{sig3(sp.lo)}, {sig3(sp.hi)}]",
              "n/a" if sp is None else ("faster" if sp.value > 1 else "slower")] for r, sp, noisy in pairs]
@@ -260,7 +283,7 @@ def comparison_table(results: Sequence[BenchmarkResult], baseline: Optional[str]
              _table(["Model", "SeqLen", "Batch", "Speedup", "95% CI", ""], rows, "lrrrrl")]
     if any(noisy for _, _, noisy in pairs):
         lines.append(NOISY_NOTE)
-    for lab, (g, n) in geomean_speedups(results, baseline, lambda r: _label(r, many)).items():
+    for lab, (g, n) in geomean_speedups(results, baseline, lambda r: _label(r, many, sizes=sizes)).items():
         lines.append(f"geometric mean speedup, {lab}: {format_ratio(g)} over {n} configs")
     return "\n".join(lines)
 
@@ -325,7 +348,7 @@ def _run_devices(run_dir, records: Sequence[BenchmarkResult]) -> str:
 
 
 # Record-key fields that `compare --ignore` may leave out when pairing configs of two runs.
-IGNORABLE = ("backend", "dtype", "variant")
+IGNORABLE = ("backend", "dtype", "variant", "config_hash")   # config_hash: pair configs of other sizes
 
 
 def _pairing(records, ignore: Sequence[str], run_dir) -> dict:
@@ -518,25 +541,43 @@ def _md_table(header, rows) -> str:
     return "\n".join(out)
 
 
+def _named(r, sizes) -> str:
+    """The model's name, with its swept sizes when the run swept some."""
+    label = config_label(r, sizes)
+    return f"{r.model_name} ({label})" if label else r.model_name
+
+
 def _record_rows(results):
     rows = []
+    sizes = swept_sizes(results)
     for r in results:
         if r.ok:
-            rows.append([r.model_name, r.backend, r.dtype, r.sequence_length, r.batch_size,
+            rows.append([_named(r, sizes), r.backend, r.dtype, r.sequence_length, r.batch_size,
                          f"{r.latency_ms:.3f} ± {r.latency_std_ms:.3f}", f"{r.latency_median_ms:.3f}",
                          f"{r.latency_iqr_ms:.3f}" + (" (high spread)" if r.high_spread else ""),
                          f"{r.throughput_tokens_per_sec:.1f}",
                          "n/a" if r.memory_mb is None else f"{r.memory_mb:.1f}",
-                         format_params(r.num_parameters), r.n_runs, "ok"])
+                         format_params(r.num_parameters), r.n_runs, _energy_cell(r), "ok"])
         else:
-            rows.append([r.model_name, r.backend, r.dtype, r.sequence_length, r.batch_size,
-                         "-", "-", "-", "-", "-", format_params(r.num_parameters), 0,
+            rows.append([_named(r, sizes), r.backend, r.dtype, r.sequence_length, r.batch_size,
+                         "-", "-", "-", "-", "-", format_params(r.num_parameters), 0, "-",
                          f"{r.status.upper()}: {r.message}"])
     return rows
 
 
 _RECORD_HEADER = ["Model", "Backend", "Dtype", "SeqLen", "Batch", "Latency ms (mean ± std)", "Median ms",
-                  "IQR ms", "Tokens/s", "Mem MB", "Params", "Runs", "Status"]
+                  "IQR ms", "Tokens/s", "Mem MB", "Params", "Runs", "Energy", "Status"]
+
+
+def _energy_cell(r) -> str:
+    """'0.123 mJ/token, 412 W (nvml); peak RSS 812 MB', or n/a where not measured."""
+    parts = []
+    if r.energy_per_token_j is not None:
+        parts.append(f"{r.energy_per_token_j * 1e3:.3g} mJ/token, {r.energy_per_call_j:.3g} J/call, "
+                     f"{_opt(r.avg_power_w, '.0f')} W ({r.energy_source})")
+    if r.host_peak_rss_mb is not None:
+        parts.append(f"peak RSS {r.host_peak_rss_mb:.0f} MB")
+    return "; ".join(parts) or "n/a"
 
 
 def write_report(run_dir, output_dir) -> list:
@@ -561,7 +602,8 @@ def _write_report(run_dir: Path, out: Path, results, env) -> list:
     env_rows = [[k, v if not isinstance(v, dict) else ", ".join(f"{a} {b}" for a, b in v.items())]
                 for k, v in env.items()]
     base_name = baseline_for(results)
-    sp_rows = [[r.model_name, r.backend, r.dtype, r.sequence_length, r.batch_size,
+    sizes = swept_sizes(results)
+    sp_rows = [[_named(r, sizes), r.backend, r.dtype, r.sequence_length, r.batch_size,
                 "n/a" if sp is None else f"{sig3(sp.value)}x", "" if sp is None else f"[{sig3(sp.lo)}, {sig3(sp.hi)}]",
                 "noisy" if noisy else ""] for r, sp, noisy in speedup_ratios(results)]
     sp_header = ["Model", "Backend", "Dtype", "SeqLen", "Batch", "Speedup (median)", "95% CI", "Noise"]

@@ -8,6 +8,7 @@ are handed to `on_record` (console lines) and `writer` (JSONL, fsynced) as each 
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import signal
@@ -26,6 +27,7 @@ from . import flops
 from .registry import NO_MAMBA_MIXER, build_lm, build_model, parameter_counts
 from .results import BenchmarkResult, RecordWriter, cpu_model, record_identity
 from .settings import CACHE_KINDS, DTYPES, LEVELS, MODES, Config, SweepSettings, iter_configs  # noqa: F401
+from .energy import EnergyMeter, EnergyReading, energy_fields
 from .timing import calibration_kernel, time_callable, time_interleaved  # noqa: F401
 from .workloads import DecodeSession, GraphedForward, TrainStep
 
@@ -52,11 +54,16 @@ def banner_kernels(s: SweepSettings) -> dict[str, dict[str, str]]:
                 label = f"{name} ({backend}, {dtype})"
                 try:
                     with torch.device("meta"):
-                        m = registry_build(name, s, backend)
+                        m = registry_build(name, s, backend, _first_sizes(s))
                     out[label] = kernel_choices(m, torch.device(s.device), DTYPES[dtype])
                 except Exception as e:  # noqa: BLE001 -- the banner must not stop the sweep
                     out[label] = {"unavailable": f"{type(e).__name__}: {e}".splitlines()[0][:120]}
     return out
+
+
+def _first_sizes(s: SweepSettings):
+    grid = s.size_grid()
+    return grid[0] if grid else None
 
 
 def _max_seq_len(s: SweepSettings) -> int:
@@ -71,19 +78,25 @@ class _Built:
 
 def _build(cfg: Config, s: SweepSettings) -> nn.Module:
     torch.manual_seed(s.seed)   # same weights for the same (model, dim, seed)
-    model = registry_build(cfg.model_name, s, cfg.backend)
-    model = model.to(device=torch.device(s.device), dtype=DTYPES[cfg.dtype])
+    device = torch.device(s.device)
+    # On CUDA the weights are made there (a published width, e.g. 256 experts of 7168 x 2048,
+    # would take minutes to initialise on the host and as much host memory as fp32 weights).
+    with torch.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        model = registry_build(cfg.model_name, s, cfg.backend, cfg.sizes)
+    model = model.to(device=device, dtype=DTYPES[cfg.dtype])
     if s.compile:
         model.compile()         # in place: the module keeps its type, its cache API and state dict
     return model
 
 
-def registry_build(name: str, s: SweepSettings, backend: str) -> nn.Module:
-    """The model factory (tests patch `runner.build_model` to inject failures)."""
+def registry_build(name: str, s: SweepSettings, backend: str, sizes=None) -> nn.Module:
+    """The model factory (tests patch `runner.build_model` to inject failures); `sizes`: the
+    config's BlockSizes (passed on only when the sweep sets sizes: the defaults build as before)."""
+    kw = dict(sizes=sizes) if s.sizes and sizes is not None else {}
     if s.level == "model":
         return build_lm(name, s.dim, backend, depth=s.depth, vocab_size=s.vocab_size,
-                        max_seq_len=_max_seq_len(s))
-    return build_model(name, s.dim, backend, max_seq_len=_max_seq_len(s))
+                        max_seq_len=_max_seq_len(s), **kw)
+    return build_model(name, s.dim, backend, max_seq_len=_max_seq_len(s), **kw)
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -104,14 +117,20 @@ class _Prepared:
 def _prepare(cfg: Config, s: SweepSettings, cache: dict) -> "_Prepared | BenchmarkResult":
     """Build (or reuse) the model and make the workload; a failure is returned as its record."""
     device = torch.device(s.device)
+    cuda = device.type == "cuda"
     fields: dict[str, Any] = dict(record_identity(cfg, s, str(device)), threads=torch.get_num_threads(),
                                   device_name=device_name(device))
     if cfg.backend == "mamba_ssm" and cfg.model_name in NO_MAMBA_MIXER:
         return BenchmarkResult.failed("skipped", f"{cfg.model_name} has no Mamba mixer: backend "
                                       "mamba_ssm (which replaces the mixer alone) does not apply", **fields)
     try:
-        ck = (cfg.model_name, cfg.backend, cfg.dtype)
+        ck = (cfg.model_name, cfg.backend, cfg.dtype, cfg.block_config)
         if ck not in cache:
+            for old in [k for k in cache if k[:3] == ck[:3]]:   # this model's previous sizes
+                del cache[old]
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
             try:
                 cache[ck] = _Built(_build(cfg, s))
             except KeyboardInterrupt:
@@ -160,13 +179,16 @@ def measure_group(cfgs: list[Config], s: SweepSettings, cache: Optional[dict] = 
     live = [p for p in prepared if isinstance(p, _Prepared)]
     order = s.order if len(cfgs) > 1 or s.order == "blocked" else "blocked"
     rounds_id = uuid.uuid4().hex[:12]
+    meters = [_BlockMeter(device) for _ in live]
     try:
         timed, calibration = time_interleaved(
             [p.step for p in live], device, warmup=s.warmup, runs=s.runs, min_time_s=s.min_time_s,
-            max_runs=[p.max_runs for p in live], calibrate=calibration_kernel(device))
+            max_runs=[p.max_runs for p in live], calibrate=calibration_kernel(device),
+            around=[(m.start, m.stop) for m in meters])
         out: dict[int, BenchmarkResult] = {}
-        for p, t in zip(live, timed):
+        for p, t, m in zip(live, timed, meters):
             fields = {k: v for k, v in p.fields.items() if not k.startswith("_")}
+            fields.update(energy_fields(m.reading(), len(t.samples), fields.get("tokens_per_call")))
             if t.error is None and device.type == "cuda":
                 try:
                     fields.update(_memory(p, device))
@@ -184,6 +206,35 @@ def measure_group(cfgs: list[Config], s: SweepSettings, cache: Optional[dict] = 
         for p in live:
             p.step = p.workload = None
     return [out[id(p)] if isinstance(p, _Prepared) else p for p in prepared]
+
+
+class _BlockMeter:
+    """An EnergyMeter summed over the blocks of one config's timed runs (its rounds): energy and
+    time add up, the host memory peak is the largest block's; no energy if a block had none."""
+
+    def __init__(self, device: torch.device):
+        self.meter, self.joules, self.seconds = EnergyMeter(device), 0.0, 0.0
+        self.source: Optional[str] = None
+        self.rss: Optional[float] = None
+        self.missing = False
+
+    def start(self) -> None:
+        self.meter.start()
+
+    def stop(self) -> None:
+        e = self.meter.stop()
+        self.seconds += e.seconds
+        if e.joules is None:
+            self.missing = True
+        else:
+            self.joules += e.joules
+            self.source = e.source
+        if e.peak_rss_mb is not None:
+            self.rss = max(self.rss or 0.0, e.peak_rss_mb)
+
+    def reading(self) -> EnergyReading:
+        joules = None if self.missing or self.source is None else self.joules
+        return EnergyReading(joules, self.seconds, self.source if joules is not None else None, self.rss)
 
 
 def _memory(p: _Prepared, device: torch.device) -> dict:

@@ -146,6 +146,7 @@ def time_interleaved(fns: Sequence[Callable[[], Any]], device: torch.device | st
                      warmup: int = 5, runs: int = 20, min_time_s: float = 0.0,
                      max_runs: Sequence[int] | int = 10_000, runs_per_round: int = RUNS_PER_ROUND,
                      calibrate: Optional[Callable[[], float]] = None,
+                     around: Optional[Sequence[tuple[Callable[[], None], Callable[[], None]]]] = None,
                      ) -> tuple[list[Timed], list[float]]:
     """Time several callables round robin: warm each up, then in each round take `runs_per_round`
     timed runs of each in turn, until each has `runs` samples (and, with `min_time_s`, timed runs
@@ -153,8 +154,9 @@ def time_interleaved(fns: Sequence[Callable[[], Any]], device: torch.device | st
     hits every callable alike, and ratios can be paired by round.
 
     `calibrate()` (e.g. `calibration_kernel`) runs before each round; its values are returned.
-    A callable that raises is left out of later rounds, its exception kept (KeyboardInterrupt
-    propagates). Returns (one Timed per callable, calibration ms per round).
+    `around[i]` = (start, stop) is called before and after each block of callable i's timed runs
+    (e.g. an energy meter summing over the blocks). A callable that raises is left out of later
+    rounds, its exception kept (KeyboardInterrupt propagates). Returns (one Timed per callable, calibration ms per round).
     """
     if runs < 1 or warmup < 0 or min_time_s < 0 or runs_per_round < 1:
         raise ValueError(f"runs={runs} and runs_per_round={runs_per_round} must be >= 1, "
@@ -185,12 +187,16 @@ def time_interleaved(fns: Sequence[Callable[[], Any]], device: torch.device | st
     while any(todo(t, c) for t, c in zip(out, caps)):
         if calibrate is not None:
             calibration.append(calibrate())
-        for f, t, c in zip(fns, out, caps):
+        for i, (f, t, c) in enumerate(zip(fns, out, caps)):
             k = todo(t, c)
             if not k:
                 continue
             try:
+                if around is not None:
+                    around[i][0]()
                 got = time_callable(f, device, warmup=0, runs=k)
+                if around is not None:
+                    around[i][1]()
             except Exception as e:  # noqa: BLE001
                 t.error = e
                 continue
