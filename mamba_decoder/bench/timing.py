@@ -242,13 +242,18 @@ def _round_medians(samples: Sequence[float], rounds: Sequence[int]) -> dict[int,
     return {r: float(np.median(v)) for r, v in by.items()}
 
 
+# Fewer shared rounds than this: too few for a bootstrap over rounds; the samples are used instead.
+MIN_PAIRED_ROUNDS = 5
+
+
 def _per_round_ratios(num, num_rounds, den, den_rounds) -> Optional[np.ndarray]:
-    """num/den per common round (round medians), or None when fewer than 3 rounds are shared."""
+    """num/den per common round (round medians), or None when fewer than MIN_PAIRED_ROUNDS
+    rounds are shared."""
     if not num_rounds or not den_rounds or len(num_rounds) != len(num) or len(den_rounds) != len(den):
         return None
     a, b = _round_medians(num, num_rounds), _round_medians(den, den_rounds)
     common = sorted(set(a) & set(b))
-    if len(common) < 3:
+    if len(common) < MIN_PAIRED_ROUNDS:
         return None
     return np.array([a[r] / b[r] for r in common])
 
@@ -291,7 +296,8 @@ def _bootstrap(terms: Sequence[_Term], combine) -> tuple[float, float, float]:
 def ratio(num: Sequence[float], den: Sequence[float], num_rounds: Sequence[int] = (),
           den_rounds: Sequence[int] = (), *, paired: bool = True) -> Ratio:
     """median(num) / median(den) with a 95% bootstrap interval; paired by round when both carry
-    the same rounds (`paired` and at least 3 shared rounds): then the median of per-round ratios."""
+    the same rounds (`paired` and at least MIN_PAIRED_ROUNDS shared): then the median of
+    per-round ratios."""
     t = _Term(num, den, num_rounds, den_rounds, paired)
     v, lo, hi = _bootstrap([t], lambda m: m[0])
     return Ratio(v, lo, hi, t.paired)
