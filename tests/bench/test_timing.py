@@ -184,7 +184,7 @@ def test_too_few_rounds_are_not_paired():
 
     n = MIN_PAIRED_ROUNDS - 1
     rounds = list(range(n))
-    r = ratio([2.0, 2.2, 1.8, 2.1][:n] * 1, [1.0, 1.1, 0.9, 1.0][:n], rounds, rounds)
+    r = ratio([2.0, 2.2, 1.8, 2.1][:n], [1.0, 1.1, 0.9, 1.0][:n], rounds, rounds)
     assert not r.paired and r.lo <= r.value <= r.hi
     rounds = list(range(MIN_PAIRED_ROUNDS))
     assert ratio([2.0] * MIN_PAIRED_ROUNDS, [1.0] * MIN_PAIRED_ROUNDS, rounds, rounds).paired
