@@ -2,7 +2,8 @@
 
 Every bad input ends as one line `error: ...` on stderr naming the value and what is accepted,
 exit code 2; an unexpected failure prints one line and exits 1; Ctrl-C exits 130 keeping every
-finished record; `compare` exits 3 when the new run is significantly slower than the base.
+finished record; `compare` exits 3 when the new run is significantly slower than the base; a run
+whose files cannot be written mid-run (a full disk) exits 4 with one line, every whole record kept.
 """
 from __future__ import annotations
 
@@ -15,13 +16,13 @@ from typing import Optional, Sequence
 from pydantic import ValidationError
 
 from ..config import BACKENDS, DEFAULT_BACKEND
-from .execute import (EXIT_INTERRUPTED, EXIT_OK, EXIT_REGRESSION, EXIT_UNEXPECTED, EXIT_USAGE,  # noqa: F401
+from .execute import (EXIT_INTERRUPTED, EXIT_OK, EXIT_REGRESSION, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_WRITE,  # noqa: F401
                       Output, execute, resolve_device)
 from .launchers import Local
 from .names import LM_MODELS, models_for
 from .registry import MODELS
 from .report import IGNORABLE, compare_runs, write_report
-from .results import RecordFileError, UsageError
+from .results import OutputWriteError, RecordFileError, UsageError
 from .settings import CACHE_KINDS, DTYPES, LEVELS, MODES, SweepSettings, one_line
 from .torchrun import Torchrun, dist_env
 
@@ -223,6 +224,9 @@ def _guarded(fn, argv) -> int:
     except RecordFileError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except OutputWriteError as e:    # a full disk mid-run: whole records kept, --resume continues
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_WRITE
     except SystemExit as e:   # --help / --version
         return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
     except KeyboardInterrupt:
@@ -243,7 +247,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """`mamba-bench`: returns the exit code (0 ok, 1 unexpected, 2 bad input, 3 regression, 130 Ctrl-C)."""
+    """`mamba-bench`: returns the exit code (0 ok, 1 unexpected, 2 bad input, 3 regression,
+    4 output not writable mid-run (a full disk; whole records kept, --resume continues), 130 Ctrl-C)."""
     return _guarded(_main, list(sys.argv[1:] if argv is None else argv))
 
 

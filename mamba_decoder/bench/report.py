@@ -16,8 +16,8 @@ from tqdm import tqdm
 
 from .names import REGULAR_MAMBA, RecordKey
 from .plots import plot_benchmark_results
-from .results import (CSV_NAME, ENV_NAME, JSONL_NAME, BenchmarkResult, UsageError, load_run, lock_dir,
-                      record_devices,
+from .results import (CSV_NAME, ENV_NAME, JSONL_NAME, BenchmarkResult, OutputWriteError, UsageError,
+                      load_run, lock_dir, record_devices,
                       note_written, read_environment, write_csv)
 from .timing import HIGH_SPREAD, mann_whitney_u
 
@@ -325,6 +325,10 @@ def write_report(run_dir, output_dir) -> list:
     lock = lock_dir(out)
     try:
         return _write_report(run_dir, out, results, env)
+    except OSError as e:   # a full disk: one error line naming the file (the records are untouched)
+        if isinstance(e, OutputWriteError):
+            raise
+        raise OutputWriteError(getattr(e, "filename", None) or out, e) from None
     finally:
         lock.release()
 

@@ -1,0 +1,83 @@
+"""Issue 15: nothing lost, nothing crashes (the API on a finished run, a full disk, unwritable
+folders, --isolate faults, memory estimates, Ctrl-C, bad input)."""
+import errno
+import json
+import os
+
+import pytest
+
+from mamba_decoder.bench import results as R
+from mamba_decoder.bench.results import read_jsonl
+
+from .conftest import TINY, run
+
+ONE = dict(dim=16, sequence_lengths=[4, 8], batch_sizes=[1], use_cuda=False, models=["Regular Mamba"],
+           warmup=0, runs=1, verbose=False, progress=False)
+
+
+def test_api_refuses_a_finished_run_without_resume_and_keeps_its_records(tmp_path):
+    from mamba_decoder.bench.api import run_scaling_benchmarks
+
+    out = tmp_path / "run"
+    first = run_scaling_benchmarks(output_dir=out, **ONE)
+    with pytest.raises(ValueError, match="is not empty .*--resume"):
+        run_scaling_benchmarks(output_dir=out, **{**ONE, "sequence_lengths": [4]})
+    assert read_jsonl(out / "results.jsonl") == first and len(first) == 2
+
+
+def test_resume_keeps_the_original_start_time(tmp_path):
+    from mamba_decoder.bench.api import run_scaling_benchmarks
+
+    out = tmp_path / "run"
+    run_scaling_benchmarks(output_dir=out, **{**ONE, "sequence_lengths": [4]})
+    env = json.loads((out / "environment.json").read_text())
+    env["time"] = "2001-01-01T00:00:00+00:00"        # the run began long ago
+    (out / "environment.json").write_text(json.dumps(env))
+    run_scaling_benchmarks(output_dir=out, resume=True, **ONE)
+    assert json.loads((out / "environment.json").read_text())["time"] == "2001-01-01T00:00:00+00:00"
+    run_scaling_benchmarks(output_dir=out, overwrite=True, **ONE)   # a new run: a new start
+    assert json.loads((out / "environment.json").read_text())["time"] != "2001-01-01T00:00:00+00:00"
+
+
+def _disk_full_after(monkeypatch, n_ok: int):
+    """os.write in results.py fails with ENOSPC after `n_ok` calls, once half a record is out."""
+    real, calls = os.write, {"n": 0}
+
+    def write(fd, data):
+        calls["n"] += 1
+        if calls["n"] > n_ok:
+            real(fd, bytes(data[:len(data) // 2]))        # a torn half, as a full disk leaves it
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data)
+    monkeypatch.setattr(R.os, "write", write)
+
+
+def test_disk_full_mid_sweep_is_one_line_keeps_whole_records_and_resumes(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "o"
+    with monkeypatch.context() as mp:
+        _disk_full_after(mp, 3)
+        code, _, err = run(["run", *TINY, "--no-plots", "--output-dir", str(out)], capsys)
+    assert code == 4, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines == [f"error: cannot write {out / 'results.jsonl'} (No space left on device); every whole "
+                     f"record is kept in {out / 'results.jsonl'} (make room, then continue with --resume)"]
+    assert (out / "results.jsonl").read_bytes().endswith(b"\n")      # no half record left
+    assert len(read_jsonl(out / "results.jsonl")) == 3
+    assert not list(out.glob("*.tmp"))
+    code, _, err = run(["run", *TINY, "--no-plots", "--resume", "--output-dir", str(out)], capsys)
+    assert code == 0, err
+    final = read_jsonl(out / "results.jsonl")
+    assert len(final) == 12 and all(r.ok for r in final) and len({r.key for r in final}) == 12
+
+
+def test_disk_full_writing_the_csv_is_one_line_and_leaves_no_tmp(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "o"
+
+    def replace(src, dst):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(R.os, "replace", replace)
+    code, _, err = run(["run", *TINY, "--seq-lens", "8", "--batch-sizes", "1", "--no-plots",
+                        "--output-dir", str(out)], capsys)
+    assert code == 4 and err.count("\n") == 1 and "results.csv (No space left on device)" in err
+    assert sorted(p.name for p in out.iterdir()) == [".mamba-bench.lock", "environment.json", "results.jsonl"]
+    assert len(read_jsonl(out / "results.jsonl")) == 3
