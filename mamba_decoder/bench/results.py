@@ -331,6 +331,11 @@ def lock_dir(out: Path, flag: str = "--output-dir") -> FileLock:
         raise UsageError(f"{flag}: {str(out)!r} exists and is not a directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
+        # a read-only folder whose lock file is left from an earlier run would take the lock and
+        # fail at its first write, after the banner: check the folder and the files a run rewrites
+        for p in (out, *(out / n for n in (JSONL_NAME, CSV_NAME, ENV_NAME, WRITTEN_NAME))):
+            if (p == out or p.exists()) and not os.access(p, os.W_OK):
+                raise UsageError(f"{flag}: cannot write to {str(p)!r} (not writable; choose another folder)")
         lock = FileLock(out / LOCK_NAME, timeout=0)
         lock.acquire()
     except Timeout:

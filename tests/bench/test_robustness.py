@@ -81,3 +81,26 @@ def test_disk_full_writing_the_csv_is_one_line_and_leaves_no_tmp(tmp_path, capsy
     assert code == 4 and err.count("\n") == 1 and "results.csv (No space left on device)" in err
     assert sorted(p.name for p in out.iterdir()) == [".mamba-bench.lock", "environment.json", "results.jsonl"]
     assert len(read_jsonl(out / "results.jsonl")) == 3
+
+
+@pytest.mark.parametrize("cmd", ["run", "resume", "report"])
+def test_an_unwritable_output_folder_is_refused_before_starting(cmd, tmp_path, capsys, monkeypatch):
+    """Tests run as root, for whom permission bits allow everything: os.access says what a
+    read-only folder (or a read-only mount, shown live in the report) answers."""
+    from mamba_decoder.bench.api import run_scaling_benchmarks
+
+    out = tmp_path / "ro"
+    if cmd != "run":
+        run_scaling_benchmarks(output_dir=out, **{**ONE, "sequence_lengths": [4]})
+    before = {p.name: p.read_bytes() for p in out.iterdir()} if out.exists() else {}
+    real = os.access
+    monkeypatch.setattr(R.os, "access", lambda p, mode, **k: False if str(p).startswith(str(out)) and
+                        mode & os.W_OK else real(p, mode, **k))
+    argv = {"run": ["run", *TINY, "--output-dir", str(out)],
+            "resume": ["run", *TINY, "--resume", "--output-dir", str(out)],
+            "report": ["report", str(out)]}[cmd]
+    code, stdout, err = run(argv, capsys)
+    assert code == 2 and err == f"error: --output-dir: cannot write to '{out}' (not writable; choose another folder)\n"
+    assert "COMPREHENSIVE" not in stdout               # refused before the banner
+    if before:
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
