@@ -20,7 +20,8 @@ def run_scaling_benchmarks(dim: int = 512, sequence_lengths: Optional[Sequence[i
                            backend: str | Sequence[str] = DEFAULT_BACKEND,
                            dtype: str | Sequence[str] = "float32", warmup: int = 5, runs: int = 20,
                            min_time: float = 0.0, threads: Optional[int] = None, seed: int = 0,
-                           isolate: bool = False, output_dir: Optional[str | Path] = None,
+                           isolate: bool = False, config_timeout: Optional[float] = None,
+                           output_dir: Optional[str | Path] = None,
                            resume: bool = False, overwrite: bool = False, verbose: bool = True,
                            progress: bool = True) -> list[BenchmarkResult]:
     """Measure every model at every (sequence length, batch size); one record per config.
@@ -42,7 +43,7 @@ def run_scaling_benchmarks(dim: int = 512, sequence_lengths: Optional[Sequence[i
             backends=[backend] if isinstance(backend, str) else list(backend),
             dtypes=[dtype] if isinstance(dtype, str) else list(dtype),
             device=device, warmup=warmup, runs=runs, min_time_s=min_time, threads=threads, seed=seed,
-            isolate=isolate)
+            isolate=isolate, config_timeout_s=config_timeout)
     except ValidationError as e:
         raise UsageError(one_line(e)) from None
     o = Output(dir=None if output_dir is None else Path(output_dir), resume=resume, overwrite=overwrite,

@@ -60,6 +60,13 @@ def _seconds(text: str) -> float:
     return v
 
 
+def _positive_seconds(text: str) -> float:
+    v = _seconds(text)
+    if v == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds > 0")
+    return v
+
+
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     pos, nonneg = _int_at_least(1), _int_at_least(0)
     p.add_argument("--dim", type=pos, default=None, help="model dimension (default: 512)")
@@ -93,6 +100,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="replace the records and plots already in --output-dir")
     p.add_argument("--isolate", action="store_true",
                    help="measure each config in its own subprocess (a crash costs one row)")
+    p.add_argument("--config-timeout", type=_positive_seconds, default=None, metavar="SECONDS",
+                   help="with --isolate: a config whose worker runs longer is killed and recorded as "
+                        "timeout (default: 1800)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--no-plots", action="store_true",
                    help="skip the plots (draw them later with `mamba-bench report`)")
@@ -135,7 +145,8 @@ def settings_from_args(args: argparse.Namespace, device: str) -> SweepSettings:
                           models=list(dict.fromkeys(models)), backends=list(dict.fromkeys(args.backend)),
                           dtypes=list(dict.fromkeys(args.dtype)), device=device, warmup=pick("warmup"),
                           runs=pick("runs"), min_time_s=args.min_time, threads=args.threads,
-                          seed=args.seed, isolate=args.isolate, mode=args.mode, level=args.level,
+                          seed=args.seed, isolate=args.isolate,
+                          config_timeout_s=args.config_timeout, mode=args.mode, level=args.level,
                           compile=args.compile, cuda_graphs=args.cuda_graphs, cache_kind=args.cache_kind,
                           optimizer_step=args.optimizer_step, depth=args.depth, vocab_size=args.vocab_size)
     except ValidationError as e:

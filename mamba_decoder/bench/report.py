@@ -186,8 +186,9 @@ def print_summary_table(results: Sequence[BenchmarkResult], file=None) -> None:
     failed = [r for r in results if not r.ok]
     if failed:
         counts = ", ".join(f"{sum(r.status == st for r in failed)} {label}"
-                           for st, label in (("oom", "OOM"), ("error", "error"), ("skipped", "skipped"))
-                           if st != "skipped" or any(r.status == st for r in failed))
+                           for st, label in (("oom", "OOM"), ("error", "error"), ("timeout", "timeout"),
+                                             ("skipped", "skipped"))
+                           if st not in ("skipped", "timeout") or any(r.status == st for r in failed))
         print(f"\n{len(failed)} of {len(results)} configs failed or were skipped ({counts})", file=out)
     print(RULE, file=out)
 

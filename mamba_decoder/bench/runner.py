@@ -204,16 +204,32 @@ def worker_command() -> list[str]:
 
 
 RECORD_PREFIX = "RECORD "
+DEFAULT_CONFIG_TIMEOUT_S = 1800.0    # --isolate: a worker past this is killed and recorded as timeout
 
 
 def measure_isolated(cfg: Config, s: SweepSettings) -> BenchmarkResult:
     """Measure one config in a fresh subprocess; a crash becomes an error record naming its cause."""
     payload = json.dumps({"settings": s.model_dump(), "config": asdict(cfg)})
-    proc = subprocess.run(worker_command(), input=payload, capture_output=True, text=True)
+    fields = record_identity(cfg, s, s.device)
+    timeout = s.config_timeout_s or DEFAULT_CONFIG_TIMEOUT_S
+    try:
+        proc = subprocess.run(worker_command(), input=payload, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:   # run() has killed the worker (SIGKILL) and reaped it
+        return BenchmarkResult.failed("timeout", f"worker ran past --config-timeout {timeout:g} s "
+                                      "and was killed", **fields)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RECORD_PREFIX):
-            return BenchmarkResult.model_validate_json(line[len(RECORD_PREFIX):])
-    fields = record_identity(cfg, s, s.device)
+            try:
+                r = BenchmarkResult.model_validate_json(line[len(RECORD_PREFIX):])
+            except ValueError as e:     # cut short or garbled: this row only
+                first = str(e).splitlines()[0]
+                return BenchmarkResult.failed("error", f"worker's record is not valid ({first}): "
+                                              f"{line[:120]}", **fields)
+            if r.key != cfg.key(s):
+                return BenchmarkResult.failed("error", f"worker's record is for another config "
+                                              f"({r.key}), not this one", **fields)
+            return r
     if proc.returncode < 0:
         try:
             name = signal.Signals(-proc.returncode).name

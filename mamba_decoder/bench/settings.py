@@ -75,6 +75,9 @@ class SweepSettings(BaseModel):
     threads: Optional[PosInt] = _field("threads", "an integer >= 1", None)  # None keeps torch's setting
     seed: Annotated[int, Field(strict=True, ge=0)] = _field("seed", "an integer >= 0", 0)
     isolate: bool = False
+    # --isolate: seconds one config's worker may take (None: runner.DEFAULT_CONFIG_TIMEOUT_S)
+    config_timeout_s: Optional[Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)]] = _field(
+        "config timeout", "a finite number of seconds > 0", None)
     level: Literal[LEVELS] = _field("level", _choices(LEVELS), "block")  # block: the three blocks; model: LMs
     compile: bool = False           # torch.compile the model's forward (nn.Module.compile)
     cuda_graphs: bool = False       # forward / decode: capture one call in a CUDA graph and replay it
@@ -108,6 +111,9 @@ class SweepSettings(BaseModel):
                              f"(got mode {self.mode!r} on {dev.type})")
         if self.cache_kind is not None and self.mode != "decode":
             raise ValueError(f"--cache-kind applies to --mode decode (got mode {self.mode!r})")
+        if self.config_timeout_s is not None and not self.isolate:
+            raise ValueError("--config-timeout applies to --isolate (a config measured in this process "
+                             "cannot be stopped safely)")
         if self.optimizer_step and self.mode != "train":
             raise ValueError(f"--optimizer-step applies to --mode train (got mode {self.mode!r})")
         if self.mode == "decode" and self.level != "block":

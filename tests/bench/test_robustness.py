@@ -104,3 +104,59 @@ def test_an_unwritable_output_folder_is_refused_before_starting(cmd, tmp_path, c
     assert "COMPREHENSIVE" not in stdout               # refused before the banner
     if before:
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def _worker_printing(monkeypatch, code: str):
+    import sys
+
+    from mamba_decoder.bench import runner
+    monkeypatch.setattr(runner, "worker_command", lambda: [sys.executable, "-c", code])
+
+
+BAD_RECORD_LINES = [
+    'RECORD {"model_name": "Regular Mamba", "sequence_len',            # cut short
+    'RECORD not json at all',
+    'RECORD {"model_name": "x"}',                                      # valid JSON, not a record
+]
+
+
+def test_isolate_a_malformed_record_line_costs_that_row_only(monkeypatch):
+    from mamba_decoder.bench import runner
+    from mamba_decoder.bench.runner import run_sweep
+    from mamba_decoder.bench.settings import SweepSettings
+
+    real = runner.worker_command()
+    s = SweepSettings(dim=32, sequence_lengths=[8], batch_sizes=[1, 2, 3, 4], models=["Regular Mamba"],
+                      warmup=0, runs=1, isolate=True)
+    calls = {"n": 0}
+
+    def command():     # the first config's worker is real; the others print a bad line
+        calls["n"] += 1
+        return real if calls["n"] == 1 else [*real[:1], "-c", f"print({BAD_RECORD_LINES[calls['n'] - 2]!r})"]
+    monkeypatch.setattr(runner, "worker_command", command)
+    out = run_sweep(s, progress=False)
+    assert [r.status for r in out] == ["ok", "error", "error", "error"]
+    assert all("worker's record is not valid" in r.message for r in out[1:])
+    assert [r.batch_size for r in out] == [1, 2, 3, 4]
+
+
+def test_isolate_a_hanging_worker_is_killed_and_recorded_as_timeout(monkeypatch, tmp_path, capsys):
+    _worker_printing(monkeypatch, "import time; time.sleep(60)")
+    code, out, err = run(["run", *TINY, "--seq-lens", "8", "--batch-sizes", "1", "--isolate", "--no-plots",
+                          "--models", "Regular Mamba", "--config-timeout", "0.5", "--output-dir", str(tmp_path / "o")], capsys)
+    assert code == 0, err
+    recs = read_jsonl(tmp_path / "o" / "results.jsonl")
+    assert len(recs) == 1 and recs[0].status == "timeout"
+    assert "worker ran past --config-timeout 0.5 s and was killed" in recs[0].message
+    assert "TIMEOUT: worker ran past" in out and "1 timeout" in out
+
+
+def test_config_timeout_is_validated():
+    from mamba_decoder.bench.runner import DEFAULT_CONFIG_TIMEOUT_S
+    from mamba_decoder.bench.settings import SweepSettings
+
+    assert SweepSettings(isolate=True).config_timeout_s is None and DEFAULT_CONFIG_TIMEOUT_S == 1800
+    with pytest.raises(ValueError, match="--config-timeout applies to --isolate"):
+        SweepSettings(config_timeout_s=5.0)
+    with pytest.raises(ValueError, match="config timeout: -1.0 is not a finite number of seconds > 0"):
+        SweepSettings(isolate=True, config_timeout_s=-1.0)
