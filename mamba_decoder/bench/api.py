@@ -21,6 +21,7 @@ def run_scaling_benchmarks(dim: int = 512, sequence_lengths: Optional[Sequence[i
                            dtype: str | Sequence[str] = "float32", warmup: int = 5, runs: int = 20,
                            min_time: float = 0.0, threads: Optional[int] = None, seed: int = 0,
                            isolate: bool = False, config_timeout: Optional[float] = None,
+                           force: bool = False,
                            output_dir: Optional[str | Path] = None,
                            resume: bool = False, overwrite: bool = False, verbose: bool = True,
                            progress: bool = True) -> list[BenchmarkResult]:
@@ -43,7 +44,7 @@ def run_scaling_benchmarks(dim: int = 512, sequence_lengths: Optional[Sequence[i
             backends=[backend] if isinstance(backend, str) else list(backend),
             dtypes=[dtype] if isinstance(dtype, str) else list(dtype),
             device=device, warmup=warmup, runs=runs, min_time_s=min_time, threads=threads, seed=seed,
-            isolate=isolate, config_timeout_s=config_timeout)
+            isolate=isolate, config_timeout_s=config_timeout, force=force)
     except ValidationError as e:
         raise UsageError(one_line(e)) from None
     o = Output(dir=None if output_dir is None else Path(output_dir), resume=resume, overwrite=overwrite,

@@ -100,6 +100,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="replace the records and plots already in --output-dir")
     p.add_argument("--isolate", action="store_true",
                    help="measure each config in its own subprocess (a crash costs one row)")
+    p.add_argument("--force", action="store_true",
+                   help="run configs (and --depth) whose estimated peak memory exceeds what is available "
+                        "(default: record them as oom without running them)")
     p.add_argument("--config-timeout", type=_positive_seconds, default=None, metavar="SECONDS",
                    help="with --isolate: a config whose worker runs longer is killed and recorded as "
                         "timeout (default: 1800)")
@@ -146,7 +149,7 @@ def settings_from_args(args: argparse.Namespace, device: str) -> SweepSettings:
                           dtypes=list(dict.fromkeys(args.dtype)), device=device, warmup=pick("warmup"),
                           runs=pick("runs"), min_time_s=args.min_time, threads=args.threads,
                           seed=args.seed, isolate=args.isolate,
-                          config_timeout_s=args.config_timeout, mode=args.mode, level=args.level,
+                          config_timeout_s=args.config_timeout, force=args.force, mode=args.mode, level=args.level,
                           compile=args.compile, cuda_graphs=args.cuda_graphs, cache_kind=args.cache_kind,
                           optimizer_step=args.optimizer_step, depth=args.depth, vocab_size=args.vocab_size)
     except ValidationError as e:

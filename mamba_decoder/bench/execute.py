@@ -23,7 +23,7 @@ from . import report
 from .plots import plot_benchmark_results
 from .results import (CSV_NAME, ENV_NAME, JSONL_NAME, BenchmarkResult, OutputWriteError, environment,
                       lock_dir, note_written, read_environment, rewrite_csv, write_environment)
-from .runner import banner_kernels
+from .runner import banner_kernels, check_depth_fits
 from .settings import SweepSettings
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_REGRESSION, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -102,6 +102,7 @@ def execute(s: SweepSettings, launcher: Launcher, o: Output) -> Outcome:
 def _execute(s: SweepSettings, launcher: Launcher, o: Output) -> Outcome:
     if s.threads is not None:
         torch.set_num_threads(s.threads)
+    check_depth_fits(s)     # before a 10**9-layer model is built even on the meta device
     plan = launcher.plan(s, o)
     if plan.stop is not None:
         return Outcome([], plan.stop)

@@ -87,6 +87,7 @@ class BenchmarkResult(BaseModel):
     high_spread: bool = False
     active_parameters: Optional[int] = Field(None, ge=0)
     peak_memory_mb: Optional[NonNeg] = None
+    estimated_peak_mb: Optional[NonNeg] = None  # flops.peak_bytes before the run (an oom past the memory available)
     weights_mb: Optional[NonNeg] = None
     dim: int = Field(gt=0)
     mode: str = "forward"

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from ..models import kernel_choices
 from . import flops
 from .registry import NO_MAMBA_MIXER, build_lm, build_model, parameter_counts
-from .results import BenchmarkResult, RecordWriter, cpu_model, record_identity
+from .results import BenchmarkResult, RecordWriter, UsageError, cpu_model, record_identity
 from .settings import CACHE_KINDS, DTYPES, LEVELS, MODES, Config, SweepSettings, iter_configs  # noqa: F401
 from .timing import time_callable
 from .workloads import DecodeSession, GraphedForward, TrainStep
@@ -85,6 +85,87 @@ def registry_build(name: str, s: SweepSettings, backend: str) -> nn.Module:
     return build_model(name, s.dim, backend, max_seq_len=_max_seq_len(s))
 
 
+# ---------------------------------------------------------------- memory, before running
+GiB = 2 ** 30
+
+
+def available_memory(device: torch.device) -> Optional[int]:
+    """Bytes a config may still take on `device`: CUDA's free memory plus what torch's allocator
+    holds unused; on the CPU the kernel's MemAvailable, capped by this cgroup's limit. None: unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    avail = None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    try:
+        limit = open("/sys/fs/cgroup/memory.max", encoding="ascii").read().strip()
+        used = int(open("/sys/fs/cgroup/memory.current", encoding="ascii").read())
+        if limit != "max":
+            room = max(0, int(limit) - used)
+            avail = room if avail is None else min(avail, room)
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+def _tensor_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (list, tuple)):
+        return sum(map(_tensor_bytes, obj))
+    return sum(map(_tensor_bytes, vars(obj).values())) if hasattr(obj, "__dict__") else 0
+
+
+def _meta_model(name: str, s: SweepSettings, backend: str) -> nn.Module:
+    with torch.device("meta"):
+        return registry_build(name, s, backend)
+
+
+def estimate_peak(cfg: Config, s: SweepSettings, meta: Optional[nn.Module] = None) -> int:
+    """Estimated peak bytes of measuring `cfg` (flops.peak_bytes on a meta-device model, plus the
+    decode cache): what is compared with `available_memory` before the config runs."""
+    meta = meta if meta is not None else _meta_model(cfg.model_name, s, cfg.backend)
+    dtype = DTYPES[cfg.dtype]
+    elt = torch.finfo(dtype).bits // 8
+    est = flops.peak_bytes(meta, cfg.batch_size, cfg.sequence_length, elt, cpu=torch.device(s.device).type == "cpu",
+                           train=s.mode == "train",
+                           optimizer_step=s.optimizer_step, token_ids=s.level == "model").total
+    if s.mode == "decode":
+        steps = s.warmup + s.runs * (4 if s.min_time_s > 0 else 1)
+        cache = meta.init_cache(cfg.batch_size, max_len=cfg.sequence_length + steps, kind=s.cache_kind,
+                                device="meta", dtype=dtype)
+        est += _tensor_bytes(cache)
+    return int(est)
+
+
+def check_depth_fits(s: SweepSettings) -> None:
+    """--depth bounded by memory: the smallest config of each language model at this depth must fit
+    (weights and one call), else a UsageError naming the deepest that fits; before any model is built."""
+    if s.level != "model" or s.force:
+        return
+    avail = available_memory(torch.device(s.device))
+    if avail is None:
+        return
+    dtype = min(s.dtypes, key=lambda d: torch.finfo(DTYPES[d]).bits)
+    for name in s.models:
+        for backend in s.backends:
+            cfg = Config(name, backend, dtype, min(s.sequence_lengths), min(s.batch_sizes))
+            one, two = (estimate_peak(cfg, s.model_copy(update={"depth": d})) for d in (1, 2))
+            per_layer, fixed = two - one, 2 * one - two
+            need = fixed + per_layer * s.depth
+            if need > avail:
+                most = flops.max_layers_fitting(per_layer, fixed, avail)
+                raise UsageError(f"--depth: {s.depth} needs about {need / GiB:.3g} GiB for {name} "
+                                 f"({backend}, {dtype}, seq {cfg.sequence_length}, batch {cfg.batch_size}) but "
+                                 f"{avail / GiB:.3g} GiB is available (accepted here: 1..{most}; --force runs it)")
+
+
 def _is_oom(e: BaseException) -> bool:
     if isinstance(e, torch.OutOfMemoryError):
         return True
@@ -107,6 +188,16 @@ def measure(cfg: Config, s: SweepSettings, cache: Optional[dict] = None) -> Benc
     step = workload = None
     try:
         ck = (cfg.model_name, cfg.backend, cfg.dtype)
+        mk = ("meta", cfg.model_name, cfg.backend)
+        if mk not in cache:
+            cache[mk] = _meta_model(cfg.model_name, s, cfg.backend)
+        est = estimate_peak(cfg, s, cache[mk])
+        fields.update(estimated_peak_mb=est / MB)
+        avail = None if s.force else available_memory(device)
+        if avail is not None and est > avail:   # a kill would take the whole sweep: not run
+            return BenchmarkResult.failed(
+                "oom", f"estimated peak {est / GiB:.3g} GiB exceeds the {avail / GiB:.3g} GiB available "
+                "(not run; --force runs it)", **fields)
         if ck not in cache:
             try:
                 cache[ck] = _Built(_build(cfg, s))

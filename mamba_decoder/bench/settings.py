@@ -75,6 +75,7 @@ class SweepSettings(BaseModel):
     threads: Optional[PosInt] = _field("threads", "an integer >= 1", None)  # None keeps torch's setting
     seed: Annotated[int, Field(strict=True, ge=0)] = _field("seed", "an integer >= 0", 0)
     isolate: bool = False
+    force: bool = False             # run configs whose estimated peak memory exceeds what is available
     # --isolate: seconds one config's worker may take (None: runner.DEFAULT_CONFIG_TIMEOUT_S)
     config_timeout_s: Optional[Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)]] = _field(
         "config timeout", "a finite number of seconds > 0", None)

@@ -160,3 +160,84 @@ def test_config_timeout_is_validated():
         SweepSettings(config_timeout_s=5.0)
     with pytest.raises(ValueError, match="config timeout: -1.0 is not a finite number of seconds > 0"):
         SweepSettings(isolate=True, config_timeout_s=-1.0)
+
+
+def test_memory_estimate_counts_the_reference_scan_and_attention_scores():
+    from mamba_decoder.bench import flops
+    from mamba_decoder.bench.runner import _meta_model
+    from mamba_decoder.bench.settings import SweepSettings
+
+    s = SweepSettings(dim=64)
+    B, ED, N = 2, 128, 16
+    ref, fast = (_meta_model("Regular Mamba", s, b) for b in ("reference", "fast"))
+    # the scan's (B, L, ED, N) temporaries: 4 at L and 2 clones padded to a power of two
+    for L in (1000, 1024):
+        gap = (flops.peak_bytes(ref, B, L, 4).activations - flops.peak_bytes(fast, B, L, 4).activations)
+        assert gap == (4 * B * L + 2 * B * 1024) * ED * N * 4
+    mla = _meta_model("MLABlock", s, "reference")
+    a1, a2 = (flops.peak_bytes(mla, 1, L, 4).activations for L in (512, 1024))
+    H = 16   # (B, H, S, S) scores: two fp32 einsum results and the fp32 softmax, plus the (S, S) mask
+    assert a2 - 2 * a1 == (H * 12 + 4) * (1024 ** 2 - 2 * 512 ** 2)
+    fast_mla = _meta_model("MLABlock", s, "fast")
+    assert flops.peak_bytes(fast_mla, 1, 1024, 2, cpu=False).activations < a2 / 10   # fused on CUDA
+    w = flops.peak_bytes(ref, 1, 8, 4)
+    t = flops.peak_bytes(ref, 1, 8, 4, train=True, optimizer_step=True)
+    assert t.weights == 4 * w.weights and t.activations > w.activations
+
+
+def test_memory_estimate_is_near_the_measured_cpu_peak():
+    """In a fresh process: the rise of the peak resident set over one reference-scan forward."""
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from mamba_decoder.bench.runner import estimate_peak, registry_build, forward_scenario
+from mamba_decoder.bench.settings import SweepSettings, Config
+
+def status(key):   # kB
+    return int(next(ln for ln in open("/proc/self/status") if ln.startswith(key)).split()[1]) * 1024
+
+torch.set_num_threads(1)
+s = SweepSettings(dim=128)
+m = registry_build("Regular Mamba", s, "reference")
+forward_scenario(m, torch.randn(1, 8, 128))()
+open("/proc/self/clear_refs", "w").write("5")          # the peak resident set starts again from here
+base = status("VmRSS:")
+forward_scenario(m, torch.randn(2, 1024, 128))()
+peak = status("VmHWM:")
+w = sum(p.numel() * 4 for p in m.parameters())
+print((estimate_peak(Config("Regular Mamba", "reference", "float32", 1024, 2), s) - w) / (peak - base), peak, base)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    ratio = float(out.split()[0])
+    assert 0.7 < ratio < 1.5, out
+
+
+def test_a_config_that_cannot_fit_is_recorded_oom_without_running_unless_forced(tmp_path, capsys, monkeypatch):
+    from mamba_decoder.bench import runner
+
+    built = []
+    real = runner._build
+    monkeypatch.setattr(runner, "_build", lambda cfg, s: built.append(cfg) or real(cfg, s))
+    monkeypatch.setattr(runner, "available_memory", lambda device: 4 * 2**20)   # 4 MiB free
+    argv = ["run", *TINY, "--models", "MLABlock", "--seq-lens", "8", "--batch-sizes", "1", "--no-plots"]
+    code, out, err = run([*argv, "--output-dir", str(tmp_path / "a")], capsys)
+    assert code == 0, err
+    (r,) = read_jsonl(tmp_path / "a" / "results.jsonl")
+    assert r.status == "oom" and "exceeds the 0.00391 GiB available (not run; --force runs it)" in r.message
+    assert r.estimated_peak_mb > 4 and built == []
+    code, out, err = run([*argv, "--force", "--output-dir", str(tmp_path / "b")], capsys)
+    (r,) = read_jsonl(tmp_path / "b" / "results.jsonl")
+    assert code == 0 and r.ok and r.estimated_peak_mb > 4 and len(built) == 1
+
+
+def test_depth_is_bounded_by_memory_before_anything_is_built(tmp_path, capsys):
+    import time
+
+    t = time.perf_counter()
+    code, out, err = run(["run", *TINY, "--level", "model", "--depth", "1000000000", "--models", "Mamba LM",
+                          "--output-dir", str(tmp_path / "o")], capsys)
+    assert time.perf_counter() - t < 5
+    assert code == 2 and err.startswith("error: --depth: 1000000000 needs about ") and "accepted here: 1.." in err
+    assert err.count("\n") == 1 and out == ""
