@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -228,8 +230,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interrupt_once():
+    """Ctrl-C raises KeyboardInterrupt once; later ones are ignored, so a second Ctrl-C a few ms
+    later cannot break the wind-down (records, CSV) or an atexit callback with a traceback.
+    Returns (handler, previous), or None off the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+    return handler, signal.signal(signal.SIGINT, handler)
+
+
 def _guarded(fn, argv) -> int:
     """Run fn(argv) mapping every outcome to an exit code and at most one stderr line."""
+    once = _interrupt_once()
+    try:
+        return _outcome(fn, argv)
+    finally:   # not interrupted: the caller's handler back (an interrupted process stays deaf to more)
+        if once is not None and signal.getsignal(signal.SIGINT) is once[0]:
+            signal.signal(signal.SIGINT, once[1])
+
+
+def _outcome(fn, argv) -> int:
     try:
         return fn(argv)
     except UsageError as e:
