@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
+import torch
 from pydantic import ValidationError
 
 from ..config import DEFAULT_BACKEND
@@ -18,7 +19,7 @@ def run_scaling_benchmarks(dim: int = 512, sequence_lengths: Optional[Sequence[i
                            batch_sizes: Optional[Sequence[int]] = None, use_cuda: bool = True, *,
                            models: Optional[Sequence[str]] = None,
                            backend: str | Sequence[str] = DEFAULT_BACKEND,
-                           dtype: str | Sequence[str] = "float32", warmup: int = 5, runs: int = 20,
+                           dtype: str | torch.dtype | Sequence[str | torch.dtype] = "float32", warmup: int = 5, runs: int = 20,
                            min_time: float = 0.0, threads: Optional[int] = None, seed: int = 0,
                            isolate: bool = False, config_timeout: Optional[float] = None,
                            force: bool = False,
@@ -34,15 +35,18 @@ def run_scaling_benchmarks(dim: int = 512, sequence_lengths: Optional[Sequence[i
     `overwrite=True`, as on the command line. Bad arguments raise ValueError; Ctrl-C raises
     KeyboardInterrupt once every finished record is written.
     """
+    for name, flag in (("use_cuda", use_cuda), ("resume", resume), ("overwrite", overwrite),
+                       ("verbose", verbose), ("progress", progress)):
+        if not isinstance(flag, bool):   # 'no' is truthy: never read a string as a yes
+            raise UsageError(f"{name}: {flag!r} is not True or False")
     device = resolve_device(use_cuda)
     try:
-        s = SweepSettings(
+        s = SweepSettings(   # the settings' validators check every value (one ValueError naming it)
             dim=dim,
-            sequence_lengths=list(sequence_lengths if sequence_lengths is not None else [128, 256, 512, 1024, 2048]),
-            batch_sizes=list(batch_sizes if batch_sizes is not None else [1, 2, 4, 8]),
-            models=list(models if models is not None else BLOCK_MODELS),
-            backends=[backend] if isinstance(backend, str) else list(backend),
-            dtypes=[dtype] if isinstance(dtype, str) else list(dtype),
+            sequence_lengths=sequence_lengths if sequence_lengths is not None else [128, 256, 512, 1024, 2048],
+            batch_sizes=batch_sizes if batch_sizes is not None else [1, 2, 4, 8],
+            models=models if models is not None else list(BLOCK_MODELS),
+            backends=backend, dtypes=dtype,
             device=device, warmup=warmup, runs=runs, min_time_s=min_time, threads=threads, seed=seed,
             isolate=isolate, config_timeout_s=config_timeout, force=force)
     except ValidationError as e:

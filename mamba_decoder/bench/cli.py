@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 import threading
@@ -39,12 +40,15 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+_DECIMAL = re.compile(r"[0-9]+")                                  # int() also takes 3_2, ' 32', '٣٢'
+_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(inf|infinity|nan)", re.I)
+
+
 def _int_at_least(lo: int):
     def parse(text: str) -> int:
-        try:
-            v = int(text, 10)
-        except (TypeError, ValueError):
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= {lo}") from None
+        if not _DECIMAL.fullmatch(text):
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= {lo} (digits 0-9 only)")
+        v = int(text, 10)
         if v < lo:
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= {lo}")
         return v
@@ -54,6 +58,8 @@ def _int_at_least(lo: int):
 
 def _seconds(text: str) -> float:
     try:
+        if not _NUMBER.fullmatch(text):
+            raise ValueError(text)
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0") from None
@@ -156,9 +162,6 @@ def settings_from_args(args: argparse.Namespace, device: str) -> SweepSettings:
                           optimizer_step=args.optimizer_step, depth=args.depth, vocab_size=args.vocab_size)
     except ValidationError as e:
         raise UsageError(one_line(e)) from None
-    if s.threads is not None and s.threads > (os.cpu_count() or 1):
-        raise UsageError(f"--threads: {s.threads} is more than the {os.cpu_count()} CPUs here "
-                         f"(accepted: 1..{os.cpu_count()})")
     return s
 
 
@@ -204,6 +207,8 @@ def compare_command(args: argparse.Namespace) -> int:
 
 def _float(text: str) -> float:
     try:
+        if not _NUMBER.fullmatch(text):
+            raise ValueError(text)
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None

@@ -216,7 +216,7 @@ def measure(cfg: Config, s: SweepSettings, cache: Optional[dict] = None) -> Benc
         if cuda:
             torch.cuda.synchronize(device)
             base = torch.cuda.memory_allocated(device)
-        torch.manual_seed(s.seed * 1_000_003 + cfg.sequence_length * 1009 + cfg.batch_size)
+        torch.manual_seed((s.seed * 1_000_003 + cfg.sequence_length * 1009 + cfg.batch_size) % 2**64)
         step, max_runs, workload = _workload(model, cfg, s, device, fields)
         reset = (lambda: torch.cuda.reset_peak_memory_stats(device)) if cuda else None
         samples = time_callable(step, device, warmup=s.warmup, runs=s.runs, max_runs=max_runs,

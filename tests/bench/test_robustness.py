@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from mamba_decoder.bench import results as R
 from mamba_decoder.bench.results import read_jsonl
@@ -261,3 +262,99 @@ def test_a_second_ctrl_c_while_winding_down_is_ignored():
     finally:
         signal.signal(signal.SIGINT, previous)
     assert _guarded(lambda argv: 0, []) == 0 and signal.getsignal(signal.SIGINT) is previous
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize("argv,needle", [
+    (["--dim", "3_2"], "--dim: '3_2' is not an integer >= 1 (digits 0-9 only)"),
+    (["--runs", "\u0663"], "--runs: '\u0663' is not an integer >= 1"),
+    (["--batch-sizes", " 2"], "--batch-sizes: ' 2' is not an integer >= 1"),
+    (["--min-time", "1_0"], "--min-time: '1_0' is not a number of seconds"),
+    (["--seed", str(2**63)], f"seed: {2**63} is not an integer in 0..{2**63 - 1}"),
+    (["--config-timeout", "5"], "--config-timeout applies to --isolate"),
+])
+def test_cli_numbers_are_read_strictly(argv, needle, tmp_path, capsys):
+    code, out, err = run(["run", *TINY, *argv, "--output-dir", str(tmp_path / "o")], capsys)
+    assert code == 2 and needle in err and err.count("\n") == 1 and out == ""
+
+
+def test_the_largest_seed_measures():
+    from mamba_decoder.bench.runner import measure
+    from mamba_decoder.bench.settings import Config, SweepSettings
+
+    s = SweepSettings(dim=16, sequence_lengths=[4], batch_sizes=[1], warmup=0, runs=1, seed=2**63 - 1)
+    r = measure(Config("Regular Mamba", "reference", "float32", 4, 1), s)
+    assert r.ok, r.message
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(batch_sizes=5), "batch sizes: 5 is not a list (each an integer >= 1)"),
+    (dict(sequence_lengths="16"), "sequence lengths: '16' is not a list"),
+    (dict(dtype=torch.int8), "dtype 'torch.int8' is not one of: 'float32', 'bfloat16', 'float16'"),
+    (dict(output_dir="/dev/null"), "--output-dir: '/dev/null' exists and is not a directory"),
+    (dict(models="GPT"), "model 'GPT' is not one of"),
+    (dict(use_cuda="no"), "use_cuda: 'no' is not True or False"),
+    (dict(resume=1), "resume: 1 is not True or False"),
+    (dict(isolate="no"), "isolate: 'no' is not True or False"),
+    (dict(threads=999), "--threads: 999 is more than the"),
+    (dict(seed=2**64), "seed: 18446744073709551616 is not an integer in 0.."),
+    (dict(backend=None), "backend: None is not a list"),
+], ids=lambda v: str(v)[:30])
+def test_api_arguments_are_value_errors_naming_the_argument(kw, message, tmp_path):
+    from mamba_decoder.bench.api import run_scaling_benchmarks
+
+    with pytest.raises(ValueError) as e:
+        run_scaling_benchmarks(**{**ONE, **kw})
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_api_reads_one_name_a_torch_dtype_and_duplicates_as_meant():
+    from mamba_decoder.bench.settings import SweepSettings
+
+    s = SweepSettings(models="MLABlock", dtypes=torch.bfloat16, sequence_lengths=[16, 16, 8],
+                      batch_sizes=(1, 1), backends=["reference", "reference"])
+    assert (s.models, s.dtypes, s.sequence_lengths, s.batch_sizes, s.backends, s.n_configs) == (
+        ["MLABlock"], ["bfloat16"], [16, 8], [1], ["reference"], 2)
+
+
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+def test_mla_positions_outside_the_filled_cache_are_refused_alike(backend):
+    from mamba_decoder.models import MLABlock
+
+    torch.manual_seed(0)
+    block = MLABlock(dim=32, n_heads=2, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                     n_experts=2, n_activated=1, backend=backend)
+    cache = block.init_cache(1, max_len=16)
+    x = torch.randn(1, 4, 32)
+    for bad in (-1, 1):                 # nothing filled yet: only 0 is a place to start
+        with pytest.raises(ValueError, match=rf"start_pos={bad} is not in 0\.\.0: the cache holds 0 positions"):
+            block(x, start_pos=bad, cache=cache)
+    block(x, start_pos=0, cache=cache)
+    block(x[:, :1], start_pos=4, cache=cache)         # right after the filled positions
+    with pytest.raises(ValueError, match=r"start_pos=6 is not in 0\.\.5"):
+        block(x[:, :1], start_pos=6, cache=cache)     # a gap of empty slots
+    block(x, start_pos=0, cache=cache)                # over the old sequence: it now holds 4
+    with pytest.raises(ValueError, match=r"start_pos=5 is not in 0\.\.4"):
+        block(x[:, :1], start_pos=5, cache=cache)
+
+
+def _blocks():
+    from mamba_decoder.bench.registry import build_lm, build_model
+
+    for name in ("Regular Mamba", "MambaDecoderBlock", "MLABlock"):
+        yield name, build_model(name, 32, "reference", max_seq_len=64), False
+    yield "Mamba LM", build_lm("Mamba LM", 32, "reference", depth=1, vocab_size=50), True
+    yield "MambaDecoder", build_lm("MambaDecoder", 32, "reference", depth=1, vocab_size=50), True
+
+
+def test_wrong_input_shapes_and_dtypes_name_what_the_blocks_take():
+    for name, model, ids in _blocks():
+        bads = ([torch.randn(2, 8), torch.randint(0, 50, (2, 8, 1)), torch.randint(0, 50, (8,))] if ids else
+                [torch.randn(2, 8), torch.randn(2, 8, 16), torch.randint(0, 5, (2, 8, 32)),
+                 torch.randn(2, 8, 32, dtype=torch.float64), torch.randn(1, 2, 8, 32)])
+        expected = ("token ids of shape (batch, seq), an integer dtype" if ids else
+                    "x of shape (batch, seq, 32) in torch.float32")
+        for x in bads:
+            with pytest.raises(ValueError) as e:
+                model(x)
+            assert expected in str(e.value) and f"got shape {tuple(x.shape)}, {x.dtype}" in str(e.value), name
