@@ -21,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..models import kernel_choices
-from . import flops
+from . import flops, registry
 from .registry import NO_MAMBA_MIXER, build_lm, build_model, parameter_counts
 from .results import BenchmarkResult, RecordWriter, UsageError, cpu_model, record_identity
 from .settings import CACHE_KINDS, DTYPES, LEVELS, MODES, Config, SweepSettings, iter_configs  # noqa: F401
@@ -123,8 +123,12 @@ def _tensor_bytes(obj) -> int:
 
 
 def _meta_model(name: str, s: SweepSettings, backend: str) -> nn.Module:
+    """The model's shapes without its memory (the registry's own factories: not a measured build)."""
     with torch.device("meta"):
-        return registry_build(name, s, backend)
+        if s.level == "model":
+            return registry.build_lm(name, s.dim, backend, depth=s.depth, vocab_size=s.vocab_size,
+                                     max_seq_len=_max_seq_len(s))
+        return registry.build_model(name, s.dim, backend, max_seq_len=_max_seq_len(s))
 
 
 def estimate_peak(cfg: Config, s: SweepSettings, meta: Optional[nn.Module] = None) -> int:

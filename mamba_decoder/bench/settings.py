@@ -45,7 +45,7 @@ def _field_message(fields, err) -> str:
     name = str(err["loc"][0])
     f = fields.get(name)
     if f is None or f.description is None:
-        return f"{name}: {err['input']!r} is not valid ({err['msg'].lower()})"
+        return f"{name}: {err['msg'].lower()}"
     if err["type"] == "list_type":
         return f"{f.title}: {err['input']!r} is not a list (each {f.description})"
     if err["type"] == "too_short":
