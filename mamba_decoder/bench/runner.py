@@ -8,6 +8,7 @@ are handed to `on_record` (console lines) and `writer` (JSONL, fsynced) as each 
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import signal
@@ -25,6 +26,7 @@ from . import flops, registry
 from .registry import NO_MAMBA_MIXER, build_lm, build_model, parameter_counts
 from .results import BenchmarkResult, RecordWriter, UsageError, cpu_model, record_identity
 from .settings import CACHE_KINDS, DTYPES, LEVELS, MODES, Config, SweepSettings, iter_configs  # noqa: F401
+from .energy import EnergyMeter, energy_fields
 from .timing import time_callable
 from .workloads import DecodeSession, GraphedForward, TrainStep
 
@@ -51,11 +53,16 @@ def banner_kernels(s: SweepSettings) -> dict[str, dict[str, str]]:
                 label = f"{name} ({backend}, {dtype})"
                 try:
                     with torch.device("meta"):
-                        m = registry_build(name, s, backend)
+                        m = registry_build(name, s, backend, _first_sizes(s))
                     out[label] = kernel_choices(m, torch.device(s.device), DTYPES[dtype])
                 except Exception as e:  # noqa: BLE001 -- the banner must not stop the sweep
                     out[label] = {"unavailable": f"{type(e).__name__}: {e}".splitlines()[0][:120]}
     return out
+
+
+def _first_sizes(s: SweepSettings):
+    grid = s.size_grid()
+    return grid[0] if grid else None
 
 
 def _max_seq_len(s: SweepSettings) -> int:
@@ -70,19 +77,25 @@ class _Built:
 
 def _build(cfg: Config, s: SweepSettings) -> nn.Module:
     torch.manual_seed(s.seed)   # same weights for the same (model, dim, seed)
-    model = registry_build(cfg.model_name, s, cfg.backend)
-    model = model.to(device=torch.device(s.device), dtype=DTYPES[cfg.dtype])
+    device = torch.device(s.device)
+    # On CUDA the weights are made there (a published width, e.g. 256 experts of 7168 x 2048,
+    # would take minutes to initialise on the host and as much host memory as fp32 weights).
+    with torch.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        model = registry_build(cfg.model_name, s, cfg.backend, cfg.sizes)
+    model = model.to(device=device, dtype=DTYPES[cfg.dtype])
     if s.compile:
         model.compile()         # in place: the module keeps its type, its cache API and state dict
     return model
 
 
-def registry_build(name: str, s: SweepSettings, backend: str) -> nn.Module:
-    """The model factory (tests patch `runner.build_model` to inject failures)."""
+def registry_build(name: str, s: SweepSettings, backend: str, sizes=None) -> nn.Module:
+    """The model factory (tests patch `runner.build_model` to inject failures); `sizes`: the
+    config's BlockSizes (passed on only when the sweep sets sizes: the defaults build as before)."""
+    kw = dict(sizes=sizes) if s.sizes and sizes is not None else {}
     if s.level == "model":
         return build_lm(name, s.dim, backend, depth=s.depth, vocab_size=s.vocab_size,
-                        max_seq_len=_max_seq_len(s))
-    return build_model(name, s.dim, backend, max_seq_len=_max_seq_len(s))
+                        max_seq_len=_max_seq_len(s), **kw)
+    return build_model(name, s.dim, backend, max_seq_len=_max_seq_len(s), **kw)
 
 
 # ---------------------------------------------------------------- memory, before running
@@ -122,19 +135,21 @@ def _tensor_bytes(obj) -> int:
     return sum(map(_tensor_bytes, vars(obj).values())) if hasattr(obj, "__dict__") else 0
 
 
-def _meta_model(name: str, s: SweepSettings, backend: str) -> nn.Module:
-    """The model's shapes without its memory (the registry's own factories: not a measured build)."""
+def _meta_model(cfg: Config, s: SweepSettings) -> nn.Module:
+    """The config's model, shapes without memory (the registry's own factories, as registry_build
+    calls them: not a measured build)."""
+    kw = dict(sizes=cfg.sizes) if s.sizes else {}
     with torch.device("meta"):
         if s.level == "model":
-            return registry.build_lm(name, s.dim, backend, depth=s.depth, vocab_size=s.vocab_size,
-                                     max_seq_len=_max_seq_len(s))
-        return registry.build_model(name, s.dim, backend, max_seq_len=_max_seq_len(s))
+            return registry.build_lm(cfg.model_name, s.dim, cfg.backend, depth=s.depth, vocab_size=s.vocab_size,
+                                     max_seq_len=_max_seq_len(s), **kw)
+        return registry.build_model(cfg.model_name, s.dim, cfg.backend, max_seq_len=_max_seq_len(s), **kw)
 
 
 def estimate_peak(cfg: Config, s: SweepSettings, meta: Optional[nn.Module] = None) -> int:
     """Estimated peak bytes of measuring `cfg` (flops.peak_bytes on a meta-device model, plus the
     decode cache): what is compared with `available_memory` before the config runs."""
-    meta = meta if meta is not None else _meta_model(cfg.model_name, s, cfg.backend)
+    meta = meta if meta is not None else _meta_model(cfg, s)
     dtype = DTYPES[cfg.dtype]
     elt = torch.finfo(dtype).bits // 8
     est = flops.peak_bytes(meta, cfg.batch_size, cfg.sequence_length, elt, cpu=torch.device(s.device).type == "cpu",
@@ -157,9 +172,10 @@ def check_depth_fits(s: SweepSettings) -> None:
     if avail is None:
         return
     dtype = min(s.dtypes, key=lambda d: torch.finfo(DTYPES[d]).bits)
-    for name in s.models:
-        for backend in s.backends:
-            cfg = Config(name, backend, dtype, min(s.sequence_lengths), min(s.batch_sizes))
+    smallest = (dtype, min(s.sequence_lengths), min(s.batch_sizes))
+    for cfg in iter_configs(s):
+        if (cfg.dtype, cfg.sequence_length, cfg.batch_size) == smallest:
+            name, backend = cfg.model_name, cfg.backend
             one, two = (estimate_peak(cfg, s.model_copy(update={"depth": d})) for d in (1, 2))
             per_layer, fixed = two - one, 2 * one - two
             need = fixed + per_layer * s.depth
@@ -191,10 +207,10 @@ def measure(cfg: Config, s: SweepSettings, cache: Optional[dict] = None) -> Benc
     result = None
     step = workload = None
     try:
-        ck = (cfg.model_name, cfg.backend, cfg.dtype)
-        mk = ("meta", cfg.model_name, cfg.backend)
+        ck = (cfg.model_name, cfg.backend, cfg.dtype, cfg.block_config)
+        mk = ("meta", cfg.model_name, cfg.backend, cfg.block_config)
         if mk not in cache:
-            cache[mk] = _meta_model(cfg.model_name, s, cfg.backend)
+            cache[mk] = _meta_model(cfg, s)
         est = estimate_peak(cfg, s, cache[mk])
         fields.update(estimated_peak_mb=est / MB)
         avail = None if s.force else available_memory(device)
@@ -203,6 +219,11 @@ def measure(cfg: Config, s: SweepSettings, cache: Optional[dict] = None) -> Benc
                 "oom", f"estimated peak {est / GiB:.3g} GiB exceeds the {avail / GiB:.3g} GiB available "
                 "(not run; --force runs it)", **fields)
         if ck not in cache:
+            for old in [k for k in cache if k[0] == cfg.model_name]:   # this model's previous sizes
+                del cache[old]
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
             try:
                 cache[ck] = _Built(_build(cfg, s))
             except KeyboardInterrupt:
@@ -222,9 +243,15 @@ def measure(cfg: Config, s: SweepSettings, cache: Optional[dict] = None) -> Benc
             base = torch.cuda.memory_allocated(device)
         torch.manual_seed((s.seed * 1_000_003 + cfg.sequence_length * 1009 + cfg.batch_size) % 2**64)
         step, max_runs, workload = _workload(model, cfg, s, device, fields)
-        reset = (lambda: torch.cuda.reset_peak_memory_stats(device)) if cuda else None
+        meter = EnergyMeter(device)
+
+        def before_timing():   # after warmup: the peak-memory stats and the energy counter start here
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            meter.start()
         samples = time_callable(step, device, warmup=s.warmup, runs=s.runs, max_runs=max_runs,
-                                min_time_s=s.min_time_s, before_timing=reset)
+                                min_time_s=s.min_time_s, before_timing=before_timing)
+        fields.update(energy_fields(meter.stop(), len(samples), fields.get("tokens_per_call")))
         if cuda:
             peak = torch.cuda.max_memory_allocated(device)
             fields.update(peak_memory_mb=peak / MB, memory_mb=(peak - base) / MB)

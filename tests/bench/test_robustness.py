@@ -174,20 +174,20 @@ def test_config_timeout_is_validated():
 def test_memory_estimate_counts_the_reference_scan_and_attention_scores():
     from mamba_decoder.bench import flops
     from mamba_decoder.bench.runner import _meta_model
-    from mamba_decoder.bench.settings import SweepSettings
+    from mamba_decoder.bench.settings import Config, SweepSettings
 
     s = SweepSettings(dim=64)
     B, ED, N = 2, 128, 16
-    ref, fast = (_meta_model("Regular Mamba", s, b) for b in ("reference", "fast"))
+    ref, fast = (_meta_model(Config("Regular Mamba", b, "float32", 8, 1), s) for b in ("reference", "fast"))
     # the scan's (B, L, ED, N) temporaries: 4 at L and 2 clones padded to a power of two
     for L in (1000, 1024):
         gap = (flops.peak_bytes(ref, B, L, 4).activations - flops.peak_bytes(fast, B, L, 4).activations)
         assert gap == (4 * B * L + 2 * B * 1024) * ED * N * 4
-    mla = _meta_model("MLABlock", s, "reference")
+    mla = _meta_model(Config("MLABlock", "reference", "float32", 8, 1), s)
     a1, a2 = (flops.peak_bytes(mla, 1, L, 4).activations for L in (512, 1024))
     H = 16   # (B, H, S, S) scores: two fp32 einsum results and the fp32 softmax, plus the (S, S) mask
     assert a2 - 2 * a1 == (H * 12 + 4) * (1024 ** 2 - 2 * 512 ** 2)
-    fast_mla = _meta_model("MLABlock", s, "fast")
+    fast_mla = _meta_model(Config("MLABlock", "fast", "float32", 8, 1), s)
     assert flops.peak_bytes(fast_mla, 1, 1024, 2, cpu=False).activations < a2 / 10   # fused on CUDA
     w = flops.peak_bytes(ref, 1, 8, 4)
     t = flops.peak_bytes(ref, 1, 8, 4, train=True, optimizer_step=True)

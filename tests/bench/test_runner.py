@@ -49,7 +49,8 @@ def test_sweep_records_every_config_in_spec_order():
         assert r.kernels and r.threads == torch.get_num_threads()
     mdb = next(r for r in out if r.model_name == "MambaDecoderBlock")
     assert mdb.kernels == {"scan": auto_impl("cpu"), "conv": "torch-conv1d", "step": "torch",
-                           "moe": "grouped_mm (T > {0}), dense-small (T <= {0})".format(DENSE_SMALL_MAX_TOKENS["cpu"]),
+                           "moe": "grouped_mm (T > {0}), dense-small (T <= {0}); train: grouped Function, swiglu=torch".format(
+                               DENSE_SMALL_MAX_TOKENS["cpu"]),
                            "router": "torch"}
 
 
