@@ -70,9 +70,12 @@ def _seconds(text: str) -> float:
 
 
 def _positive_seconds(text: str) -> float:
-    v = _seconds(text)
+    try:
+        v = _seconds(text)
+    except argparse.ArgumentTypeError:
+        v = 0.0
     if v == 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds > 0")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number of seconds > 0")
     return v
 
 
