@@ -8,7 +8,6 @@ whose files cannot be written mid-run (a full disk) exits 4 with one line, every
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import signal
 import sys
