@@ -16,8 +16,8 @@ from tqdm import tqdm
 
 from .names import REGULAR_MAMBA, RecordKey
 from .plots import plot_benchmark_results
-from .results import (CSV_NAME, ENV_NAME, JSONL_NAME, BenchmarkResult, UsageError, config_label, load_run,
-                      lock_dir, record_devices, same_sizes, swept_sizes,
+from .results import (CSV_NAME, ENV_NAME, JSONL_NAME, BenchmarkResult, OutputWriteError, UsageError,
+                      config_label, load_run, lock_dir, record_devices, same_sizes, swept_sizes,
                       note_written, read_environment, write_csv)
 from .timing import HIGH_SPREAD, mann_whitney_u
 
@@ -200,8 +200,9 @@ def print_summary_table(results: Sequence[BenchmarkResult], file=None) -> None:
     failed = [r for r in results if not r.ok]
     if failed:
         counts = ", ".join(f"{sum(r.status == st for r in failed)} {label}"
-                           for st, label in (("oom", "OOM"), ("error", "error"), ("skipped", "skipped"))
-                           if st != "skipped" or any(r.status == st for r in failed))
+                           for st, label in (("oom", "OOM"), ("error", "error"), ("timeout", "timeout"),
+                                             ("skipped", "skipped"))
+                           if st not in ("skipped", "timeout") or any(r.status == st for r in failed))
         print(f"\n{len(failed)} of {len(results)} configs failed or were skipped ({counts})", file=out)
     print(RULE, file=out)
 
@@ -357,6 +358,10 @@ def write_report(run_dir, output_dir) -> list:
     lock = lock_dir(out)
     try:
         return _write_report(run_dir, out, results, env)
+    except OSError as e:   # a full disk: one error line naming the file (the records are untouched)
+        if isinstance(e, OutputWriteError):
+            raise
+        raise OutputWriteError(getattr(e, "filename", None) or out, e) from None
     finally:
         lock.release()
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..config import DEFAULT_BACKEND, MambaConfig, MLAConfig, MoEConfig, check_backend, rest_backend
 from ..policy import KernelPolicy
+from .inputs import check_hidden
 from .mamba import MambaCache, MambaMixer
 from .mla import MLA, MLACache
 from .moe import MoE
@@ -61,6 +62,7 @@ class MambaDecoderBlock(nn.Module):
                 start_pos: Union[int, torch.Tensor, None] = None) -> torch.Tensor:
         """x (B, L, D) -> (B, L, D); with `cache`, x continues the cached sequence (updated in place).
         `start_pos` takes nothing (the state holds the position): the blocks' one interface."""
+        check_hidden(x, self.dim, "MambaDecoderBlock", self.norm1.weight)
         h = self.mixer(self.norm1(x), cache, residual=x)
         return h + self.moe(self.norm2(h))
 
@@ -114,6 +116,7 @@ class MLABlock(nn.Module):
                 mask: Optional[torch.Tensor] = None, cache: Optional[MLACache] = None) -> torch.Tensor:
         """x (B, S, D) at positions start_pos.. -> (B, S, D). See `MLA.forward` for cache and mask
         (a device-tensor start_pos: one CUDA-graph-safe decoding step)."""
+        check_hidden(x, self.dim, "MLABlock", self.norm1.weight)
         h = x + self.attn(self.norm1(x), start_pos, mask, cache)
         return h + self.moe(self.norm2(h))
 

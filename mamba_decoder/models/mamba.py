@@ -19,6 +19,7 @@ from torch import nn
 from ..config import DEFAULT_BACKEND, check_backend, rest_backend
 from ..policy import DEFAULT_POLICY, KernelPolicy
 from .derived import derived
+from .inputs import check_hidden, check_tokens
 
 
 @dataclass
@@ -427,6 +428,8 @@ class RegularMamba(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: Optional[list[MambaCache]] = None, *,
                 start_pos=None) -> torch.Tensor:
+        if self.layers:
+            check_hidden(x, self.dim, "RegularMamba", self.layers[0].mixer.in_proj.weight)
         for i, layer in enumerate(self.layers):
             x = layer(x, None if cache is None else cache[i])
         return x
@@ -450,4 +453,5 @@ class MambaLM(nn.Module):
         self.lm_head = nn.Linear(config.d_model, vocab_size, bias=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        check_tokens(tokens, "MambaLM")
         return self.lm_head(self.norm_f(self.mamba(self.embedding(tokens))))

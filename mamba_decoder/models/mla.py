@@ -25,7 +25,11 @@ from ..policy import DEFAULT_POLICY, KernelPolicy, mla_triton_unfit
 
 class _Cache:
     """Keys and values of the positions seen so far, for incremental decoding: two (B, T_max, ...)
-    buffers written in place (a CUDA graph replays over the same storage)."""
+    buffers written in place (a CUDA graph replays over the same storage). `filled`: how many
+    positions hold the current sequence (None after a device-tensor step, which cannot tell the
+    host without a sync: positions are then not checked)."""
+
+    filled: Optional[int] = 0
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return tuple(getattr(self, f.name) for f in fields(self))
@@ -59,6 +63,16 @@ class FullCache(_Cache):
 
 
 MLACache = Union[LatentCache, FullCache]
+
+
+def check_start(start_pos: int, cache: MLACache) -> None:
+    """New tokens go at start_pos in 0..filled: after the cached positions, or over some of them;
+    never before 0 nor past a gap of empty slots (they would be attended as keys)."""
+    filled = cache.filled
+    if start_pos < 0 or (filled is not None and start_pos > filled):
+        raise ValueError(f"start_pos={start_pos} is not in 0..{filled if filled is not None else cache.max_len}: "
+                         f"the cache holds {filled if filled is not None else 'an unknown number of'} positions "
+                         "(a new token goes right after them, or over some of them)")
 CACHES = {"latent": LatentCache, "full": FullCache}
 
 
@@ -153,6 +167,7 @@ class MLA(nn.Module):
                 raise ValueError("a tensor start_pos is one decoding step: one token, a cache, no mask "
                                  f"(got {x.shape[1]} tokens, cache {type(cache).__name__}, mask "
                                  f"{'given' if mask is not None else 'None'})")
+            cache.filled = None
             return self.decode_step(x, start_pos, cache)
         bsz, seqlen, _ = x.shape
         end = start_pos + seqlen
@@ -161,6 +176,9 @@ class MLA(nn.Module):
                              "(MLA.init_cache); without one, start_pos must be 0")
         if cache is not None and end > cache.max_len:
             raise ValueError(f"start_pos + seq_len = {end} exceeds the cache length {cache.max_len}")
+        if cache is not None:
+            check_start(start_pos, cache)
+            cache.filled = end                  # later positions hold another (older) sequence
         if mask is None and self._fused_prologue(x, cache):
             return self._prefill_fused(x, start_pos, cache)
         freqs = self.freqs(end, x.device)[start_pos:end]
