@@ -189,7 +189,8 @@ def test_triton_decode_in_bf16_follows_fp32(monkeypatch):
 def test_decode_kernel_choice_follows_the_device():
     m = _mla("fast")
     cpu = m.kernel_choice(torch.device("cpu"), torch.bfloat16)["attn"]
-    assert cpu == "prefill naive-sdpa, decode latent cache sdpa (full cache sdpa)"
+    assert cpu == ("prefill naive-sdpa (V padded to Dqk: the CPU flash kernel), "
+                   "decode latent cache sdpa (full cache sdpa)")
     assert m.kernel_choice(torch.device("cuda"), torch.bfloat16)["attn"].startswith(
         "prefill triton prologue + naive-sdpa" if triton_installed() else "prefill naive-sdpa")
     m.policy = KernelPolicy(mla_decode="triton")
