@@ -15,12 +15,12 @@ from typing import ClassVar, Literal, Optional, Union
 import torch
 from open_kimi.mla import apply_rotary_emb, precompute_freqs_cis
 from torch import nn
-from torch.nn import RMSNorm
 
 from ..config import DEFAULT_BACKEND, MLAConfig, check_backend
 from ..kernels import attention as attn_kernels
 from ..kernels import cpu_gemm
 from ..policy import DEFAULT_POLICY, KernelPolicy
+from .norms import RMSNorm
 
 
 
@@ -92,10 +92,10 @@ class MLA(nn.Module):
             self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.qk_head_dim, bias=False)
         else:
             self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
-            self.q_norm = RMSNorm(cfg.q_lora_rank)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, self.backend, self.policy)
             self.wq_b = nn.Linear(cfg.q_lora_rank, cfg.n_heads * self.qk_head_dim, bias=False)
         self.wkv_a = nn.Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
-        self.kv_norm = RMSNorm(cfg.kv_lora_rank)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, self.backend, self.policy)
         self.wkv_b = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=False)
         # open_kimi scales by mscale only with YaRN (original_seq_len set), which this block does
@@ -264,7 +264,8 @@ class MLA(nn.Module):
         bsz, seqlen = x.shape[:2]
         if mask is None and self._triton_decode(x, cache):
             return self._decode_step_triton(x, cache, where.start)
-        q_nope, q_pe = torch.split(self._query(x), [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_full = self._query(x)                                               # (B, S, H, Dqk)
+        q_nope, q_pe = torch.split(q_full, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         q_pe = apply_rotary_emb(q_pe, freqs)
         kv, k_pe = torch.split(self._linear(x, self.wkv_a), [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         k_pe = apply_rotary_emb(k_pe.unsqueeze(2), freqs).squeeze(2)          # (B, S, R)
@@ -302,7 +303,11 @@ class MLA(nn.Module):
             k, v = self._expand_kv(kv, k_pe)
             if isinstance(cache, FullCache):
                 k, v = store(cache.k, k), store(cache.v, v)
-            q = attn_kernels.join_last(q_nope, q_pe)
+            if fast and not torch.is_grad_enabled():
+                q_full[..., self.qk_nope_head_dim:] = q_pe                    # rope in place: no new (B, S, H, Dqk)
+                q = q_full
+            else:
+                q = attn_kernels.join_last(q_nope, q_pe)
             if fast:
                 o = attn_kernels.naive_sdpa(q, k, v, self.softmax_scale, mask,
                                             pad_v=self._decision(x).mla_pad_v)  # (B, S, H, Dv)

@@ -225,8 +225,8 @@ def test_fast_blocks_in_inference_match_reference(name, build, monkeypatch):
         if cpu_native.available()[0] and cpu_gemm.onednn_available():
             expect = {"Regular Mamba": {"linear", "causal_conv1d_silu_bld", "rms_norm_cpu"},
                       "MambaDecoderBlock": {"linear", "causal_conv1d_silu_bld", "swiglu_rows_cpu",
-                                            "routed_grouped_onednn"},
-                      "MLABlock": {"linear", "swiglu_rows_cpu", "routed_grouped_onednn"}}[name]
+                                            "routed_grouped_onednn", "rms_norm_cpu"},
+                      "MLABlock": {"linear", "swiglu_rows_cpu", "routed_grouped_onednn", "rms_norm_cpu"}}[name]
             assert expect <= set(calls), set(calls)
         set_kernel_policy(fast, KernelPolicy(cpu_kernels="torch"))
         assert rel_err(fast(x), want) <= 1e-5
