@@ -77,6 +77,7 @@ class KernelDecision:
     mamba_step: bool             # Triton one-token step (no backward)
     mamba_layout: str            # "BDL" (channel-major) or "BLD"
     moe_triton: bool             # Triton SwiGLU and router passes (no backward)
+    moe_swiglu_train: bool       # Triton SwiGLU forward + backward passes in the training MoE's Function
     dense_small_max_tokens: int  # dense-small MoE up to this many tokens
     mla_prologue: bool           # Triton prefill prologue (no backward)
     mla_decode: bool             # Triton split-K one-token attention (no backward)
@@ -108,6 +109,7 @@ def _decide(p: KernelPolicy, device: torch.device, dtype: Optional[torch.dtype],
         mamba_fused=fused, mamba_step=fused and not grad,
         mamba_layout=p.mamba_layout or ("BDL" if device.type == "cuda" else "BLD"),
         moe_triton=triton_runs(p.moe_triton, device) and not grad,
+        moe_swiglu_train=triton_runs(p.moe_triton, device),
         dense_small_max_tokens=dense_small,
         mla_prologue=triton_runs(p.mla_prologue, device) and not grad,
         mla_decode=triton_runs(p.mla_decode, device) and not grad,

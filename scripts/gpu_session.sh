@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Measurements on a lent GPU, one stage per call (each fits a 10-minute command).
-#   bash scripts/gpu_session.sh check|probe|host|retest|targets|final|workloads|train|train-check|s6|sweep   (writes under $OUT, or ./gpu_out)
+#   bash scripts/gpu_session.sh check|probe|host|retest|targets|final|workloads|train|train-check|s6|s7|s7-suite|s7-redesign|sweep   (writes under $OUT, or ./gpu_out)
 # Needs the runtime wheels in .whl/ (mambapy, open-kimi, pydantic...) and gpu_floor.py in .devcarry/.
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -135,6 +135,31 @@ s6)   # session 6: every tests/gpu test at this commit, then issue 12's targets 
   fi
   card_tests 270 tests/gpu
   issue12_suite _s6
+  ;;
+s7)   # session 7: every tests/gpu test, then the training MoE's interleaved A/B (old autograd path vs the Function)
+  env_info
+  card_tests 330 tests/gpu
+  log moe study; timeout 200 python3 scripts/moe_train_study.py | tee "$OUT/moe_study.jsonl"
+  ;;
+s7-suite)   # session 7: issue 12's targets from the suite (fast and mamba_ssm), the floor
+  env_info
+  if [ -f .devcarry/peer/peer_so.tar.xz ]; then
+    mkdir -p /tmp/peerbuild && tar xJf .devcarry/peer/peer_so.tar.xz -C /tmp/peerbuild
+    export PYTHONPATH=$PYTHONPATH:/tmp/peerbuild/cc:/tmp/peerbuild/ss:$PWD/.devcarry/peer/src
+  fi
+  issue12_suite _s7
+  log profile; timeout 120 python3 scripts/moe_train_study.py --profile > "$OUT/profile.txt" 2>&1; grep profile "$OUT/profile.txt"
+  log floor; timeout 100 python3 .devcarry/gpu_floor.py > "$OUT/floor.jsonl"; grep bfloat16 "$OUT/floor.jsonl" | head -6
+  ;;
+s7-redesign)   # issue 13: the graphed forward before the redesign (tree of 9b35a3d in .devcarry/before) and now, alternating
+  env_info
+  for r in 1 2; do for t in before after; do
+    dir=$PWD; [ $t = before ] && dir=$PWD/.devcarry/before
+    log $t $r
+    (cd "$dir" && PYTHONPATH=/tmp/site:$dir timeout 110 $BENCH --cuda-graphs --dim 512 --seq-lens 128 2048 8192 \
+        --batch-sizes 1 8 --dtype bfloat16 --output-dir "/tmp/r/redesign_${t}_$r" --overwrite 2>&1 | grep -E "SeqLen|error")
+    runs+=("redesign_${t}_$r")
+  done; done
   ;;
 sweep)   # the spec's default grid, fp32 and bf16, both backends
   timeout 560 $BENCH --backend fast reference --dtype float32 bfloat16 --output-dir /tmp/r/default_sweep \

@@ -42,6 +42,26 @@ def swiglu_rows(h13: torch.Tensor, scale: torch.Tensor | None = None, triton: bo
     return swiglu_rows_triton(h13, scale)
 
 
+def swiglu_rows_bwd(h13: torch.Tensor, scale: torch.Tensor | None, dh: torch.Tensor, triton: bool = False):
+    """The backward of `swiglu_rows(h13, scale)` given dh (M, I): (dh13 (M, 2I) in h13's dtype,
+    h (M, I) = the forward's output again, dscale (M,) fp32 or None). With `triton`, one pass
+    (kernels.moe_triton); otherwise these PyTorch ops (the twin), h by the forward's own ops."""
+    if triton:
+        from .moe_triton import swiglu_rows_bwd_triton   # imports triton: only when it runs
+
+        return swiglu_rows_bwd_triton(h13, scale, dh)
+    I = h13.shape[1] // 2
+    h = swiglu_rows(h13, scale)
+    a, b, g = h13[:, :I].float(), h13[:, I:].float(), dh.float()
+    sig = torch.sigmoid(a)
+    ds = None
+    if scale is not None:
+        ds = (g * a * sig * b).sum(1)
+        g = g * scale.float().unsqueeze(-1)
+    dh13 = torch.cat([g * b * sig * (1 + a * (1 - sig)), g * a * sig], dim=1).to(h13.dtype)
+    return dh13, h, ds
+
+
 def routed_loop(x, weights, indices, w1, w2, w3):
     """Reference twin: one expert at a time over its tokens (what open_kimi's loop computes)."""
     out = torch.zeros_like(x)
@@ -65,6 +85,18 @@ def routed_dense(x, weights, indices, w1, w2, w3):
     return (picked * weights.unsqueeze(-1).to(y.dtype)).sum(1)
 
 
+def _sort_pairs(indices: torch.Tensor, n_experts: int):
+    """The (token, expert) pairs of `indices` (T, K) sorted by expert: (order, tok, offs, inverse),
+    where pair j of the sorted list is flat pair order[j] of token tok[j], offs (E,) int32 are
+    the experts' row ends and inverse undoes the sort. No host sync."""
+    flat = indices.reshape(-1)                                                     # (T*K,)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(n_experts, dtype=torch.int32, device=indices.device).scatter_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.int32))
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    return order, order // indices.shape[1], torch.cumsum(counts, 0, dtype=torch.int32), inverse
+
+
 def routed_grouped(x, weights, indices, w1, w2, w3, w13=None, triton: bool = False,
                    onednn: bool = False, cpu_fused: bool = False):
     """Sort the T*K (token, expert) pairs by expert, run the experts as grouped GEMMs over
@@ -78,13 +110,7 @@ def routed_grouped(x, weights, indices, w1, w2, w3, w13=None, triton: bool = Fal
     if onednn and w13 is not None and cpu_gemm.runs_onednn(x, w13[0]):
         return routed_grouped_onednn(x, weights, indices, w13, w2, cpu_fused)
     T, K = indices.shape
-    E = w1.shape[0]
-    flat = indices.reshape(-1)                                                     # (T*K,)
-    order = torch.argsort(flat, stable=True)                                       # pairs by expert
-    tok = order // K                                                               # token of each pair
-    counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
-        0, flat, torch.ones_like(flat, dtype=torch.int32))
-    offs = torch.cumsum(counts, 0, dtype=torch.int32)                              # (E,) row ends
+    order, tok, offs, inverse = _sort_pairs(indices, w1.shape[0])
     xs = x.index_select(0, tok)                                                    # (T*K, D)
     pair_w = weights.reshape(-1).index_select(0, order)                           # (T*K,)
     if w13 is not None:
@@ -97,7 +123,6 @@ def routed_grouped(x, weights, indices, w1, w2, w3, w13=None, triton: bool = Fal
     y = torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)                        # (T*K, D), weighted
     # Back to (token, slot) order by a gather, then the sum over the K slots: no scatter-add
     # (bf16 atomics cost 0.14 ms per call at T=16K on an H100) and deterministic.
-    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
     return y.index_select(0, inverse).view(T, K, -1).sum(1)
 
 
@@ -127,6 +152,65 @@ def routed_grouped_onednn(x, weights, indices, w13, w2, cpu_fused: bool = False)
         start += n
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel()))
     return y.index_select(0, inverse).view(T, K, -1).sum(1)
+
+
+class _RoutedGroupedTrain(torch.autograd.Function):
+    """The routed experts for training, forward and a hand-written backward over grouped GEMMs:
+    x (T, D), the router's weights (T, K) (differentiable) and indices, and the experts'
+    w1 / w2 / w3 (nn.Linear layout) as three lists; the last `n_always_on` experts take every
+    token with weight 1 (the shared expert folded in). The same function as autograd through
+    `routed_grouped` (its twin in the tests), in fewer launches and passes: the experts' w1 and
+    w3 run as one grouped GEMM over [w1; w3], the SwiGLU's forward and backward are one pass each
+    (`swiglu_rows`, `swiglu_rows_bwd`), the weight gradients are grouped GEMMs over the sorted rows
+    (ragged K), and the scatters of autograd's index_select backward (atomic adds) become
+    gathers by the inverse permutation and a sum over each token's K slots. Saves h13 (M, 2I)
+    and the sort; the gathered tokens xs are gathered again in the backward."""
+
+    @staticmethod
+    def forward(ctx, x, weights, indices, n_always_on, triton, *params):
+        n = len(params) // 3
+        w1s, w2s, w3s = params[:n], params[n:2 * n], params[2 * n:]
+        T, K = indices.shape
+        if n_always_on:
+            on = torch.arange(n - n_always_on, n, device=indices.device).expand(T, n_always_on)
+            indices = torch.cat([indices, on], dim=1)
+            weights = torch.cat([weights, weights.new_ones(T, n_always_on)], dim=1)
+        order, tok, offs, inverse = _sort_pairs(indices, n)
+        w13 = torch.stack([w for pair in zip(w1s, w3s) for w in pair])              # (2E, I, D)
+        w13 = w13.view(n, 2 * w13.shape[1], w13.shape[2])                          # (E, 2I, D) = [w1_e; w3_e]
+        w2 = torch.stack(w2s)                                                      # (E, D, I)
+        xs = x.index_select(0, tok)                                                # (M, D), M = T*K'
+        h13 = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs)                # (M, 2I)
+        pw = weights.reshape(-1).index_select(0, order).to(h13.dtype)             # (M,)
+        h = swiglu_rows(h13, pw, triton)                                           # (M, I), weighted
+        y = torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)                    # (M, D)
+        ctx.save_for_backward(x, h13, pw, tok, offs, inverse, w13, w2)
+        ctx.K, ctx.n, ctx.triton, ctx.wdtype = K, n, triton, weights.dtype
+        return y.index_select(0, inverse).view(T, -1, y.shape[1]).sum(1)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, h13, pw, tok, offs, inverse, w13, w2 = ctx.saved_tensors
+        T, I = x.shape[0], h13.shape[1] // 2
+        dy = dout.to(h13.dtype).index_select(0, tok)                               # (M, D)
+        dh = torch._grouped_mm(dy, w2, offs=offs)                                  # (M, I)
+        dh13, h, dpw = swiglu_rows_bwd(h13, pw, dh, ctx.triton)
+        dw2 = torch._grouped_mm(dy.t(), h, offs=offs)                              # (E, D, I)
+        dw13 = torch._grouped_mm(dh13.t(), x.index_select(0, tok), offs=offs)     # (E, 2I, D)
+        dxs = torch._grouped_mm(dh13, w13, offs=offs)                              # (M, D)
+        dx = dxs.index_select(0, inverse).view(T, -1, dxs.shape[1]).sum(1)
+        dweights = dpw.index_select(0, inverse).view(T, -1)[:, :ctx.K].to(ctx.wdtype)
+        n = ctx.n
+        return (dx, dweights, None, None, None, *(dw13[e, :I] for e in range(n)),
+                *(dw2[e] for e in range(n)), *(dw13[e, I:] for e in range(n)))
+
+
+def routed_grouped_train(x, weights, indices, w1s, w2s, w3s, n_always_on: int = 0, triton: bool = False):
+    """`routed_grouped` for training (the same function; `_RoutedGroupedTrain`'s backward): the
+    experts' weights as lists of their (I, D), (D, I), (I, D) parameters, the last `n_always_on`
+    of them on every token with weight 1. `triton` (the policy's moe_swiglu_train) runs the
+    SwiGLU's forward and backward as Triton passes."""
+    return _RoutedGroupedTrain.apply(x, weights, indices, n_always_on, triton, *w1s, *w2s, *w3s)
 
 
 # "dense-small": at most this many tokens, every expert runs on every token as two plain GEMMs

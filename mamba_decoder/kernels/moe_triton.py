@@ -222,3 +222,52 @@ def scored_swiglu_triton(H: torch.Tensor, scores: torch.Tensor, bias: torch.Tens
     differs from torch's by an ulp of some weights (the experts picked are the same)."""
     _check_router(scores, n_experts)
     return _launch_gated(H, n_experts, n_always_on, top_k, scores=scores, bias=bias)
+
+
+@triton.jit
+def _swiglu_rows_bwd_kernel(H, S, DH, DH13, HOUT, DS, I, s_hm, s_dm, s_gm, s_om,
+                            HAS_S: tl.constexpr, BLOCK: tl.constexpr):
+    """One row m of the SwiGLU's backward: from h13 = [a | b], the row's scale s and dh, writes
+    dh13 = [dh s b sig(a) (1 + a (1 - sig(a))) | dh s silu(a)], h = silu(a) b s (the forward's
+    output again, bit for bit: the same ops as _swiglu_rows_kernel) and ds = sum_i dh silu(a) b."""
+    m = tl.program_id(0).to(tl.int64)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, I, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        ok = offs < I
+        a = tl.load(H + m * s_hm + offs, mask=ok, other=0.0).to(tl.float32)
+        b = tl.load(H + m * s_hm + I + offs, mask=ok, other=0.0).to(tl.float32)
+        g = tl.load(DH + m * s_dm + offs, mask=ok, other=0.0).to(tl.float32)
+        e = 1.0 + tl.exp(-a)
+        silu_b = a / e * b                                   # the forward's y before the scale
+        sig = 1.0 / e
+        if HAS_S:
+            s = tl.load(S + m).to(tl.float32)
+            tl.store(HOUT + m * s_om + offs, (silu_b * s).to(HOUT.dtype.element_ty), mask=ok)
+            acc += g * silu_b
+            g = g * s
+        else:
+            tl.store(HOUT + m * s_om + offs, silu_b.to(HOUT.dtype.element_ty), mask=ok)
+        da = g * b * sig * (1.0 + a * (1.0 - sig))
+        db = g * a * sig
+        tl.store(DH13 + m * s_gm + offs, da.to(DH13.dtype.element_ty), mask=ok)
+        tl.store(DH13 + m * s_gm + I + offs, db.to(DH13.dtype.element_ty), mask=ok)
+    if HAS_S:
+        tl.store(DS + m, tl.sum(acc, axis=0))
+
+
+def swiglu_rows_bwd_triton(h13: torch.Tensor, scale: torch.Tensor | None, dh: torch.Tensor):
+    """(dh13 (M, 2I), h (M, I), dscale (M,) fp32 or None): kernels.moe.swiglu_rows_bwd in one
+    pass (reads h13 and dh once, writes dh13 and h once)."""
+    M, I2 = h13.shape
+    I = I2 // 2
+    dh = dh.contiguous()
+    dh13 = torch.empty_like(h13)
+    h = torch.empty(M, I, device=h13.device, dtype=h13.dtype)
+    ds = torch.empty(M, device=h13.device, dtype=torch.float32) if scale is not None else None
+    block = min(1024, triton.next_power_of_2(I))
+    _swiglu_rows_bwd_kernel[(M,)](
+        h13, scale if scale is not None else h13, dh, dh13, h, ds if ds is not None else h, I,
+        h13.stride(0), dh.stride(0), dh13.stride(0), h.stride(0),
+        HAS_S=scale is not None, BLOCK=block, num_warps=4)
+    return dh13, h, ds

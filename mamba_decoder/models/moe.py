@@ -139,10 +139,14 @@ class MoE(KimiMoE):
                                               d.moe_triton)
         impl = d.moe
         if impl == "grouped_mm" and training:
-            # training: no per-step concatenated weight copies; the shared expert on its own
-            w1, w2, w3 = self.stacked_weights()
-            out = moe_kernels.routed_grouped(x_flat, w, idx, w1, w2, w3, None, d.moe_triton)
-        elif impl in ("grouped_mm", "onednn-experts"):
+            # training: one autograd Function with its own backward (kernels.moe); the shared
+            # expert joins the grouped GEMMs where it folds in
+            fold = self.folds_shared_expert()
+            params = _expert_params(self._all_experts())
+            out = moe_kernels.routed_grouped_train(x_flat, w, idx, params[0::3], params[1::3], params[2::3],
+                                                   int(fold), d.moe_swiglu_train)
+            return (out if fold else out + self.shared_expert(x_flat)).view(shape)
+        if impl in ("grouped_mm", "onednn-experts"):
             w1, w2, w3, w13 = self.grouped_weights()
             kw = dict(onednn=impl == "onednn-experts", cpu_fused=d.cpu_fused)
             if self.folds_shared_expert():
@@ -165,9 +169,11 @@ class MoE(KimiMoE):
         n, ng = d.dense_small_max_tokens, dg.dense_small_max_tokens
         grad = "" if ng == n else f"; {ng} with autograd"
         fused = moe_kernels.router_fuses(torch.device(device), dtype, self.n_experts, self.gate.top_k, d.moe_triton)
+        train = (f"; train: grouped Function, swiglu={'triton' if dg.moe_swiglu_train else 'torch'}"
+                 if dg.moe == "grouped_mm" else "")
         impl = d.moe
         if impl == "onednn-experts":
             impl = f"onednn per-expert GEMMs (inference), {dg.moe} with autograd"
-        return {"moe": f"{impl} (T > {n}), dense-small (T <= {n}{grad})",
+        return {"moe": f"{impl} (T > {n}), dense-small (T <= {n}{grad}){train}",
                 "router": ("triton, one launch, inside dense-small's gated pass (inference in eval mode; "
                            "torch ops in train mode or with autograd)") if fused else "torch"}

@@ -54,10 +54,12 @@ def test_sweep_records_every_config_in_spec_order():
     d = KernelPolicy().decide(torch.device("cpu"), torch.float32)
     gemm = {"gemm": "onednn (inference, >= 16 rows and 2^24 MACs), torch otherwise"} if d.cpu_gemm else {}
     moe = "onednn per-expert GEMMs (inference), grouped_mm with autograd" if d.moe == "onednn-experts" else d.moe
+    dg = KernelPolicy().decide(torch.device("cpu"), torch.float32, grad=True)
+    train = "; train: grouped Function, swiglu=torch" if dg.moe == "grouped_mm" else ""
     assert mdb.kernels == {"scan": auto_impl("cpu"),
                            "conv": "cpu-conv-silu (inference), torch-conv1d otherwise" if d.cpu_fused else "torch-conv1d",
                            "step": "torch", **gemm,
-                           "moe": "{1} (T > {0}), dense-small (T <= {0})".format(DENSE_SMALL_MAX_TOKENS["cpu"], moe),
+                           "moe": "{1} (T > {0}), dense-small (T <= {0}){2}".format(DENSE_SMALL_MAX_TOKENS["cpu"], moe, train),
                            "router": "torch"}
 
 

@@ -350,3 +350,35 @@ def test_fused_router_moe_equals_unfused_bitwise_on_cuda(monkeypatch, T):
         unfused = moe(x)
         assert calls == [1]                                   # and then did not
     assert torch.equal(fused, unfused)
+
+
+@pytest.mark.parametrize("T,E,k", [(4096, 6, 2), (3001, 64, 8)], ids=["T4096-E6-top2", "T3001-E64-top8"])
+def test_moe_training_function_equals_autograd_twin_on_cuda(T, E, k):
+    """The training MoE's Function (grouped GEMMs with ragged K for the weight gradients, the
+    Triton SwiGLU backward) against autograd through the PyTorch ops, bf16 and fp32 inputs
+    upcast as the reference, at the benchmark's widths; the shared expert folded in."""
+    D, I = 512, 1024
+    n = E + 1
+    x = torch.randn(T, D, device=DEV, dtype=torch.bfloat16)
+    w = torch.softmax(torch.randn(T, k, device=DEV), -1).to(torch.bfloat16)
+    idx = torch.stack([torch.randperm(E, device=DEV)[:k] for _ in range(T)]) if T < 4000 else \
+        torch.rand(T, E, device=DEV).topk(k, -1).indices
+    ws = [[(torch.randn(*s, device=DEV) / s[-1] ** 0.5).to(torch.bfloat16) for _ in range(n)]
+          for s in ((I, D), (D, I), (I, D))]
+    g = torch.randn(T, D, device=DEV, dtype=torch.bfloat16)
+
+    def run(fn, dtype):
+        leaves = [t.to(dtype).clone().requires_grad_(True) for t in [x, w] + [p for l in ws for p in l]]
+        out = fn(leaves[0], leaves[1], idx, leaves[2:2 + n], leaves[2 + n:2 + 2 * n], leaves[2 + 2 * n:])
+        torch.autograd.backward(out, g.to(dtype))
+        return [out] + [t.grad for t in leaves]
+
+    def twin(x, w, idx, w1s, w2s, w3s):
+        out = moe_kernels.routed_dense(x, w, idx, torch.stack(w1s[:E]), torch.stack(w2s[:E]), torch.stack(w3s[:E]))
+        return out + torch.nn.functional.linear(torch.nn.functional.silu(x @ w1s[E].t()) * (x @ w3s[E].t()), w2s[E])
+
+    want = run(twin, torch.float32)
+    got = run(lambda *a: moe_kernels.routed_grouped_train(*a, n_always_on=1, triton=True), torch.bfloat16)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a.dtype == torch.bfloat16 and torch.isfinite(a).all(), i
+        assert rel_err(a, b) < 3e-2, i

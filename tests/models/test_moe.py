@@ -284,9 +284,10 @@ def test_kernel_choice_names_both_paths():
     choice = fast.kernel_choice(torch.device("cpu"), torch.float32)["moe"]
     n = K.dense_small_max_tokens(torch.device("cpu"))
     impl = K.auto_impl(torch.device("cpu"), torch.float32)
+    train = "; train: grouped Function, swiglu=torch" if impl == "grouped_mm" else ""
     if impl == "grouped_mm" and fast.policy.decide(torch.device("cpu"), torch.float32).cpu_gemm:
         impl = "onednn per-expert GEMMs (inference), grouped_mm with autograd"
-    assert choice == f"{impl} (T > {n}), dense-small (T <= {n})"
+    assert choice == f"{impl} (T > {n}), dense-small (T <= {n}){train}"
     bf16 = fast.kernel_choice(torch.device("cpu"), torch.bfloat16)["moe"]
     assert bf16.startswith(f"{K.auto_impl(torch.device('cpu'), torch.bfloat16)} (T > {n})")
 
@@ -391,8 +392,7 @@ def test_dense_small_limit_follows_the_device(monkeypatch):
     assert moe.policy.decide(torch.device("cuda"), torch.float32).dense_small_max_tokens == 4096
     assert moe.policy.decide(torch.device("cuda"), torch.float32, grad=True).dense_small_max_tokens == 64
     monkeypatch.setitem(K.DENSE_SMALL_MAX_TOKENS, "cpu", 4096)      # CPU tensors stand in for CUDA
-    assert moe.kernel_choice(torch.device("cpu"), torch.float32)["moe"].endswith(
-        "dense-small (T <= 4096; 64 with autograd)")
+    assert "dense-small (T <= 4096; 64 with autograd)" in moe.kernel_choice(torch.device("cpu"), torch.float32)["moe"]
     moe.policy = KernelPolicy(dense_small_max_tokens=7)           # a policy overrides the limit
     assert moe.policy.decide(torch.device("cuda"), torch.float32).dense_small_max_tokens == 7
 
@@ -587,3 +587,81 @@ def test_router_stays_torch_under_autocast_and_for_float64(monkeypatch, triton_d
     with torch.no_grad():
         got = fast(x)
     assert got.dtype == torch.float64 and rel_err(got, theirs(x)) < 1e-6   # the kernel computes in fp32
+
+
+def _grouped_twin(x, w, idx, w1s, w2s, w3s, n_on):
+    """Autograd through routed_grouped (the PyTorch ops), the always-on experts appended as
+    picks of weight 1: the twin of routed_grouped_train."""
+    T = x.shape[0]
+    if n_on:
+        n = len(w1s)
+        idx = torch.cat([idx, torch.arange(n - n_on, n).expand(T, n_on)], 1)
+        w = torch.cat([w, w.new_ones(T, n_on)], 1)
+    return K.routed_grouped(x, w, idx, torch.stack(w1s), torch.stack(w2s), torch.stack(w3s))
+
+
+@pytest.mark.parametrize("E,k,n_on", [(4, 1, 0), (6, 2, 1), (64, 8, 1), (5, 3, 0)],
+                         ids=["E4-top1", "E6-top2-shared", "E64-top8-shared", "E5-top3"])
+@pytest.mark.parametrize("triton", [False, True], ids=["torch", "triton"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
+def test_routed_grouped_train_equals_autograd_twin(monkeypatch, E, k, n_on, triton, dtype, tol):
+    """The training MoE's Function (grouped GEMMs, its own backward) against autograd through
+    the PyTorch ops: the output and the gradients of x, the routing weights and every expert
+    weight, with experts that get no token (E 64) and T not a multiple of anything."""
+    if triton:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        pytest.importorskip("triton")
+    if not K.grouped_mm_works("cpu", None, dtype):
+        pytest.skip("torch._grouped_mm does not run here")
+    torch.manual_seed(E * 10 + k)
+    T, D, I = 23, 16, 24   # bf16 grouped GEMMs need 16-byte strides
+    n = E + n_on
+    x = torch.randn(T, D).to(dtype)
+    w = torch.softmax(torch.randn(T, k), -1).to(dtype)
+    idx = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    ws = [[(torch.randn(*s) / s[-1] ** 0.5).to(dtype) for _ in range(n)] for s in ((I, D), (D, I), (I, D))]
+    g = torch.randn(T, D).to(dtype)
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_(True) for t in [x, w] + [p for l in ws for p in l]]
+        xl, wl, ps = leaves[0], leaves[1], leaves[2:]
+        out = fn(xl, wl, idx, ps[:n], ps[n:2 * n], ps[2 * n:], n_on)
+        (out.float() * g.float()).sum().backward()
+        return out, [t.grad for t in leaves]
+
+    want, want_g = run(lambda *a: _grouped_twin(*[t.float() if torch.is_tensor(t) and t.is_floating_point()
+                                                  else [p.float() for p in t] if isinstance(t, list) else t
+                                                  for t in a]))
+    got, got_g = run(lambda *a: K.routed_grouped_train(*a, triton=triton))
+    assert got.dtype == dtype and rel_err(got, want) < tol
+    names = ["x", "weights"] + [f"w{j}[{e}]" for j in (1, 2, 3) for e in range(n)]
+    for name, a, b in zip(names, got_g, want_g):
+        assert a is not None and a.dtype == dtype, name
+        if b.abs().max() == 0:      # an expert no token picked: exactly zero
+            assert a.abs().max() == 0, name
+        else:
+            assert rel_err(a, b) < tol, name
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("I", [45, 1100], ids=["I45", "I1100-two-blocks"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)], ids=["fp32", "bf16"])
+def test_triton_swiglu_rows_bwd_equals_twin(monkeypatch, dtype, tol, scaled, I):
+    """The SwiGLU backward pass (dh13, the rebuilt h, the row scale's gradient) against its
+    PyTorch twin, and h bit for bit the forward kernel's output."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    pytest.importorskip("triton")
+    M = 7
+    h13 = torch.randn(M, 2 * I).to(dtype)
+    scale = torch.rand(M).to(dtype) if scaled else None
+    dh = torch.randn(M, I).to(dtype)
+    want = K.swiglu_rows_bwd(h13.float(), None if scale is None else scale.float(), dh.float(), triton=False)
+    got = K.swiglu_rows_bwd(h13, scale, dh, triton=True)
+    assert got[0].dtype == got[1].dtype == dtype
+    assert rel_err(got[0], want[0]) <= tol and rel_err(got[1], want[1]) <= tol
+    assert torch.equal(got[1], K.swiglu_rows(h13, scale, triton=True))
+    if scaled:
+        assert rel_err(got[2], want[2]) <= tol
+    else:
+        assert got[2] is None and want[2] is None
