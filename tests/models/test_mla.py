@@ -229,7 +229,8 @@ def test_fast_latent_prefill_expands_keys_and_equals_latent_attention(monkeypatc
             got = fast(x[:, lo:hi], lo, None, c_fast)
             assert rel_err(got, want) < 1e-5, (lo, hi)
     assert naive_calls == [(2, 12, 4, 24), (2, 20, 4, 24)]
-    assert torch.equal(c_fast.kv, c_ref.kv) and torch.equal(c_fast.pe, c_ref.pe)
+    # the fast latent norm is one C pass on the CPU (kernels.cpu_fused): equal to rounding, not bits
+    assert rel_err(c_fast.kv, c_ref.kv) <= 1e-6 and torch.equal(c_fast.pe, c_ref.pe)
 
 
 @needs_interpreter
