@@ -26,7 +26,8 @@ from .registry import NO_MAMBA_MIXER, build_lm, build_model, parameter_counts
 from .results import BenchmarkResult, RecordWriter, cpu_model, record_identity
 from .settings import CACHE_KINDS, DTYPES, LEVELS, MODES, Config, SweepSettings, iter_configs  # noqa: F401
 from ..kernels import cpu_gemm
-from .timing import summarize, time_callable
+from . import timing
+from .timing import time_callable
 from .workloads import DecodeSession, GraphedForward, TrainStep
 
 MB = 2 ** 20
@@ -209,7 +210,8 @@ def cpu_gemm_tflops(dtype: torch.dtype = torch.float32, n: int = 1024, runs: int
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     onednn = cpu_gemm.usable(torch.device("cpu"), dtype)
     with torch.inference_mode():
-        ms = summarize(time_callable(lambda: cpu_gemm.linear(a, b, None, onednn), "cpu", warmup=1, runs=runs)).median
+        ms = timing.summarize(timing.time_callable(lambda: cpu_gemm.linear(a, b, None, onednn), "cpu",
+                                                   warmup=1, runs=runs)).median
     return 2 * n ** 3 / (ms * 1e9)
 
 
