@@ -119,3 +119,35 @@ def _decide(p: KernelPolicy, device: torch.device, dtype: Optional[torch.dtype],
 
 
 DEFAULT_POLICY = KernelPolicy()
+
+
+# ---------------------------------------------------------------- sizes a kernel cannot take
+# Where a block's hyperparameters rule a Triton kernel out, the op takes its PyTorch path and the
+# block's kernel_choice (the record's `kernels`) names why. The other sizes the kernels take as
+# they come: any d_state (the scan's lanes are fitted to it, triton_bdl._lane_tile), any expert
+# count and top-k (the MoE's fused router runs up to kernels.moe.FUSED_ROUTER_MAX_EXPERTS experts
+# and top-FUSED_ROUTER_MAX_TOPK, else torch's topk: kernel_choice's "router"), any head count.
+# Dense-small runs every expert on every token: (E + 1) / (k + 1) times the routed FLOPs, and it
+# reads every expert's weights. Its limits (kernels.moe) were tuned at the suite's 6 experts top-2
+# (7/3); a MoE whose excess is above this takes the grouped path at every token count (unless the
+# policy sets dense_small_max_tokens itself): at DeepSeek-V3's 256 experts top-8 dense-small would
+# compute 28x the routed work and read 22 GB of weights per decoding step.
+DENSE_SMALL_MAX_EXCESS = 4.0
+
+
+def moe_dense_small_limit(policy: KernelPolicy, decision: KernelDecision, n_experts: int, top_k: int) -> int:
+    """The token count up to which a MoE of this size takes dense-small (0: never)."""
+    if policy.dense_small_max_tokens is None and dense_small_excess(n_experts, top_k) > DENSE_SMALL_MAX_EXCESS:
+        return 0
+    return decision.dense_small_max_tokens
+
+
+def dense_small_excess(n_experts: int, top_k: int) -> float:
+    return (n_experts + 1) / (top_k + 1)
+
+
+def mla_triton_unfit(qk_rope_head_dim: int) -> Optional[str]:
+    """Why MLA's Triton prologue and split-K decode cannot take this head shape (None: they can)."""
+    if qk_rope_head_dim & (qk_rope_head_dim - 1):
+        return f"qk_rope_dim {qk_rope_head_dim} is not a power of two, which the Triton MLA prologue needs: torch ops"
+    return None

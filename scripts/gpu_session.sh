@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Measurements on a lent GPU, one stage per call (each fits a 10-minute command).
-#   bash scripts/gpu_session.sh check|probe|host|retest|targets|final|workloads|train|train-check|s6|s7|s7-suite|s7-redesign|sweep   (writes under $OUT, or ./gpu_out)
+#   bash scripts/gpu_session.sh check|probe|host|retest|targets|final|workloads|train|train-check|s6|s7|s7-suite|s7-redesign|s7-all|sweep   (writes under $OUT, or ./gpu_out)
 # Needs the runtime wheels in .whl/ (mambapy, open-kimi, pydantic...) and gpu_floor.py in .devcarry/.
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -158,6 +158,22 @@ s7-redesign)   # issue 13: the graphed forward before the redesign (tree of 9b35
     log $t $r
     (cd "$dir" && PYTHONPATH=/tmp/site:$dir timeout 110 $BENCH --cuda-graphs --dim 512 --seq-lens 128 2048 8192 \
         --batch-sizes 1 8 --dtype bfloat16 --output-dir "/tmp/r/redesign_${t}_$r" --overwrite 2>&1 | grep -E "SeqLen|error")
+    runs+=("redesign_${t}_$r")
+  done; done
+  ;;
+s7-all)   # session 7 in one call: issue 12's suite targets (fast and mamba_ssm), the train-step profile, and issue 13's before/after
+  env_info
+  if [ -f .devcarry/peer/peer_so.tar.xz ]; then
+    mkdir -p /tmp/peerbuild && tar xJf .devcarry/peer/peer_so.tar.xz -C /tmp/peerbuild
+    export PYTHONPATH=$PYTHONPATH:/tmp/peerbuild/cc:/tmp/peerbuild/ss:$PWD/.devcarry/peer/src
+  fi
+  issue12_suite _s7
+  log profile; timeout 100 python3 scripts/moe_train_study.py --profile > "$OUT/profile.txt" 2>&1; grep profile "$OUT/profile.txt"
+  for r in 1 2; do for t in before after; do
+    dir=$PWD; [ $t = before ] && dir=$PWD/.devcarry/before
+    log $t $r
+    (cd "$dir" && PYTHONPATH=/tmp/site:$dir timeout 60 $BENCH --cuda-graphs --dim 512 --seq-lens 2048 8192 \
+        --batch-sizes 8 --dtype bfloat16 --output-dir "/tmp/r/redesign_${t}_$r" --overwrite 2>&1 | grep -E "SeqLen|error")
     runs+=("redesign_${t}_$r")
   done; done
   ;;

@@ -120,7 +120,7 @@ def profile():
         for _ in range(5):
             step()
         torch.cuda.synchronize()
-        with prof_ctx(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        with prof_ctx(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as p:
             for _ in range(5):
                 step()
             torch.cuda.synchronize()
@@ -136,6 +136,11 @@ def profile():
         rows = sorted(ev, key=lambda e: -e.self_device_time_total)[:12]
         for e in rows:
             print(f"   GPU  {e.self_device_time_total / 5 / 1e3:7.3f} ms  n {e.count // 5:4d}  {e.key[:100]}")
+        for e in p.key_averages(group_by_stack_n=6):
+            if e.key in ("aten::cat", "aten::copy_") and e.device_time_total / 5 > 50:
+                print(f"   {e.key} gpu {e.device_time_total / 5 / 1e3:.3f} ms n {e.count // 5}: "
+                      + " <- ".join(f.split("(")[0].split("/")[-1] + ":" + f.split("(")[-1].split(")")[0]
+                                    for f in e.stack[:6]))
         del block, xb, g
         torch.cuda.empty_cache()
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 from pydantic import ValidationError
 
@@ -11,7 +11,9 @@ from .execute import Output, execute, resolve_device
 from .launchers import Local
 from .names import BLOCK_MODELS
 from .results import BenchmarkResult, UsageError
-from .settings import SweepSettings, one_line
+from .settings import SweepSettings, model_sizes, one_line
+
+Size = Union[int, Sequence[int], None]   # one value, or several (one more axis of the grid)
 
 
 def run_scaling_benchmarks(dim: int = 512, sequence_lengths: Optional[Sequence[int]] = None,
@@ -22,7 +24,13 @@ def run_scaling_benchmarks(dim: int = 512, sequence_lengths: Optional[Sequence[i
                            min_time: float = 0.0, threads: Optional[int] = None, seed: int = 0,
                            isolate: bool = False, output_dir: Optional[str | Path] = None,
                            resume: bool = False, overwrite: bool = False, verbose: bool = True,
-                           progress: bool = True) -> list[BenchmarkResult]:
+                           progress: bool = True, preset: Optional[str] = None,
+                           model_config: Union[str, Path, Mapping, None] = None,
+                           d_state: Size = None, expand: Size = None, d_conv: Size = None, dt_rank: Size = None,
+                           n_experts: Size = None, n_activated: Size = None, expert_dim: Size = None,
+                           shared_expert_dim: Size = None, heads: Size = None, q_lora_rank: Size = None,
+                           kv_lora_rank: Size = None, qk_nope_dim: Size = None, qk_rope_dim: Size = None,
+                           v_head_dim: Size = None) -> list[BenchmarkResult]:
     """Measure every model at every (sequence length, batch size); one record per config.
 
     Prints the banner and one line per config (the spec's format) unless `verbose=False`.
@@ -31,11 +39,21 @@ def run_scaling_benchmarks(dim: int = 512, sequence_lengths: Optional[Sequence[i
     directory that holds files needs `resume=True` (skip configs already recorded ok) or
     `overwrite=True`, as on the command line. Bad arguments raise ValueError; Ctrl-C raises
     KeyboardInterrupt once every finished record is written.
+
+    The block hyperparameters (d_state ... v_head_dim, as the CLI's flags) take one value or
+    several (one more axis of the grid); `preset` (presets.PRESETS) and `model_config` (a TOML
+    file's path, or its keys as a dict) set several at once, explicit keywords winning. A preset
+    sets the width unless `dim` is given explicitly (not 512).
     """
     device = resolve_device(use_cuda)
+    explicit = dict(d_state=d_state, expand=expand, d_conv=d_conv, dt_rank=dt_rank, n_experts=n_experts,
+                    n_activated=n_activated, expert_dim=expert_dim, shared_expert_dim=shared_expert_dim,
+                    heads=heads, q_lora_rank=q_lora_rank, kv_lora_rank=kv_lora_rank, qk_nope_dim=qk_nope_dim,
+                    qk_rope_dim=qk_rope_dim, v_head_dim=v_head_dim)
+    m = model_sizes(preset, model_config, dim=None if dim == 512 else dim, sizes=explicit)
     try:
         s = SweepSettings(
-            dim=dim,
+            dim=m.get("dim", dim), sizes=m.get("sizes", {}),
             sequence_lengths=list(sequence_lengths if sequence_lengths is not None else [128, 256, 512, 1024, 2048]),
             batch_sizes=list(batch_sizes if batch_sizes is not None else [1, 2, 4, 8]),
             models=list(models if models is not None else BLOCK_MODELS),

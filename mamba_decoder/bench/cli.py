@@ -14,7 +14,8 @@ from typing import Optional, Sequence
 
 from pydantic import ValidationError
 
-from ..config import BACKENDS, DEFAULT_BACKEND
+from ..config import BACKENDS, DEFAULT_BACKEND, SIZE_PARTS
+from ..presets import PRESETS
 from .execute import (EXIT_INTERRUPTED, EXIT_OK, EXIT_REGRESSION, EXIT_UNEXPECTED, EXIT_USAGE,  # noqa: F401
                       Output, execute, resolve_device)
 from .launchers import Local
@@ -22,7 +23,7 @@ from .names import LM_MODELS, models_for
 from .registry import MODELS
 from .report import IGNORABLE, compare_runs, write_report
 from .results import RecordFileError, UsageError
-from .settings import CACHE_KINDS, DTYPES, LEVELS, MODES, SweepSettings, one_line
+from .settings import CACHE_KINDS, DTYPES, LEVELS, MODES, SweepSettings, model_sizes, one_line
 from .torchrun import Torchrun, dist_env
 
 # --quick: a useful look in about a minute on a 2-core CPU (reference backend).
@@ -107,9 +108,34 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-kind", default=None, choices=CACHE_KINDS,
                    help="decode: MLA's cache, latent (absorb; the default) or full per-head K/V (naive)")
     p.add_argument("--optimizer-step", action="store_true", help="train: add an AdamW step")
-    p.add_argument("--depth", type=pos, default=4, help="model level: Mamba blocks per model (default: 4)")
-    p.add_argument("--vocab-size", type=_int_at_least(2), default=32000,
-                   help="model level: vocabulary size (default: 32000)")
+    p.add_argument("--depth", type=pos, default=None,
+                   help="model level: Mamba blocks per model (default: the preset's, else 4)")
+    p.add_argument("--vocab-size", type=_int_at_least(2), default=None,
+                   help="model level: vocabulary size (default: the preset's, else 32000)")
+    g = p.add_argument_group("model sizes", "each takes one or more values (several: one more axis of "
+                             "the grid); explicit flags win over --model-config, which wins over --preset")
+    for part, names in SIZE_PARTS.items():
+        for name in names:
+            g.add_argument("--" + name.replace("_", "-"), dest="size_" + name, nargs="+", default=None,
+                           metavar="N", type=nonneg if name == "q_lora_rank" else pos,
+                           help=f"{part}: {SIZE_HELP[name]}")
+    g.add_argument("--model-config", default=None, metavar="FILE",
+                   help="a TOML file of any of: preset, dim, depth, vocab_size and the sizes above "
+                        "(underscores: d_state = 32, n_experts = [8, 64])")
+    g.add_argument("--preset", default=None, metavar="NAME",
+                   help=f"a published architecture's block shape: {', '.join(PRESETS)} "
+                        "(`mamba-bench presets` lists their sources)")
+
+
+SIZE_HELP = dict(
+    d_state="SSM state size (default 16)", expand="inner width / dim (default 2)",
+    d_conv="causal conv width (default 4)", dt_rank="dt projection rank (default ceil(dim/16))",
+    n_experts="routed experts (default 6)", n_activated="experts per token, top-k (default 2)",
+    expert_dim="routed expert SwiGLU width (default 2*dim)",
+    shared_expert_dim="the shared expert's width (default: --expert-dim)",
+    heads="MLA heads (default 16)", q_lora_rank="query LoRA rank, 0: none (default 0)",
+    kv_lora_rank="KV latent rank (default 512)", qk_nope_dim="per-head q/k width without RoPE (default 128)",
+    qk_rope_dim="per-head RoPE width, even (default 64)", v_head_dim="per-head value width (default 128)")
 
 
 def settings_from_args(args: argparse.Namespace, device: str) -> SweepSettings:
@@ -128,15 +154,19 @@ def settings_from_args(args: argparse.Namespace, device: str) -> SweepSettings:
             if m.lower() not in by_lower:
                 raise UsageError(f"--models: {m!r} is not one of {', '.join(map(repr, known))}")
             models.append(by_lower[m.lower()])
+    m = model_sizes(args.preset, args.model_config, dim=args.dim, depth=args.depth, vocab_size=args.vocab_size,
+                    sizes={k[len("size_"):]: v for k, v in vars(args).items() if k.startswith("size_")})
+    dim = m.get("dim", pick("dim"))
     try:
-        s = SweepSettings(dim=pick("dim"), sequence_lengths=list(dict.fromkeys(pick("seq_lens"))),
+        s = SweepSettings(dim=dim, sequence_lengths=list(dict.fromkeys(pick("seq_lens"))),
                           batch_sizes=list(dict.fromkeys(pick("batch_sizes"))),
                           models=list(dict.fromkeys(models)), backends=list(dict.fromkeys(args.backend)),
                           dtypes=list(dict.fromkeys(args.dtype)), device=device, warmup=pick("warmup"),
                           runs=pick("runs"), min_time_s=args.min_time, threads=args.threads,
                           seed=args.seed, isolate=args.isolate, mode=args.mode, level=args.level,
                           compile=args.compile, cuda_graphs=args.cuda_graphs, cache_kind=args.cache_kind,
-                          optimizer_step=args.optimizer_step, depth=args.depth, vocab_size=args.vocab_size)
+                          optimizer_step=args.optimizer_step, depth=m.get("depth", 4),
+                          vocab_size=m.get("vocab_size", 32000), sizes=m.get("sizes", {}))
     except ValidationError as e:
         raise UsageError(one_line(e)) from None
     if s.threads is not None and s.threads > (os.cpu_count() or 1):
@@ -185,6 +215,15 @@ def compare_command(args: argparse.Namespace) -> int:
     return EXIT_REGRESSION if regressed else EXIT_OK
 
 
+def presets_command(args: argparse.Namespace) -> int:
+    """The presets with their shapes and the published configs they come from."""
+    for p in PRESETS.values():
+        sizes = ", ".join(f"{k}={v}" for k, v in p.sizes.items())
+        print(f"{p.name}: dim={p.dim}, {sizes}; model level: depth={p.depth}, vocab_size={p.vocab_size}")
+        print(f"    source: {p.source}")
+    return EXIT_OK
+
+
 def _float(text: str) -> float:
     try:
         return float(text)
@@ -194,7 +233,7 @@ def _float(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="mamba-bench", description="Benchmark MambaDecoderBlock, MLABlock and Regular Mamba.")
-    sub = p.add_subparsers(dest="command", metavar="{run,report,compare}")
+    sub = p.add_subparsers(dest="command", metavar="{run,report,compare,presets}")
     run = sub.add_parser("run", help="run a sweep (the spec's flags)")
     add_run_arguments(run)
     rep = sub.add_parser("report", help="redraw plots and write report.md/html from a saved run")
@@ -210,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--ignore", nargs="+", default=[], choices=IGNORABLE,
                       help="pair configs without these fields, e.g. --ignore backend to compare a "
                            "fast run with a reference run")
+    sub.add_parser("presets", help="list the presets of published architectures and their sources")
     return p
 
 
@@ -236,9 +276,10 @@ def _guarded(fn, argv) -> int:
 
 def _main(argv: Optional[Sequence[str]]) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"run": run_command, "report": report_command, "compare": compare_command}
+    commands = {"run": run_command, "report": report_command, "compare": compare_command,
+                "presets": presets_command}
     if args.command is None:
-        raise UsageError("choose a command: run, report or compare (see mamba-bench --help)")
+        raise UsageError("choose a command: run, report, compare or presets (see mamba-bench --help)")
     return commands[args.command](args)
 
 

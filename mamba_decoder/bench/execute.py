@@ -106,9 +106,13 @@ def _execute(s: SweepSettings, launcher: Launcher, o: Output) -> Outcome:
                                 kernels=banner_kernels(s)), flush=True)
             for line in plan.banner:
                 print(line, flush=True)
+            if s.sizes:   # --preset / --model-config / the size flags: what the blocks were built with
+                print("Block sizes: " + ", ".join(f"{k}={v[0] if len(v) == 1 else v}" for k, v in s.sizes.items())
+                      + " (the rest at the suite's defaults; each record's block_config has them all)", flush=True)
         if o.dir is not None:
             write_environment(environment(s.device, torch.get_num_threads()), o.dir / ENV_NAME)
-    show = report.console_printer(multi=len(s.backends) * len(s.dtypes) > 1) if o.verbose else None
+    show = report.console_printer(multi=len(s.backends) * len(s.dtypes) > 1,
+                                  sizes=s.swept_sizes()) if o.verbose else None
     outcome = launcher.run(s, o, plan, show)
     if not launcher.main:
         return outcome

@@ -23,6 +23,12 @@ LM_MODELS = (MAMBA_LM, MAMBA_DECODER, MAMBA_DECODER_MLA)
 MODEL_COLORS = {REGULAR_MAMBA: "#0072B2", MAMBA_DECODER_BLOCK: "#D55E00", MLA_BLOCK: "#009E73"}
 
 
+# The parts of each model whose sizes apply to it (config.SIZE_PARTS keys): what its record's
+# block_config holds and what a hyperparameter sweep varies for it.
+MODEL_PARTS = {REGULAR_MAMBA: ("mamba",), MAMBA_DECODER_BLOCK: ("mamba", "moe"), MLA_BLOCK: ("mla", "moe"),
+               MAMBA_LM: ("mamba",), MAMBA_DECODER: ("mamba", "moe"), MAMBA_DECODER_MLA: ("mamba", "moe", "mla")}
+
+
 def models_for(level: str) -> tuple[str, ...]:
     return BLOCK_MODELS if level == "block" else LM_MODELS
 
@@ -39,6 +45,7 @@ class RecordKey(NamedTuple):
     sequence_length: int
     dim: int
     variant: str = ""
+    config_hash: str = ""   # results.config_hash of its non-default sizes ("" for the defaults and older records)
 
 
 # A record's variant: what distinguishes runs of one mode beyond the grid, as tags joined by "+"

@@ -35,10 +35,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .names import MODEL_COLORS, REGULAR_MAMBA, is_mixed, mixed_devices, variant_tags
-from .results import BenchmarkResult, record_devices
+from .names import MODEL_COLORS, REGULAR_MAMBA, is_mixed, join_variant, mixed_devices, variant_tags
+from .results import BenchmarkResult, record_devices, swept_sizes
 
 DPI = 300
+SWEEP_PLOT_FILE = "param_sweep_{}.png"   # one per swept size: latency and throughput against it
 PLOT_FILES = {
     "latency_vs_seq_len": "1_latency_vs_sequence_length.png",
     "throughput_vs_seq_len": "2_throughput_vs_sequence_length.png",
@@ -55,6 +56,7 @@ MODE_PLOT_FILES = {
     "cache_memory": "cache_memory_vs_context.png",
     "train_step": "train_step_time_vs_seq.png",
 }
+ENERGY_PLOT_FILE = "energy_per_token_vs_seq.png"   # drawn when records carry energy (NVML / RAPL)
 _EXTRA_COLORS = ["#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
 BACKEND_STYLES = {"reference": "-", "fast": "--"}
 _LINESTYLES = ["-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 1)), (0, (8, 2))]
@@ -101,19 +103,32 @@ class _Data:
         self.mode = mode or _mode_of(self.records)
         self.text = MODE_TEXT.get(self.mode, MODE_TEXT["forward"])
         self.by_series: dict[Series, dict[tuple[int, int], BenchmarkResult]] = defaultdict(dict)
+        # A sweep over sizes: each config is a series of its own, its swept sizes (n_experts=8)
+        # joined to the variant, so legends tell configs apart; the speedup's baseline is the
+        # Regular Mamba series of the sizes it shares (base_variant).
+        self.sizes = swept_sizes(self.records)
+        base_keys = {k for r in self.records if r.model_name == REGULAR_MAMBA for k in r.block_config}
+        self.base_variant: dict[Series, str] = {}
         for r in self.records:
-            self.by_series[(r.model_name, r.backend, r.dtype, r.variant)][(r.sequence_length, r.batch_size)] = r
+            s = (r.model_name, r.backend, r.dtype, self.series_variant(r))
+            self.by_series[s][(r.sequence_length, r.batch_size)] = r
+            self.base_variant[s] = self.series_variant(r, base_keys)
         self.seqs = sorted({r.sequence_length for r in self.records})
         self.batches = sorted({r.batch_size for r in self.records})
         self.backends = sorted({r.backend for r in self.records}, key=_backend_order)
         self.dtypes = sorted({r.dtype for r in self.records})
-        self.variants = sorted({r.variant for r in self.records})
+        self.variants = sorted({s[3] for s in self.by_series})   # with a sweep's sizes
         self.models = list(dict.fromkeys(r.model_name for r in self.records))
         self.failed = [r for r in self.records if not r.ok]
         # marker per (dtype, variant) when variants differ; per (backend, dtype, variant) in plot 6
         self._dv = sorted({(s[2], s[3]) for s in self.by_series})
         self._markers = sorted({(s[1], s[2], s[3]) for s in self.by_series},
                                key=lambda c: (_backend_order(c[0]), c[1], c[2]))
+
+    def series_variant(self, r: BenchmarkResult, keys=None) -> str:
+        """The record's variant with its swept sizes (those in `keys`, if given) as more tags."""
+        return join_variant([*variant_tags(r.variant), *(f"{k}={r.block_config[k]}" for k in self.sizes
+                                                          if k in r.block_config and (keys is None or k in keys))])
 
     @staticmethod
     def variant_name(v: str) -> str:
@@ -161,10 +176,12 @@ class _Data:
         if metric == "efficiency_active":
             return (r.throughput_tokens_per_sec / (r.active_parameters / 1e6)
                     if r.active_parameters else math.nan)
+        if metric == "energy_mj_per_token":
+            return r.energy_per_token_j * 1e3 if r.energy_per_token_j is not None else math.nan
         if metric == "cache_mib":
             return r.cache_bytes / 2 ** 20 if r.cache_bytes else math.nan
         if metric == "speedup":
-            base = self.by_series.get((REGULAR_MAMBA, s[1], s[2], s[3]), {}).get((seq, batch))
+            base = self.by_series.get((REGULAR_MAMBA, s[1], s[2], self.base_variant.get(s, s[3])), {}).get((seq, batch))
             return base.latency_ms / r.latency_ms if base is not None and base.ok else math.nan
         raise ValueError(metric)
 
@@ -496,6 +513,51 @@ def _cache_figure(data: _Data, env, path: Path) -> Path:
                    env, path, (list(handles.values()), list(handles)))
 
 
+def _param_sweep_figure(data: _Data, key: str, env, path: Path) -> Path:
+    """Latency (top row) and throughput (bottom row) against the swept size `key`, a column per
+    sequence length (at the run's largest batch size); a line per (model, backend, dtype,
+    variant, the other swept sizes). Models without that size (Regular Mamba in an n_experts
+    sweep) are left out."""
+    batch = data.batches[-1]
+    seqs = data.seqs[-4:]
+    lines: dict[tuple, dict[int, dict[int, BenchmarkResult]]] = defaultdict(lambda: defaultdict(dict))
+    for r in data.records:
+        if key not in r.block_config or not r.ok or r.batch_size != batch:
+            continue
+        others = ", ".join(f"{k}={r.block_config[k]}" for k in data.sizes if k != key and k in r.block_config)
+        lines[(r.model_name, r.backend, r.dtype, r.variant, others)][r.sequence_length][r.block_config[key]] = r
+    fig = _new_figure(1)
+    fig.set_size_inches(3.0 * len(seqs) + 0.6, 2.6 * 2 + 1.3)
+    gs = fig.add_gridspec(2, len(seqs))
+    handles: dict[str, object] = {}
+    xs_all = sorted({v for line in lines.values() for per in line.values() for v in per})
+    for col, seq in enumerate(seqs):
+        for row, (metric, ylabel) in enumerate((("latency", f"{data.text['latency']} (ms, log)"),
+                                               ("throughput", f"{data.text['throughput']} ({data.text['tp_unit']}, log)"))):
+            ax = fig.add_subplot(gs[row, col])
+            for i, (k, line) in enumerate(lines.items()):
+                per = line.get(seq, {})
+                xs = sorted(per)
+                ys = [per[x].latency_ms if metric == "latency" else per[x].throughput_tokens_per_sec for x in xs]
+                extra = [k[1]] + ([k[2]] if len(data.dtypes) > 1 else []) + ([k[3]] if k[3] else []) + ([k[4]] if k[4] else [])
+                label = f"{k[0]} ({', '.join(extra)})"
+                (h,) = ax.plot(xs, ys, marker=_MARKERS[i % len(_MARKERS)], color=data.color(k[0]),
+                               linestyle=BACKEND_STYLES.get(k[1], ":"), label=label)
+                handles.setdefault(label, h)
+            if xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 8:
+                ax.set_xscale("log", base=2)
+                ax.set_xticks(xs_all)
+                ax.set_xticklabels([str(v) for v in xs_all])
+            ax.set_yscale("log")
+            _plain_log_ticks(ax.yaxis, *ax.get_ylim())
+            ax.set_title(f"L={seq}, batch {batch}")
+            ax.set_xlabel(key)
+            if col == 0:
+                ax.set_ylabel(ylabel)
+    return _finish(fig, data, f"Sweep over {key}: latency and throughput{data.text['title']}", env, path,
+                   (list(handles.values()), list(handles)))
+
+
 def _spec_plots(data: _Data, env, f: dict[str, Path]) -> list[Path]:
     """The spec's eight plots of one mode's records (labels say what latency means in that mode)."""
     t = data.text
@@ -554,6 +616,8 @@ def plot_benchmark_results(results: Sequence[BenchmarkResult], output_dir: str |
             return [_no_baseline(data, t, env, p, "no records") for t, p in
                     zip(PLOT_FILES, f.values())]
         paths = _spec_plots(data, env, f)
+        paths += [_param_sweep_figure(data, key, env, out / SWEEP_PLOT_FILE.format(key)) for key in data.sizes
+                  if key.replace("_", "").isalnum()]
         if by_mode.get("decode"):
             dec = data if spec_mode == "decode" else _Data(by_mode["decode"], "decode")
             paths += [
@@ -572,4 +636,13 @@ def plot_benchmark_results(results: Sequence[BenchmarkResult], output_dir: str |
                                       ylabel="training step time\n(ms, median; bars p10-p90)",
                                       title=f"Training step time vs sequence length (step = {step})",
                                       path=m["train_step"]))
+        energy = [r for r in data.records if r.ok and r.energy_per_token_j is not None]
+        if energy:
+            en = _Data(energy)
+            src = ", ".join(sorted({r.energy_source for r in energy}))
+            paths.append(_line_figure(en, x="seq", metric="energy_mj_per_token", logy=True, env=env,
+                                      ylabel="energy per token\n(mJ, log)",
+                                      title=f"Energy per token vs sequence length ({src}: the whole "
+                                            f"device's energy over the timed runs){en.text['title']}",
+                                      path=out / ENERGY_PLOT_FILE))
     return paths

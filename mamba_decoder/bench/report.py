@@ -16,8 +16,8 @@ from tqdm import tqdm
 
 from .names import REGULAR_MAMBA, RecordKey
 from .plots import plot_benchmark_results
-from .results import (CSV_NAME, ENV_NAME, JSONL_NAME, BenchmarkResult, UsageError, load_run, lock_dir,
-                      record_devices,
+from .results import (CSV_NAME, ENV_NAME, JSONL_NAME, BenchmarkResult, UsageError, config_label, load_run,
+                      lock_dir, record_devices, same_sizes, swept_sizes,
                       note_written, read_environment, write_csv)
 from .timing import HIGH_SPREAD, mann_whitney_u
 
@@ -64,19 +64,24 @@ def format_line(r: BenchmarkResult) -> str:
     return line
 
 
-def console_printer(multi: bool, file=None):
+def console_printer(multi: bool, file=None, sizes: Sequence[str] = ()):
     """A callback printing each record's line as it finishes (above the progress bar).
 
     When a run sweeps several (backend, dtype) pairs, a header line precedes each pair's lines,
-    since the spec's line format has no place for them.
+    since the spec's line format has no place for them; so does each point of a sweep over
+    block sizes (`sizes`: the swept ones), e.g. "--- n_experts=64 ---".
     """
-    last: list = [None]
+    last: list = [None, ""]
 
     def show(r: BenchmarkResult) -> None:
         out = file or sys.stdout
         if multi and (r.backend, r.dtype) != last[0]:
             last[0] = (r.backend, r.dtype)
             tqdm.write(f"--- backend: {r.backend} | dtype: {r.dtype} ---", file=out)
+        label = config_label(r, sizes)
+        if label and label != last[1]:
+            last[1] = label
+            tqdm.write(f"--- {label} ---", file=out)
         tqdm.write(format_line(r), file=out)
         out.flush()
     return show
@@ -91,9 +96,9 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]], align: str) -> 
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows])
 
 
-def _label(r: BenchmarkResult, many: bool, modes: bool = False, variants: bool = False) -> str:
+def _label(r: BenchmarkResult, many: bool, modes: bool = False, variants: bool = False, sizes=()) -> str:
     extra = ([r.backend, r.dtype] if many else []) + ([r.mode] if modes else []) \
-        + ([r.variant or "default"] if variants else [])
+        + ([r.variant or "default"] if variants else []) + ([config_label(r, sizes)] if config_label(r, sizes) else [])
     return f"{r.model_name} ({', '.join(extra)})" if extra else r.model_name
 
 
@@ -108,12 +113,14 @@ def summary_table(results: Sequence[BenchmarkResult]) -> str:
     many = len({(r.backend, r.dtype) for r in results}) > 1
     modes = len({r.mode for r in results}) > 1
     variants = len({r.variant for r in results}) > 1
+    sizes = swept_sizes(results)
     ok = [r for r in results if r.ok]
     compute = any(r.mode != "decode" and r.tflops_per_sec is not None for r in ok)
     decode = any(r.mode == "decode" for r in ok)
+    energy = any(r.energy_per_token_j is not None for r in ok)
     rows = []
     for r in results:
-        label = _label(r, many, modes, variants)
+        label = _label(r, many, modes, variants, sizes)
         if r.ok:
             mem = "n/a" if r.memory_mb is None else f"{r.memory_mb:.1f}"
             tpm = r.throughput_tokens_per_sec / (r.num_parameters / 1e6) if r.num_parameters else float("nan")
@@ -127,14 +134,16 @@ def summary_table(results: Sequence[BenchmarkResult]) -> str:
             if decode:
                 row += ([_opt(r.gb_per_sec, ".1f"), _opt(r.prefill_ms, ".2f"),
                          _opt(r.cache_bytes, ".2f", 1 / 2 ** 20)] if r.mode == "decode" else ["-", "-", "-"])
+            if energy:
+                row += [_opt(r.energy_per_token_j, ".3g", 1e3), _opt(r.avg_power_w, ".0f")]
             rows.append(row + [f"{format_params(r.num_parameters)}/{format_params(r.active_parameters)}", "ok"])
         else:
             rows.append([label, r.sequence_length, r.batch_size, "-", "-", "-", "-", "-", "-"]
-                        + ["-"] * (2 * compute + 3 * decode)
+                        + ["-"] * (2 * compute + 3 * decode + 2 * energy)
                         + [format_params(r.num_parameters), f"{r.status.upper()}: {r.message[:60]}"])
     header = ["Model", "SeqLen", "Batch", "Mean±Std ms", "Median ms", "IQR ms", "Tokens/s",
               "Tok/s per M", "Mem MB"] + ["TFLOP/s", "MFU %"] * compute \
-        + ["GB/s", "Prefill ms", "Cache MiB"] * decode + ["Params tot/act", "Status"]
+        + ["GB/s", "Prefill ms", "Cache MiB"] * decode + ["mJ/token", "Avg W"] * energy + ["Params tot/act", "Status"]
     if decode and not modes:
         header[1] = "Context"   # decode: the context each generated token follows
     return "SUMMARY\n" + _table(header, rows, "l" + "r" * (len(header) - 2) + "l")
@@ -144,15 +153,19 @@ def speedups(results: Sequence[BenchmarkResult], baseline: str = REGULAR_MAMBA
              ) -> list[tuple[BenchmarkResult, Optional[float]]]:
     """(record, baseline latency / record latency) for every non-baseline record; None if either failed.
 
-    A speedup above 1 means faster than the baseline at the same backend, dtype, shape and mode.
+    A speedup above 1 means faster than the baseline at the same backend, dtype, shape and mode
+    (and, in a sweep over sizes, the baseline's sizes the record shares: results.same_sizes).
     """
-    base = {(r.backend, r.dtype, r.mode, r.dim, r.batch_size, r.sequence_length): r
-            for r in results if r.model_name == baseline}
+    base: dict[tuple, list[BenchmarkResult]] = defaultdict(list)
+    for r in results:
+        if r.model_name == baseline:
+            base[(r.backend, r.dtype, r.mode, r.dim, r.batch_size, r.sequence_length)].append(r)
     out = []
     for r in results:
         if r.model_name == baseline:
             continue
-        b = base.get((r.backend, r.dtype, r.mode, r.dim, r.batch_size, r.sequence_length))
+        b = next((b for b in base.get((r.backend, r.dtype, r.mode, r.dim, r.batch_size, r.sequence_length), [])
+                  if same_sizes(b, r)), None)
         ok = b is not None and b.ok and r.ok
         out.append((r, b.latency_ms / r.latency_ms if ok else None))
     return out
@@ -163,13 +176,14 @@ def comparison_table(results: Sequence[BenchmarkResult], baseline: str = REGULAR
     if not pairs or not any(r.model_name == baseline for r in results):
         return f"COMPARISON vs {baseline}: {baseline} not in this run"
     many = len({(r.backend, r.dtype) for r in results}) > 1
-    rows = [[_label(r, many), r.sequence_length, r.batch_size,
+    sizes = swept_sizes(results)
+    rows = [[_label(r, many, sizes=sizes), r.sequence_length, r.batch_size,
              "n/a" if sp is None else f"{sp:.2f}x",
              "n/a" if sp is None else ("faster" if sp > 1 else "slower")] for r, sp in pairs]
     geo: dict[str, list[float]] = defaultdict(list)
     for r, sp in pairs:
         if sp is not None:
-            geo[_label(r, many)].append(sp)
+            geo[_label(r, many, sizes=sizes)].append(sp)
     lines = [f"COMPARISON vs {baseline} (speedup = {baseline} latency / model latency; > 1 is faster)",
              _table(["Model", "SeqLen", "Batch", "Speedup", ""], rows, "lrrrl")]
     for label, v in geo.items():
@@ -206,7 +220,7 @@ def _run_devices(run_dir, records: Sequence[BenchmarkResult]) -> str:
 
 
 # Record-key fields that `compare --ignore` may leave out when pairing configs of two runs.
-IGNORABLE = ("backend", "dtype", "variant")
+IGNORABLE = ("backend", "dtype", "variant", "config_hash")   # config_hash: pair configs of other sizes
 
 
 def _pairing(records, ignore: Sequence[str], run_dir) -> dict:
@@ -292,25 +306,43 @@ def _md_table(header, rows) -> str:
     return "\n".join(out)
 
 
+def _named(r, sizes) -> str:
+    """The model's name, with its swept sizes when the run swept some."""
+    label = config_label(r, sizes)
+    return f"{r.model_name} ({label})" if label else r.model_name
+
+
 def _record_rows(results):
     rows = []
+    sizes = swept_sizes(results)
     for r in results:
         if r.ok:
-            rows.append([r.model_name, r.backend, r.dtype, r.sequence_length, r.batch_size,
+            rows.append([_named(r, sizes), r.backend, r.dtype, r.sequence_length, r.batch_size,
                          f"{r.latency_ms:.3f} ± {r.latency_std_ms:.3f}", f"{r.latency_median_ms:.3f}",
                          f"{r.latency_iqr_ms:.3f}" + (" (high spread)" if r.high_spread else ""),
                          f"{r.throughput_tokens_per_sec:.1f}",
                          "n/a" if r.memory_mb is None else f"{r.memory_mb:.1f}",
-                         format_params(r.num_parameters), r.n_runs, "ok"])
+                         format_params(r.num_parameters), r.n_runs, _energy_cell(r), "ok"])
         else:
-            rows.append([r.model_name, r.backend, r.dtype, r.sequence_length, r.batch_size,
-                         "-", "-", "-", "-", "-", format_params(r.num_parameters), 0,
+            rows.append([_named(r, sizes), r.backend, r.dtype, r.sequence_length, r.batch_size,
+                         "-", "-", "-", "-", "-", format_params(r.num_parameters), 0, "-",
                          f"{r.status.upper()}: {r.message}"])
     return rows
 
 
 _RECORD_HEADER = ["Model", "Backend", "Dtype", "SeqLen", "Batch", "Latency ms (mean ± std)", "Median ms",
-                  "IQR ms", "Tokens/s", "Mem MB", "Params", "Runs", "Status"]
+                  "IQR ms", "Tokens/s", "Mem MB", "Params", "Runs", "Energy", "Status"]
+
+
+def _energy_cell(r) -> str:
+    """'0.123 mJ/token, 412 W (nvml); peak RSS 812 MB', or n/a where not measured."""
+    parts = []
+    if r.energy_per_token_j is not None:
+        parts.append(f"{r.energy_per_token_j * 1e3:.3g} mJ/token, {r.energy_per_call_j:.3g} J/call, "
+                     f"{_opt(r.avg_power_w, '.0f')} W ({r.energy_source})")
+    if r.host_peak_rss_mb is not None:
+        parts.append(f"peak RSS {r.host_peak_rss_mb:.0f} MB")
+    return "; ".join(parts) or "n/a"
 
 
 def write_report(run_dir, output_dir) -> list:
@@ -334,7 +366,8 @@ def _write_report(run_dir: Path, out: Path, results, env) -> list:
     pngs = plot_benchmark_results(results, out, env=env)
     env_rows = [[k, v if not isinstance(v, dict) else ", ".join(f"{a} {b}" for a, b in v.items())]
                 for k, v in env.items()]
-    sp_rows = [[r.model_name, r.backend, r.dtype, r.sequence_length, r.batch_size,
+    sizes = swept_sizes(results)
+    sp_rows = [[_named(r, sizes), r.backend, r.dtype, r.sequence_length, r.batch_size,
                 "n/a" if sp is None else f"{sp:.2f}x"] for r, sp in speedups(results)]
     md = ["# Benchmark report", "", f"Records: `{run_dir}` ({len(results)} configs, "
           f"{sum(not r.ok for r in results)} failed)", "", "## Environment", "",

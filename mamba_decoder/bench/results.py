@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import hashlib
 import json
 import os
 import platform
@@ -99,6 +100,8 @@ class BenchmarkResult(BaseModel):
     # decode: one token for each of `batch_size` sequences after a context of `sequence_length`)
     variant: str = ""                           # names.join_variant of compile, cuda-graphs, cache=full, adamw
     level: str = "block"                        # block, or model (language models on token ids)
+    block_config: dict[str, int] = Field(default_factory=dict)   # the model's whole config (dim, its parts' sizes)
+    config_hash: str = ""                       # config_hash of its non-default sizes ("" for the defaults): in the key
     tokens_per_call: Optional[int] = None       # batch*seq (forward, train) or batch (decode)
     prefill_ms: Optional[float] = None          # decode: median prefill of the context
     cache_bytes: Optional[int] = None           # decode: cache held at the context length
@@ -108,6 +111,14 @@ class BenchmarkResult(BaseModel):
     peak_tflops: Optional[float] = None         # GPU: the datasheet's dense peak; CPU: the GEMM rate probed beside the config
     bytes_per_call: Optional[float] = None      # decode: weights + cache read per step
     gb_per_sec: Optional[float] = None          # bytes_per_call / median latency
+    # energy of the timed region (bench/energy.py): NVML on CUDA, RAPL on the CPU where readable,
+    # else None (never a guess); the whole device's or package's energy, idle power included
+    energy_j: Optional[NonNeg] = None           # all timed calls together
+    energy_per_call_j: Optional[NonNeg] = None  # per forward / train step / decode step
+    energy_per_token_j: Optional[NonNeg] = None # per call / tokens_per_call
+    avg_power_w: Optional[NonNeg] = None        # energy_j / the region's wall time
+    energy_source: Optional[str] = None         # "nvml" or "rapl"
+    host_peak_rss_mb: Optional[NonNeg] = None   # host resident-memory high-water mark of the timed region
     # provenance (a torchrun sweep: which process measured it)
     rank: Optional[int] = None
     world_size: Optional[int] = None
@@ -157,11 +168,22 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def config_hash(sizes: dict) -> str:
+    """A short hash of a model's sizes (8 hex digits of the SHA-256 of their sorted JSON), part
+    of the record key, so resume, compare and the rank merge tell configs apart. It hashes the
+    sizes that differ from the suite's defaults (settings.Config.size_changes): "" for the
+    defaults, so records made before the sizes could change keep their keys."""
+    if not sizes:
+        return ""
+    text = json.dumps(dict(sorted(dict(sizes).items())), separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
+
+
 def config_key(cfg, s) -> RecordKey:
     """The key of the record that config `cfg` of settings `s` makes (settings.Config,
     settings.SweepSettings): the same as that record's `.key`, whichever launcher made it."""
     return RecordKey(cfg.model_name, cfg.backend, s.mode, cfg.dtype, cfg.batch_size,
-                     cfg.sequence_length, s.dim, s.variant)
+                     cfg.sequence_length, s.dim, s.variant, config_hash(cfg.size_changes))
 
 
 def record_identity(cfg, s, device: str) -> dict:
@@ -169,7 +191,29 @@ def record_identity(cfg, s, device: str) -> dict:
     one builder behind `measure`, `measure_isolated` and torchrun's records of unfinished configs."""
     return dict(model_name=cfg.model_name, sequence_length=cfg.sequence_length,
                 batch_size=cfg.batch_size, dim=s.dim, mode=s.mode, backend=cfg.backend,
-                dtype=cfg.dtype, device=str(device), warmup=s.warmup, variant=s.variant, level=s.level)
+                dtype=cfg.dtype, device=str(device), warmup=s.warmup, variant=s.variant, level=s.level,
+                block_config=dict(cfg.block_config), config_hash=config_hash(cfg.size_changes))
+
+
+def swept_sizes(records: Iterable["BenchmarkResult"]) -> list[str]:
+    """The block_config entries that differ between records of one model (what a sweep over
+    sizes varied, e.g. n_experts): the plots' and tables' labels name these."""
+    values: dict[tuple, set] = {}
+    for r in records:
+        for k, v in r.block_config.items():
+            values.setdefault((r.model_name, k), set()).add(v)
+    return list(dict.fromkeys(k for (_, k), vs in values.items() if len(vs) > 1))
+
+
+def config_label(r: "BenchmarkResult", keys: Iterable[str]) -> str:
+    """'n_experts=8, d_state=16': the record's values of `keys` (those its model has)."""
+    return ", ".join(f"{k}={r.block_config[k]}" for k in keys if k in r.block_config)
+
+
+def same_sizes(a: "BenchmarkResult", b: "BenchmarkResult") -> bool:
+    """Whether two records agree on every size both have (a Mamba block and a Mamba+MoE block of
+    the same d_state: the like-for-like baseline of a sweep)."""
+    return all(b.block_config[k] == v for k, v in a.block_config.items() if k in b.block_config)
 
 
 # ---------------------------------------------------------------- JSON Lines
@@ -340,7 +384,7 @@ def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
 
 
 # ---------------------------------------------------------------- CSV
-_JSON_COLUMNS = ("samples_ms", "kernels")
+_JSON_COLUMNS = ("samples_ms", "kernels", "block_config")
 _EMPTY_STR_FIELDS = tuple(n for n, f in BenchmarkResult.model_fields.items() if f.default == "")
 
 

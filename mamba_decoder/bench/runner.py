@@ -8,6 +8,7 @@ are handed to `on_record` (console lines) and `writer` (JSONL, fsynced) as each 
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import signal
@@ -20,13 +21,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..kernels import cpu_gemm
 from ..models import kernel_choices
-from . import flops
+from . import flops, timing
 from .registry import NO_MAMBA_MIXER, build_lm, build_model, parameter_counts
 from .results import BenchmarkResult, RecordWriter, cpu_model, record_identity
 from .settings import CACHE_KINDS, DTYPES, LEVELS, MODES, Config, SweepSettings, iter_configs  # noqa: F401
-from ..kernels import cpu_gemm
-from . import timing
+from .energy import EnergyMeter, energy_fields
 from .timing import time_callable
 from .workloads import DecodeSession, GraphedForward, TrainStep
 
@@ -53,11 +54,16 @@ def banner_kernels(s: SweepSettings) -> dict[str, dict[str, str]]:
                 label = f"{name} ({backend}, {dtype})"
                 try:
                     with torch.device("meta"):
-                        m = registry_build(name, s, backend)
+                        m = registry_build(name, s, backend, _first_sizes(s))
                     out[label] = kernel_choices(m, torch.device(s.device), DTYPES[dtype])
                 except Exception as e:  # noqa: BLE001 -- the banner must not stop the sweep
                     out[label] = {"unavailable": f"{type(e).__name__}: {e}".splitlines()[0][:120]}
     return out
+
+
+def _first_sizes(s: SweepSettings):
+    grid = s.size_grid()
+    return grid[0] if grid else None
 
 
 def _max_seq_len(s: SweepSettings) -> int:
@@ -72,19 +78,25 @@ class _Built:
 
 def _build(cfg: Config, s: SweepSettings) -> nn.Module:
     torch.manual_seed(s.seed)   # same weights for the same (model, dim, seed)
-    model = registry_build(cfg.model_name, s, cfg.backend)
-    model = model.to(device=torch.device(s.device), dtype=DTYPES[cfg.dtype])
+    device = torch.device(s.device)
+    # On CUDA the weights are made there (a published width, e.g. 256 experts of 7168 x 2048,
+    # would take minutes to initialise on the host and as much host memory as fp32 weights).
+    with torch.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        model = registry_build(cfg.model_name, s, cfg.backend, cfg.sizes)
+    model = model.to(device=device, dtype=DTYPES[cfg.dtype])
     if s.compile:
         model.compile()         # in place: the module keeps its type, its cache API and state dict
     return model
 
 
-def registry_build(name: str, s: SweepSettings, backend: str) -> nn.Module:
-    """The model factory (tests patch `runner.build_model` to inject failures)."""
+def registry_build(name: str, s: SweepSettings, backend: str, sizes=None) -> nn.Module:
+    """The model factory (tests patch `runner.build_model` to inject failures); `sizes`: the
+    config's BlockSizes (passed on only when the sweep sets sizes: the defaults build as before)."""
+    kw = dict(sizes=sizes) if s.sizes and sizes is not None else {}
     if s.level == "model":
         return build_lm(name, s.dim, backend, depth=s.depth, vocab_size=s.vocab_size,
-                        max_seq_len=_max_seq_len(s))
-    return build_model(name, s.dim, backend, max_seq_len=_max_seq_len(s))
+                        max_seq_len=_max_seq_len(s), **kw)
+    return build_model(name, s.dim, backend, max_seq_len=_max_seq_len(s), **kw)
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -108,8 +120,13 @@ def measure(cfg: Config, s: SweepSettings, cache: Optional[dict] = None) -> Benc
     result = None
     step = workload = None
     try:
-        ck = (cfg.model_name, cfg.backend, cfg.dtype)
+        ck = (cfg.model_name, cfg.backend, cfg.dtype, cfg.block_config)
         if ck not in cache:
+            for old in [k for k in cache if k[0] == cfg.model_name]:   # this model's previous sizes
+                del cache[old]
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
             try:
                 cache[ck] = _Built(_build(cfg, s))
             except KeyboardInterrupt:
@@ -129,9 +146,15 @@ def measure(cfg: Config, s: SweepSettings, cache: Optional[dict] = None) -> Benc
             base = torch.cuda.memory_allocated(device)
         torch.manual_seed(s.seed * 1_000_003 + cfg.sequence_length * 1009 + cfg.batch_size)
         step, max_runs, workload = _workload(model, cfg, s, device, fields)
-        reset = (lambda: torch.cuda.reset_peak_memory_stats(device)) if cuda else None
+        meter = EnergyMeter(device)
+
+        def before_timing():   # after warmup: the peak-memory stats and the energy counter start here
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            meter.start()
         samples = time_callable(step, device, warmup=s.warmup, runs=s.runs, max_runs=max_runs,
-                                min_time_s=s.min_time_s, before_timing=reset)
+                                min_time_s=s.min_time_s, before_timing=before_timing)
+        fields.update(energy_fields(meter.stop(), len(samples), fields.get("tokens_per_call")))
         if cuda:
             peak = torch.cuda.max_memory_allocated(device)
             fields.update(peak_memory_mb=peak / MB, memory_mb=(peak - base) / MB)

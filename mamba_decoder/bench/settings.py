@@ -5,15 +5,16 @@ settings it makes one record, identified by `results.config_key`.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Annotated, Iterator, Literal, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..config import BACKENDS, DEFAULT_BACKEND, one_line_errors
+from ..config import BACKENDS, DEFAULT_BACKEND, BlockSizes, one_line_errors
 from ..kernels import mamba_ssm_ext
-from .names import RecordKey, join_variant, models_for
+from .names import MODEL_PARTS, RecordKey, join_variant, models_for
 from .results import UsageError, config_key  # noqa: F401 (UsageError: settings' errors)
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16,
@@ -82,6 +83,9 @@ class SweepSettings(BaseModel):
     optimizer_step: bool = False    # train: add an AdamW step to forward + backward
     depth: PosInt = _field("depth", "an integer >= 1", 4)                    # model level: Mamba blocks
     vocab_size: Annotated[int, Field(strict=True, ge=2)] = _field("vocab size", "an integer >= 2", 32000)
+    # block hyperparameters (config.BlockSizes field -> its values; several values: one more axis
+    # of the grid; a size not given takes the suite's default)
+    sizes: dict[str, list] = Field(default_factory=dict)
 
     _one_line = one_line_errors(lambda cls, err: _field_message(cls.model_fields, err))
 
@@ -112,7 +116,35 @@ class SweepSettings(BaseModel):
             raise ValueError(f"--optimizer-step applies to --mode train (got mode {self.mode!r})")
         if self.mode == "decode" and self.level != "block":
             raise ValueError("--mode decode runs at --level block (the blocks' own caches)")
+        for name, values in self.sizes.items():
+            if name not in BlockSizes.model_fields:
+                raise ValueError(f"model size {name!r} is not one of: {', '.join(BlockSizes.model_fields)}")
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"model size {name}: no value given (accepted: one or more integers)")
+        self.size_grid()   # each point of the grid checked once, here (one line)
         return self
+
+    def size_grid(self) -> list[BlockSizes]:
+        """Every combination of the given sizes (the grid's hyperparameter axes), validated."""
+        names = list(self.sizes)
+        out = []
+        for values in itertools.product(*(list(dict.fromkeys(self.sizes[n])) for n in names)):
+            try:
+                out.append(BlockSizes(**dict(zip(names, values))))
+            except ValidationError as e:
+                raise ValueError(one_line(e)) from None
+        return out
+
+    def swept_sizes(self) -> list[str]:
+        """The sizes given more than one value (the sweep's hyperparameter axes)."""
+        return [n for n, v in self.sizes.items() if len(dict.fromkeys(v)) > 1]
+
+    def block_config(self, model_name: str, sizes: BlockSizes) -> tuple[tuple[str, int], ...]:
+        """The whole config a model of this sweep has at `sizes` (its record's block_config)."""
+        d = sizes.applied(self.dim, MODEL_PARTS[model_name])
+        if self.level == "model":
+            d.update(depth=self.depth, vocab_size=self.vocab_size)
+        return tuple(d.items())
 
     @property
     def variant(self) -> str:
@@ -128,8 +160,8 @@ class SweepSettings(BaseModel):
 
     @property
     def n_configs(self) -> int:
-        return (len(self.models) * len(self.backends) * len(self.dtypes)
-                * len(self.sequence_lengths) * len(self.batch_sizes))
+        per_shape = sum(len({self.block_config(m, z) for z in self.size_grid()}) for m in self.models)
+        return per_shape * len(self.backends) * len(self.dtypes) * len(self.sequence_lengths) * len(self.batch_sizes)
 
 
 def cpu_supports_float16() -> bool:
@@ -153,16 +185,106 @@ class Config:
     dtype: str
     sequence_length: int
     batch_size: int
+    # the model's whole config, (name, value) pairs: dim, the sizes of its parts (MODEL_PARTS),
+    # depth and vocab_size at the model level; () for the suite's defaults at s.dim
+    block_config: tuple = ()
+
+    def __post_init__(self):   # from JSON (the --isolate worker): lists back to pairs
+        object.__setattr__(self, "block_config", tuple(tuple(p) for p in self.block_config))
 
     def key(self, s: SweepSettings) -> RecordKey:
         return config_key(self, s)
 
+    @property
+    def size_changes(self) -> dict:
+        """The entries of block_config that differ from the suite's defaults at its width (what
+        the key's config_hash hashes: the defaults hash to "", as records made before sizes
+        could change, so those keep their keys)."""
+        d = dict(self.block_config)
+        if not d:
+            return {}
+        parts = MODEL_PARTS.get(self.model_name, ())
+        default = {**BlockSizes().applied(d["dim"], parts), "depth": 4, "vocab_size": 32000}
+        return {k: v for k, v in d.items() if k != "dim" and default.get(k) != v}
+
+    @property
+    def sizes(self) -> BlockSizes:
+        """The BlockSizes that builds this config's model."""
+        return BlockSizes(**{k: v for k, v in self.block_config if k in BlockSizes.model_fields})
+
 
 def iter_configs(s: SweepSettings) -> Iterator[Config]:
-    """The spec's order: for each shape, every model (so models compare line by line)."""
+    """The spec's order: for each shape, every model (so models compare line by line); a
+    hyperparameter sweep repeats that for each point of its grid (a model the swept size does
+    not apply to is measured once)."""
+    seen: set = set()
     for backend in s.backends:
         for dtype in s.dtypes:
-            for seq in s.sequence_lengths:
-                for batch in s.batch_sizes:
-                    for name in s.models:
-                        yield Config(name, backend, dtype, seq, batch)
+            for sizes in s.size_grid():
+                for seq in s.sequence_lengths:
+                    for batch in s.batch_sizes:
+                        for name in s.models:
+                            cfg = Config(name, backend, dtype, seq, batch, s.block_config(name, sizes))
+                            if cfg not in seen:
+                                seen.add(cfg)
+                                yield cfg
+
+
+# ---------------------------------------------------------------- model sizes: preset, file, flags
+MODEL_FILE_KEYS = ("preset", "dim", "depth", "vocab_size", *BlockSizes.model_fields)
+
+
+def read_model_config(path) -> dict:
+    """A --model-config TOML file: top-level keys of MODEL_FILE_KEYS (a size may be a list of
+    values: one more grid axis). Its values are checked where every size is (BlockSizes)."""
+    import sys
+    from pathlib import Path
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:   # pragma: no cover
+        import tomli as tomllib
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UsageError(f"--model-config: cannot read {str(p)!r} ({e.strerror or e})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"--model-config: {str(p)!r} is not valid TOML ({e})") from None
+    for k in data:
+        if k not in MODEL_FILE_KEYS:
+            raise UsageError(f"--model-config: {str(p)!r}: key {k!r} is not one of: {', '.join(MODEL_FILE_KEYS)}")
+    return data
+
+
+def model_sizes(preset: Optional[str] = None, model_config=None, *, dim=None, depth=None, vocab_size=None,
+                sizes: Optional[dict] = None) -> dict:
+    """dim, depth, vocab_size and sizes for SweepSettings from a preset (presets.PRESETS), a
+    --model-config file (a path, or its dict) and explicit values, later ones winning: the
+    one place the CLI and the API merge them. A value not set anywhere is left out (the
+    settings' default)."""
+    from ..presets import PRESETS
+    file = read_model_config(model_config) if isinstance(model_config, (str, bytes)) or hasattr(
+        model_config, "__fspath__") else dict(model_config or {})
+    for k in file:
+        if k not in MODEL_FILE_KEYS:
+            raise UsageError(f"model_config: key {k!r} is not one of: {', '.join(MODEL_FILE_KEYS)}")
+    name = preset if preset is not None else file.get("preset")
+    out: dict = {}
+    merged: dict = {}
+    if name is not None:
+        if name not in PRESETS:
+            raise UsageError(f"--preset: {name!r} is not one of: {', '.join(PRESETS)}")
+        p = PRESETS[name]
+        out.update(dim=p.dim, depth=p.depth, vocab_size=p.vocab_size)
+        merged.update({k: [v] for k, v in p.sizes.items()})
+    out.update({k: file[k] for k in ("dim", "depth", "vocab_size") if k in file})
+    merged.update({k: (v if isinstance(v, list) else [v]) for k, v in file.items() if k in BlockSizes.model_fields})
+    out.update({k: v for k, v in dict(dim=dim, depth=depth, vocab_size=vocab_size).items() if v is not None})
+    for k, v in (sizes or {}).items():
+        if k not in BlockSizes.model_fields:
+            raise UsageError(f"model size {k!r} is not one of: {', '.join(BlockSizes.model_fields)}")
+        if v is not None:
+            merged[k] = list(v) if isinstance(v, (list, tuple)) else [v]
+    if merged:
+        out["sizes"] = merged
+    return out

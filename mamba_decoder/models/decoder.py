@@ -19,7 +19,7 @@ class MambaDecoder(nn.Module):
                  depth: int = 6, dim: int = 512, post_embed_norm: bool = True,
                  mamba_config: Optional[MambaConfig] = None, moe_config: Optional[MoEConfig] = None,
                  post_mamba_mla_block: bool = False, backend: str = DEFAULT_BACKEND,
-                 policy: Optional[KernelPolicy] = None):
+                 policy: Optional[KernelPolicy] = None, mla_config: Optional[MLAConfig] = None):
         super().__init__()
         for name, v in dict(heads=heads, vocab_size=vocab_size, max_seq_len=max_seq_len,
                             depth=depth, dim=dim).items():
@@ -33,8 +33,10 @@ class MambaDecoder(nn.Module):
         self.norm = nn.RMSNorm(dim) if post_embed_norm else None
         self.layers = nn.ModuleList(
             [MambaDecoderBlock(dim, mamba_config, moe_config, backend, policy) for _ in range(depth)])
+        # mla_config: the MLA block's whole config (its n_heads wins over `heads`)
         self.mla_block = MLABlock.from_configs(
-            MLAConfig(dim=dim, n_heads=heads, max_seq_len=max_seq_len), moe_config, rest_backend(backend), policy,
+            mla_config or MLAConfig(dim=dim, n_heads=heads, max_seq_len=max_seq_len), moe_config,
+            rest_backend(backend), policy,
         ) if post_mamba_mla_block else None
         self.head = nn.Sequential(nn.RMSNorm(dim), nn.Linear(dim, vocab_size))
 

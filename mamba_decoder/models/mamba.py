@@ -372,10 +372,10 @@ class _MixerCoreTrain(torch.autograd.Function):
         y = torch.empty_like(xc)
         dxc, ddt, _, dA, dB, dC, dD, ddt_bias, _ = tb._bwd(
             dy, None, xc, dt, A, dBC[:, R:R + N], dBC[:, R + N:], D, z, dt_bias, states, True,
-            ctx.chunk, dz_out=dxz[:, ED:], y_out=y)
-        # Each (B, ED, L) temporary is freed once its last use is done, so the conv backward's
-        # fp32 buffer does not come on top of them: the train step's peak is the scan
-        # backward's moment (-0.4 GB at B8 L8192 dim 512).
+            ctx.chunk, dz_out=dxz[:, ED:], y_out=y, ddt_over_dt=True)
+        # ddt was written over dt; each (B, ED, L) temporary is freed once its last use is
+        # done, so the conv backward's fp32 buffer does not come on top of them: the train
+        # step's peak is the scan backward's moment.
         del dy, dt
         dw_out = torch.bmm(dout.transpose(1, 2), y.transpose(1, 2)).sum(0)     # (D, ED)
         del y

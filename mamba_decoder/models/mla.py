@@ -19,7 +19,7 @@ from torch import nn
 from ..config import DEFAULT_BACKEND, MLAConfig, check_backend
 from ..kernels import attention as attn_kernels
 from ..kernels import cpu_gemm
-from ..policy import DEFAULT_POLICY, KernelPolicy
+from ..policy import DEFAULT_POLICY, KernelPolicy, mla_triton_unfit
 from .norms import RMSNorm
 
 
@@ -243,7 +243,7 @@ class MLA(nn.Module):
         return self.policy.decide(x.device, x.dtype, grad)
 
     def _rope_fits_triton(self) -> bool:
-        return not self.qk_rope_head_dim & (self.qk_rope_head_dim - 1)   # the prologue's power of two
+        return mla_triton_unfit(self.qk_rope_head_dim) is None   # policy.py: the kernels' size limits
 
     def _expand_kv(self, kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The normalized latent kv (B, T, C) and rotated rope key k_pe (B, T, R) as per-head
@@ -342,11 +342,12 @@ class MLA(nn.Module):
         if self.backend == "reference":
             return {"attn": f"{self.attn_impl}-einsum"}
         d, rope = self.policy.decide(device, dtype), self._rope_fits_triton()
-        prefill = "triton prologue + naive-sdpa" if d.mla_prologue and rope else "naive-sdpa"
+        why = f" ({mla_triton_unfit(self.qk_rope_head_dim)})"   # a Triton path the size rules out: named
+        prefill = "triton prologue + naive-sdpa" if d.mla_prologue and rope else "naive-sdpa" + why * d.mla_prologue
         if d.mla_pad_v and self.v_head_dim < self.qk_head_dim:
             prefill += " (V padded to Dqk: the CPU flash kernel)"
         gemm = {"gemm": cpu_gemm.KERNEL_NAME} if d.cpu_gemm else {}
         if self.attn_impl != "absorb":
             return {"attn": f"prefill {prefill}, decode full-cache sdpa", **gemm}
-        decode = "triton prologue + split-k" if d.mla_decode and rope else "sdpa"
+        decode = "triton prologue + split-k" if d.mla_decode and rope else "sdpa" + why * d.mla_decode
         return {"attn": f"prefill {prefill}, decode latent cache {decode} (full cache sdpa)", **gemm}

@@ -18,7 +18,7 @@ from open_kimi.moe import MoE as KimiMoE
 
 from ..config import DEFAULT_BACKEND, MoEConfig, check_backend
 from ..kernels import moe as moe_kernels
-from ..policy import DEFAULT_POLICY, KernelPolicy
+from ..policy import DEFAULT_POLICY, KernelPolicy, dense_small_excess, moe_dense_small_limit
 from .derived import derived
 
 
@@ -121,7 +121,7 @@ class MoE(KimiMoE):
         # In train mode the routing bias moves with each forward's picks: route() does that
         # update. Otherwise the scores alone route, fused into a Triton pass on CUDA.
         updates_bias = g.use_adaptive_bias and g.training
-        if x_flat.shape[0] <= d.dense_small_max_tokens:
+        if x_flat.shape[0] <= moe_dense_small_limit(self.policy, d, self.n_experts, g.top_k):
             fold = self.folds_shared_expert()
             if updates_bias:
                 w, idx = self.route(x_flat)
@@ -166,8 +166,11 @@ class MoE(KimiMoE):
         if self.backend == "reference":
             return {"moe": "open_kimi-loop"}
         d, dg = self.policy.decide(device, dtype), self.policy.decide(device, dtype, grad=True)
-        n, ng = d.dense_small_max_tokens, dg.dense_small_max_tokens
+        n, ng = (moe_dense_small_limit(self.policy, x, self.n_experts, self.gate.top_k) for x in (d, dg))
         grad = "" if ng == n else f"; {ng} with autograd"
+        if n == 0 and self.policy.dense_small_max_tokens is None:   # the size rules it out: named
+            grad += (f"; off: {self.n_experts} experts top-{self.gate.top_k} would compute "
+                     f"{dense_small_excess(self.n_experts, self.gate.top_k):.1f}x the routed work")
         fused = moe_kernels.router_fuses(torch.device(device), dtype, self.n_experts, self.gate.top_k, d.moe_triton)
         train = (f"; train: grouped Function, swiglu={'triton' if dg.moe_swiglu_train else 'torch'}"
                  if dg.moe == "grouped_mm" else "")

@@ -655,11 +655,14 @@ def _launch_fwd(kernel, x, dt, A, B, C, D, z, dt_bias, initial_state, softplus, 
 
 
 def _bwd(dout, dhfin, x, dt, A, B, C, D, z, dt_bias, states, softplus, CHUNK, dz_out=None,
-         y_out=None, **tiles):
+         y_out=None, ddt_over_dt=False, **tiles):
     """Gradients from the forward's states (stored every CHUNK steps), by the lane backward;
     `tiles` (BLOCK_D, NS, E, num_warps, ATOMIC) override BWD_TILES. `dz_out` (B, ED, L) with L
     contiguous (e.g. half of the in-projection's gradient) receives dz; `y_out` (B, ED, L)
-    contiguous receives the gated output y * silu(z) recomputed on the way."""
+    contiguous receives the gated output y * silu(z) recomputed on the way. `ddt_over_dt`: ddt
+    is written over dt (contiguous, and dead after this call), one (B, ED, L) buffer fewer: safe
+    because each program writes ddt only at steps whose dt it has already read, its value
+    computed from that read, and the tiles are one warp (every lane reads before any writes)."""
     Bsz, ED, L = x.shape
     N = A.shape[1]
     table = BWD_TILES["lane"]
@@ -673,7 +676,9 @@ def _bwd(dout, dhfin, x, dt, A, B, C, D, z, dt_bias, states, softplus, CHUNK, dz
     dev = x.device
     f32 = torch.float32
     dx = torch.empty((Bsz, ED, L), device=dev, dtype=x.dtype)
-    ddt = torch.empty((Bsz, ED, L), device=dev, dtype=dt.dtype)
+    if ddt_over_dt and (nw != 1 or not dt.is_contiguous()):
+        raise ValueError("lane backward: ddt over dt needs one-warp tiles and a contiguous dt")
+    ddt = dt if ddt_over_dt else torch.empty((Bsz, ED, L), device=dev, dtype=dt.dtype)
     dz = dz_out if dz_out is not None else (
         torch.empty((Bsz, ED, L), device=dev, dtype=z.dtype) if z is not None else dx)
     if dz.stride(2) != 1 or (y_out is not None and not y_out.is_contiguous()):
