@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Measurements on a lent GPU, one stage per call (each fits a 10-minute command).
-#   bash scripts/gpu_session.sh check|probe|host|retest|targets|final|workloads|train|train-check|s6|s7|s7-suite|s7-redesign|s7-all|sweep   (writes under $OUT, or ./gpu_out)
+#   bash scripts/gpu_session.sh check|probe|host|retest|targets|final|workloads|train|train-check|s6|s7|s7-all|i16-deepseek-v3|i16-kimi-k2|i16-sweep|sweep   (writes under $OUT, or ./gpu_out)
 # Needs the runtime wheels in .whl/ (mambapy, open-kimi, pydantic...) and gpu_floor.py in .devcarry/.
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -141,26 +141,6 @@ s7)   # session 7: every tests/gpu test, then the training MoE's interleaved A/B
   card_tests 330 tests/gpu
   log moe study; timeout 200 python3 scripts/moe_train_study.py | tee "$OUT/moe_study.jsonl"
   ;;
-s7-suite)   # session 7: issue 12's targets from the suite (fast and mamba_ssm), the floor
-  env_info
-  if [ -f .devcarry/peer/peer_so.tar.xz ]; then
-    mkdir -p /tmp/peerbuild && tar xJf .devcarry/peer/peer_so.tar.xz -C /tmp/peerbuild
-    export PYTHONPATH=$PYTHONPATH:/tmp/peerbuild/cc:/tmp/peerbuild/ss:$PWD/.devcarry/peer/src
-  fi
-  issue12_suite _s7
-  log profile; timeout 120 python3 scripts/moe_train_study.py --profile > "$OUT/profile.txt" 2>&1; grep profile "$OUT/profile.txt"
-  log floor; timeout 100 python3 .devcarry/gpu_floor.py > "$OUT/floor.jsonl"; grep bfloat16 "$OUT/floor.jsonl" | head -6
-  ;;
-s7-redesign)   # issue 13: the graphed forward before the redesign (tree of 9b35a3d in .devcarry/before) and now, alternating
-  env_info
-  for r in 1 2; do for t in before after; do
-    dir=$PWD; [ $t = before ] && dir=$PWD/.devcarry/before
-    log $t $r
-    (cd "$dir" && PYTHONPATH=/tmp/site:$dir timeout 110 $BENCH --cuda-graphs --dim 512 --seq-lens 128 2048 8192 \
-        --batch-sizes 1 8 --dtype bfloat16 --output-dir "/tmp/r/redesign_${t}_$r" --overwrite 2>&1 | grep -E "SeqLen|error")
-    runs+=("redesign_${t}_$r")
-  done; done
-  ;;
 s7-all)   # session 7 in one call: issue 12's suite targets (fast and mamba_ssm), the train-step profile, and issue 13's before/after
   env_info
   if [ -f .devcarry/peer/peer_so.tar.xz ]; then
@@ -176,6 +156,24 @@ s7-all)   # session 7 in one call: issue 12's suite targets (fast and mamba_ssm)
         --batch-sizes 8 --dtype bfloat16 --output-dir "/tmp/r/redesign_${t}_$r" --overwrite 2>&1 | grep -E "SeqLen|error")
     runs+=("redesign_${t}_$r")
   done; done
+  ;;
+i16-deepseek-v3|i16-kimi-k2)   # issue 16: the preset's MLA+MoE block against the Mamba+MoE block of its width and MoE,
+  # forward and train, seq 2048 and 8192, batch 1 (--isolate: one model's weights freed before the next is built;
+  # --min-time 2: a timed region long enough for NVML's energy counter)
+  env_info
+  for mode in forward train; do
+    log "${1#i16-}" $mode; timeout 105 $BENCH --preset "${1#i16-}" --models MambaDecoderBlock MLABlock --mode $mode \
+        --isolate --dtype bfloat16 --batch-sizes 1 --seq-lens 2048 8192 --warmup 2 --runs 5 --min-time 2 \
+        --output-dir "/tmp/r/${1#i16-}_$mode" --overwrite 2>&1 | grep -E "SeqLen|rror:"
+    runs+=("${1#i16-}_$mode")
+  done
+  ;;
+i16-sweep)   # issue 16: the DeepSeek-V3 block shape with --n-experts 8 64 256, forward
+  env_info
+  log n_experts sweep; timeout 300 $BENCH --preset deepseek-v3 --n-experts 8 64 256 --models MambaDecoderBlock MLABlock \
+      --dtype bfloat16 --batch-sizes 1 --seq-lens 2048 8192 --warmup 2 --runs 5 --min-time 2 \
+      --output-dir /tmp/r/sweep_n_experts --overwrite 2>&1 | grep -E "SeqLen|rror:"
+  runs+=(sweep_n_experts)
   ;;
 sweep)   # the spec's default grid, fp32 and bf16, both backends
   timeout 560 $BENCH --backend fast reference --dtype float32 bfloat16 --output-dir /tmp/r/default_sweep \
