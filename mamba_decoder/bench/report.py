@@ -108,7 +108,7 @@ def _opt(v: Optional[float], fmt: str, scale: float = 1.0) -> str:
 
 def summary_table(results: Sequence[BenchmarkResult]) -> str:
     """One row per record. Where the records carry them, compute columns (TFLOP/s, MFU in percent
-    of the device's dense peak) for forward and train records, and memory-traffic columns (GB/s,
+    of the device's dense peak; on the CPU of the GEMM rate probed beside the config) for forward and train records, and memory-traffic columns (GB/s,
     prefill ms, cache MiB) for decode records; a record of the other kind shows "-" there."""
     many = len({(r.backend, r.dtype) for r in results}) > 1
     modes = len({r.mode for r in results}) > 1

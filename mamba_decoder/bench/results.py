@@ -108,7 +108,8 @@ class BenchmarkResult(BaseModel):
     cache_bytes: Optional[int] = None           # decode: cache held at the context length
     flops: Optional[float] = None               # analytic FLOPs per call (bench/flops.py)
     tflops_per_sec: Optional[float] = None      # flops / median latency
-    mfu: Optional[float] = None                 # tflops_per_sec / the device's dense peak for the dtype
+    mfu: Optional[float] = None                 # tflops_per_sec / peak_tflops
+    peak_tflops: Optional[float] = None         # GPU: the datasheet's dense peak; CPU: the GEMM rate probed beside the config
     bytes_per_call: Optional[float] = None      # decode: weights + cache read per step
     gb_per_sec: Optional[float] = None          # bytes_per_call / median latency
     # energy of the timed region (bench/energy.py): NVML on CUDA, RAPL on the CPU where readable,

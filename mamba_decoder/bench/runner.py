@@ -21,8 +21,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..kernels import cpu_gemm
 from ..models import kernel_choices
-from . import flops, registry
+from . import flops, registry, timing
 from .registry import NO_MAMBA_MIXER, build_lm, build_model, parameter_counts
 from .results import BenchmarkResult, RecordWriter, UsageError, cpu_model, record_identity
 from .settings import CACHE_KINDS, DTYPES, LEVELS, MODES, Config, SweepSettings, iter_configs  # noqa: F401
@@ -255,6 +256,9 @@ def measure(cfg: Config, s: SweepSettings, cache: Optional[dict] = None) -> Benc
         if cuda:
             peak = torch.cuda.max_memory_allocated(device)
             fields.update(peak_memory_mb=peak / MB, memory_mb=(peak - base) / MB)
+        elif device.type == "cpu" and s.mode != "decode":
+            # the CPU floor: this machine's GEMM rate in the same minute (no datasheet peak)
+            fields.update(peak_tflops=cpu_gemm_tflops(DTYPES[cfg.dtype]))
         result = BenchmarkResult.from_samples(samples, **fields)
         _add_rates(result, s, device)
     except KeyboardInterrupt:
@@ -306,14 +310,30 @@ def _workload(model: nn.Module, cfg: Config, s: SweepSettings, device: torch.dev
 
 
 def _add_rates(r: BenchmarkResult, s: SweepSettings, device: torch.device) -> None:
-    """Achieved TFLOP/s, MFU against the device's peak for the dtype, and GB/s (decode)."""
+    """Achieved TFLOP/s, MFU against the device's peak for the dtype (on the CPU the GEMM rate
+    probed beside the config: the fraction of its GEMM floor), and GB/s (decode)."""
     sec = r.latency_median_ms / 1e3
     if r.flops:
         r.tflops_per_sec = r.flops / sec / 1e12
-        peak = flops.peak_tflops(r.device_name or "", r.dtype)
-        r.mfu = r.tflops_per_sec / peak if peak else None
+        r.peak_tflops = r.peak_tflops or flops.peak_tflops(r.device_name or "", r.dtype)
+        r.mfu = r.tflops_per_sec / r.peak_tflops if r.peak_tflops else None
     if r.bytes_per_call:
         r.gb_per_sec = r.bytes_per_call / sec / 1e9
+
+
+def cpu_gemm_tflops(dtype: torch.dtype = torch.float32, n: int = 1024, runs: int = 3) -> float:
+    """This CPU's GEMM rate now (TFLOP/s): the median of `runs` (n x n) x (n x n) products (after
+    one warm-up) on the suite's timer, at the current thread count, through the library the fast
+    backend's GEMMs use (kernels/cpu_gemm.py: oneDNN for fp32, 2x MKL's rate on this project's
+    AMD EPYC; torch's own oneDNN path for bf16). The suite probes it beside every CPU config, so a
+    config's fraction of its GEMM floor is against what the machine gave in the same minute (a
+    shared machine drifts 3x within seconds)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    onednn = cpu_gemm.usable(torch.device("cpu"), dtype)
+    with torch.inference_mode():
+        ms = timing.summarize(timing.time_callable(lambda: cpu_gemm.linear(a, b, None, onednn), "cpu",
+                                                   warmup=1, runs=runs)).median
+    return 2 * n ** 3 / (ms * 1e9)
 
 
 def device_name(device: torch.device) -> str:

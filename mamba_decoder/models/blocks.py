@@ -16,6 +16,7 @@ from .inputs import check_hidden
 from .mamba import MambaCache, MambaMixer
 from .mla import MLA, MLACache
 from .moe import MoE
+from .norms import RMSNorm
 
 
 def kernel_choices(module: nn.Module, device, dtype) -> dict[str, str]:
@@ -47,9 +48,9 @@ class MambaDecoderBlock(nn.Module):
         if moe_config.dim != dim:
             raise ValueError(f"moe_config.dim={moe_config.dim} must equal dim={dim}")
         self.dim, self.backend = dim, check_backend(backend)
-        self.norm1 = nn.RMSNorm(dim)
+        self.norm1 = RMSNorm(dim, rest_backend(backend), policy)
         self.mixer = MambaMixer(mamba_config, backend, policy)
-        self.norm2 = nn.RMSNorm(dim)
+        self.norm2 = RMSNorm(dim, rest_backend(backend), policy)
         self.moe = MoE.from_config(moe_config, rest_backend(backend), policy)
 
     def init_cache(self, batch_size: int, device=None, dtype=None, *, max_len: Optional[int] = None,
@@ -93,9 +94,9 @@ class MLABlock(nn.Module):
             shared_expert_inter_dim=shared_expert_inter_dim, use_adaptive_bias=use_adaptive_bias,
             bias_update_rate=bias_update_rate)
         self.dim, self.backend = dim, check_backend(backend)
-        self.norm1 = nn.RMSNorm(dim)
+        self.norm1 = RMSNorm(dim, rest_backend(backend), policy)
         self.attn = MLA.from_config(self.mla_config, backend, policy)
-        self.norm2 = nn.RMSNorm(dim)
+        self.norm2 = RMSNorm(dim, rest_backend(backend), policy)
         self.moe = MoE.from_config(self.moe_config, backend, policy)
 
     @classmethod
