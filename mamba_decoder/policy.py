@@ -10,6 +10,13 @@ Choices: "auto" takes the Triton kernel on CUDA where triton is installed and Py
 elsewhere; "triton" forces the kernel (CPU tensors need TRITON_INTERPRET=1, which the tests
 use; where it cannot run the kernel fails loudly); "torch" never takes it. Kernels without a
 backward never run with autograd on, whatever the policy says.
+
+On the CPU, `cpu_kernels` ("auto" or "torch") decides the fast backend's fp32 inference kernels
+besides the scan: oneDNN GEMMs (kernels/cpu_gemm.py, also the MoE's experts, one GEMM pair per
+expert over sorted rows), and the C passes of kernels/cpu_fused.py (Mamba's conv + SiLU, RMSNorm,
+the MoE's SwiGLU rows). "auto" takes them where they load (fp32, CPU, no autograd), "torch" never.
+MLA's prefill attention pads V to Dqk on the CPU (`mla_pad_v`), so SDPA runs its CPU flash kernel
+instead of its math path (which materializes the scores): the padded columns are exact zeros.
 """
 from __future__ import annotations
 
@@ -19,13 +26,14 @@ from typing import Literal, Optional
 
 import torch
 
-from .kernels import triton_runs
+from .kernels import cpu_fused, cpu_gemm, triton_runs
 from .kernels import moe as moe_kernels
 from .kernels.selective_scan import auto_impl as scan_impl
 
 IMPLS = ("auto", "triton", "torch")
 LAYOUTS = ("BLD", "BDL")
 Impl = Literal["auto", "triton", "torch"]
+CPU_IMPLS = ("auto", "torch")
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,7 @@ class KernelPolicy:
     dense_small_max_tokens: Optional[int] = None   # None: kernels.moe's limit per device; 0: never
     mla_prologue: Impl = "auto"       # MLA's multi-token RoPE / latent norm / rope key in one launch
     mla_decode: Impl = "auto"         # one-token attention over the latent cache (torch: SDPA)
+    cpu_kernels: Literal["auto", "torch"] = "auto"   # oneDNN GEMMs and C passes, fp32 CPU inference
 
     def __post_init__(self):
         for f in fields(self):
@@ -45,6 +54,8 @@ class KernelPolicy:
             elif f.name == "dense_small_max_tokens":
                 ok = v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)
                 accepted = "None or an integer >= 0"
+            elif f.name == "cpu_kernels":
+                ok, accepted = v in CPU_IMPLS, ", ".join(CPU_IMPLS)
             else:
                 ok, accepted = v in IMPLS, ", ".join(IMPLS)
             if not ok:
@@ -61,7 +72,7 @@ class KernelDecision:
 
     device: torch.device
     dtype: Optional[torch.dtype]
-    scan: str                    # selective scan: "triton" on CUDA, "cpu" (chunked torch) elsewhere
+    scan: str                    # selective scan: "triton" on CUDA, "cpu-compiled" (C) or "cpu" (torch) elsewhere
     mamba_fused: bool            # Triton conv + SiLU in the channel-major forward
     mamba_step: bool             # Triton one-token step (no backward)
     mamba_layout: str            # "BDL" (channel-major) or "BLD"
@@ -70,19 +81,26 @@ class KernelDecision:
     dense_small_max_tokens: int  # dense-small MoE up to this many tokens
     mla_prologue: bool           # Triton prefill prologue (no backward)
     mla_decode: bool             # Triton split-K one-token attention (no backward)
+    cpu_gemm: bool = False       # fp32 CPU GEMMs through oneDNN, MoE experts too (no backward)
+    cpu_fused: bool = False      # C conv + SiLU, RMSNorm, SwiGLU rows on fp32 CPU (no backward)
+    mla_pad_v: bool = False      # MLA prefill SDPA with V padded to Dqk (the CPU flash kernel)
 
     @functools.cached_property
     def moe(self) -> str:
-        """Routed experts above the dense-small limit: grouped_mm or dense. Found on first use
+        """Routed experts above the dense-small limit: grouped_mm, dense, or on the CPU with
+        cpu_gemm "onednn-experts" (the grouped path's sort and gather, each expert's rows through
+        oneDNN: torch._grouped_mm loops over MKL GEMMs there). Found on first use
         (it probes the device once), so a block without a MoE never probes, even under compile."""
         if self.dtype is None or (self.device.type == "cuda" and not torch.cuda.is_available()):
             return "n/a"   # no dtype, or a device this process cannot see
-        return moe_kernels.auto_impl(self.device, self.dtype)
+        impl = moe_kernels.auto_impl(self.device, self.dtype)
+        return "onednn-experts" if impl == "grouped_mm" and self.cpu_gemm else impl
 
 
 @functools.lru_cache(maxsize=None)
 def _decide(p: KernelPolicy, device: torch.device, dtype: Optional[torch.dtype], grad: bool) -> KernelDecision:
     fused = triton_runs(p.mamba_fused, device)
+    cpu = p.cpu_kernels == "auto" and device.type == "cpu" and not grad
     dense_small = (moe_kernels.dense_small_max_tokens(device, grad) if p.dense_small_max_tokens is None
                    else p.dense_small_max_tokens)
     return KernelDecision(
@@ -94,7 +112,10 @@ def _decide(p: KernelPolicy, device: torch.device, dtype: Optional[torch.dtype],
         moe_swiglu_train=triton_runs(p.moe_triton, device),
         dense_small_max_tokens=dense_small,
         mla_prologue=triton_runs(p.mla_prologue, device) and not grad,
-        mla_decode=triton_runs(p.mla_decode, device) and not grad)
+        mla_decode=triton_runs(p.mla_decode, device) and not grad,
+        cpu_gemm=cpu and cpu_gemm.usable(device, dtype),
+        cpu_fused=cpu and cpu_fused.usable(device, dtype),
+        mla_pad_v=device.type == "cpu")
 
 
 DEFAULT_POLICY = KernelPolicy()

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
+import torch
 from pydantic import ValidationError
 
 from ..config import DEFAULT_BACKEND
@@ -20,9 +21,10 @@ def run_scaling_benchmarks(dim: int = 512, sequence_lengths: Optional[Sequence[i
                            batch_sizes: Optional[Sequence[int]] = None, use_cuda: bool = True, *,
                            models: Optional[Sequence[str]] = None,
                            backend: str | Sequence[str] = DEFAULT_BACKEND,
-                           dtype: str | Sequence[str] = "float32", warmup: int = 5, runs: int = 20,
+                           dtype: str | torch.dtype | Sequence[str | torch.dtype] = "float32", warmup: int = 5, runs: int = 20,
                            min_time: float = 0.0, threads: Optional[int] = None, seed: int = 0,
-                           isolate: bool = False, order: str = "interleaved",
+                           isolate: bool = False, config_timeout: Optional[float] = None,
+                           force: bool = False, order: str = "interleaved",
                            output_dir: Optional[str | Path] = None,
                            resume: bool = False, overwrite: bool = False, verbose: bool = True,
                            progress: bool = True, preset: Optional[str] = None,
@@ -48,6 +50,10 @@ def run_scaling_benchmarks(dim: int = 512, sequence_lengths: Optional[Sequence[i
     file's path, or its keys as a dict) set several at once, explicit keywords winning. A preset
     sets the width unless `dim` is given explicitly (not 512).
     """
+    for name, flag in (("use_cuda", use_cuda), ("resume", resume), ("overwrite", overwrite),
+                       ("verbose", verbose), ("progress", progress)):
+        if not isinstance(flag, bool):   # 'no' is truthy: never read a string as a yes
+            raise UsageError(f"{name}: {flag!r} is not True or False")
     device = resolve_device(use_cuda)
     explicit = dict(d_state=d_state, expand=expand, d_conv=d_conv, dt_rank=dt_rank, n_experts=n_experts,
                     n_activated=n_activated, expert_dim=expert_dim, shared_expert_dim=shared_expert_dim,
@@ -55,15 +61,14 @@ def run_scaling_benchmarks(dim: int = 512, sequence_lengths: Optional[Sequence[i
                     qk_rope_dim=qk_rope_dim, v_head_dim=v_head_dim)
     m = model_sizes(preset, model_config, dim=None if dim == 512 else dim, sizes=explicit)
     try:
-        s = SweepSettings(
+        s = SweepSettings(   # the settings' validators check every value (one ValueError naming it)
             dim=m.get("dim", dim), sizes=m.get("sizes", {}),
-            sequence_lengths=list(sequence_lengths if sequence_lengths is not None else [128, 256, 512, 1024, 2048]),
-            batch_sizes=list(batch_sizes if batch_sizes is not None else [1, 2, 4, 8]),
-            models=list(models if models is not None else BLOCK_MODELS),
-            backends=[backend] if isinstance(backend, str) else list(backend),
-            dtypes=[dtype] if isinstance(dtype, str) else list(dtype),
+            sequence_lengths=sequence_lengths if sequence_lengths is not None else [128, 256, 512, 1024, 2048],
+            batch_sizes=batch_sizes if batch_sizes is not None else [1, 2, 4, 8],
+            models=models if models is not None else list(BLOCK_MODELS),
+            backends=backend, dtypes=dtype,
             device=device, warmup=warmup, runs=runs, min_time_s=min_time, threads=threads, seed=seed,
-            isolate=isolate, order=order)
+            isolate=isolate, config_timeout_s=config_timeout, force=force, order=order)
     except ValidationError as e:
         raise UsageError(one_line(e)) from None
     o = Output(dir=None if output_dir is None else Path(output_dir), resume=resume, overwrite=overwrite,

@@ -2,14 +2,17 @@
 
 Every bad input ends as one line `error: ...` on stderr naming the value and what is accepted,
 exit code 2; an unexpected failure prints one line and exits 1; Ctrl-C exits 130 keeping every
-finished record; `compare` exits 3 when the new run is significantly slower than the base and 4
-when the two runs share no config.
+finished record; `compare` exits 3 when the new run is significantly slower than the base and 5
+when the two runs share no config; a run whose files cannot be written mid-run (a full disk)
+exits 4 with one line, every whole record kept.
 """
 from __future__ import annotations
 
 import argparse
-import os
+import re
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -17,13 +20,14 @@ from pydantic import ValidationError
 
 from ..config import BACKENDS, DEFAULT_BACKEND, SIZE_PARTS
 from ..presets import PRESETS
-from .execute import (EXIT_INTERRUPTED, EXIT_NO_COMMON, EXIT_OK, EXIT_REGRESSION, EXIT_UNEXPECTED, EXIT_USAGE,  # noqa: F401
+from .execute import (EXIT_INTERRUPTED, EXIT_NO_COMMON, EXIT_OK, EXIT_REGRESSION, EXIT_UNEXPECTED,  # noqa: F401
+                      EXIT_USAGE, EXIT_WRITE,
                       Output, execute, resolve_device)
 from .launchers import Local
 from .names import LM_MODELS, models_for
 from .registry import MODELS
 from .report import IGNORABLE, NoCommonConfigs, compare_runs, write_report
-from .results import RecordFileError, UsageError, tool_version
+from .results import OutputWriteError, RecordFileError, UsageError, tool_version
 from .settings import CACHE_KINDS, DTYPES, LEVELS, MODES, ORDERS, SweepSettings, model_sizes, one_line
 from .torchrun import Torchrun, dist_env
 
@@ -38,12 +42,15 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+_DECIMAL = re.compile(r"[0-9]+")                                  # int() also takes 3_2, ' 32', '٣٢'
+_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(inf|infinity|nan)", re.I)
+
+
 def _int_at_least(lo: int):
     def parse(text: str) -> int:
-        try:
-            v = int(text, 10)
-        except (TypeError, ValueError):
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= {lo}") from None
+        if not _DECIMAL.fullmatch(text):
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= {lo} (digits 0-9 only)")
+        v = int(text, 10)
         if v < lo:
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= {lo}")
         return v
@@ -53,11 +60,23 @@ def _int_at_least(lo: int):
 
 def _seconds(text: str) -> float:
     try:
+        if not _NUMBER.fullmatch(text):
+            raise ValueError(text)
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0") from None
     if not (v >= 0) or v == float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number of seconds >= 0")
+    return v
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        v = _seconds(text)
+    except argparse.ArgumentTypeError:
+        v = 0.0
+    if v == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number of seconds > 0")
     return v
 
 
@@ -98,6 +117,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: interleaved)")
     p.add_argument("--isolate", action="store_true",
                    help="measure each config in its own subprocess (a crash costs one row)")
+    p.add_argument("--force", action="store_true",
+                   help="run configs (and --depth) whose estimated peak memory exceeds what is available "
+                        "(default: record them as oom without running them)")
+    p.add_argument("--config-timeout", type=_positive_seconds, default=None, metavar="SECONDS",
+                   help="with --isolate: a config whose worker runs longer is killed and recorded as "
+                        "timeout (default: 1800)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--no-plots", action="store_true",
                    help="skip the plots (draw them later with `mamba-bench report`)")
@@ -168,15 +193,13 @@ def settings_from_args(args: argparse.Namespace, device: str) -> SweepSettings:
                           models=list(dict.fromkeys(models)), backends=list(dict.fromkeys(args.backend)),
                           dtypes=list(dict.fromkeys(args.dtype)), device=device, warmup=pick("warmup"),
                           runs=pick("runs"), min_time_s=args.min_time, threads=args.threads,
-                          seed=args.seed, isolate=args.isolate, order=args.order, mode=args.mode, level=args.level,
+                          seed=args.seed, isolate=args.isolate, order=args.order,
+                          config_timeout_s=args.config_timeout, force=args.force, mode=args.mode, level=args.level,
                           compile=args.compile, cuda_graphs=args.cuda_graphs, cache_kind=args.cache_kind,
                           optimizer_step=args.optimizer_step, depth=m.get("depth", 4),
                           vocab_size=m.get("vocab_size", 32000), sizes=m.get("sizes", {}))
     except ValidationError as e:
         raise UsageError(one_line(e)) from None
-    if s.threads is not None and s.threads > (os.cpu_count() or 1):
-        raise UsageError(f"--threads: {s.threads} is more than the {os.cpu_count()} CPUs here "
-                         f"(accepted: 1..{os.cpu_count()})")
     return s
 
 
@@ -235,6 +258,8 @@ def presets_command(args: argparse.Namespace) -> int:
 
 def _float(text: str) -> float:
     try:
+        if not _NUMBER.fullmatch(text):
+            raise ValueError(text)
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
@@ -266,8 +291,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interrupt_once():
+    """Ctrl-C raises KeyboardInterrupt once; later ones are ignored, so a second Ctrl-C a few ms
+    later cannot break the wind-down (records, CSV) or an atexit callback with a traceback.
+    Returns (handler, previous), or None off the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+    return handler, signal.signal(signal.SIGINT, handler)
+
+
 def _guarded(fn, argv) -> int:
     """Run fn(argv) mapping every outcome to an exit code and at most one stderr line."""
+    once = _interrupt_once()
+    try:
+        return _outcome(fn, argv)
+    finally:   # not interrupted: the caller's handler back (an interrupted process stays deaf to more)
+        if once is not None and signal.getsignal(signal.SIGINT) is once[0]:
+            signal.signal(signal.SIGINT, once[1])
+
+
+def _outcome(fn, argv) -> int:
     try:
         return fn(argv)
     except UsageError as e:
@@ -276,6 +323,9 @@ def _guarded(fn, argv) -> int:
     except RecordFileError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except OutputWriteError as e:    # a full disk mid-run: whole records kept, --resume continues
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_WRITE
     except SystemExit as e:   # --help / --version
         return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
     except KeyboardInterrupt:
@@ -299,7 +349,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`mamba-bench`: returns the exit code (0 ok, 1 unexpected, 2 bad input, 3 regression,
-    4 compare: no config in common, 130 Ctrl-C)."""
+    4 output not writable mid-run (a full disk; whole records kept, --resume continues),
+    5 compare: no config in common, 130 Ctrl-C)."""
     return _guarded(_main, list(sys.argv[1:] if argv is None else argv))
 
 

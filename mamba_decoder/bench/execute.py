@@ -21,14 +21,15 @@ import torch
 
 from . import report
 from .plots import plot_benchmark_results
-from .results import (CSV_NAME, ENV_NAME, JSONL_NAME, BenchmarkResult, environment, lock_dir,
-                      note_written, read_environment, resumed_environment, rewrite_csv,
+from .results import (CSV_NAME, ENV_NAME, JSONL_NAME, BenchmarkResult, OutputWriteError, environment,
+                      lock_dir, note_written, read_environment, resumed_environment, rewrite_csv,
                       write_environment)
-from .runner import banner_kernels
+from .runner import banner_kernels, check_depth_fits
 from .settings import SweepSettings
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_REGRESSION, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-EXIT_NO_COMMON = 4   # compare: the two runs share no config
+EXIT_WRITE = 4   # the run's files could not be written (a full disk): whole records kept, --resume continues
+EXIT_NO_COMMON = 5   # compare: the two runs share no config
 
 
 @dataclass
@@ -85,10 +86,17 @@ def cuda_notice(silence_hint: str = "pass --no-cuda") -> None:
 
 def execute(s: SweepSettings, launcher: Launcher, o: Output) -> Outcome:
     """Run the sweep `s` with `launcher`; returns its records (sweep order) and exit code. The
-    main process holds the output directory's lock throughout (a second run there is refused)."""
+    main process holds the output directory's lock throughout (a second run there is refused).
+    A file of the run that cannot be written (a full disk) raises OutputWriteError after every
+    whole record is in results.jsonl (the CLI: one `error:` line, exit code EXIT_WRITE; the run
+    continues with --resume once there is room)."""
     lock = lock_dir(o.dir) if launcher.main and o.dir is not None else None
     try:
         return _execute(s, launcher, o)
+    except OutputWriteError as e:
+        if o.dir is not None:
+            e.kept = f"every whole record is kept in {o.dir / JSONL_NAME} (make room, then continue with --resume)"
+        raise
     finally:
         if lock is not None:
             lock.release()
@@ -97,6 +105,7 @@ def execute(s: SweepSettings, launcher: Launcher, o: Output) -> Outcome:
 def _execute(s: SweepSettings, launcher: Launcher, o: Output) -> Outcome:
     if s.threads is not None:
         torch.set_num_threads(s.threads)
+    check_depth_fits(s)     # before a 10**9-layer model is built even on the meta device
     plan = launcher.plan(s, o)
     if plan.stop is not None:
         return Outcome([], plan.stop)
@@ -125,14 +134,7 @@ def _execute(s: SweepSettings, launcher: Launcher, o: Output) -> Outcome:
     if not launcher.main:
         return outcome
     if o.dir is not None:
-        try:
-            rewrite_csv(o.dir)
-        except OSError as e:   # e.g. a full disk: the old CSV (or none) stays, no .tmp left
-            outcome.code, outcome.error = EXIT_UNEXPECTED, (
-                f"error: cannot write {o.dir / CSV_NAME} ({e.strerror or e}); every record is kept in "
-                f"{o.dir / JSONL_NAME} (`mamba-bench report {o.dir}` writes the CSV again)")
-            print(outcome.error, file=sys.stderr)
-            return outcome
+        rewrite_csv(o.dir)    # a full disk: OutputWriteError, the old CSV (or none) stays, no .tmp left
     if outcome.interrupted:
         if o.dir is not None:
             print(f"interrupted: every finished record is kept in {o.dir / JSONL_NAME} "
@@ -145,8 +147,11 @@ def _execute(s: SweepSettings, launcher: Launcher, o: Output) -> Outcome:
             print(report.wrap80(line), file=sys.stderr)
         paths = []
         if o.plots and o.dir is not None:
-            paths = plot_benchmark_results(outcome.results, o.dir, env=read_environment(o.dir / ENV_NAME))
-            note_written(o.dir, paths)
+            try:
+                paths = plot_benchmark_results(outcome.results, o.dir, env=read_environment(o.dir / ENV_NAME))
+                note_written(o.dir, paths)
+            except OSError as e:
+                raise OutputWriteError(getattr(e, "filename", None) or o.dir, e) from None
         if o.dir is not None:
             print(f"\nrecords: {o.dir / JSONL_NAME}, {o.dir / CSV_NAME}; environment: {o.dir / ENV_NAME}; "
                   f"{outcome.closing}{len(paths)} plots in {o.dir}")

@@ -9,9 +9,19 @@ Conventions (documented in the README):
   reference computes.
 - The MoE counts n_activated routed experts per token plus the shared expert and the router.
 - Training = forward + backward = 3x the forward's matmul FLOPs (the scan's backward ~2x its forward).
+
+Bytes (`peak_bytes`, what a config needs before it runs): the parameters (in training also their
+gradients and, with AdamW, two moments), the input and residual stream, and the largest live set
+of one module's tensors (inference) or every module's saved tensors plus the largest transient set
+(training). The terms that grow fastest are the reference scan's (B, L, ED, N) temporaries
+(mambapy: exp(dt*A), dt*B, dt*B*x, and pscan's two clones padded to a power of two) and the
+reference attention's (B, S, H, T) scores (two einsums in the dtype, the fp32 mask and softmax).
+The fast backends keep neither (a scan state per channel; a fused attention). It is an estimate
+for refusing what cannot fit, not a measurement.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from torch import nn
@@ -107,6 +117,83 @@ def decode_bytes(model: nn.Module, batch: int, context: int, cache_bytes: int, e
     batch*k >= n_experts each is touched) and the cache read once, plus the new token's entry."""
     weights = sum(p.numel() for p in model.parameters()) * elt
     return weights + cache_bytes
+
+
+@dataclass
+class MemoryEstimate:
+    weights: float = 0.0        # parameters (+ gradients and AdamW moments in training), bytes
+    activations: float = 0.0    # the input, residual stream and the peak of one call's tensors, bytes
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.activations
+
+
+def _npo2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _module_bytes(mod: nn.Module, B: int, L: int, elt: int, cpu: bool) -> tuple[float, float]:
+    """(live, saved): the bytes one forward of `mod` holds at its peak, and what training keeps of
+    them for the backward (the reference scan's and attention's big temporaries included)."""
+    T = B * L
+    if isinstance(mod, MambaMixer):
+        c = mod.config
+        ED, N, R = c.d_inner, c.d_state, c.dt_rank
+        acts = T * (7 * ED + R + 2 * N) * elt                  # xz, conv, x_proj, dt, y, layout copies
+        scan = 0.0
+        if mod.backend == "reference":   # (B, L, ED, N): dt*A, exp, dt*B, dt*B*x; pscan's 2 padded clones
+            scan = (4 * B * L + 2 * B * _npo2(L)) * ED * N * elt
+        return acts + scan, acts + scan
+    if isinstance(mod, MoE):
+        D, E, k = mod.dim, mod.n_experts, mod.n_activated
+        acts = T * (4 * E + elt * (k * 3 * mod.expert_inter_dim + 3 * mod.shared_expert_inter_dim + 2 * D))
+        return acts, acts
+    if isinstance(mod, MLA):
+        H, C, R = mod.n_heads, mod.kv_lora_rank, mod.qk_rope_head_dim
+        dqk, dv = mod.qk_head_dim, mod.v_head_dim
+        acts = T * (H * dqk + C + R + H * dv) * elt            # q, latent + rope key, attention out
+        # (B, H, S, T) scores: two in the dtype, the fp32 softmax, the causal mask; a fused
+        # attention on CUDA keeps none (the CPU's scaled_dot_product_attention does, measured)
+        scores = B * H * L * L * (2 * elt + 4) + L * L * 4
+        if mod.backend == "reference":
+            if mod.attn_impl == "absorb":
+                acts += 2 * T * H * C * elt                    # queries into the latent, latent out
+            else:
+                acts += T * H * (dqk + dv) * elt               # expanded keys and values
+        else:
+            acts += T * H * (dqk + dv) * elt                   # expanded keys and values
+            scores = scores if cpu else 0.0
+        return acts + scores, acts + scores
+    return 0.0, 0.0
+
+
+def peak_bytes(model: nn.Module, batch: int, seq: int, elt: int, *, cpu: bool = True, train: bool = False,
+               optimizer_step: bool = False, token_ids: bool = False) -> MemoryEstimate:
+    """The estimated peak bytes of one call of `model` on (batch, seq) tokens in a dtype of `elt`
+    bytes (a model on the meta device will do: only shapes are read), on the CPU or (cpu=False) CUDA.
+    `token_ids`: a language model's input (int64 ids in, logits out)."""
+    n_params = sum(p.numel() for p in model.parameters())
+    weights = n_params * elt * (1 + train + 2 * optimizer_step)
+    T = batch * seq
+    dim = next((m.dim for m in model.modules() if isinstance(m, (MoE, MLA))), None)
+    if dim is None:
+        dim = next(m.config.d_model for m in model.modules() if isinstance(m, MambaMixer))
+    io = T * 8 if token_ids else T * dim * elt
+    io += 3 * T * dim * elt                                     # residual stream, norm out, block out
+    live = [_module_bytes(m, batch, seq, elt, cpu) for m in model.modules()]
+    counted = {id(s) for m in model.modules() if isinstance(m, (MambaMixer, MoE, MLA)) for s in m.modules()}
+    head = sum(T * m.out_features * (elt + 4 * train) for m in model.modules()
+               if isinstance(m, nn.Linear) and id(m) not in counted)   # logits (+ fp32 loss grads)
+    peak_live = max((a for a, _ in live), default=0.0)
+    if not train:
+        return MemoryEstimate(weights, io + head + peak_live)
+    return MemoryEstimate(weights, 2 * io + 2 * head + sum(sv for _, sv in live) + peak_live)
+
+
+def max_layers_fitting(per_layer: float, fixed: float, available: float) -> int:
+    """How many layers of `per_layer` bytes fit beside `fixed` bytes in `available` bytes."""
+    return max(0, math.floor((available - fixed) / per_layer)) if per_layer > 0 else 2**31
 
 
 # Dense peak rates (TFLOP/s) from vendors' datasheets, SXM parts, no sparsity. fp32 on GPUs is

@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from .names import MAMBA_LM, REGULAR_MAMBA, RecordKey, sig3
 from .plots import plot_benchmark_results
-from .results import (CSV_NAME, ENV_NAME, JSONL_NAME, BenchmarkResult, UsageError, config_label, load_run,
-                      lock_dir, record_devices, same_sizes, swept_sizes,
+from .results import (CSV_NAME, ENV_NAME, JSONL_NAME, BenchmarkResult, OutputWriteError, UsageError,
+                      config_label, load_run, lock_dir, record_devices, same_sizes, swept_sizes,
                       note_written, read_environment, write_csv)
 from .timing import DRIFT_WARN, HIGH_SPREAD, Ratio, drift, geomean_ratio, mann_whitney_u, ratio
 
@@ -140,7 +140,7 @@ def _opt(v: Optional[float], fmt: str, scale: float = 1.0) -> str:
 
 def summary_table(results: Sequence[BenchmarkResult]) -> str:
     """One row per record. Where the records carry them, compute columns (TFLOP/s, MFU in percent
-    of the device's dense peak) for forward and train records, and memory-traffic columns (GB/s,
+    of the device's dense peak; on the CPU of the GEMM rate probed beside the config) for forward and train records, and memory-traffic columns (GB/s,
     prefill ms, cache MiB) for decode records; a record of the other kind shows "-" there."""
     many = len({(r.backend, r.dtype) for r in results}) > 1
     modes = len({r.mode for r in results}) > 1
@@ -328,8 +328,9 @@ def print_summary_table(results: Sequence[BenchmarkResult], file=None) -> None:
     failed = [r for r in results if not r.ok]
     if failed:
         counts = ", ".join(f"{sum(r.status == st for r in failed)} {label}"
-                           for st, label in (("oom", "OOM"), ("error", "error"), ("skipped", "skipped"))
-                           if st != "skipped" or any(r.status == st for r in failed))
+                           for st, label in (("oom", "OOM"), ("error", "error"), ("timeout", "timeout"),
+                                             ("skipped", "skipped"))
+                           if st not in ("skipped", "timeout") or any(r.status == st for r in failed))
         print(f"\n{len(failed)} of {len(results)} configs failed or were skipped ({counts})", file=out)
     print(RULE, file=out)
 
@@ -592,6 +593,10 @@ def write_report(run_dir, output_dir) -> list:
     lock = lock_dir(out)
     try:
         return _write_report(run_dir, out, results, env)
+    except OSError as e:   # a full disk: one error line naming the file (the records are untouched)
+        if isinstance(e, OutputWriteError):
+            raise
+        raise OutputWriteError(getattr(e, "filename", None) or out, e) from None
     finally:
         lock.release()
 

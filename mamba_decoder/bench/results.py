@@ -94,6 +94,7 @@ class BenchmarkResult(BaseModel):
     high_spread: bool = False
     active_parameters: Optional[int] = Field(None, ge=0)
     peak_memory_mb: Optional[NonNeg] = None
+    estimated_peak_mb: Optional[NonNeg] = None  # flops.peak_bytes before the run (an oom past the memory available)
     weights_mb: Optional[NonNeg] = None
     dim: int = Field(gt=0)
     mode: str = "forward"
@@ -113,7 +114,8 @@ class BenchmarkResult(BaseModel):
     cache_bytes: Optional[int] = None           # decode: cache held at the context length
     flops: Optional[float] = None               # analytic FLOPs per call (bench/flops.py)
     tflops_per_sec: Optional[float] = None      # flops / median latency
-    mfu: Optional[float] = None                 # tflops_per_sec / the device's dense peak for the dtype
+    mfu: Optional[float] = None                 # tflops_per_sec / peak_tflops
+    peak_tflops: Optional[float] = None         # GPU: the datasheet's dense peak; CPU: the GEMM rate probed beside the config
     bytes_per_call: Optional[float] = None      # decode: weights + cache read per step
     gb_per_sec: Optional[float] = None          # bytes_per_call / median latency
     # energy of the timed region (bench/energy.py): NVML on CUDA, RAPL on the CPU where readable,
@@ -227,21 +229,39 @@ def same_sizes(a: "BenchmarkResult", b: "BenchmarkResult") -> bool:
 
 # ---------------------------------------------------------------- JSON Lines
 class RecordWriter:
-    """Appends records to a JSONL file, flushed and fsynced one by one (a kill loses no finished row)."""
+    """Appends records to a JSONL file, flushed and fsynced one by one (a kill loses no finished row).
+    A write that fails (a full disk) is undone, so the file keeps whole records only, and raises
+    OutputWriteError."""
 
     def __init__(self, path: Path | str, mode: str = "a"):
-        self.path = Path(path)
+        self.path, self._fd = Path(path), None
         if mode == "a":
             _heal_tail(self.path)
-        self._f = open(self.path, mode, encoding="utf-8")
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if mode == "a" else os.O_TRUNC),
+                               0o644)
+        except OSError as e:
+            raise OutputWriteError(self.path, e) from None
 
     def write(self, record: BenchmarkResult) -> None:
-        self._f.write(record.model_dump_json() + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        data = (record.model_dump_json() + "\n").encode("utf-8")
+        start = os.lseek(self._fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view):]
+            os.fsync(self._fd)
+        except OSError as e:
+            try:
+                os.ftruncate(self._fd, start)    # no half record left behind
+            except OSError:
+                pass                             # then the next reader drops the torn tail
+            raise OutputWriteError(self.path, e) from None
 
     def close(self) -> None:
-        self._f.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def __enter__(self) -> "RecordWriter":
         return self
@@ -250,22 +270,38 @@ class RecordWriter:
         self.close()
 
 
+class OutputWriteError(OSError):
+    """A file of the run could not be written (a full disk, a folder made read-only mid-run): one
+    `error:` line (exit code EXIT_WRITE); every whole record stays in results.jsonl."""
+
+    def __init__(self, path: Path | str, cause: OSError):
+        super().__init__(cause.errno, cause.strerror or str(cause))
+        self.path = Path(path)
+        self.kept = ""       # what was saved, said by whoever knows (execute: the records)
+
+    def __str__(self) -> str:
+        return f"cannot write {self.path} ({self.strerror})" + (f"; {self.kept}" if self.kept else "")
+
+
 def _heal_tail(path: Path) -> None:
     """Before appending: a last line without its newline gets one when it is a whole record, and
     is cut off (with a warning) when it is a record torn by a kill or a full disk."""
     if not path.is_file() or path.stat().st_size == 0:
         return
-    with open(path, "rb+") as f:
-        data = f.read()
-        if data.endswith(b"\n"):
-            return
-        start = data.rfind(b"\n") + 1
-        try:
-            BenchmarkResult.model_validate_json(data[start:])
-            f.write(b"\n")
-        except ValidationError:
-            _warn_torn(path, data.count(b"\n") + 1)
-            f.truncate(start)
+    try:
+        with open(path, "rb+") as f:
+            data = f.read()
+            if data.endswith(b"\n"):
+                return
+            start = data.rfind(b"\n") + 1
+            try:
+                BenchmarkResult.model_validate_json(data[start:])
+                f.write(b"\n")
+            except ValidationError:
+                _warn_torn(path, data.count(b"\n") + 1)
+                f.truncate(start)
+    except OSError as e:
+        raise OutputWriteError(path, e) from None
 
 
 def _warn_torn(path: Path, line: int) -> None:
@@ -334,9 +370,14 @@ def recorded_ok(run_dir: Path | str) -> dict[tuple, "BenchmarkResult"]:
 
 
 def rewrite_csv(run_dir: Path | str) -> None:
-    """results.csv from results.jsonl (latest record per key)."""
+    """results.csv from results.jsonl (latest record per key); OutputWriteError when it cannot be
+    written (the old CSV, or none, stays)."""
     run_dir = Path(run_dir)
-    write_csv(latest(read_jsonl(run_dir / JSONL_NAME)), run_dir / CSV_NAME)
+    records = latest(read_jsonl(run_dir / JSONL_NAME))
+    try:
+        write_csv(records, run_dir / CSV_NAME)
+    except OSError as e:
+        raise OutputWriteError(run_dir / CSV_NAME, e) from None
 
 
 def lock_dir(out: Path, flag: str = "--output-dir") -> FileLock:
@@ -346,6 +387,11 @@ def lock_dir(out: Path, flag: str = "--output-dir") -> FileLock:
         raise UsageError(f"{flag}: {str(out)!r} exists and is not a directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
+        # a read-only folder whose lock file is left from an earlier run would take the lock and
+        # fail at its first write, after the banner: check the folder and the files a run rewrites
+        for p in (out, *(out / n for n in (JSONL_NAME, CSV_NAME, ENV_NAME, WRITTEN_NAME))):
+            if (p == out or p.exists()) and not os.access(p, os.W_OK):
+                raise UsageError(f"{flag}: cannot write to {str(p)!r} (not writable; choose another folder)")
         lock = FileLock(out / LOCK_NAME, timeout=0)
         lock.acquire()
     except Timeout:
@@ -550,7 +596,7 @@ def tool_version() -> str:
 # may add configs along these. Every other setting defines the measurement and must match.
 # threads is checked as the environment's torch_threads (the count in effect, also when unset).
 RESUMABLE_SETTINGS = ("sequence_lengths", "batch_sizes", "models", "backends", "dtypes", "sizes", "isolate",
-                      "threads")
+                      "threads", "force", "config_timeout_s")
 RESUME_ENV_FIELDS = ("torch_threads", "torch", "device_name")
 
 
@@ -589,7 +635,19 @@ def resumed_environment(env: dict, saved: dict) -> dict:
 
 
 def write_environment(env: dict, path: Path | str) -> None:
-    Path(path).write_text(json.dumps(env, indent=2) + "\n", encoding="utf-8")
+    """Write `env`; a run continued (--resume) keeps the start time ("time") of the run it continues."""
+    path = Path(path)
+    try:
+        first = read_environment(path).get("time")
+    except RecordFileError as e:   # unreadable: it is replaced, and the reader is told what was lost
+        print(f"warning: {e}; written again (the original start time is lost)", file=sys.stderr)
+        first = None
+    if isinstance(first, str) and first:
+        env = {**env, "time": first}
+    try:
+        path.write_text(json.dumps(env, indent=2) + "\n", encoding="utf-8")
+    except OSError as e:
+        raise OutputWriteError(path, e) from None
 
 
 def read_environment(path: Path | str) -> dict:

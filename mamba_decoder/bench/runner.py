@@ -22,10 +22,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..kernels import cpu_gemm
 from ..models import kernel_choices
-from . import flops
+from . import flops, registry, timing
 from .registry import NO_MAMBA_MIXER, build_lm, build_model, parameter_counts
-from .results import BenchmarkResult, RecordWriter, cpu_model, record_identity
+from .results import BenchmarkResult, RecordWriter, UsageError, cpu_model, record_identity
 from .settings import CACHE_KINDS, DTYPES, LEVELS, MODES, Config, SweepSettings, iter_configs  # noqa: F401
 from .energy import EnergyMeter, EnergyReading, energy_fields
 from .timing import calibration_kernel, time_callable, time_interleaved  # noqa: F401
@@ -99,6 +100,94 @@ def registry_build(name: str, s: SweepSettings, backend: str, sizes=None) -> nn.
     return build_model(name, s.dim, backend, max_seq_len=_max_seq_len(s), **kw)
 
 
+# ---------------------------------------------------------------- memory, before running
+GiB = 2 ** 30
+
+
+def available_memory(device: torch.device) -> Optional[int]:
+    """Bytes a config may still take on `device`: CUDA's free memory plus what torch's allocator
+    holds unused; on the CPU the kernel's MemAvailable, capped by this cgroup's limit. None: unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    avail = None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    try:
+        limit = open("/sys/fs/cgroup/memory.max", encoding="ascii").read().strip()
+        used = int(open("/sys/fs/cgroup/memory.current", encoding="ascii").read())
+        if limit != "max":
+            room = max(0, int(limit) - used)
+            avail = room if avail is None else min(avail, room)
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+def _tensor_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (list, tuple)):
+        return sum(map(_tensor_bytes, obj))
+    return sum(map(_tensor_bytes, vars(obj).values())) if hasattr(obj, "__dict__") else 0
+
+
+def _meta_model(cfg: Config, s: SweepSettings) -> nn.Module:
+    """The config's model, shapes without memory (the registry's own factories, as registry_build
+    calls them: not a measured build)."""
+    kw = dict(sizes=cfg.sizes) if s.sizes else {}
+    with torch.device("meta"):
+        if s.level == "model":
+            return registry.build_lm(cfg.model_name, s.dim, cfg.backend, depth=s.depth, vocab_size=s.vocab_size,
+                                     max_seq_len=_max_seq_len(s), **kw)
+        return registry.build_model(cfg.model_name, s.dim, cfg.backend, max_seq_len=_max_seq_len(s), **kw)
+
+
+def estimate_peak(cfg: Config, s: SweepSettings, meta: Optional[nn.Module] = None) -> int:
+    """Estimated peak bytes of measuring `cfg` (flops.peak_bytes on a meta-device model, plus the
+    decode cache): what is compared with `available_memory` before the config runs."""
+    meta = meta if meta is not None else _meta_model(cfg, s)
+    dtype = DTYPES[cfg.dtype]
+    elt = torch.finfo(dtype).bits // 8
+    est = flops.peak_bytes(meta, cfg.batch_size, cfg.sequence_length, elt, cpu=torch.device(s.device).type == "cpu",
+                           train=s.mode == "train",
+                           optimizer_step=s.optimizer_step, token_ids=s.level == "model").total
+    if s.mode == "decode":
+        steps = s.warmup + s.runs * (4 if s.min_time_s > 0 else 1)
+        cache = meta.init_cache(cfg.batch_size, max_len=cfg.sequence_length + steps, kind=s.cache_kind,
+                                device="meta", dtype=dtype)
+        est += _tensor_bytes(cache)
+    return int(est)
+
+
+def check_depth_fits(s: SweepSettings) -> None:
+    """--depth bounded by memory: the smallest config of each language model at this depth must fit
+    (weights and one call), else a UsageError naming the deepest that fits; before any model is built."""
+    if s.level != "model" or s.force:
+        return
+    avail = available_memory(torch.device(s.device))
+    if avail is None:
+        return
+    dtype = min(s.dtypes, key=lambda d: torch.finfo(DTYPES[d]).bits)
+    smallest = (dtype, min(s.sequence_lengths), min(s.batch_sizes))
+    for cfg in iter_configs(s):
+        if (cfg.dtype, cfg.sequence_length, cfg.batch_size) == smallest:
+            name, backend = cfg.model_name, cfg.backend
+            one, two = (estimate_peak(cfg, s.model_copy(update={"depth": d})) for d in (1, 2))
+            per_layer, fixed = two - one, 2 * one - two
+            need = fixed + per_layer * s.depth
+            if need > avail:
+                most = flops.max_layers_fitting(per_layer, fixed, avail)
+                raise UsageError(f"--depth: {s.depth} needs about {need / GiB:.3g} GiB for {name} "
+                                 f"({backend}, {dtype}, seq {cfg.sequence_length}, batch {cfg.batch_size}) but "
+                                 f"{avail / GiB:.3g} GiB is available (accepted here: 1..{most}; --force runs it)")
+
+
 def _is_oom(e: BaseException) -> bool:
     if isinstance(e, torch.OutOfMemoryError):
         return True
@@ -125,6 +214,16 @@ def _prepare(cfg: Config, s: SweepSettings, cache: dict) -> "_Prepared | Benchma
                                       "mamba_ssm (which replaces the mixer alone) does not apply", **fields)
     try:
         ck = (cfg.model_name, cfg.backend, cfg.dtype, cfg.block_config)
+        mk = ("meta", cfg.model_name, cfg.backend, cfg.block_config)
+        if mk not in cache:
+            cache[mk] = _meta_model(cfg, s)
+        est = estimate_peak(cfg, s, cache[mk])
+        fields.update(estimated_peak_mb=est / MB)
+        avail = None if s.force else available_memory(device)
+        if avail is not None and est > avail:   # a kill would take the whole sweep: not run
+            return BenchmarkResult.failed(
+                "oom", f"estimated peak {est / GiB:.3g} GiB exceeds the {avail / GiB:.3g} GiB available "
+                "(not run; --force runs it)", **fields)
         if ck not in cache:
             for old in [k for k in cache if k[:3] == ck[:3]]:   # this model's previous sizes
                 del cache[old]
@@ -145,7 +244,7 @@ def _prepare(cfg: Config, s: SweepSettings, cache: dict) -> "_Prepared | Benchma
         fields.update(num_parameters=total, active_parameters=active,
                       weights_mb=sum(p.numel() * p.element_size() for p in model.parameters()) / MB,
                       kernels=kernel_choices(model, device, DTYPES[cfg.dtype]))
-        torch.manual_seed(s.seed * 1_000_003 + cfg.sequence_length * 1009 + cfg.batch_size)
+        torch.manual_seed((s.seed * 1_000_003 + cfg.sequence_length * 1009 + cfg.batch_size) % 2**64)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             base = torch.cuda.memory_allocated(device)
@@ -198,6 +297,9 @@ def measure_group(cfgs: list[Config], s: SweepSettings, cache: Optional[dict] = 
                 out[id(p)] = _failed(t.error, p.fields, device)
                 t.error = None
                 continue
+            if device.type == "cpu" and s.mode != "decode":
+                # the CPU floor: this machine's GEMM rate in the same minute (no datasheet peak)
+                fields.update(peak_tflops=cpu_gemm_tflops(DTYPES[p.fields["dtype"]]))
             r = BenchmarkResult.from_samples(t.samples, sample_rounds=t.rounds, rounds_id=rounds_id,
                                              calibration_ms=calibration, order=order, **fields)
             _add_rates(r, s, device)
@@ -291,14 +393,30 @@ def _workload(model: nn.Module, cfg: Config, s: SweepSettings, device: torch.dev
 
 
 def _add_rates(r: BenchmarkResult, s: SweepSettings, device: torch.device) -> None:
-    """Achieved TFLOP/s, MFU against the device's peak for the dtype, and GB/s (decode)."""
+    """Achieved TFLOP/s, MFU against the device's peak for the dtype (on the CPU the GEMM rate
+    probed beside the config: the fraction of its GEMM floor), and GB/s (decode)."""
     sec = r.latency_median_ms / 1e3
     if r.flops:
         r.tflops_per_sec = r.flops / sec / 1e12
-        peak = flops.peak_tflops(r.device_name or "", r.dtype)
-        r.mfu = r.tflops_per_sec / peak if peak else None
+        r.peak_tflops = r.peak_tflops or flops.peak_tflops(r.device_name or "", r.dtype)
+        r.mfu = r.tflops_per_sec / r.peak_tflops if r.peak_tflops else None
     if r.bytes_per_call:
         r.gb_per_sec = r.bytes_per_call / sec / 1e9
+
+
+def cpu_gemm_tflops(dtype: torch.dtype = torch.float32, n: int = 1024, runs: int = 3) -> float:
+    """This CPU's GEMM rate now (TFLOP/s): the median of `runs` (n x n) x (n x n) products (after
+    one warm-up) on the suite's timer, at the current thread count, through the library the fast
+    backend's GEMMs use (kernels/cpu_gemm.py: oneDNN for fp32, 2x MKL's rate on this project's
+    AMD EPYC; torch's own oneDNN path for bf16). The suite probes it beside every CPU config, so a
+    config's fraction of its GEMM floor is against what the machine gave in the same minute (a
+    shared machine drifts 3x within seconds)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    onednn = cpu_gemm.usable(torch.device("cpu"), dtype)
+    with torch.inference_mode():
+        ms = timing.summarize(timing.time_callable(lambda: cpu_gemm.linear(a, b, None, onednn), "cpu",
+                                                   warmup=1, runs=runs)).median
+    return 2 * n ** 3 / (ms * 1e9)
 
 
 def device_name(device: torch.device) -> str:
@@ -311,16 +429,32 @@ def worker_command() -> list[str]:
 
 
 RECORD_PREFIX = "RECORD "
+DEFAULT_CONFIG_TIMEOUT_S = 1800.0    # --isolate: a worker past this is killed and recorded as timeout
 
 
 def measure_isolated(cfg: Config, s: SweepSettings) -> BenchmarkResult:
     """Measure one config in a fresh subprocess; a crash becomes an error record naming its cause."""
     payload = json.dumps({"settings": s.model_dump(), "config": asdict(cfg)})
-    proc = subprocess.run(worker_command(), input=payload, capture_output=True, text=True)
+    fields = record_identity(cfg, s, s.device)
+    timeout = s.config_timeout_s or DEFAULT_CONFIG_TIMEOUT_S
+    try:
+        proc = subprocess.run(worker_command(), input=payload, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:   # run() has killed the worker (SIGKILL) and reaped it
+        return BenchmarkResult.failed("timeout", f"worker ran past --config-timeout {timeout:g} s "
+                                      "and was killed", **fields)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RECORD_PREFIX):
-            return BenchmarkResult.model_validate_json(line[len(RECORD_PREFIX):])
-    fields = record_identity(cfg, s, s.device)
+            try:
+                r = BenchmarkResult.model_validate_json(line[len(RECORD_PREFIX):])
+            except ValueError as e:     # cut short or garbled: this row only
+                first = str(e).splitlines()[0]
+                return BenchmarkResult.failed("error", f"worker's record is not valid ({first}): "
+                                              f"{line[:120]}", **fields)
+            if r.key != cfg.key(s):
+                return BenchmarkResult.failed("error", f"worker's record is for another config "
+                                              f"({r.key}), not this one", **fields)
+            return r
     if proc.returncode < 0:
         try:
             name = signal.Signals(-proc.returncode).name

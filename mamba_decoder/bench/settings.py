@@ -6,11 +6,12 @@ settings it makes one record, identified by `results.config_key`.
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass
 from typing import Annotated, Iterator, Literal, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..config import BACKENDS, DEFAULT_BACKEND, BlockSizes, one_line_errors
 from ..kernels import mamba_ssm_ext
@@ -35,6 +36,8 @@ def _choices(values) -> str:
 
 
 PosInt = Annotated[int, Field(strict=True, ge=1)]
+Flag = Annotated[bool, Field(strict=True)]
+MAX_SEED = 2**63 - 1       # torch.manual_seed takes up to 2**64-1; runner derives per-shape seeds mod 2**64
 Backend = Literal[BACKENDS]
 DType = Literal[tuple(DTYPES)]
 
@@ -45,6 +48,8 @@ def _field_message(fields, err) -> str:
     f = fields.get(name)
     if f is None or f.description is None:
         return f"{name}: {err['msg'].lower()}"
+    if err["type"] == "list_type":
+        return f"{f.title}: {err['input']!r} is not a list (each {f.description})"
     if err["type"] == "too_short":
         return f"{f.title}: none given (accepted: {f.description})"
     sep = " " if f.description.startswith("one of") else ": "
@@ -75,16 +80,21 @@ class SweepSettings(BaseModel):
     min_time_s: Annotated[float, Field(strict=True, ge=0, allow_inf_nan=False)] = _field(
         "min time", "a finite number of seconds >= 0", 0.0)
     threads: Optional[PosInt] = _field("threads", "an integer >= 1", None)  # None keeps torch's setting
-    seed: Annotated[int, Field(strict=True, ge=0)] = _field("seed", "an integer >= 0", 0)
-    isolate: bool = False
+    seed: Annotated[int, Field(strict=True, ge=0, le=MAX_SEED)] = _field(
+        "seed", f"an integer in 0..{MAX_SEED} (2**63-1)", 0)
+    isolate: Flag = _field("isolate", "True or False", False)
+    force: Flag = _field("force", "True or False", False)  # run configs whose estimated peak memory exceeds what is available
+    # --isolate: seconds one config's worker may take (None: runner.DEFAULT_CONFIG_TIMEOUT_S)
+    config_timeout_s: Optional[Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)]] = _field(
+        "config timeout", "a finite number of seconds > 0", None)
     # interleaved: at each shape every config is timed in rounds, round robin (drift hits all
     # alike; ratios pair by round); blocked: each config's runs in one block (the old order)
     order: Literal[ORDERS] = _field("order", _choices(ORDERS), "interleaved")
     level: Literal[LEVELS] = _field("level", _choices(LEVELS), "block")  # block: the three blocks; model: LMs
-    compile: bool = False           # torch.compile the model's forward (nn.Module.compile)
-    cuda_graphs: bool = False       # forward / decode: capture one call in a CUDA graph and replay it
+    compile: Flag = False           # torch.compile the model's forward (nn.Module.compile)
+    cuda_graphs: Flag = False       # forward / decode: capture one call in a CUDA graph and replay it
     cache_kind: Optional[Literal[CACHE_KINDS]] = _field("cache kind", _choices(CACHE_KINDS), None)  # decode: MLA's cache
-    optimizer_step: bool = False    # train: add an AdamW step to forward + backward
+    optimizer_step: Flag = False    # train: add an AdamW step to forward + backward
     depth: PosInt = _field("depth", "an integer >= 1", 4)                    # model level: Mamba blocks
     vocab_size: Annotated[int, Field(strict=True, ge=2)] = _field("vocab size", "an integer >= 2", 32000)
     # block hyperparameters (config.BlockSizes field -> its values; several values: one more axis
@@ -93,10 +103,32 @@ class SweepSettings(BaseModel):
 
     _one_line = one_line_errors(lambda cls, err: _field_message(cls.model_fields, err))
 
+    @field_validator("models", "backends", "dtypes", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        """One name is a list of one (the API's `models="MLABlock"`, never its letters); a torch
+        dtype is its name (`dtype=torch.float32`)."""
+        if isinstance(v, (str, torch.dtype)):
+            v = [v]
+        if isinstance(v, (list, tuple)):
+            v = [_dtype_name(x) if isinstance(x, torch.dtype) else x for x in v]
+        return v
+
+    @field_validator("sequence_lengths", "batch_sizes", mode="before")
+    @classmethod
+    def _sequence(cls, v):
+        """A tuple or range is a list; one integer is not (pydantic names it)."""
+        return list(v) if isinstance(v, (tuple, range)) else v
+
     @model_validator(mode="after")
     def _consistent(self) -> "SweepSettings":
         """What no one field says alone: models of the level, the device, and which flags apply."""
         known = models_for(self.level)
+        for name in ("sequence_lengths", "batch_sizes", "models", "backends", "dtypes"):   # each once
+            setattr(self, name, list(dict.fromkeys(getattr(self, name))))
+        if self.threads is not None and self.threads > (os.cpu_count() or 1):
+            raise ValueError(f"--threads: {self.threads} is more than the {os.cpu_count()} CPUs here "
+                             f"(accepted: 1..{os.cpu_count()})")
         if not self.models:
             self.models = list(known)
         for m in self.models:
@@ -116,6 +148,9 @@ class SweepSettings(BaseModel):
                              f"(got mode {self.mode!r} on {dev.type})")
         if self.cache_kind is not None and self.mode != "decode":
             raise ValueError(f"--cache-kind applies to --mode decode (got mode {self.mode!r})")
+        if self.config_timeout_s is not None and not self.isolate:
+            raise ValueError("--config-timeout applies to --isolate (a config measured in this process "
+                             "cannot be stopped safely)")
         if self.optimizer_step and self.mode != "train":
             raise ValueError(f"--optimizer-step applies to --mode train (got mode {self.mode!r})")
         if self.mode == "decode" and self.level != "block":
@@ -166,6 +201,11 @@ class SweepSettings(BaseModel):
     def n_configs(self) -> int:
         per_shape = sum(len({self.block_config(m, z) for z in self.size_grid()}) for m in self.models)
         return per_shape * len(self.backends) * len(self.dtypes) * len(self.sequence_lengths) * len(self.batch_sizes)
+
+
+def _dtype_name(d: torch.dtype):
+    """A torch dtype's name in DTYPES, or the dtype itself (then refused, named, by the field)."""
+    return next((name for name, t in DTYPES.items() if t == d), str(d))
 
 
 def cpu_supports_float16() -> bool:

@@ -12,6 +12,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from . import cpu_fused, cpu_gemm
+
 IMPLS = ("grouped_mm", "dense", "loop")
 
 
@@ -19,15 +21,19 @@ def _swiglu(h1: torch.Tensor, h3: torch.Tensor) -> torch.Tensor:
     return F.silu(h1) * h3
 
 
-def swiglu_rows(h13: torch.Tensor, scale: torch.Tensor | None = None, triton: bool = False) -> torch.Tensor:
+def swiglu_rows(h13: torch.Tensor, scale: torch.Tensor | None = None, triton: bool = False,
+                cpu: bool = False) -> torch.Tensor:
     """h13 (M, 2I) = [x W1^T | x W3^T] -> silu(h1) * h3 (M, I), each row times scale[m] if given.
 
     With `triton` (the kernel policy's moe_triton), one pass over h13 instead of silu + mul
-    (+ mul): at T*K = 32K rows and I = 1024 that is 64 MB less traffic. Otherwise, or with
-    autograd, the same ops in PyTorch (the twin)."""
+    (+ mul): at T*K = 32K rows and I = 1024 that is 64 MB less traffic; with `cpu` (the policy's
+    cpu_fused) the same single pass in C on fp32 CPU rows. Otherwise, or with autograd, the same
+    ops in PyTorch (the twin)."""
     M, I2 = h13.shape
     I = I2 // 2
     needs_grad = torch.is_grad_enabled() and (h13.requires_grad or (scale is not None and scale.requires_grad))
+    if cpu and not needs_grad and h13.is_contiguous() and cpu_fused.runs(h13):
+        return cpu_fused.swiglu_rows_cpu(h13, scale)
     if needs_grad or h13.stride(1) != 1 or not triton:
         y = _swiglu(h13[:, :I], h13[:, I:])
         return y if scale is None else y * scale.unsqueeze(-1).to(y.dtype)
@@ -91,14 +97,18 @@ def _sort_pairs(indices: torch.Tensor, n_experts: int):
     return order, order // indices.shape[1], torch.cumsum(counts, 0, dtype=torch.int32), inverse
 
 
-def routed_grouped(x, weights, indices, w1, w2, w3, w13=None, triton: bool = False):
+def routed_grouped(x, weights, indices, w1, w2, w3, w13=None, triton: bool = False,
+                   onednn: bool = False, cpu_fused: bool = False):
     """Sort the T*K (token, expert) pairs by expert, run the experts as grouped GEMMs over
     contiguous row ranges, gather back and sum the K slots. No host sync anywhere.
 
     Given `w13` = cat([w1, w3], 1) (E, 2I, D) (inference: the model caches it), w1 and w3 run
     as one grouped GEMM; without it (training: no per-step weight copy) as two. Each pair's
     routing weight scales its hidden row before w2 (linear in w2), in the same pass as the
-    SwiGLU (`swiglu_rows`)."""
+    SwiGLU (`swiglu_rows`). With `onednn` (the policy's "onednn-experts": fp32 CPU inference)
+    and `w13`, `routed_grouped_onednn` instead."""
+    if onednn and w13 is not None and cpu_gemm.runs_onednn(x, w13[0]):
+        return routed_grouped_onednn(x, weights, indices, w13, w2, cpu_fused)
     T, K = indices.shape
     order, tok, offs, inverse = _sort_pairs(indices, w1.shape[0])
     xs = x.index_select(0, tok)                                                    # (T*K, D)
@@ -113,6 +123,34 @@ def routed_grouped(x, weights, indices, w1, w2, w3, w13=None, triton: bool = Fal
     y = torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)                        # (T*K, D), weighted
     # Back to (token, slot) order by a gather, then the sum over the K slots: no scatter-add
     # (bf16 atomics cost 0.14 ms per call at T=16K on an H100) and deterministic.
+    return y.index_select(0, inverse).view(T, K, -1).sum(1)
+
+
+def routed_grouped_onednn(x, weights, indices, w13, w2, cpu_fused: bool = False):
+    """`routed_grouped` for fp32 CPU inference: the same sort, gather and slot sum, each expert's
+    row range through oneDNN's GEMM (`cpu_gemm`), which ran 2x the rate of the MKL GEMMs that
+    torch._grouped_mm loops over on the CPU (at T = 8192: 675-1220 vs 1321-2510 ms, interleaved,
+    2 threads, in issue 17's first session). The loop is over the E' groups (7 in the benchmark:
+    6 routed, the shared one folded in), their row counts read on the host (no device sync on the
+    CPU); each iteration is two GEMMs of about T*K/E' rows, so the loop's own cost (~10 us per
+    group) is nothing beside them. Not a loop over small ops: no per-expert nonzero or index_add
+    as the reference has. SwiGLU rows in one C pass where `cpu_fused`."""
+    T, K = indices.shape
+    flat = indices.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
+    xs = x.index_select(0, order // K)                                             # (T*K, D) by expert
+    pair_w = weights.reshape(-1).index_select(0, order)
+    y = x.new_empty(T * K, w2.shape[1])
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            rows = slice(start, start + n)
+            h13 = cpu_gemm.linear(xs[rows], w13[e], None, True)                    # (n, 2I)
+            h = swiglu_rows(h13, pair_w[rows], cpu=cpu_fused)                      # (n, I), weighted
+            y[rows] = cpu_gemm.linear(h, w2[e], None, True)                        # (n, D)
+        start += n
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel()))
     return y.index_select(0, inverse).view(T, K, -1).sum(1)
 
 

@@ -12,9 +12,11 @@ from torch import nn
 
 from ..config import DEFAULT_BACKEND, MambaConfig, MLAConfig, MoEConfig, check_backend, rest_backend
 from ..policy import KernelPolicy
+from .inputs import check_hidden
 from .mamba import MambaCache, MambaMixer
 from .mla import MLA, MLACache
 from .moe import MoE
+from .norms import RMSNorm
 
 
 def kernel_choices(module: nn.Module, device, dtype) -> dict[str, str]:
@@ -46,9 +48,9 @@ class MambaDecoderBlock(nn.Module):
         if moe_config.dim != dim:
             raise ValueError(f"moe_config.dim={moe_config.dim} must equal dim={dim}")
         self.dim, self.backend = dim, check_backend(backend)
-        self.norm1 = nn.RMSNorm(dim)
+        self.norm1 = RMSNorm(dim, rest_backend(backend), policy)
         self.mixer = MambaMixer(mamba_config, backend, policy)
-        self.norm2 = nn.RMSNorm(dim)
+        self.norm2 = RMSNorm(dim, rest_backend(backend), policy)
         self.moe = MoE.from_config(moe_config, rest_backend(backend), policy)
 
     def init_cache(self, batch_size: int, device=None, dtype=None, *, max_len: Optional[int] = None,
@@ -61,6 +63,7 @@ class MambaDecoderBlock(nn.Module):
                 start_pos: Union[int, torch.Tensor, None] = None) -> torch.Tensor:
         """x (B, L, D) -> (B, L, D); with `cache`, x continues the cached sequence (updated in place).
         `start_pos` takes nothing (the state holds the position): the blocks' one interface."""
+        check_hidden(x, self.dim, "MambaDecoderBlock", self.norm1.weight)
         h = self.mixer(self.norm1(x), cache, residual=x)
         return h + self.moe(self.norm2(h))
 
@@ -91,9 +94,9 @@ class MLABlock(nn.Module):
             shared_expert_inter_dim=shared_expert_inter_dim, use_adaptive_bias=use_adaptive_bias,
             bias_update_rate=bias_update_rate)
         self.dim, self.backend = dim, check_backend(backend)
-        self.norm1 = nn.RMSNorm(dim)
+        self.norm1 = RMSNorm(dim, rest_backend(backend), policy)
         self.attn = MLA.from_config(self.mla_config, backend, policy)
-        self.norm2 = nn.RMSNorm(dim)
+        self.norm2 = RMSNorm(dim, rest_backend(backend), policy)
         self.moe = MoE.from_config(self.moe_config, backend, policy)
 
     @classmethod
@@ -114,6 +117,7 @@ class MLABlock(nn.Module):
                 mask: Optional[torch.Tensor] = None, cache: Optional[MLACache] = None) -> torch.Tensor:
         """x (B, S, D) at positions start_pos.. -> (B, S, D). See `MLA.forward` for cache and mask
         (a device-tensor start_pos: one CUDA-graph-safe decoding step)."""
+        check_hidden(x, self.dim, "MLABlock", self.norm1.weight)
         h = x + self.attn(self.norm1(x), start_pos, mask, cache)
         return h + self.moe(self.norm2(h))
 

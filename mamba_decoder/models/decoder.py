@@ -9,6 +9,7 @@ from torch import nn
 from ..config import DEFAULT_BACKEND, MambaConfig, MLAConfig, MoEConfig, check_backend, rest_backend
 from ..policy import KernelPolicy
 from .blocks import MambaDecoderBlock, MLABlock
+from .inputs import check_tokens
 
 
 class MambaDecoder(nn.Module):
@@ -52,6 +53,7 @@ class MambaDecoder(nn.Module):
                 cache: Optional[list] = None) -> torch.Tensor:
         """token ids (B, L) -> logits (B, L, vocab). With `cache` (init_cache), the tokens continue
         the cached sequence at position start_pos."""
+        check_tokens(x, "MambaDecoder")
         x = self.embedding(x)                                   # (B, L, D)
         if self.norm is not None:
             x = self.norm(x)

@@ -17,8 +17,10 @@ from mambapy.mamba import RMSNorm as MambaRMSNorm
 from torch import nn
 
 from ..config import DEFAULT_BACKEND, check_backend, rest_backend
+from ..kernels import cpu_fused, cpu_gemm
 from ..policy import DEFAULT_POLICY, KernelPolicy
 from .derived import derived
+from .inputs import check_hidden, check_tokens
 
 
 @dataclass
@@ -168,11 +170,15 @@ class MambaMixer(MambaBlock):
             # (B, ED, L); bias fused in the scan
             dt = torch.bmm(self.dt_proj.weight.expand(Bsz, -1, -1), dt)
             return dt, A, B, C
-        dBC = self.x_proj(x)                                            # (B, L, R + 2N)
+        onednn = self.policy.decide(x.device, x.dtype, self._needs_grad(x)).cpu_gemm
+        dBC = cpu_gemm.linear(x, self.x_proj.weight, self.x_proj.bias, onednn)   # (B, L, R + 2N)
         dt, B, C = torch.split(dBC, [cfg.dt_rank, cfg.d_state, cfg.d_state], dim=-1)
         dt, B, C = self._apply_layernorms(dt, B, C)
-        dt = F.linear(dt, self.dt_proj.weight)                          # (B, L, ED); bias fused in the scan
+        dt = cpu_gemm.linear(dt, self.dt_proj.weight, None, onednn)     # (B, L, ED); bias fused in the scan
         return dt, A, B, C
+
+    def _needs_grad(self, x: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
 
     def _layout(self, x: torch.Tensor) -> str:
         # Channel-major ("BDL": activations (B, ED, L), L contiguous) on CUDA, where the Triton
@@ -194,17 +200,19 @@ class MambaMixer(MambaBlock):
         if self._layout(x) == "BDL":
             return self._forward_fast_bdl(x, cache, selective_scan, residual)
 
-        xz = self.in_proj(x)                                            # (B, L, 2 ED)
+        d = self.policy.decide(x.device, x.dtype, self._needs_grad(x))
+        xz = cpu_gemm.linear(x, self.in_proj.weight, self.in_proj.bias, d.cpu_gemm)   # (B, L, 2 ED)
         x, z = xz.chunk(2, dim=-1)                                      # (B, L, ED) each
-        if cache is None:
-            x = self._conv(x)
+        if cache is None and d.cpu_fused and cpu_fused.runs(x, self.conv1d.weight):
+            x = cpu_fused.causal_conv1d_silu_bld(x, self.conv1d.weight, self.conv1d.bias)  # one C pass
+        elif cache is None:
+            x = F.silu(self._conv(x))
         else:
             K = self.config.d_conv
             xt = torch.cat([cache.conv, x.transpose(1, 2)], dim=2)     # (B, ED, K - 1 + L)
             cache.conv.copy_(xt[:, :, -(K - 1):])
             x = F.conv1d(xt, self.conv1d.weight, self.conv1d.bias, groups=self.config.d_inner)
-            x = x.transpose(1, 2)                                       # (B, L, ED)
-        x = F.silu(x)
+            x = F.silu(x.transpose(1, 2))                               # (B, L, ED)
         dt, A, B, C = self._ssm_inputs(x)
         _, D, dt_bias = self._scan_params()
         y = selective_scan(x, dt, A, B, C, D, z=z, dt_bias=dt_bias,
@@ -213,7 +221,7 @@ class MambaMixer(MambaBlock):
         if cache is not None:
             y, h = y
             cache.ssm.copy_(h)
-        return self.out_proj(y)
+        return cpu_gemm.linear(y, self.out_proj.weight, self.out_proj.bias, d.cpu_gemm)
 
     def _forward_fast_bdl(self, x, cache, selective_scan, residual=None):
         """Channel-major fast path: x (B, L, D) -> (B, L, D) (a transposed view of (B, D, L))."""
@@ -305,9 +313,14 @@ class MambaMixer(MambaBlock):
                     "step": "mamba_ssm step (selective_state_update)"}
         d = self.policy.decide(device, dtype)
         bdl = self._layout_on(device, dtype) == "BDL"
-        return {"scan": d.scan,
-                "conv": "triton-conv-silu" if d.mamba_fused and bdl else "torch-conv1d",
-                "step": "triton-fused" if d.mamba_step and not self.config.inner_layernorms else "torch"}
+        conv = "triton-conv-silu" if d.mamba_fused and bdl else "torch-conv1d"
+        if d.cpu_fused and not bdl:
+            conv = "cpu-conv-silu (inference), torch-conv1d otherwise"
+        out = {"scan": d.scan, "conv": conv,
+               "step": "triton-fused" if d.mamba_step and not self.config.inner_layernorms else "torch"}
+        if d.cpu_gemm:
+            out["gemm"] = cpu_gemm.KERNEL_NAME
+        return out
 
 
 class _MixerCoreTrain(torch.autograd.Function):
@@ -382,17 +395,23 @@ class _MixerCoreTrain(torch.autograd.Function):
 
 class RMSNorm(MambaRMSNorm):
     """mambapy's RMSNorm (same parameter, same math); the fast backend runs it as one fused
-    `F.rms_norm` (fp32 inside) instead of mambapy's five elementwise ops."""
+    `F.rms_norm` (fp32 inside) instead of mambapy's five elementwise ops, or on the CPU in fp32
+    inference (the policy's cpu_fused) as one C pass (`kernels.cpu_fused.rms_norm_cpu`)."""
 
     def __init__(self, d_model: int, eps: float = 1e-5, use_mup: bool = False,
-                 backend: str = DEFAULT_BACKEND):
+                 backend: str = DEFAULT_BACKEND, policy: Optional[KernelPolicy] = None):
         super().__init__(d_model, eps, use_mup)
         self.backend = check_backend(backend)
+        self.policy = policy or DEFAULT_POLICY
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "reference":
             return super().forward(x)
-        return F.rms_norm(x, (x.shape[-1],), None if self.use_mup else self.weight, self.eps)
+        w = None if self.use_mup else self.weight
+        if x.device.type == "cpu" and self.policy.decide(x.device, x.dtype).cpu_fused \
+                and cpu_fused.runs(x, *([] if w is None else [w])):
+            return cpu_fused.rms_norm_cpu(x, w, self.eps)
+        return F.rms_norm(x, (x.shape[-1],), w, self.eps)
 
 
 class ResidualLayer(nn.Module):
@@ -402,7 +421,7 @@ class ResidualLayer(nn.Module):
                  policy: Optional[KernelPolicy] = None):
         super().__init__()
         self.mixer = MambaMixer(config, backend, policy)
-        self.norm = RMSNorm(config.d_model, config.rms_norm_eps, config.mup, rest_backend(backend))
+        self.norm = RMSNorm(config.d_model, config.rms_norm_eps, config.mup, rest_backend(backend), policy)
 
     def forward(self, x: torch.Tensor, cache: Optional[MambaCache] = None) -> torch.Tensor:
         return self.mixer(self.norm(x), cache, residual=x)
@@ -427,6 +446,8 @@ class RegularMamba(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: Optional[list[MambaCache]] = None, *,
                 start_pos=None) -> torch.Tensor:
+        if self.layers:
+            check_hidden(x, self.dim, "RegularMamba", self.layers[0].mixer.in_proj.weight)
         for i, layer in enumerate(self.layers):
             x = layer(x, None if cache is None else cache[i])
         return x
@@ -450,4 +471,5 @@ class MambaLM(nn.Module):
         self.lm_head = nn.Linear(config.d_model, vocab_size, bias=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        check_tokens(tokens, "MambaLM")
         return self.lm_head(self.norm_f(self.mamba(self.embedding(tokens))))

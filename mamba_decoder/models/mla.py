@@ -15,17 +15,22 @@ from typing import ClassVar, Literal, Optional, Union
 import torch
 from open_kimi.mla import apply_rotary_emb, precompute_freqs_cis
 from torch import nn
-from torch.nn import RMSNorm
 
 from ..config import DEFAULT_BACKEND, MLAConfig, check_backend
 from ..kernels import attention as attn_kernels
+from ..kernels import cpu_gemm
 from ..policy import DEFAULT_POLICY, KernelPolicy, mla_triton_unfit
+from .norms import RMSNorm
 
 
 
 class _Cache:
     """Keys and values of the positions seen so far, for incremental decoding: two (B, T_max, ...)
-    buffers written in place (a CUDA graph replays over the same storage)."""
+    buffers written in place (a CUDA graph replays over the same storage). `filled`: how many
+    positions hold the current sequence (None after a device-tensor step, which cannot tell the
+    host without a sync: positions are then not checked)."""
+
+    filled: Optional[int] = 0
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return tuple(getattr(self, f.name) for f in fields(self))
@@ -59,6 +64,16 @@ class FullCache(_Cache):
 
 
 MLACache = Union[LatentCache, FullCache]
+
+
+def check_start(start_pos: int, cache: MLACache) -> None:
+    """New tokens go at start_pos in 0..filled: after the cached positions, or over some of them;
+    never before 0 nor past a gap of empty slots (they would be attended as keys)."""
+    filled = cache.filled
+    if start_pos < 0 or (filled is not None and start_pos > filled):
+        raise ValueError(f"start_pos={start_pos} is not in 0..{filled if filled is not None else cache.max_len}: "
+                         f"the cache holds {filled if filled is not None else 'an unknown number of'} positions "
+                         "(a new token goes right after them, or over some of them)")
 CACHES = {"latent": LatentCache, "full": FullCache}
 
 
@@ -91,10 +106,10 @@ class MLA(nn.Module):
             self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.qk_head_dim, bias=False)
         else:
             self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
-            self.q_norm = RMSNorm(cfg.q_lora_rank)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, self.backend, self.policy)
             self.wq_b = nn.Linear(cfg.q_lora_rank, cfg.n_heads * self.qk_head_dim, bias=False)
         self.wkv_a = nn.Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
-        self.kv_norm = RMSNorm(cfg.kv_lora_rank)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, self.backend, self.policy)
         self.wkv_b = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=False)
         # open_kimi scales by mscale only with YaRN (original_seq_len set), which this block does
@@ -135,8 +150,18 @@ class MLA(nn.Module):
                 torch.zeros(batch_size, max_len, self.n_heads, self.v_head_dim, device=device, dtype=dtype))
         raise ValueError(f"cache kind={kind!r} is not one of {', '.join(CACHES)}")
 
+    def _linear(self, x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+        """layer(x); the fast backend's through kernels.cpu_gemm (oneDNN where the policy's
+        cpu_gemm says so: fp32 CPU inference)."""
+        if self.backend != "fast":
+            return layer(x)
+        return cpu_gemm.linear(x, layer.weight, layer.bias, self._decision(x).cpu_gemm)
+
     def _query(self, x: torch.Tensor) -> torch.Tensor:
-        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        if self.q_lora_rank == 0:
+            q = self._linear(x, self.wq)
+        else:
+            q = self._linear(self.q_norm(self._linear(x, self.wq_a)), self.wq_b)
         return q.view(*x.shape[:2], self.n_heads, self.qk_head_dim)          # (B, S, H, Dqk)
 
     def forward(self, x: torch.Tensor, start_pos: Union[int, torch.Tensor] = 0,
@@ -153,6 +178,7 @@ class MLA(nn.Module):
                 raise ValueError("a tensor start_pos is one decoding step: one token, a cache, no mask "
                                  f"(got {x.shape[1]} tokens, cache {type(cache).__name__}, mask "
                                  f"{'given' if mask is not None else 'None'})")
+            cache.filled = None
             return self.decode_step(x, start_pos, cache)
         bsz, seqlen, _ = x.shape
         end = start_pos + seqlen
@@ -161,6 +187,9 @@ class MLA(nn.Module):
                              "(MLA.init_cache); without one, start_pos must be 0")
         if cache is not None and end > cache.max_len:
             raise ValueError(f"start_pos + seq_len = {end} exceeds the cache length {cache.max_len}")
+        if cache is not None:
+            check_start(start_pos, cache)
+            cache.filled = end                  # later positions hold another (older) sequence
         if mask is None and self._fused_prologue(x, cache):
             return self._prefill_fused(x, start_pos, cache)
         freqs = self.freqs(end, x.device)[start_pos:end]
@@ -237,8 +266,11 @@ class MLA(nn.Module):
     def _expand_kv(self, kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The normalized latent kv (B, T, C) and rotated rope key k_pe (B, T, R) as per-head
         keys (B, T, H, nope + R) and values (B, T, H, v) (the values a strided view)."""
-        wkv_b = self.wkv_b.weight.view(self.n_heads, -1, self.kv_lora_rank)   # (H, nope + v, C)
-        kvb = torch.einsum("btc,hdc->bthd", kv, wkv_b)                        # (B, T, H, nope + v)
+        if self.backend == "fast" and self._decision(kv).cpu_gemm:             # the same product, oneDNN
+            kvb = cpu_gemm.linear(kv, self.wkv_b.weight, None, True).view(*kv.shape[:2], self.n_heads, -1)
+        else:
+            wkv_b = self.wkv_b.weight.view(self.n_heads, -1, self.kv_lora_rank)   # (H, nope + v, C)
+            kvb = torch.einsum("btc,hdc->bthd", kv, wkv_b)                        # (B, T, H, nope + v)
         k_nope, v = torch.split(kvb, [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         return attn_kernels.join_last(k_nope, k_pe.unsqueeze(2)), v
 
@@ -250,9 +282,10 @@ class MLA(nn.Module):
         bsz, seqlen = x.shape[:2]
         if mask is None and self._triton_decode(x, cache):
             return self._decode_step_triton(x, cache, where.start)
-        q_nope, q_pe = torch.split(self._query(x), [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_full = self._query(x)                                               # (B, S, H, Dqk)
+        q_nope, q_pe = torch.split(q_full, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         q_pe = apply_rotary_emb(q_pe, freqs)
-        kv, k_pe = torch.split(self.wkv_a(x), [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        kv, k_pe = torch.split(self._linear(x, self.wkv_a), [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         k_pe = apply_rotary_emb(k_pe.unsqueeze(2), freqs).squeeze(2)          # (B, S, R)
         kv = self.kv_norm(kv)                                                 # (B, S, C)
         wkv_b = self.wkv_b.weight.view(self.n_heads, -1, self.kv_lora_rank)   # (H, nope + v, C)
@@ -288,10 +321,17 @@ class MLA(nn.Module):
             k, v = self._expand_kv(kv, k_pe)
             if isinstance(cache, FullCache):
                 k, v = store(cache.k, k), store(cache.v, v)
-            q = attn_kernels.join_last(q_nope, q_pe)
-            attend = attn_kernels.naive_sdpa if fast else attn_kernels.naive_ref
-            o = attend(q, k, v, self.softmax_scale, mask)                     # (B, S, H, Dv)
-        return self.wo(o.flatten(2))
+            if fast and not torch.is_grad_enabled():
+                q_full[..., self.qk_nope_head_dim:] = q_pe                    # rope in place: no new (B, S, H, Dqk)
+                q = q_full
+            else:
+                q = attn_kernels.join_last(q_nope, q_pe)
+            if fast:
+                o = attn_kernels.naive_sdpa(q, k, v, self.softmax_scale, mask,
+                                            pad_v=self._decision(x).mla_pad_v)  # (B, S, H, Dv)
+            else:
+                o = attn_kernels.naive_ref(q, k, v, self.softmax_scale, mask)
+        return self._linear(o.flatten(2), self.wo)
 
     def _decode_step_triton(self, x: torch.Tensor, cache: MLACache, pos) -> torch.Tensor:
         """One token per sequence, x (B, 1, D) at position `pos` (an int, or a 1-element device
@@ -322,7 +362,10 @@ class MLA(nn.Module):
         d, rope = self.policy.decide(device, dtype), self._rope_fits_triton()
         why = f" ({mla_triton_unfit(self.qk_rope_head_dim)})"   # a Triton path the size rules out: named
         prefill = "triton prologue + naive-sdpa" if d.mla_prologue and rope else "naive-sdpa" + why * d.mla_prologue
+        if d.mla_pad_v and self.v_head_dim < self.qk_head_dim:
+            prefill += " (V padded to Dqk: the CPU flash kernel)"
+        gemm = {"gemm": cpu_gemm.KERNEL_NAME} if d.cpu_gemm else {}
         if self.attn_impl != "absorb":
-            return {"attn": f"prefill {prefill}, decode full-cache sdpa"}
+            return {"attn": f"prefill {prefill}, decode full-cache sdpa", **gemm}
         decode = "triton prologue + split-k" if d.mla_decode and rope else "sdpa" + why * d.mla_decode
-        return {"attn": f"prefill {prefill}, decode latent cache {decode} (full cache sdpa)"}
+        return {"attn": f"prefill {prefill}, decode latent cache {decode} (full cache sdpa)", **gemm}

@@ -146,16 +146,17 @@ class MoE(KimiMoE):
             out = moe_kernels.routed_grouped_train(x_flat, w, idx, params[0::3], params[1::3], params[2::3],
                                                    int(fold), d.moe_swiglu_train)
             return (out if fold else out + self.shared_expert(x_flat)).view(shape)
-        if impl == "grouped_mm":
+        if impl in ("grouped_mm", "onednn-experts"):
             w1, w2, w3, w13 = self.grouped_weights()
+            kw = dict(onednn=impl == "onednn-experts", cpu_fused=d.cpu_fused)
             if self.folds_shared_expert():
                 # the shared expert as one more group holding every token with weight 1: its
                 # GEMMs join the grouped ones and its output the sum over slots
                 T = x_flat.shape[0]
                 idx = torch.cat([idx, idx.new_full((T, 1), self.n_experts)], dim=1)
                 w = torch.cat([w, w.new_ones(T, 1)], dim=1)
-                return moe_kernels.routed_grouped(x_flat, w, idx, w1, w2, w3, w13, d.moe_triton).view(shape)
-            out = moe_kernels.routed_grouped(x_flat, w, idx, w1, w2, w3, w13, d.moe_triton)
+                return moe_kernels.routed_grouped(x_flat, w, idx, w1, w2, w3, w13, d.moe_triton, **kw).view(shape)
+            out = moe_kernels.routed_grouped(x_flat, w, idx, w1, w2, w3, w13, d.moe_triton, **kw)
         else:
             w1, w2, w3 = self.stacked_weights()
             out = moe_kernels.routed_experts(x_flat, w, idx, w1, w2, w3, impl=impl)
@@ -173,6 +174,9 @@ class MoE(KimiMoE):
         fused = moe_kernels.router_fuses(torch.device(device), dtype, self.n_experts, self.gate.top_k, d.moe_triton)
         train = (f"; train: grouped Function, swiglu={'triton' if dg.moe_swiglu_train else 'torch'}"
                  if dg.moe == "grouped_mm" else "")
-        return {"moe": f"{d.moe} (T > {n}), dense-small (T <= {n}{grad}){train}",
+        impl = d.moe
+        if impl == "onednn-experts":
+            impl = f"onednn per-expert GEMMs (inference), {dg.moe} with autograd"
+        return {"moe": f"{impl} (T > {n}), dense-small (T <= {n}{grad}){train}",
                 "router": ("triton, one launch, inside dense-small's gated pass (inference in eval mode; "
                            "torch ops in train mode or with autograd)") if fused else "torch"}

@@ -181,7 +181,7 @@ def test_compare_of_runs_sharing_no_config_exits_distinctly_naming_the_fields(tm
         with RecordWriter(tmp_path / name / "results.jsonl", "w") as w:
             w.write(make_record(dim=dim, seq=seq, samples=[1.0, 1.1, 0.9]))
     code, out, err = run(["compare", str(tmp_path / "a"), str(tmp_path / "b")], capsys)
-    assert code == 4 and out == "" and err.count("\n") == 1
+    assert code == 5 and out == "" and err.count("\n") == 1
     assert "share no config" in err and "sequence_length (8 vs 16)" in err and "dim (32 vs 64)" in err
 
 

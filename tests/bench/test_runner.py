@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from mamba_decoder.kernels.moe import DENSE_SMALL_MAX_TOKENS
+from mamba_decoder.policy import KernelPolicy
 
 from mamba_decoder.bench import runner
 from mamba_decoder.bench.runner import SweepSettings, measure_isolated, Config, run_sweep
@@ -47,10 +48,18 @@ def test_sweep_records_every_config_in_spec_order():
         assert r.num_parameters > 0 and r.active_parameters <= r.num_parameters
         assert r.memory_mb is None and r.weights_mb > 0        # CPU: no per-config memory figure
         assert r.kernels and r.threads == torch.get_num_threads()
+        # the CPU floor: MFU against the GEMM rate probed beside this config
+        assert r.peak_tflops > 0 and r.mfu == pytest.approx(r.tflops_per_sec / r.peak_tflops)
     mdb = next(r for r in out if r.model_name == "MambaDecoderBlock")
-    assert mdb.kernels == {"scan": auto_impl("cpu"), "conv": "torch-conv1d", "step": "torch",
-                           "moe": "grouped_mm (T > {0}), dense-small (T <= {0}); train: grouped Function, swiglu=torch".format(
-                               DENSE_SMALL_MAX_TOKENS["cpu"]),
+    d = KernelPolicy().decide(torch.device("cpu"), torch.float32)
+    gemm = {"gemm": "onednn (inference, >= 16 rows and 2^24 MACs), torch otherwise"} if d.cpu_gemm else {}
+    moe = "onednn per-expert GEMMs (inference), grouped_mm with autograd" if d.moe == "onednn-experts" else d.moe
+    dg = KernelPolicy().decide(torch.device("cpu"), torch.float32, grad=True)
+    train = "; train: grouped Function, swiglu=torch" if dg.moe == "grouped_mm" else ""
+    assert mdb.kernels == {"scan": auto_impl("cpu"),
+                           "conv": "cpu-conv-silu (inference), torch-conv1d otherwise" if d.cpu_fused else "torch-conv1d",
+                           "step": "torch", **gemm,
+                           "moe": "{1} (T > {0}), dense-small (T <= {0}){2}".format(DENSE_SMALL_MAX_TOKENS["cpu"], moe, train),
                            "router": "torch"}
 
 

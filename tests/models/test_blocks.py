@@ -141,8 +141,9 @@ def test_the_policy_given_is_what_runs_and_what_kernel_choice_reports(monkeypatc
         real = getattr(causal_conv, name)
         monkeypatch.setattr(causal_conv, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
     grouped = moe_kernels.routed_grouped
-    monkeypatch.setattr(moe_kernels, "routed_grouped", lambda *a: calls.append("grouped") or grouped(*a))
-    policy = KernelPolicy(mamba_fused="triton", mamba_layout="BDL", dense_small_max_tokens=0)
+    monkeypatch.setattr(moe_kernels, "routed_grouped", lambda *a, **k: calls.append("grouped") or grouped(*a, **k))
+    # cpu_kernels="torch": the CPU's oneDNN experts would stand in for the grouped_mm this names
+    policy = KernelPolicy(mamba_fused="triton", mamba_layout="BDL", dense_small_max_tokens=0, cpu_kernels="torch")
     block = MambaDecoderBlock(32, MambaConfig(d_model=32, n_layers=1), MoEConfig(dim=32), policy=policy).eval()
     cpu = torch.device("cpu")
     if not moe_kernels.grouped_mm_works("cpu", None, torch.float32):
@@ -153,7 +154,7 @@ def test_the_policy_given_is_what_runs_and_what_kernel_choice_reports(monkeypatc
         block(torch.randn(2, 8, 32))
     assert calls == ["causal_conv1d_silu", "grouped"]
     calls.clear()
-    set_kernel_policy(block, KernelPolicy())            # the defaults: PyTorch conv, dense-small
+    set_kernel_policy(block, KernelPolicy(cpu_kernels="torch"))   # the defaults, CPU kernels off: PyTorch conv, dense-small
     k = kernel_choices(block, cpu, torch.float32)
     assert k["conv"] == "torch-conv1d" and "dense-small (T <= 64)" in k["moe"]
     with torch.no_grad():

@@ -150,10 +150,14 @@ def test_fast_mixer_with_triton_conv_equals_reference(case, dtype, tol, monkeypa
 def test_kernel_choice_names_conv_and_step():
     fast = MambaMixer(MambaConfig(d_model=24, n_layers=1), backend="fast")
     cpu = torch.device("cpu")
-    assert fast.kernel_choice(cpu, torch.float32) == {"scan": auto_impl("cpu"), "conv": "torch-conv1d", "step": "torch"}
+    d = fast.policy.decide(cpu, torch.float32)
+    gemm = {"gemm": "onednn (inference, >= 16 rows and 2^24 MACs), torch otherwise"} if d.cpu_gemm else {}
+    conv = "cpu-conv-silu (inference), torch-conv1d otherwise" if d.cpu_fused else "torch-conv1d"
+    assert fast.kernel_choice(cpu, torch.float32) == {"scan": auto_impl("cpu"), "conv": conv, "step": "torch", **gemm}
+    assert fast.kernel_choice(cpu, torch.bfloat16) == {"scan": auto_impl("cpu"), "conv": "torch-conv1d", "step": "torch"}
     _fused_bdl(fast)
     assert fast.kernel_choice(cpu, torch.float32) == {
-        "scan": auto_impl("cpu"), "conv": "triton-conv-silu", "step": "triton-fused"}
+        "scan": auto_impl("cpu"), "conv": "triton-conv-silu", "step": "triton-fused", **gemm}
 
 
 def test_fast_mixer_sees_in_place_parameter_updates_in_inference():

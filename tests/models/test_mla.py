@@ -189,7 +189,8 @@ def test_triton_decode_in_bf16_follows_fp32(monkeypatch):
 def test_decode_kernel_choice_follows_the_device():
     m = _mla("fast")
     cpu = m.kernel_choice(torch.device("cpu"), torch.bfloat16)["attn"]
-    assert cpu == "prefill naive-sdpa, decode latent cache sdpa (full cache sdpa)"
+    assert cpu == ("prefill naive-sdpa (V padded to Dqk: the CPU flash kernel), "
+                   "decode latent cache sdpa (full cache sdpa)")
     assert m.kernel_choice(torch.device("cuda"), torch.bfloat16)["attn"].startswith(
         "prefill triton prologue + naive-sdpa" if triton_installed() else "prefill naive-sdpa")
     m.policy = KernelPolicy(mla_decode="triton")
@@ -228,7 +229,8 @@ def test_fast_latent_prefill_expands_keys_and_equals_latent_attention(monkeypatc
             got = fast(x[:, lo:hi], lo, None, c_fast)
             assert rel_err(got, want) < 1e-5, (lo, hi)
     assert naive_calls == [(2, 12, 4, 24), (2, 20, 4, 24)]
-    assert torch.equal(c_fast.kv, c_ref.kv) and torch.equal(c_fast.pe, c_ref.pe)
+    # the fast latent norm is one C pass on the CPU (kernels.cpu_fused): equal to rounding, not bits
+    assert rel_err(c_fast.kv, c_ref.kv) <= 1e-6 and torch.equal(c_fast.pe, c_ref.pe)
 
 
 @needs_interpreter

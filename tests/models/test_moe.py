@@ -283,9 +283,13 @@ def test_kernel_choice_names_both_paths():
     fast = MoE(32, 6, 2, 48, 48, backend="fast")
     choice = fast.kernel_choice(torch.device("cpu"), torch.float32)["moe"]
     n = K.dense_small_max_tokens(torch.device("cpu"))
-    impl = K.auto_impl(torch.device('cpu'), torch.float32)
+    impl = K.auto_impl(torch.device("cpu"), torch.float32)
     train = "; train: grouped Function, swiglu=torch" if impl == "grouped_mm" else ""
+    if impl == "grouped_mm" and fast.policy.decide(torch.device("cpu"), torch.float32).cpu_gemm:
+        impl = "onednn per-expert GEMMs (inference), grouped_mm with autograd"
     assert choice == f"{impl} (T > {n}), dense-small (T <= {n}){train}"
+    bf16 = fast.kernel_choice(torch.device("cpu"), torch.bfloat16)["moe"]
+    assert bf16.startswith(f"{K.auto_impl(torch.device('cpu'), torch.bfloat16)} (T > {n})")
 
 
 @pytest.mark.parametrize("kwargs,match", [
