@@ -2,8 +2,9 @@
 
 Every bad input ends as one line `error: ...` on stderr naming the value and what is accepted,
 exit code 2; an unexpected failure prints one line and exits 1; Ctrl-C exits 130 keeping every
-finished record; `compare` exits 3 when the new run is significantly slower than the base; a run
-whose files cannot be written mid-run (a full disk) exits 4 with one line, every whole record kept.
+finished record; `compare` exits 3 when the new run is significantly slower than the base and 5
+when the two runs share no config; a run whose files cannot be written mid-run (a full disk)
+exits 4 with one line, every whole record kept.
 """
 from __future__ import annotations
 
@@ -19,14 +20,15 @@ from pydantic import ValidationError
 
 from ..config import BACKENDS, DEFAULT_BACKEND, SIZE_PARTS
 from ..presets import PRESETS
-from .execute import (EXIT_INTERRUPTED, EXIT_OK, EXIT_REGRESSION, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_WRITE,  # noqa: F401
+from .execute import (EXIT_INTERRUPTED, EXIT_NO_COMMON, EXIT_OK, EXIT_REGRESSION, EXIT_UNEXPECTED,  # noqa: F401
+                      EXIT_USAGE, EXIT_WRITE,
                       Output, execute, resolve_device)
 from .launchers import Local
 from .names import LM_MODELS, models_for
 from .registry import MODELS
-from .report import IGNORABLE, compare_runs, write_report
-from .results import OutputWriteError, RecordFileError, UsageError
-from .settings import CACHE_KINDS, DTYPES, LEVELS, MODES, SweepSettings, model_sizes, one_line
+from .report import IGNORABLE, NoCommonConfigs, compare_runs, write_report
+from .results import OutputWriteError, RecordFileError, UsageError, tool_version
+from .settings import CACHE_KINDS, DTYPES, LEVELS, MODES, ORDERS, SweepSettings, model_sizes, one_line
 from .torchrun import Torchrun, dist_env
 
 # --quick: a useful look in about a minute on a 2-core CPU (reference backend).
@@ -109,6 +111,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="continue a run in --output-dir, skipping configs already recorded ok")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the records and plots already in --output-dir")
+    p.add_argument("--order", default="interleaved", choices=ORDERS,
+                   help="interleaved: at each shape time every model in rounds, round robin, so a "
+                        "slow period hits all alike; blocked: each config's runs in one block "
+                        "(default: interleaved)")
     p.add_argument("--isolate", action="store_true",
                    help="measure each config in its own subprocess (a crash costs one row)")
     p.add_argument("--force", action="store_true",
@@ -187,7 +193,7 @@ def settings_from_args(args: argparse.Namespace, device: str) -> SweepSettings:
                           models=list(dict.fromkeys(models)), backends=list(dict.fromkeys(args.backend)),
                           dtypes=list(dict.fromkeys(args.dtype)), device=device, warmup=pick("warmup"),
                           runs=pick("runs"), min_time_s=args.min_time, threads=args.threads,
-                          seed=args.seed, isolate=args.isolate,
+                          seed=args.seed, isolate=args.isolate, order=args.order,
                           config_timeout_s=args.config_timeout, force=args.force, mode=args.mode, level=args.level,
                           compile=args.compile, cuda_graphs=args.cuda_graphs, cache_kind=args.cache_kind,
                           optimizer_step=args.optimizer_step, depth=m.get("depth", 4),
@@ -208,7 +214,8 @@ def run_command(args: argparse.Namespace) -> int:
     s = settings_from_args(args, Torchrun.rank_device(device, env) if torchrun else device)
     o = Output(dir=out, resume=args.resume, overwrite=args.overwrite, plots=not args.no_plots,
                progress=not args.no_progress,
-               cuda_hint="pass --no-cuda" if device == "cpu" and not args.no_cuda else None)
+               cuda_hint="pass --no-cuda" if device == "cpu" and not args.no_cuda else None,
+               command=getattr(args, "argv", None))
     return execute(s, Torchrun(s, env) if torchrun else Local(), o).code
 
 
@@ -228,7 +235,10 @@ def compare_command(args: argparse.Namespace) -> int:
         raise UsageError(f"--alpha: {args.alpha!r} is not a probability in (0, 1)")
     try:
         text, regressed = compare_runs(Path(args.base_dir), Path(args.new_dir), threshold=args.threshold,
-                                       alpha=args.alpha, ignore=args.ignore)
+                                       alpha=args.alpha, ignore=args.ignore, fmt=args.format)
+    except NoCommonConfigs as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_NO_COMMON
     except ValueError as e:
         if isinstance(e, RecordFileError):
             raise
@@ -257,6 +267,7 @@ def _float(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="mamba-bench", description="Benchmark MambaDecoderBlock, MLABlock and Regular Mamba.")
+    p.add_argument("--version", action="version", version=f"mamba-bench {tool_version()}")
     sub = p.add_subparsers(dest="command", metavar="{run,report,compare,presets}")
     run = sub.add_parser("run", help="run a sweep (the spec's flags)")
     add_run_arguments(run)
@@ -272,7 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="significance level of the Mann-Whitney U test (default: 0.05)")
     cmp_.add_argument("--ignore", nargs="+", default=[], choices=IGNORABLE,
                       help="pair configs without these fields, e.g. --ignore backend to compare a "
-                           "fast run with a reference run")
+                           "fast run with a reference run (automatic when the runs differ in one "
+                           "of them uniformly)")
+    cmp_.add_argument("--format", default="text", choices=("text", "md", "json"),
+                      help="output: text (default), md (Markdown) or json")
     sub.add_parser("presets", help="list the presets of published architectures and their sources")
     return p
 
@@ -325,6 +339,7 @@ def _outcome(fn, argv) -> int:
 
 def _main(argv: Optional[Sequence[str]]) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = ["mamba-bench", *argv]
     commands = {"run": run_command, "report": report_command, "compare": compare_command,
                 "presets": presets_command}
     if args.command is None:
@@ -334,7 +349,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`mamba-bench`: returns the exit code (0 ok, 1 unexpected, 2 bad input, 3 regression,
-    4 output not writable mid-run (a full disk; whole records kept, --resume continues), 130 Ctrl-C)."""
+    4 output not writable mid-run (a full disk; whole records kept, --resume continues),
+    5 compare: no config in common, 130 Ctrl-C)."""
     return _guarded(_main, list(sys.argv[1:] if argv is None else argv))
 
 
@@ -343,7 +359,10 @@ def run_main(argv: Optional[Sequence[str]] = None, prog: str = "run_benchmark.py
     def go(a):
         p = _Parser(prog=prog, description="Comprehensive benchmarking suite (run).")
         add_run_arguments(p)
-        return run_command(p.parse_args(a))
+        p.add_argument("--version", action="version", version=f"{prog} (mamba-bench {tool_version()})")
+        args = p.parse_args(a)
+        args.argv = [prog, *a]
+        return run_command(args)
     return _guarded(go, list(sys.argv[1:] if argv is None else argv))
 
 

@@ -22,12 +22,14 @@ import torch
 from . import report
 from .plots import plot_benchmark_results
 from .results import (CSV_NAME, ENV_NAME, JSONL_NAME, BenchmarkResult, OutputWriteError, environment,
-                      lock_dir, note_written, read_environment, rewrite_csv, write_environment)
+                      lock_dir, note_written, read_environment, resumed_environment, rewrite_csv,
+                      write_environment)
 from .runner import banner_kernels, check_depth_fits
 from .settings import SweepSettings
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_REGRESSION, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_WRITE = 4   # the run's files could not be written (a full disk): whole records kept, --resume continues
+EXIT_NO_COMMON = 5   # compare: the two runs share no config
 
 
 @dataclass
@@ -42,6 +44,7 @@ class Output:
     plots: bool = True
     progress: bool = True               # progress bar on stderr
     cuda_hint: Optional[str] = None     # CUDA was asked for and is missing: the notice names this
+    command: Optional[list[str]] = None  # the command line saved with the run (default: sys.argv)
 
 
 @dataclass
@@ -119,7 +122,12 @@ def _execute(s: SweepSettings, launcher: Launcher, o: Output) -> Outcome:
                 print("Block sizes: " + ", ".join(f"{k}={v[0] if len(v) == 1 else v}" for k, v in s.sizes.items())
                       + " (the rest at the suite's defaults; each record's block_config has them all)", flush=True)
         if o.dir is not None:
-            write_environment(environment(s.device, torch.get_num_threads()), o.dir / ENV_NAME)
+            env = dict(environment(s.device, torch.get_num_threads()),
+                       command_line=list(o.command if o.command is not None else sys.argv),
+                       seed=s.seed, settings=s.model_dump(mode="json"))
+            if o.resume:
+                env = resumed_environment(env, read_environment(o.dir / ENV_NAME))
+            write_environment(env, o.dir / ENV_NAME)
     show = report.console_printer(multi=len(s.backends) * len(s.dtypes) > 1,
                                   sizes=s.swept_sizes()) if o.verbose else None
     outcome = launcher.run(s, o, plan, show)
@@ -134,6 +142,9 @@ def _execute(s: SweepSettings, launcher: Launcher, o: Output) -> Outcome:
         return outcome
     if o.report:
         report.print_summary_table(outcome.results)
+        for line in report.noise_warnings(outcome.results, read_environment(o.dir / ENV_NAME)
+                                          if o.dir is not None else None):
+            print(report.wrap80(line), file=sys.stderr)
         paths = []
         if o.plots and o.dir is not None:
             try:

@@ -8,8 +8,11 @@ import sys
 import threading
 from typing import Callable, Optional
 
+import torch
+
 from .execute import EXIT_INTERRUPTED, Outcome, Output, Plan
-from .results import JSONL_NAME, BenchmarkResult, RecordWriter, prepare_run_dir, recorded_ok
+from .results import (JSONL_NAME, BenchmarkResult, RecordWriter, check_resume, environment, prepare_run_dir,
+                      recorded_ok)
 from .runner import run_sweep
 from .settings import SweepSettings
 
@@ -23,6 +26,8 @@ class Local:
         if o.dir is None:
             return Plan()
         prepare_run_dir(o.dir, resume=o.resume, overwrite=o.overwrite)
+        if o.resume:
+            check_resume(o.dir, s.model_dump(mode="json"), environment(s.device, torch.get_num_threads()))
         done = recorded_ok(o.dir) if o.resume else {}
         if o.resume and (o.dir / JSONL_NAME).is_file():
             print(f"resume: {len(done)} configs already recorded ok in {o.dir / JSONL_NAME}", file=sys.stderr)

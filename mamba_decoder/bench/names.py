@@ -71,3 +71,8 @@ def mixed_devices(names, sep: str = ", ") -> str:
 
 def is_mixed(device_name) -> bool:
     return str(device_name).startswith(MIXED_DEVICES)
+
+
+def sig3(v: float) -> str:
+    """A number with three significant digits, trailing zeros kept: 2.00, 0.0213, 10.5, 123."""
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:#.3g}"

@@ -6,20 +6,23 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import math
+import re
 import sys
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from tqdm import tqdm
 
-from .names import REGULAR_MAMBA, RecordKey
+from .names import MAMBA_LM, REGULAR_MAMBA, RecordKey, sig3
 from .plots import plot_benchmark_results
 from .results import (CSV_NAME, ENV_NAME, JSONL_NAME, BenchmarkResult, OutputWriteError, UsageError,
                       config_label, load_run, lock_dir, record_devices, same_sizes, swept_sizes,
                       note_written, read_environment, write_csv)
-from .timing import HIGH_SPREAD, mann_whitney_u
+from .timing import DRIFT_WARN, HIGH_SPREAD, Ratio, drift, geomean_ratio, mann_whitney_u, ratio
 
 RULE = "=" * 100
 NAME_WIDTH = 26   # the spec's lines align '|' at column 27
@@ -50,12 +53,41 @@ def format_params(n: Optional[int]) -> str:
     return "n/a" if n is None else f"{n / 1e6:.2f}M"
 
 
+def fmt_ms(v: float) -> str:
+    """A latency with the spec's two decimals, and at least three significant digits below 1 ms
+    (0.0213, not 0.02)."""
+    return f"{v:.2f}" if abs(v) >= 1 or v == 0 else f"{v:#.3g}"
+
+
+def fmt_mean_std(mean: float, std: float) -> str:
+    """mean±std, the std with as many decimals as the mean (12.34±0.56, 0.0213±0.0001)."""
+    m = fmt_ms(mean)
+    return f"{m}±{std:.{len(m.partition('.')[2])}f}"
+
+
+_OOM_PARTS = (re.compile(r"Tried to allocate [\d.]+ [KMGT]?i?B"),
+              re.compile(r"of which [\d.]+ [KMGT]?i?B is free"),
+              re.compile(r"[\d.]+ [KMGT]?i?B is allocated by PyTorch"))
+
+
+def short_message(r: BenchmarkResult, width: int = 60) -> str:
+    """A failure's message cut to `width` keeping its useful part: for an out-of-memory error what
+    was asked for and what was free (torch's message puts them after a long preamble)."""
+    msg = r.message
+    if r.status == "oom":
+        parts = [m.group(0) for rx in _OOM_PARTS if (m := rx.search(msg))]
+        if parts:
+            msg = "out of memory: " + ", ".join(parts)
+    return msg if len(msg) <= width else msg[:width - 3] + "..."
+
+
 def format_line(r: BenchmarkResult) -> str:
     """The spec's per-config line; a failed config says OOM/ERROR and why; noisy ones say so."""
     head = f"{r.model_name:<{NAME_WIDTH}} | SeqLen: {r.sequence_length:>4} | Batch: {r.batch_size:>2}"
     if not r.ok:
-        return f"{head} | {r.status.upper()}: {r.message}"
-    line = (f"{head} | Latency: {r.latency_ms:>6.2f}±{r.latency_std_ms:.2f} ms"
+        return f"{head} | {r.status.upper()}: {short_message(r, 200)}"
+    m, sd = fmt_mean_std(r.latency_ms, r.latency_std_ms).split("±")
+    line = (f"{head} | Latency: {m:>6}±{sd} ms"
             f" | Throughput: {r.throughput_tokens_per_sec:>9.2f} tokens/s"
             f" | Params: {format_params(r.num_parameters)}")
     if r.high_spread:
@@ -125,8 +157,8 @@ def summary_table(results: Sequence[BenchmarkResult]) -> str:
             mem = "n/a" if r.memory_mb is None else f"{r.memory_mb:.1f}"
             tpm = r.throughput_tokens_per_sec / (r.num_parameters / 1e6) if r.num_parameters else float("nan")
             row = [label, r.sequence_length, r.batch_size,
-                   f"{r.latency_ms:.2f}±{r.latency_std_ms:.2f}",
-                   f"{r.latency_median_ms:.2f}", f"{r.latency_iqr_ms:.2f}" + (" !" if r.high_spread else ""),
+                   fmt_mean_std(r.latency_ms, r.latency_std_ms),
+                   fmt_ms(r.latency_median_ms), fmt_ms(r.latency_iqr_ms) + (" !" if r.high_spread else ""),
                    f"{r.throughput_tokens_per_sec:.1f}", f"{tpm:.1f}", mem]
             if compute:
                 row += (["-", "-"] if r.mode == "decode" else
@@ -140,7 +172,7 @@ def summary_table(results: Sequence[BenchmarkResult]) -> str:
         else:
             rows.append([label, r.sequence_length, r.batch_size, "-", "-", "-", "-", "-", "-"]
                         + ["-"] * (2 * compute + 3 * decode + 2 * energy)
-                        + [format_params(r.num_parameters), f"{r.status.upper()}: {r.message[:60]}"])
+                        + [format_params(r.num_parameters), f"{r.status.upper()}: {short_message(r)}"])
     header = ["Model", "SeqLen", "Batch", "Mean±Std ms", "Median ms", "IQR ms", "Tokens/s",
               "Tok/s per M", "Mem MB"] + ["TFLOP/s", "MFU %"] * compute \
         + ["GB/s", "Prefill ms", "Cache MiB"] * decode + ["mJ/token", "Avg W"] * energy + ["Params tot/act", "Status"]
@@ -149,47 +181,143 @@ def summary_table(results: Sequence[BenchmarkResult]) -> str:
     return "SUMMARY\n" + _table(header, rows, "l" + "r" * (len(header) - 2) + "l")
 
 
-def speedups(results: Sequence[BenchmarkResult], baseline: str = REGULAR_MAMBA
-             ) -> list[tuple[BenchmarkResult, Optional[float]]]:
-    """(record, baseline latency / record latency) for every non-baseline record; None if either failed.
+def baseline_for(results: Sequence[BenchmarkResult]) -> str:
+    """What speedups are measured against: Regular Mamba for blocks, Mamba LM for language models."""
+    return MAMBA_LM if results and all(r.level == "model" for r in results) else REGULAR_MAMBA
 
-    A speedup above 1 means faster than the baseline at the same backend, dtype, shape and mode
-    (and, in a sweep over sizes, the baseline's sizes the record shares: results.same_sizes).
-    """
+
+def latency_ratio(num: BenchmarkResult, den: BenchmarkResult) -> Ratio:
+    """num's median latency / den's, with its 95% interval: paired by round when both were timed
+    in the same interleaved rounds, else from the two sets of samples independently."""
+    if not num.samples_ms or not den.samples_ms:    # a record written without its samples
+        v = num.latency_median_ms / den.latency_median_ms
+        return Ratio(v, v, v, False)
+    return ratio(num.samples_ms, den.samples_ms, num.sample_rounds, den.sample_rounds,
+                 paired=bool(num.rounds_id) and num.rounds_id == den.rounds_id)
+
+
+def _baseline_records(results: Sequence[BenchmarkResult], baseline: str):
+    """record -> its baseline record: the same backend, dtype, shape and mode (and, in a sweep over
+    sizes, the baseline's sizes the record shares: results.same_sizes), or None."""
     base: dict[tuple, list[BenchmarkResult]] = defaultdict(list)
     for r in results:
         if r.model_name == baseline:
             base[(r.backend, r.dtype, r.mode, r.dim, r.batch_size, r.sequence_length)].append(r)
+
+    def of(r: BenchmarkResult) -> Optional[BenchmarkResult]:
+        return next((b for b in base.get((r.backend, r.dtype, r.mode, r.dim, r.batch_size, r.sequence_length), [])
+                     if same_sizes(b, r)), None)
+    return of
+
+
+def speedup_ratios(results: Sequence[BenchmarkResult], baseline: Optional[str] = None
+                   ) -> list[tuple[BenchmarkResult, Optional[Ratio], bool]]:
+    """(record, speedup with its interval, noisy) for every non-baseline record: speedup = the
+    baseline's median latency / the record's, paired by round where they were interleaved; None
+    if either failed. noisy: the interval crosses 1 or either record has a high spread."""
+    baseline = baseline or baseline_for(results)
+    base_of = _baseline_records(results, baseline)
     out = []
     for r in results:
         if r.model_name == baseline:
             continue
-        b = next((b for b in base.get((r.backend, r.dtype, r.mode, r.dim, r.batch_size, r.sequence_length), [])
-                  if same_sizes(b, r)), None)
-        ok = b is not None and b.ok and r.ok
-        out.append((r, b.latency_ms / r.latency_ms if ok else None))
+        b = base_of(r)
+        if b is None or not (b.ok and r.ok):
+            out.append((r, None, False))
+            continue
+        sp = latency_ratio(b, r)
+        out.append((r, sp, sp.crosses_one or b.high_spread or r.high_spread))
     return out
 
 
-def comparison_table(results: Sequence[BenchmarkResult], baseline: str = REGULAR_MAMBA) -> str:
-    pairs = speedups(results, baseline)
+def speedups(results: Sequence[BenchmarkResult], baseline: Optional[str] = None
+             ) -> list[tuple[BenchmarkResult, Optional[float]]]:
+    """(record, median speedup) for every non-baseline record; None if either failed.
+
+    A speedup above 1 means faster than the baseline at the same backend, dtype, shape and mode
+    (and, in a sweep over sizes, the baseline's sizes the record shares: results.same_sizes).
+    """
+    return [(r, None if sp is None else sp.value) for r, sp, _ in speedup_ratios(results, baseline)]
+
+
+def geomean_speedups(results: Sequence[BenchmarkResult], baseline: Optional[str] = None,
+                     label=lambda r: r.model_name) -> dict[str, tuple[Ratio, int]]:
+    """label -> (geometric-mean speedup with its 95% interval, configs) over the configs where
+    both the record and the baseline are ok."""
+    baseline = baseline or baseline_for(results)
+    base_of = _baseline_records(results, baseline)
+    parts: dict[str, list] = defaultdict(list)
+    for r in results:
+        b = None if r.model_name == baseline else base_of(r)
+        if b is None or not (b.ok and r.ok) or not (b.samples_ms and r.samples_ms):
+            continue
+        parts[label(r)].append((b.samples_ms, r.samples_ms, b.sample_rounds, r.sample_rounds,
+                                bool(b.rounds_id) and b.rounds_id == r.rounds_id))
+    return {k: (geomean_ratio(v), len(v)) for k, v in parts.items()}
+
+
+def format_ratio(x: Ratio) -> str:
+    return f"{sig3(x.value)}x [{sig3(x.lo)}, {sig3(x.hi)}]"
+
+
+NOISY_MARK = "~"
+NOISY_NOTE = (f"{NOISY_MARK} noisy: the 95% interval crosses 1 or a config has a high spread "
+              f"(IQR > {HIGH_SPREAD:.0%} of median)")
+
+
+def comparison_table(results: Sequence[BenchmarkResult], baseline: Optional[str] = None) -> str:
+    baseline = baseline or baseline_for(results)
+    pairs = speedup_ratios(results, baseline)
     if not pairs or not any(r.model_name == baseline for r in results):
         return f"COMPARISON vs {baseline}: {baseline} not in this run"
     many = len({(r.backend, r.dtype) for r in results}) > 1
     sizes = swept_sizes(results)
     rows = [[_label(r, many, sizes=sizes), r.sequence_length, r.batch_size,
-             "n/a" if sp is None else f"{sp:.2f}x",
-             "n/a" if sp is None else ("faster" if sp > 1 else "slower")] for r, sp in pairs]
-    geo: dict[str, list[float]] = defaultdict(list)
-    for r, sp in pairs:
-        if sp is not None:
-            geo[_label(r, many, sizes=sizes)].append(sp)
-    lines = [f"COMPARISON vs {baseline} (speedup = {baseline} latency / model latency; > 1 is faster)",
-             _table(["Model", "SeqLen", "Batch", "Speedup", ""], rows, "lrrrl")]
-    for label, v in geo.items():
-        lines.append(f"geometric mean speedup, {label}: "
-                     f"{math.exp(sum(map(math.log, v)) / len(v)):.2f}x over {len(v)} configs")
+             "n/a" if sp is None else f"{sig3(sp.value)}x" + (NOISY_MARK if noisy else ""),
+             "" if sp is None else f"[{sig3(sp.lo)}, {sig3(sp.hi)}]",
+             "n/a" if sp is None else ("faster" if sp.value > 1 else "slower")] for r, sp, noisy in pairs]
+    paired = all(sp.paired for _, sp, _ in pairs if sp is not None)
+    lines = [f"COMPARISON vs {baseline}: speedup = median({baseline} latency / model latency)"
+             + (" per round" if paired else ""),
+             "(> 1 is faster; [95% interval], bootstrap over " + ("rounds)" if paired else "samples)"),
+             _table(["Model", "SeqLen", "Batch", "Speedup", "95% CI", ""], rows, "lrrrrl")]
+    if any(noisy for _, _, noisy in pairs):
+        lines.append(NOISY_NOTE)
+    for lab, (g, n) in geomean_speedups(results, baseline, lambda r: _label(r, many, sizes=sizes)).items():
+        lines.append(f"geometric mean speedup, {lab}: {format_ratio(g)} over {n} configs")
     return "\n".join(lines)
+
+
+def noise_warnings(results: Sequence[BenchmarkResult], env: Optional[dict] = None) -> list[str]:
+    """Warnings that the machine's speed moved while it measured (the calibration kernel's drift
+    over a shape's rounds) or that it was loaded when the run started; each names what to do."""
+    threads = (env or {}).get("torch_threads") or max((r.threads or 1 for r in results), default=1)
+    fewer = "--threads 1" if threads > 1 else "fewer --threads"
+    remedy = (f"stop other jobs, use {fewer} (threads that wait for each other suffer most from a "
+              "busy CPU), or raise --min-time (e.g. --min-time 1) so each config's runs span the "
+              "slow periods")
+    out = []
+    groups = {r.rounds_id: r for r in results if r.ok and r.calibration_ms}
+    worst = max(groups.values(), key=lambda r: drift(r.calibration_ms), default=None)
+    if worst is not None and drift(worst.calibration_ms) > DRIFT_WARN:
+        out.append(f"warning: the machine's speed drifted {drift(worst.calibration_ms):.0%} "
+                   f"(calibration kernel between rounds, at L={worst.sequence_length} "
+                   f"B={worst.batch_size}; > {DRIFT_WARN:.0%}): something else uses this "
+                   f"{'GPU' if str(worst.device).startswith('cuda') else 'CPU'}; {remedy}")
+    load, cpus = (env or {}).get("load_average"), (env or {}).get("cpu_count")
+    if load and cpus and load[0] >= cpus:
+        out.append(f"warning: the machine was loaded when the run started (load average "
+                   f"{load[0]:.1f} on {cpus} CPUs): other jobs compete with the timed runs; {remedy}")
+    spread = [r for r in results if r.ok and r.high_spread]
+    if spread and len(spread) * 4 >= sum(r.ok for r in results):
+        out.append(f"warning: {len(spread)} of {sum(r.ok for r in results)} configs have a high "
+                   f"spread (IQR > {HIGH_SPREAD:.0%} of median); {remedy}")
+    return out
+
+
+def wrap80(line: str) -> str:
+    """A long message for the console, wrapped to 80 columns (continuation lines indented)."""
+    return "\n".join(textwrap.wrap(line, 80, subsequent_indent="  ", break_on_hyphens=False))
 
 
 def print_summary_table(results: Sequence[BenchmarkResult], file=None) -> None:
@@ -236,58 +364,165 @@ def _pairing(records, ignore: Sequence[str], run_dir) -> dict:
     return out
 
 
-def compare_runs(base_dir, new_dir, *, threshold: float = 0.05, alpha: float = 0.05,
-                 ignore: Sequence[str] = ()) -> tuple[str, bool]:
-    """Per-config median latency ratio NEW/BASE with a Mann-Whitney U test on the raw samples.
+class NoCommonConfigs(ValueError):
+    """compare: the two runs share no config (the CLI's distinct exit code); names the fields."""
 
-    Configs pair by their record key; `ignore` leaves fields out of it (backend, dtype, variant),
-    e.g. to compare a fast-backend run with a reference-backend run of the same grid.
 
-    A config regresses when NEW is slower by more than `threshold` (ratio > 1 + threshold) and the
-    U test says the difference is significant (p < alpha). Returns (text, any regression). When the
-    runs were measured on different devices, the text's first line is a warning that says so (the
-    regression verdict is unchanged).
-    """
+def _differing_fields(base: dict, new: dict) -> list[str]:
+    """Key fields whose values differ between two runs' records, with the values: 'backend
+    (fast vs reference)'."""
+    out = []
+    for i, f in enumerate(RecordKey._fields):
+        a = sorted({str(k[i]) for k in base}) if base else []
+        b = sorted({str(k[i]) for k in new}) if new else []
+        if a != b:
+            out.append(f"{f} ({', '.join(a) or '-'} vs {', '.join(b) or '-'})")
+    return out
+
+
+def _uniform_difference(base: dict, new: dict) -> Optional[str]:
+    """The one ignorable key field in which every base record has one value and every new record
+    another (all fast vs all reference, all bf16 vs all fp32), or None."""
+    diff = []
+    for f in IGNORABLE:
+        i = RecordKey._fields.index(f)
+        a, b = {k[i] for k in base}, {k[i] for k in new}
+        if a != b:
+            diff.append((f, a, b))
+    if len(diff) == 1 and len(diff[0][1]) == 1 and len(diff[0][2]) == 1:
+        return diff[0][0]
+    return None
+
+
+ENV_WARN_FIELDS = (("torch_threads", "threads"), ("torch", "torch"))
+
+
+def compare_data(base_dir, new_dir, *, threshold: float = 0.05, alpha: float = 0.05,
+                 ignore: Sequence[str] = ()) -> dict:
+    """compare_runs' findings as plain data (what `--format json` prints)."""
     base_records, new_records = load_run(base_dir), load_run(new_dir)
+    full_b = {r.key: r for r in base_records}
+    full_n = {r.key: r for r in new_records}
+    ignore = list(ignore)
+    across = None
+    if not ignore and not (set(full_b) & set(full_n)):
+        across = _uniform_difference(full_b, full_n)
+        if across is not None:
+            ignore = [across]
     base, new = _pairing(base_records, ignore, base_dir), _pairing(new_records, ignore, new_dir)
+    if not (set(base) & set(new)):
+        fields = _differing_fields(full_b, full_n)
+        raise NoCommonConfigs(f"{base_dir} and {new_dir} share no config; they differ in "
+                              + ("; ".join(fields) if fields else "nothing (one run is empty)")
+                              + (" (pass --ignore FIELD to compare across backend, dtype or variant)"
+                                 if any(f.split()[0] in IGNORABLE for f in fields) else ""))
+    warnings = []
     base_dev, new_dev = _run_devices(base_dir, base_records), _run_devices(new_dir, new_records)
-    rows, regressed = [], []
+    if base_dev and new_dev and base_dev != new_dev:
+        warnings.append(f"warning: comparing different devices: base {base_dev}, new {new_dev}")
+    env_b, env_n = read_environment(Path(base_dir) / ENV_NAME), read_environment(Path(new_dir) / ENV_NAME)
+    for key, name in ENV_WARN_FIELDS:
+        if env_b.get(key) is not None and env_n.get(key) is not None and env_b[key] != env_n[key]:
+            warnings.append(f"warning: {name} differ: base {env_b[key]}, new {env_n[key]}")
+    rows, parts = [], []
     for key, n in new.items():
         b = base.get(key)
         if b is None:
             continue
-        label = f"{n.model_name} ({_side(b.backend, n.backend)}, {_side(b.dtype, n.dtype)}, {n.mode})"
+        row = dict(model=n.model_name, backend=_side(b.backend, n.backend), dtype=_side(b.dtype, n.dtype),
+                   mode=n.mode, variant=_side(b.variant, n.variant), sequence_length=n.sequence_length,
+                   batch_size=n.batch_size)
         if not (b.ok and n.ok) or not b.samples_ms or not n.samples_ms:
-            rows.append([label, n.sequence_length, n.batch_size, "-", "-", "-", "-",
-                         f"not comparable (base {b.status}, new {n.status})"])
+            rows.append(dict(row, verdict=f"not comparable (base {b.status}, new {n.status})"))
             continue
-        ratio = n.latency_median_ms / b.latency_median_ms
+        x = ratio(n.samples_ms, b.samples_ms, paired=False)
         _, p = mann_whitney_u(b.samples_ms, n.samples_ms)
         significant = p < alpha
-        if ratio > 1 + threshold and significant:
+        if x.value > 1 + threshold and significant:
             verdict = "SLOWER (regression)"
-            regressed.append(label)
-        elif ratio < 1 - threshold and significant:
+        elif x.value < 1 - threshold and significant:
             verdict = "faster"
         else:
             verdict = "same" if not significant else "within threshold"
-        rows.append([label, n.sequence_length, n.batch_size, f"{b.latency_median_ms:.3f}",
-                     f"{n.latency_median_ms:.3f}", f"{ratio:.3f}", f"{p:.3g}", verdict])
-    lines = [f"warning: comparing different devices: base {base_dev}, new {new_dev}"] \
-        if base_dev and new_dev and base_dev != new_dev else []
-    lines += [f"COMPARE  base: {base_dir}  new: {new_dir}",
-             f"ratio = new median / base median latency; regression: ratio > {1 + threshold:.3f} "
-             f"and Mann-Whitney U p < {alpha}",
-             _table(["Config", "SeqLen", "Batch", "Base ms", "New ms", "Ratio", "p", "Verdict"],
-                    rows, "lrrrrrrl") if rows else "(no config present in both runs)"]
-    for name, run, other in (("base", base, new), ("new", new, base)):
-        only = [r for k, r in run.items() if k not in other]
-        if only:
-            lines.append(f"only in {name} ({len(only)}): " + "; ".join(
-                f"{r.model_name} ({r.backend}, {r.dtype}, {r.mode}) L={r.sequence_length} "
-                f"B={r.batch_size} dim={r.dim}" for r in only))
-    lines.append(f"{len(regressed)} regression(s)" + (": " + ", ".join(dict.fromkeys(regressed)) if regressed else ""))
-    return "\n".join(lines), bool(regressed)
+        noisy = b.high_spread or n.high_spread
+        rows.append(dict(row, base_median_ms=b.latency_median_ms, new_median_ms=n.latency_median_ms,
+                         ratio=x.value, ratio_lo=x.lo, ratio_hi=x.hi, p=p, noisy=bool(noisy), verdict=verdict))
+        parts.append((n.samples_ms, b.samples_ms, (), (), False))
+    geo = geomean_ratio(parts)
+    only = {name: [dict(model=r.model_name, backend=r.backend, dtype=r.dtype, mode=r.mode,
+                        sequence_length=r.sequence_length, batch_size=r.batch_size, dim=r.dim)
+                   for k, r in run.items() if k not in other]
+            for name, run, other in (("base", base, new), ("new", new, base))}
+    return dict(base=str(base_dir), new=str(new_dir), threshold=threshold, alpha=alpha,
+                across=across, ignore=ignore, warnings=warnings, rows=rows, only=only,
+                geomean=None if geo is None else dict(ratio=geo.value, lo=geo.lo, hi=geo.hi, configs=len(parts)),
+                regressions=[f"{r['model']} ({r['backend']}, {r['dtype']}, {r['mode']})"
+                             for r in rows if r["verdict"].startswith("SLOWER")])
+
+
+def _compare_rows(d: dict) -> list[list]:
+    out = []
+    for r in d["rows"]:
+        label = f"{r['model']} ({r['backend']}, {r['dtype']}, {r['mode']})"
+        if "ratio" not in r:
+            out.append([label, r["sequence_length"], r["batch_size"], "-", "-", "-", "-", "-", r["verdict"]])
+            continue
+        out.append([label, r["sequence_length"], r["batch_size"], sig3(r["base_median_ms"]),
+                    sig3(r["new_median_ms"]), f"{r['ratio']:.3f}" + (NOISY_MARK if r["noisy"] else ""),
+                    f"[{sig3(r['ratio_lo'])}, {sig3(r['ratio_hi'])}]", f"{r['p']:.3g}", r["verdict"]])
+    return out
+
+
+_COMPARE_HEADER = ["Config", "SeqLen", "Batch", "Base ms", "New ms", "Ratio", "95% CI", "p", "Verdict"]
+
+
+def format_compare(d: dict, fmt: str = "text") -> str:
+    """compare_data's findings as text (the console), Markdown or JSON."""
+    if fmt == "json":
+        return json.dumps(d, indent=2)
+    lines = list(d["warnings"])
+    if d["across"]:
+        lines.append(f"note: the runs differ only in {d['across']} (every record): compared across it")
+    rule = (f"ratio = new median / base median latency (95% bootstrap interval); regression: "
+            f"ratio > {1 + d['threshold']:.3f} and Mann-Whitney U p < {d['alpha']}")
+    only = [f"only in {name} ({len(v)}): " + "; ".join(
+        f"{r['model']} ({r['backend']}, {r['dtype']}, {r['mode']}) L={r['sequence_length']} "
+        f"B={r['batch_size']} dim={r['dim']}" for r in v) for name, v in d["only"].items() if v]
+    g = d["geomean"]
+    summary = ([f"geometric mean ratio new/base (median): {sig3(g['ratio'])}x "
+                f"[{sig3(g['lo'])}, {sig3(g['hi'])}] over {g['configs']} configs"] if g else [])
+    regs = d["regressions"]
+    verdict = f"{len(regs)} regression(s)" + (": " + ", ".join(dict.fromkeys(regs)) if regs else "")
+    if fmt == "md":
+        md = [f"# Compare: `{d['base']}` (base) vs `{d['new']}` (new)", ""]
+        md += [f"- {w}" for w in lines] + ([""] if lines else [])
+        md += [rule, "", _md_table(_COMPARE_HEADER, _compare_rows(d)), ""]
+        md += [f"- {x}" for x in only + summary + [verdict]]
+        return "\n".join(md)
+    lines += [f"COMPARE  base: {d['base']}  new: {d['new']}", rule,
+              _table(_COMPARE_HEADER, _compare_rows(d), "lrrrrrrrl")]
+    if any(r.get("noisy") for r in d["rows"]):
+        lines.append(f"{NOISY_MARK} noisy: a config has a high spread (IQR > {HIGH_SPREAD:.0%} of median)")
+    return "\n".join(lines + only + summary + [verdict])
+
+
+def compare_runs(base_dir, new_dir, *, threshold: float = 0.05, alpha: float = 0.05,
+                 ignore: Sequence[str] = (), fmt: str = "text") -> tuple[str, bool]:
+    """Per-config median latency ratio NEW/BASE with its 95% bootstrap interval and a
+    Mann-Whitney U test on the raw samples, and their geometric mean with its interval.
+
+    Configs pair by their record key; `ignore` leaves fields out of it (backend, dtype, variant),
+    e.g. to compare a fast-backend run with a reference-backend run of the same grid. When the
+    runs share no config but differ uniformly in one of those fields, they are compared across it
+    and the text says so; when they share none even then, NoCommonConfigs names the fields.
+
+    A config regresses when NEW is slower by more than `threshold` (ratio > 1 + threshold) and the
+    U test says the difference is significant (p < alpha). Returns (text, any regression). When the
+    runs were measured on different devices, or with other threads or torch, the text's first
+    lines are warnings that say so (the regression verdict is unchanged).
+    """
+    d = compare_data(base_dir, new_dir, threshold=threshold, alpha=alpha, ignore=ignore)
+    return format_compare(d, fmt), bool(d["regressions"])
 
 
 def _side(base: str, new: str) -> str:
@@ -371,16 +606,26 @@ def _write_report(run_dir: Path, out: Path, results, env) -> list:
     pngs = plot_benchmark_results(results, out, env=env)
     env_rows = [[k, v if not isinstance(v, dict) else ", ".join(f"{a} {b}" for a, b in v.items())]
                 for k, v in env.items()]
+    base_name = baseline_for(results)
     sizes = swept_sizes(results)
     sp_rows = [[_named(r, sizes), r.backend, r.dtype, r.sequence_length, r.batch_size,
-                "n/a" if sp is None else f"{sp:.2f}x"] for r, sp in speedups(results)]
+                "n/a" if sp is None else f"{sig3(sp.value)}x", "" if sp is None else f"[{sig3(sp.lo)}, {sig3(sp.hi)}]",
+                "noisy" if noisy else ""] for r, sp, noisy in speedup_ratios(results)]
+    sp_header = ["Model", "Backend", "Dtype", "SeqLen", "Batch", "Speedup (median)", "95% CI", "Noise"]
+    geo_lines = [f"Geometric mean speedup (median), {k}: {format_ratio(g)} over {n} configs"
+                 for k, (g, n) in geomean_speedups(results).items()]
+    warn_lines = noise_warnings(results, env)
     md = ["# Benchmark report", "", f"Records: `{run_dir}` ({len(results)} configs, "
           f"{sum(not r.ok for r in results)} failed)", "", "## Environment", "",
           _md_table(["Key", "Value"], env_rows) if env_rows else "(no environment.json)", "",
           "## Results", "", _md_table(_RECORD_HEADER, _record_rows(results)), "",
-          "## Speedup vs Regular Mamba", "",
-          _md_table(["Model", "Backend", "Dtype", "SeqLen", "Batch", "Speedup"], sp_rows) if sp_rows
-          else "(Regular Mamba or the other models missing)", "", "## Plots", ""]
+          f"## Speedup vs {base_name}", "",
+          f"Speedup = median of {base_name} latency / model latency (per interleaved round where "
+          "measured so), with its 95% bootstrap interval. Noisy: the interval crosses 1 or a "
+          f"config has a high spread (IQR > {HIGH_SPREAD:.0%} of median).", "",
+          _md_table(sp_header, sp_rows) if sp_rows
+          else f"({base_name} or the other models missing)", ""]
+    md += [f"- {ln}" for ln in geo_lines + warn_lines] + ["", "## Plots", ""]
     md += [f"![{p.stem}]({p.name})" for p in pngs]   # the tool's own file names
     md_path = out / "report.md"
     md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
@@ -404,7 +649,8 @@ figure{{margin:2em 0}}figcaption{{color:#666;font-size:12px}}</style></head><bod
 {sum(not r.ok for r in results)} failed)</p>
 <h2>Environment</h2>{h_table(["Key", "Value"], env_rows)}
 <h2>Results</h2>{h_table(_RECORD_HEADER, _record_rows(results))}
-<h2>Speedup vs Regular Mamba</h2>{h_table(["Model", "Backend", "Dtype", "SeqLen", "Batch", "Speedup"], sp_rows)}
+<h2>Speedup vs {html.escape(base_name)}</h2>{h_table(sp_header, sp_rows)}
+{"".join(f"<p>{html.escape(ln)}</p>" for ln in geo_lines + warn_lines)}
 <h2>Plots</h2>{imgs}
 </body></html>
 """

@@ -31,7 +31,7 @@ from typing import Annotated, Iterable, Literal, Optional
 from filelock import FileLock, Timeout
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .names import RecordKey
+from .names import RecordKey, is_mixed
 from .timing import summarize
 
 JSONL_NAME, CSV_NAME, ENV_NAME = "results.jsonl", "results.csv", "environment.json"
@@ -83,6 +83,12 @@ class BenchmarkResult(BaseModel):
     latency_p10_ms: Optional[Ms] = None
     latency_p90_ms: Optional[Ms] = None
     samples_ms: list[Ms] = Field(default_factory=list)
+    # interleaved timing: the round of each sample; records timed in the same rounds share
+    # rounds_id (their ratios pair by round); the calibration kernel's ms before each round
+    sample_rounds: list[int] = Field(default_factory=list)
+    rounds_id: str = ""
+    calibration_ms: list[Ms] = Field(default_factory=list)
+    order: str = ""                             # interleaved, or blocked (one config at a time)
     n_runs: int = Field(0, ge=0)
     warmup: int = Field(0, ge=0)
     high_spread: bool = False
@@ -132,6 +138,9 @@ class BenchmarkResult(BaseModel):
     @model_validator(mode="after")
     def _ok_is_measured(self) -> "BenchmarkResult":
         """An ok record carries what every reader divides by; a failed one carries no latency."""
+        if self.sample_rounds and len(self.sample_rounds) != len(self.samples_ms):
+            raise ValueError(f"sample_rounds has {len(self.sample_rounds)} entries for "
+                             f"{len(self.samples_ms)} samples")
         if self.status == "ok":
             missing = [f for f in _MEASURED if getattr(self, f) is None]
             if missing:
@@ -148,7 +157,8 @@ class BenchmarkResult(BaseModel):
 
     @classmethod
     def from_samples(cls, samples_ms: list[float], **fields) -> "BenchmarkResult":
-        """An ok record whose statistics and throughput all come from `samples_ms`."""
+        """An ok record whose statistics and throughput all come from `samples_ms` (`fields` may
+        carry sample_rounds, rounds_id, calibration_ms, order)."""
         s = summarize(samples_ms)
         tokens = fields.get("tokens_per_call") or fields["batch_size"] * fields["sequence_length"]
         return cls(latency_ms=s.mean, latency_std_ms=s.std, latency_median_ms=s.median,
@@ -429,7 +439,8 @@ def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
 
 
 # ---------------------------------------------------------------- CSV
-_JSON_COLUMNS = ("samples_ms", "kernels", "block_config")
+_JSON_COLUMNS = ("samples_ms", "kernels", "block_config", "sample_rounds", "calibration_ms")
+_LIST_COLUMNS = ("samples_ms", "sample_rounds", "calibration_ms")
 _EMPTY_STR_FIELDS = tuple(n for n, f in BenchmarkResult.model_fields.items() if f.default == "")
 
 
@@ -482,7 +493,7 @@ def read_csv(path: Path | str) -> list[BenchmarkResult]:
                 data = {k: (None if v == "" else v[1:] if v.startswith("'") and v[1:].startswith(_FORMULA_START)
                             else v) for k, v in row.items()}
                 for c in _JSON_COLUMNS:
-                    data[c] = json.loads(data[c]) if data.get(c) else ([] if c == "samples_ms" else {})
+                    data[c] = json.loads(data[c]) if data.get(c) else ([] if c in _LIST_COLUMNS else {})
                 for name in _EMPTY_STR_FIELDS:   # CSV writes "" and None alike
                     data[name] = data.get(name) or ""
                 out.append(BenchmarkResult.model_validate(data))
@@ -563,9 +574,64 @@ def environment(device: str = "cpu", threads: Optional[int] = None) -> dict:
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "packages": {name: _version(name) for name in
                      ("mamba-decoder-bench", "mambapy", "open-kimi", "triton", "numpy", "matplotlib",
-                      "pydantic")},
+                      "pydantic", "scipy")},
         "git_commit": _git_commit(),
+        "version": tool_version(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
+
+
+def tool_version() -> str:
+    """This tool's version (the installed distribution's, else the package's own)."""
+    v = _version("mamba-decoder-bench")
+    if v is None:   # a source tree that was never installed: the package's __version__, read, not
+        # imported (importing the package would load the models into plots and reports)
+        text = (Path(__file__).resolve().parents[1] / "__init__.py").read_text(encoding="utf-8")
+        v = next((ln.split("=", 1)[1].strip().strip("\"'") for ln in text.splitlines()
+                  if ln.startswith("__version__")), "unknown")
+    return v
+
+
+# Settings that only choose which configs a sweep holds (or how each is isolated): a resumed run
+# may add configs along these. Every other setting defines the measurement and must match.
+# threads is checked as the environment's torch_threads (the count in effect, also when unset).
+RESUMABLE_SETTINGS = ("sequence_lengths", "batch_sizes", "models", "backends", "dtypes", "sizes", "isolate",
+                      "threads", "force", "config_timeout_s")
+RESUME_ENV_FIELDS = ("torch_threads", "torch", "device_name")
+
+
+def check_resume(out: Path, settings: dict, env: dict) -> None:
+    """--resume: refuse (UsageError naming the field) when the run saved in `out` was measured
+    with other settings or in another environment than this one would be."""
+    saved = read_environment(Path(out) / ENV_NAME)
+    if not saved:
+        return
+    if "settings" not in saved:
+        print(f"warning: --resume: {Path(out) / ENV_NAME} predates saved settings; cannot check that "
+              "this run measures the same way", file=sys.stderr)
+        return
+    pairs = [(k, saved["settings"].get(k), v) for k, v in settings.items() if k not in RESUMABLE_SETTINGS]
+    pairs += [(k, saved.get(k), env.get(k)) for k in RESUME_ENV_FIELDS]
+    for name, old, new in pairs:
+        if name == "device_name" and (is_mixed(old) or is_mixed(new)):
+            continue   # a torchrun run over several kinds of device: no one name to compare
+        if old != new:
+            raise UsageError(f"--resume: {name} differs from the run in {str(out)!r} ({old!r} there, "
+                             f"{new!r} now); resume with the same settings, or choose another "
+                             "--output-dir or --overwrite")
+
+
+def resumed_environment(env: dict, saved: dict) -> dict:
+    """environment.json of a resumed run: the original start kept as `time`, this session added
+    to `resumptions` (its time, command line and versions)."""
+    if not saved:
+        return env
+    out = dict(env, time=saved.get("time", env["time"]))
+    this = {k: env.get(k) for k in ("time", "command_line", "git_commit", "version", "load_average")}
+    out["resumptions"] = list(saved.get("resumptions", [])) + [this]
+    if "command_line" in saved:
+        out["command_line"] = saved["command_line"]
+    return out
 
 
 def write_environment(env: dict, path: Path | str) -> None:

@@ -14,6 +14,7 @@ import json
 import signal
 import subprocess
 import sys
+import uuid
 from dataclasses import asdict
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -27,8 +28,8 @@ from . import flops, registry, timing
 from .registry import NO_MAMBA_MIXER, build_lm, build_model, parameter_counts
 from .results import BenchmarkResult, RecordWriter, UsageError, cpu_model, record_identity
 from .settings import CACHE_KINDS, DTYPES, LEVELS, MODES, Config, SweepSettings, iter_configs  # noqa: F401
-from .energy import EnergyMeter, energy_fields
-from .timing import time_callable
+from .energy import EnergyMeter, EnergyReading, energy_fields
+from .timing import calibration_kernel, time_callable, time_interleaved  # noqa: F401
 from .workloads import DecodeSession, GraphedForward, TrainStep
 
 MB = 2 ** 20
@@ -194,9 +195,16 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and ("can't allocate memory" in msg or "not enough memory" in msg)
 
 
-def measure(cfg: Config, s: SweepSettings, cache: Optional[dict] = None) -> BenchmarkResult:
-    """Measure one config in this process. Never raises, except KeyboardInterrupt."""
-    cache = {} if cache is None else cache
+class _Prepared:
+    """A config ready to time: its record's fields so far, the callable, its cap on runs and the
+    object that owns the callable's state."""
+
+    def __init__(self, fields: dict, step: Callable[[], Any], max_runs: int, workload: Any):
+        self.fields, self.step, self.max_runs, self.workload = fields, step, max_runs, workload
+
+
+def _prepare(cfg: Config, s: SweepSettings, cache: dict) -> "_Prepared | BenchmarkResult":
+    """Build (or reuse) the model and make the workload; a failure is returned as its record."""
     device = torch.device(s.device)
     cuda = device.type == "cuda"
     fields: dict[str, Any] = dict(record_identity(cfg, s, str(device)), threads=torch.get_num_threads(),
@@ -204,9 +212,6 @@ def measure(cfg: Config, s: SweepSettings, cache: Optional[dict] = None) -> Benc
     if cfg.backend == "mamba_ssm" and cfg.model_name in NO_MAMBA_MIXER:
         return BenchmarkResult.failed("skipped", f"{cfg.model_name} has no Mamba mixer: backend "
                                       "mamba_ssm (which replaces the mixer alone) does not apply", **fields)
-    failure: Optional[tuple[str, str]] = None
-    result = None
-    step = workload = None
     try:
         ck = (cfg.model_name, cfg.backend, cfg.dtype, cfg.block_config)
         mk = ("meta", cfg.model_name, cfg.backend, cfg.block_config)
@@ -220,7 +225,7 @@ def measure(cfg: Config, s: SweepSettings, cache: Optional[dict] = None) -> Benc
                 "oom", f"estimated peak {est / GiB:.3g} GiB exceeds the {avail / GiB:.3g} GiB available "
                 "(not run; --force runs it)", **fields)
         if ck not in cache:
-            for old in [k for k in cache if k[0] == cfg.model_name]:   # this model's previous sizes
+            for old in [k for k in cache if k[:3] == ck[:3]]:   # this model's previous sizes
                 del cache[old]
             gc.collect()
             if cuda:
@@ -239,40 +244,117 @@ def measure(cfg: Config, s: SweepSettings, cache: Optional[dict] = None) -> Benc
         fields.update(num_parameters=total, active_parameters=active,
                       weights_mb=sum(p.numel() * p.element_size() for p in model.parameters()) / MB,
                       kernels=kernel_choices(model, device, DTYPES[cfg.dtype]))
-        if cuda:
+        torch.manual_seed((s.seed * 1_000_003 + cfg.sequence_length * 1009 + cfg.batch_size) % 2**64)
+        if device.type == "cuda":
             torch.cuda.synchronize(device)
             base = torch.cuda.memory_allocated(device)
-        torch.manual_seed((s.seed * 1_000_003 + cfg.sequence_length * 1009 + cfg.batch_size) % 2**64)
         step, max_runs, workload = _workload(model, cfg, s, device, fields)
-        meter = EnergyMeter(device)
-
-        def before_timing():   # after warmup: the peak-memory stats and the energy counter start here
-            if cuda:
-                torch.cuda.reset_peak_memory_stats(device)
-            meter.start()
-        samples = time_callable(step, device, warmup=s.warmup, runs=s.runs, max_runs=max_runs,
-                                min_time_s=s.min_time_s, before_timing=before_timing)
-        fields.update(energy_fields(meter.stop(), len(samples), fields.get("tokens_per_call")))
-        if cuda:
-            peak = torch.cuda.max_memory_allocated(device)
-            fields.update(peak_memory_mb=peak / MB, memory_mb=(peak - base) / MB)
-        elif device.type == "cpu" and s.mode != "decode":
-            # the CPU floor: this machine's GEMM rate in the same minute (no datasheet peak)
-            fields.update(peak_tflops=cpu_gemm_tflops(DTYPES[cfg.dtype]))
-        result = BenchmarkResult.from_samples(samples, **fields)
-        _add_rates(result, s, device)
+        if device.type == "cuda":   # what this config's inputs (and cache) hold on top of the weights
+            fields["_inputs"] = torch.cuda.memory_allocated(device) - base
+        return _Prepared(fields, step, max_runs, workload)
     except KeyboardInterrupt:
         raise
     except Exception as e:  # noqa: BLE001 -- one config's failure is a record, not the end of the sweep
-        failure = ("oom" if _is_oom(e) else "error", f"{type(e).__name__}: {e}")
+        return _failed(e, fields, device)
+
+
+def _failed(e: BaseException, fields: dict, device: torch.device) -> BenchmarkResult:
+    status, message = "oom" if _is_oom(e) else "error", f"{type(e).__name__}: {e}"
+    e = None  # noqa: F841 -- the traceback no longer pins the tensors
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    fields = {k: v for k, v in fields.items() if not k.startswith("_")}
+    return BenchmarkResult.failed(status, message, **fields)
+
+
+def measure_group(cfgs: list[Config], s: SweepSettings, cache: Optional[dict] = None) -> list[BenchmarkResult]:
+    """Measure configs of one shape together in this process, in interleaved rounds
+    (`timing.time_interleaved`), the calibration kernel timed before each round. Never raises,
+    except KeyboardInterrupt. One config's failure (build, OOM, error) is its record alone."""
+    cache = {} if cache is None else cache
+    device = torch.device(s.device)
+    prepared = [_prepare(c, s, cache) for c in cfgs]
+    live = [p for p in prepared if isinstance(p, _Prepared)]
+    order = s.order if len(cfgs) > 1 or s.order == "blocked" else "blocked"
+    rounds_id = uuid.uuid4().hex[:12]
+    meters = [_BlockMeter(device) for _ in live]
+    try:
+        timed, calibration = time_interleaved(
+            [p.step for p in live], device, warmup=s.warmup, runs=s.runs, min_time_s=s.min_time_s,
+            max_runs=[p.max_runs for p in live], calibrate=calibration_kernel(device),
+            around=[(m.start, m.stop) for m in meters])
+        out: dict[int, BenchmarkResult] = {}
+        for p, t, m in zip(live, timed, meters):
+            fields = {k: v for k, v in p.fields.items() if not k.startswith("_")}
+            fields.update(energy_fields(m.reading(), len(t.samples), fields.get("tokens_per_call")))
+            if t.error is None and device.type == "cuda":
+                try:
+                    fields.update(_memory(p, device))
+                except Exception as e:  # noqa: BLE001
+                    t.error = e
+            if t.error is not None:
+                out[id(p)] = _failed(t.error, p.fields, device)
+                t.error = None
+                continue
+            if device.type == "cpu" and s.mode != "decode":
+                # the CPU floor: this machine's GEMM rate in the same minute (no datasheet peak)
+                fields.update(peak_tflops=cpu_gemm_tflops(DTYPES[p.fields["dtype"]]))
+            r = BenchmarkResult.from_samples(t.samples, sample_rounds=t.rounds, rounds_id=rounds_id,
+                                             calibration_ms=calibration, order=order, **fields)
+            _add_rates(r, s, device)
+            out[id(p)] = r
     finally:
-        step = workload = None
-    if failure is not None:   # outside `except`, so the traceback no longer pins the tensors
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
-        result = BenchmarkResult.failed(failure[0], failure[1], **fields)
-    return result
+        for p in live:
+            p.step = p.workload = None
+    return [out[id(p)] if isinstance(p, _Prepared) else p for p in prepared]
+
+
+class _BlockMeter:
+    """An EnergyMeter summed over the blocks of one config's timed runs (its rounds): energy and
+    time add up, the host memory peak is the largest block's; no energy if a block had none."""
+
+    def __init__(self, device: torch.device):
+        self.meter, self.joules, self.seconds = EnergyMeter(device), 0.0, 0.0
+        self.source: Optional[str] = None
+        self.rss: Optional[float] = None
+        self.missing = False
+
+    def start(self) -> None:
+        self.meter.start()
+
+    def stop(self) -> None:
+        e = self.meter.stop()
+        self.seconds += e.seconds
+        if e.joules is None:
+            self.missing = True
+        else:
+            self.joules += e.joules
+            self.source = e.source
+        if e.peak_rss_mb is not None:
+            self.rss = max(self.rss or 0.0, e.peak_rss_mb)
+
+    def reading(self) -> EnergyReading:
+        joules = None if self.missing or self.source is None else self.joules
+        return EnergyReading(joules, self.seconds, self.source if joules is not None else None, self.rss)
+
+
+def _memory(p: _Prepared, device: torch.device) -> dict:
+    """One more call of the config alone, after its timed runs: peak_memory_mb is the peak of that
+    call, memory_mb what the config's inputs and that call's activations take above the weights."""
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    p.step()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    return dict(peak_memory_mb=peak / MB, memory_mb=(p.fields["_inputs"] + peak - before) / MB)
+
+
+def measure(cfg: Config, s: SweepSettings, cache: Optional[dict] = None) -> BenchmarkResult:
+    """Measure one config in this process, alone (its runs in rounds of its own). Never raises,
+    except KeyboardInterrupt."""
+    return measure_group([cfg], s, cache)[0]
 
 
 def _workload(model: nn.Module, cfg: Config, s: SweepSettings, device: torch.device,
@@ -281,9 +363,10 @@ def _workload(model: nn.Module, cfg: Config, s: SweepSettings, device: torch.dev
     owns its state. Adds the mode's own figures (tokens per call, FLOPs, prefill, cache) to `fields`."""
     B, L, dtype = cfg.batch_size, cfg.sequence_length, DTYPES[cfg.dtype]
     if s.mode == "decode":
-        # Room for every step the timer may take: warmup + runs (4x runs when --min-time asks for more).
+        # Room for every step the timer may take: warmup + runs (4x runs when --min-time asks for
+        # more), and one more for the memory figure (CUDA).
         max_runs = s.runs * (4 if s.min_time_s > 0 else 1)
-        session = DecodeSession(model, B, L, s.warmup + max_runs, device, dtype,
+        session = DecodeSession(model, B, L, s.warmup + max_runs + 1, device, dtype,
                                 cache_kind=s.cache_kind, cuda_graph=s.cuda_graphs)
         prefill = time_callable(session.prefill, device, warmup=1, runs=3)
         session.prefill()
@@ -390,16 +473,32 @@ def measure_isolated(cfg: Config, s: SweepSettings) -> BenchmarkResult:
 
 # ---------------------------------------------------------------- the sweep
 def measure_each(configs: Iterable[Config], s: SweepSettings) -> Iterator[BenchmarkResult]:
-    """Measure `configs` in order (lazily): each model is built once per (model, backend, dtype),
-    and a backend/dtype's models are freed when the next one starts."""
+    """Measure `configs` in order (lazily): each model is built once per (model, backend, dtype).
+    Interleaved, each run of consecutive configs of one shape is timed together in rounds and every
+    model is kept for the run; blocked, configs are timed one by one and a backend/dtype's models
+    are freed when the next one starts."""
     cache: dict = {}
     cache_for: Optional[tuple] = None
+    if s.isolate:
+        for cfg in configs:
+            yield measure_isolated(cfg, s)
+        return
+    if s.order == "interleaved":   # consecutive configs of one shape are timed together; models kept
+        group: list[Config] = []
+        for cfg in configs:
+            if group and (cfg.sequence_length, cfg.batch_size) != (group[0].sequence_length, group[0].batch_size):
+                yield from measure_group(group, s, cache)
+                group = []
+            group.append(cfg)
+        if group:
+            yield from measure_group(group, s, cache)
+        return
     for cfg in configs:
         if (cfg.backend, cfg.dtype) != cache_for:
             cache.clear()
             gc.collect()
             cache_for = (cfg.backend, cfg.dtype)
-        yield measure_isolated(cfg, s) if s.isolate else measure(cfg, s, cache)
+        yield measure(cfg, s, cache)
 
 
 def run_sweep(s: SweepSettings, *, writer: Optional[RecordWriter] = None,
@@ -416,7 +515,7 @@ def run_sweep(s: SweepSettings, *, writer: Optional[RecordWriter] = None,
         torch.set_num_threads(s.threads)
     results: list[BenchmarkResult] = []
     measured = measure_each((c for c in iter_configs(s) if c.key(s) not in done), s)
-    bar = tqdm(total=s.n_configs, file=sys.stderr, disable=not progress, unit="config",
+    bar = tqdm(total=s.n_configs, file=sys.stderr, disable=not progress or not sys.stderr.isatty(), unit="config",
                dynamic_ncols=True, leave=False)
     try:
         for cfg in iter_configs(s):

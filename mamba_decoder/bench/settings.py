@@ -23,6 +23,7 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bf
 MODES = ("forward", "decode", "train")
 LEVELS = ("block", "model")
 CACHE_KINDS = ("latent", "full")
+ORDERS = ("interleaved", "blocked")
 
 
 def _field(title: str, accepted: str, default=..., **kw):
@@ -86,6 +87,9 @@ class SweepSettings(BaseModel):
     # --isolate: seconds one config's worker may take (None: runner.DEFAULT_CONFIG_TIMEOUT_S)
     config_timeout_s: Optional[Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)]] = _field(
         "config timeout", "a finite number of seconds > 0", None)
+    # interleaved: at each shape every config is timed in rounds, round robin (drift hits all
+    # alike; ratios pair by round); blocked: each config's runs in one block (the old order)
+    order: Literal[ORDERS] = _field("order", _choices(ORDERS), "interleaved")
     level: Literal[LEVELS] = _field("level", _choices(LEVELS), "block")  # block: the three blocks; model: LMs
     compile: Flag = False           # torch.compile the model's forward (nn.Module.compile)
     cuda_graphs: Flag = False       # forward / decode: capture one call in a CUDA graph and replay it
@@ -256,18 +260,21 @@ class Config:
 def iter_configs(s: SweepSettings) -> Iterator[Config]:
     """The spec's order: for each shape, every model (so models compare line by line); a
     hyperparameter sweep repeats that for each point of its grid (a model the swept size does
-    not apply to is measured once)."""
+    not apply to is measured once). Interleaved (and not --isolate), each shape holds every
+    backend and dtype too, since they are timed together."""
     seen: set = set()
-    for backend in s.backends:
-        for dtype in s.dtypes:
-            for sizes in s.size_grid():
-                for seq in s.sequence_lengths:
-                    for batch in s.batch_sizes:
-                        for name in s.models:
-                            cfg = Config(name, backend, dtype, seq, batch, s.block_config(name, sizes))
-                            if cfg not in seen:
-                                seen.add(cfg)
-                                yield cfg
+    if s.order == "interleaved" and not s.isolate:
+        grid = ((backend, dtype, sizes, seq, batch) for sizes in s.size_grid() for seq in s.sequence_lengths
+                for batch in s.batch_sizes for backend in s.backends for dtype in s.dtypes)
+    else:
+        grid = ((backend, dtype, sizes, seq, batch) for backend in s.backends for dtype in s.dtypes
+                for sizes in s.size_grid() for seq in s.sequence_lengths for batch in s.batch_sizes)
+    for backend, dtype, sizes, seq, batch in grid:
+        for name in s.models:
+            cfg = Config(name, backend, dtype, seq, batch, s.block_config(name, sizes))
+            if cfg not in seen:
+                seen.add(cfg)
+                yield cfg
 
 
 # ---------------------------------------------------------------- model sizes: preset, file, flags

@@ -7,13 +7,13 @@ The timer returns the raw per-run samples in milliseconds; `summarize` turns the
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
+from scipy import stats
 
 # IQR / median above this marks a result as noisy (the console and the record say so).
 HIGH_SPREAD = 0.10
@@ -100,26 +100,214 @@ def summarize(samples_ms: list[float]) -> Stats:
 
 
 def mann_whitney_u(x: list[float], y: list[float]) -> tuple[float, float]:
-    """Two-sided Mann-Whitney U test, normal approximation with tie and continuity correction.
+    """Two-sided Mann-Whitney U test (scipy, normal approximation with tie and continuity correction).
 
     Returns (U of x, p-value). Identical samples give p = 1.
     """
     x, y = np.asarray(x, float), np.asarray(y, float)
-    n1, n2 = x.size, y.size
-    if n1 == 0 or n2 == 0:
+    if x.size == 0 or y.size == 0:
         raise ValueError("both samples must be non-empty")
-    both = np.concatenate([x, y])
-    order = np.argsort(both, kind="mergesort")
-    ranks = np.empty(both.size)
-    ranks[order] = np.arange(1, both.size + 1)
-    values, inverse, counts = np.unique(both, return_inverse=True, return_counts=True)
-    ranks = np.bincount(inverse, ranks)[inverse] / counts[inverse]   # average rank within ties
-    u1 = ranks[:n1].sum() - n1 * (n1 + 1) / 2
-    n = n1 + n2
-    tie = (counts ** 3 - counts).sum() / (n * (n - 1)) if n > 1 else 0.0
-    sigma = math.sqrt(n1 * n2 / 12 * ((n + 1) - tie))
-    if sigma == 0:
-        return float(u1), 1.0
-    d = u1 - n1 * n2 / 2
-    z = (abs(d) - 0.5) / sigma if abs(d) >= 0.5 else 0.0
-    return float(u1), float(min(1.0, math.erfc(z / math.sqrt(2))))
+    if np.ptp(np.concatenate([x, y])) == 0:   # all tied: no evidence of a difference
+        return float(x.size * y.size / 2), 1.0
+    res = stats.mannwhitneyu(x, y, alternative="two-sided", method="asymptotic", use_continuity=True)
+    return float(res.statistic), float(min(1.0, res.pvalue))
+
+
+# ---------------------------------------------------------------- interleaved rounds
+# Timed runs per config and round when the counts allow (runs=20 -> 10 rounds of 2).
+RUNS_PER_ROUND = 2
+# The calibration kernel's spread over a shape's rounds ((max - min) / median) above which the
+# machine's speed drifted enough to warn.
+DRIFT_WARN = 0.25
+
+
+@dataclass
+class Timed:
+    """What `time_interleaved` measured for one callable: samples (ms) and the round of each, or
+    the exception that stopped it (its samples so far are dropped by the caller)."""
+
+    samples: list[float]
+    rounds: list[int]
+    error: Optional[BaseException] = None
+
+
+def calibration_kernel(device: torch.device | str = "cpu") -> Callable[[], float]:
+    """A fixed small matmul (256 x 256, fp32) timed between rounds: the median of 5 runs in ms.
+    The machine's drift is how much this number moves over a run, independent of the models."""
+    device = torch.device(device)
+    a = torch.randn(256, 256, device=device)
+
+    def run() -> float:
+        return float(np.median(time_callable(lambda: a @ a, device, warmup=1, runs=5)))
+    return run
+
+
+def time_interleaved(fns: Sequence[Callable[[], Any]], device: torch.device | str = "cpu", *,
+                     warmup: int = 5, runs: int = 20, min_time_s: float = 0.0,
+                     max_runs: Sequence[int] | int = 10_000, runs_per_round: int = RUNS_PER_ROUND,
+                     calibrate: Optional[Callable[[], float]] = None,
+                     around: Optional[Sequence[tuple[Callable[[], None], Callable[[], None]]]] = None,
+                     ) -> tuple[list[Timed], list[float]]:
+    """Time several callables round robin: warm each up, then in each round take `runs_per_round`
+    timed runs of each in turn, until each has `runs` samples (and, with `min_time_s`, timed runs
+    adding up to that many seconds, capped by its `max_runs`). A slow period of the machine then
+    hits every callable alike, and ratios can be paired by round.
+
+    `calibrate()` (e.g. `calibration_kernel`) runs before each round; its values are returned.
+    `around[i]` = (start, stop) is called before and after each block of callable i's timed runs
+    (e.g. an energy meter summing over the blocks). A callable that raises is left out of later
+    rounds, its exception kept (KeyboardInterrupt propagates). Returns (one Timed per callable, calibration ms per round).
+    """
+    if runs < 1 or warmup < 0 or min_time_s < 0 or runs_per_round < 1:
+        raise ValueError(f"runs={runs} and runs_per_round={runs_per_round} must be >= 1, "
+                         f"warmup={warmup} >= 0, min_time_s={min_time_s} >= 0")
+    caps = [max_runs] * len(fns) if isinstance(max_runs, int) else list(max_runs)
+    out = [Timed([], []) for _ in fns]
+    device = torch.device(device)
+    for f, t in zip(fns, out):
+        try:
+            for _ in range(warmup):
+                f()
+        except Exception as e:  # noqa: BLE001 -- this callable's failure, not the others'
+            t.error = e
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    calibration: list[float] = []
+
+    def todo(t: Timed, cap: int) -> int:
+        n = len(t.samples)
+        if t.error is not None:
+            return 0
+        if n < runs:
+            return min(runs_per_round, runs - n)
+        if min_time_s > 0 and sum(t.samples) < min_time_s * 1e3 and n < cap:
+            return min(runs_per_round, cap - n)
+        return 0
+    rnd = 0
+    while any(todo(t, c) for t, c in zip(out, caps)):
+        if calibrate is not None:
+            calibration.append(calibrate())
+        for i, (f, t, c) in enumerate(zip(fns, out, caps)):
+            k = todo(t, c)
+            if not k:
+                continue
+            try:
+                if around is not None:
+                    around[i][0]()
+                got = time_callable(f, device, warmup=0, runs=k)
+                if around is not None:
+                    around[i][1]()
+            except Exception as e:  # noqa: BLE001
+                t.error = e
+                continue
+            t.samples += got
+            t.rounds += [rnd] * len(got)
+        rnd += 1
+    return out, calibration
+
+
+def drift(calibration_ms: Sequence[float]) -> float:
+    """(max - min) / median of the calibration kernel's times over rounds (0 with fewer than 2)."""
+    if len(calibration_ms) < 2:
+        return 0.0
+    a = np.asarray(calibration_ms, float)
+    return float((a.max() - a.min()) / np.median(a))
+
+
+# ---------------------------------------------------------------- ratios with intervals
+CONFIDENCE = 0.95
+N_RESAMPLES = 2000
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """A ratio of median latencies with its 95% bootstrap interval. `paired`: the median over
+    rounds of per-round ratios (both measured in the same interleaved rounds); otherwise the
+    ratio of the two medians, resampled independently."""
+
+    value: float
+    lo: float
+    hi: float
+    paired: bool
+
+    @property
+    def crosses_one(self) -> bool:
+        return self.lo <= 1.0 <= self.hi
+
+
+def _round_medians(samples: Sequence[float], rounds: Sequence[int]) -> dict[int, float]:
+    by: dict[int, list[float]] = {}
+    for v, r in zip(samples, rounds):
+        by.setdefault(r, []).append(v)
+    return {r: float(np.median(v)) for r, v in by.items()}
+
+
+# Fewer shared rounds than this: too few for a bootstrap over rounds; the samples are used instead.
+MIN_PAIRED_ROUNDS = 5
+
+
+def _per_round_ratios(num, num_rounds, den, den_rounds) -> Optional[np.ndarray]:
+    """num/den per common round (round medians), or None when fewer than MIN_PAIRED_ROUNDS
+    rounds are shared."""
+    if not num_rounds or not den_rounds or len(num_rounds) != len(num) or len(den_rounds) != len(den):
+        return None
+    a, b = _round_medians(num, num_rounds), _round_medians(den, den_rounds)
+    common = sorted(set(a) & set(b))
+    if len(common) < MIN_PAIRED_ROUNDS:
+        return None
+    return np.array([a[r] / b[r] for r in common])
+
+
+class _Term:
+    """One ratio's data for the bootstrap: one array of per-round ratios (paired), or the
+    numerator's and denominator's samples (unpaired)."""
+
+    def __init__(self, num, den, num_rounds=(), den_rounds=(), paired: bool = True):
+        r = _per_round_ratios(num, num_rounds, den, den_rounds) if paired else None
+        self.paired = r is not None
+        self.data = (r,) if r is not None else (np.asarray(num, float), np.asarray(den, float))
+
+    def stat(self, *arrays, axis=-1):
+        if self.paired:
+            return np.median(arrays[0], axis=axis)
+        return np.median(arrays[0], axis=axis) / np.median(arrays[1], axis=axis)
+
+
+def _bootstrap(terms: Sequence[_Term], combine) -> tuple[float, float, float]:
+    data = [a for t in terms for a in t.data]
+    sizes = [len(t.data) for t in terms]
+
+    def statistic(*arrays, axis=-1):
+        vals, i = [], 0
+        for t, n in zip(terms, sizes):
+            vals.append(t.stat(*arrays[i:i + n], axis=axis))
+            i += n
+        return combine(np.stack(vals))
+    point = float(statistic(*data))
+    if all(np.ptp(a) == 0 for a in data) or any(len(a) < 2 for a in data):
+        return point, point, point        # nothing to resample: the interval is the point
+    res = stats.bootstrap(data, statistic, n_resamples=N_RESAMPLES, confidence_level=CONFIDENCE,
+                          method="percentile", vectorized=True, paired=False,
+                          rng=np.random.default_rng(0))
+    lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    return point, min(lo, point), max(hi, point)
+
+
+def ratio(num: Sequence[float], den: Sequence[float], num_rounds: Sequence[int] = (),
+          den_rounds: Sequence[int] = (), *, paired: bool = True) -> Ratio:
+    """median(num) / median(den) with a 95% bootstrap interval; paired by round when both carry
+    the same rounds (`paired` and at least MIN_PAIRED_ROUNDS shared): then the median of
+    per-round ratios."""
+    t = _Term(num, den, num_rounds, den_rounds, paired)
+    v, lo, hi = _bootstrap([t], lambda m: m[0])
+    return Ratio(v, lo, hi, t.paired)
+
+
+def geomean_ratio(parts: Sequence[tuple]) -> Optional[Ratio]:
+    """The geometric mean of several ratios with a 95% bootstrap interval (each ratio's data
+    resampled independently). `parts`: (num, den, num_rounds, den_rounds, paired) per ratio."""
+    if not parts:
+        return None
+    terms = [_Term(*p) for p in parts]
+    v, lo, hi = _bootstrap(terms, lambda m: np.exp(np.mean(np.log(m), axis=0)))
+    return Ratio(v, lo, hi, all(t.paired for t in terms))

@@ -54,7 +54,7 @@ from .names import is_mixed, mixed_devices
 from .registry import build_model
 from .results import record_devices as device_kinds  # noqa: F401 (the rank merge's name for it)
 from .results import (ENV_NAME, JSONL_NAME, PROVENANCE_NAME, RANKS_DIR, BenchmarkResult,
-                      RecordWriter, UsageError, environment, latest, prepare_run_dir,
+                      RecordWriter, UsageError, check_resume, environment, latest, prepare_run_dir,
                       read_environment, read_jsonl, record_identity, recorded_ok,
                       write_environment)
 from .runner import measure_each
@@ -449,6 +449,8 @@ class Torchrun:
             if resume and not (out / JSONL_NAME).is_file() and (out / RANKS_DIR).is_dir():
                 (out / JSONL_NAME).touch()   # killed before rank 0 merged: rank files hold the records
             prepare_run_dir(out, resume=resume, overwrite=o.overwrite)
+            if resume:
+                check_resume(out, s.model_dump(mode="json"), self.base)
             prior = read_environment(out / ENV_NAME).get("device_name")   # before this run rewrites it
             self.prior = None if not prior or is_mixed(prior) else str(prior)
             (out / JSONL_NAME).touch()   # so a run killed before its merge can be resumed
@@ -560,6 +562,9 @@ class Torchrun:
         reasons = {r: reasons.get(r, "its process ended before its shard was done") for r in unfinished}
         env_all = run_environment(self.base, self.rank_infos, dist.get_backend(), kinds, shards,
                                   recorded, reasons)
+        saved = read_environment(out / ENV_NAME)   # what execute wrote: the start, command, settings
+        env_all.update({k: saved[k] for k in ("time", "command_line", "seed", "settings", "resumptions")
+                        if k in saved})
         write_environment(env_all, out / ENV_NAME)
         _finish_group()
         if env_all["distributed"]["warning"]:

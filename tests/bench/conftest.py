@@ -15,7 +15,7 @@ TINY = ["--dim", "32", "--seq-lens", "8", "16", "--batch-sizes", "1", "2", "--ru
 # The spec's per-config line; a noisy result may append the high-spread note.
 LINE_RE = re.compile(
     r"^(?P<name>.{26}) \| SeqLen: +(?P<seq>\d+) \| Batch: +(?P<batch>\d+) \| "
-    r"Latency: +(?P<lat>\d+\.\d\d)±(?P<std>\d+\.\d\d) ms \| "
+    r"Latency: +(?P<lat>\d+\.\d\d+)±(?P<std>\d+\.\d\d+) ms \| "
     r"Throughput: +(?P<tp>\d+\.\d\d) tokens/s \| Params: (?P<params>\d+\.\d\d)M"
     r"(?P<spread> \| HIGH SPREAD: IQR \d+% of median \(> 10%\))?$")
 FAILED_RE = re.compile(r"^(?P<name>.{26}) \| SeqLen: +\d+ \| Batch: +\d+ \| (?P<status>OOM|ERROR): .+$")

@@ -90,15 +90,15 @@ def test_use_cuda_without_cuda_prints_one_notice(tmp_path, capsys):
 
 def test_interrupt_keeps_records_then_resume_finishes(tmp_path, capsys, monkeypatch):
     out_dir = tmp_path / "o"
-    real = runner.time_callable
+    real = runner.time_interleaved
     calls = {"n": 0}
 
-    def interrupting(*a, **k):
+    def interrupting(*a, **k):   # one call per shape (its 3 models interleaved)
         calls["n"] += 1
-        if calls["n"] == 4:
+        if calls["n"] == 2:
             raise KeyboardInterrupt
         return real(*a, **k)
-    monkeypatch.setattr(runner, "time_callable", interrupting)
+    monkeypatch.setattr(runner, "time_interleaved", interrupting)
     code, _, err = run(["run", *TINY, "--no-plots", "--output-dir", str(out_dir)], capsys)
     assert code == 130 and "--resume" in err
     kept = read_jsonl(out_dir / "results.jsonl")
@@ -108,7 +108,7 @@ def test_interrupt_keeps_records_then_resume_finishes(tmp_path, capsys, monkeypa
     calls["n"] = -1000   # no more interrupts; count what is measured
     code, out, err = run(["run", *TINY, "--no-plots", "--resume", "--output-dir", str(out_dir)], capsys)
     assert code == 0, err
-    assert calls["n"] == -1000 + 9          # only the 9 missing configs were measured
+    assert calls["n"] == -1000 + 3          # only the 3 missing shapes (9 configs) were measured
     final = read_jsonl(out_dir / "results.jsonl")
     assert len(final) == 12 and len({r.key for r in final}) == 12
     assert sum("| SeqLen:" in ln for ln in out.splitlines()) == 12
@@ -279,3 +279,45 @@ def test_api_checks_its_output_dir_as_the_cli_does(tmp_path, capsys):
     with pytest.raises(ValueError, match="dim: 0 is not an integer >= 1"):
         run_scaling_benchmarks(output_dir=tmp_path / "bad", **{**kw, "dim": 0})
     assert not (tmp_path / "bad").exists()
+
+
+# ---------------------------------------------------------------- runs that cannot mix (issue 14)
+def test_resume_refuses_other_settings_naming_the_field_and_keeps_the_start(tmp_path, capsys):
+    import json
+
+    d = tmp_path / "o"
+    one = ["run", "--dim", "32", "--seq-lens", "8", "--batch-sizes", "1", "--runs", "2", "--warmup", "0",
+           "--no-cuda", "--no-progress", "--no-plots", "--models", "Regular Mamba", "--output-dir", str(d)]
+    assert run(one, capsys)[0] == 0
+    env = json.loads((d / "environment.json").read_text())
+    assert env["command_line"] == ["mamba-bench", *one] and env["seed"] == 0 and env["version"]
+    assert env["settings"]["runs"] == 2 and "resumptions" not in env
+    for flag, value, field in (("--runs", "3", "runs"), ("--warmup", "1", "warmup"), ("--dim", "64", "dim"),
+                               ("--seed", "1", "seed"), ("--order", "blocked", "order")):
+        argv = [*one, "--resume"]
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag, value]
+        code, _, err = run(argv, capsys)
+        assert code == 2 and err.startswith(f"error: --resume: {field} differs") and err.count("\n") == 1, err
+    assert len(read_jsonl(d / "results.jsonl")) == 1          # nothing appended
+    code, _, err = run([*one, "--resume", "--seq-lens", "8", "16"], capsys)   # along the sweep's axes
+    assert code == 0, err
+    env2 = json.loads((d / "environment.json").read_text())
+    assert env2["time"] == env["time"] and env2["command_line"] == env["command_line"]
+    assert len(env2["resumptions"]) == 1 and env2["resumptions"][0]["command_line"][-3:] == ["--seq-lens", "8", "16"]
+
+
+def test_version(capsys):
+    from mamba_decoder.bench.results import tool_version
+
+    code, out, _ = run(["--version"], capsys)
+    assert code == 0 and out.strip() == f"mamba-bench {tool_version()}" and tool_version()
+
+
+def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path, capsys):
+    argv = [a for a in TINY if a != "--no-progress"]
+    code, _, err = run(["run", *argv, "--models", "Regular Mamba", "--seq-lens", "8", "--batch-sizes", "1",
+                        "--no-plots", "--output-dir", str(tmp_path / "o")], capsys)
+    assert code == 0 and "config/s" not in err and "\r" not in err

@@ -92,7 +92,10 @@ def test_mode_plots_at_300_dpi_from_their_own_records(tmp_path, figures):
            for c, lat in ((8, base), (16, base * 1.5))]
     trn = [_train("MambaDecoderBlock", s, 3.0 * s / 8) for s in (8, 16)]
     paths = plot_benchmark_results(fwd + dec + trn, tmp_path)
-    assert [p.name for p in paths] == list(PLOT_FILES.values()) + list(MODE_PLOT_FILES.values())
+    # the forward records hold Regular Mamba alone: no speedup plots (5, 8), never a placeholder
+    assert [p.name for p in paths] == [v for k, v in PLOT_FILES.items() if "speedup" not in k] \
+        + list(MODE_PLOT_FILES.values())
+    assert not (tmp_path / PLOT_FILES["speedup"]).exists()
     for p in paths:
         assert p.is_file() and png_dpi(p) == pytest.approx((300, 300), abs=0.5), p.name
 
@@ -100,7 +103,7 @@ def test_mode_plots_at_300_dpi_from_their_own_records(tmp_path, figures):
     fig, title = figures["1_latency_vs_sequence_length.png"]
     assert title == "Latency vs sequence length" and "NVIDIA H100 80GB HBM3" in fig._suptitle.get_text()
     assert _lines(fig) == {"Regular Mamba (reference)": pytest.approx([5.0, 10.0])}
-    assert fig.axes[0].get_ylabel() == "latency (ms, mean; bars p10-p90)"
+    assert fig.axes[0].get_ylabel() == "latency (ms, median; bars p10-p90)"
 
     fig, _ = figures[MODE_PLOT_FILES["decode_latency"]]
     assert "per generated token" in fig.axes[0].get_ylabel()
@@ -182,3 +185,30 @@ def test_train_only_run_draws_the_eight_as_step_time(tmp_path, figures):
     assert title == "Training step time vs sequence length (train step)"
     assert _lines(fig) == {"Regular Mamba (reference)": pytest.approx([2.0]),
                            "MLABlock (reference)": pytest.approx([4.0])}
+
+
+def test_speedup_plot_draws_the_median_with_interval_bars_and_hollow_noisy_points(tmp_path, figures):
+    """Issue 14: plot 5 is the same median speedup as the console, with its 95% interval; a noisy
+    one (interval crossing 1) is hollow; the heatmap marks it too."""
+    from mamba_decoder.bench.plots import PLOT_FILES, plot_benchmark_results
+
+    rounds = [0, 0, 1, 1, 2, 2, 3, 3]
+    recs = []
+    for seq, model_ms in ((8, [0.5, 0.5, 0.52, 0.48, 0.5, 0.51, 0.49, 0.5]),      # clean 2x
+                          (16, [1.0, 1.1, 0.9, 1.2, 0.8, 1.0, 1.05, 0.95])):     # noisy ~1x
+        recs.append(make_record("Regular Mamba", seq=seq, samples=[1.0, 1.0, 1.02, 0.98, 1.0, 1.01, 0.99, 1.0],
+                                sample_rounds=rounds, rounds_id=f"s{seq}"))
+        recs.append(make_record("MambaDecoderBlock", seq=seq, samples=model_ms, sample_rounds=rounds,
+                                rounds_id=f"s{seq}"))
+    paths = plot_benchmark_results(recs, tmp_path)
+    assert len(paths) == 8
+    fig, _ = figures[PLOT_FILES["speedup"]]
+    ax = fig.axes[0]
+    (bars,) = ax.containers
+    assert list(bars.lines[0].get_ydata()) == pytest.approx([2.0, 1.0], abs=0.05)
+    assert "median" in ax.get_ylabel() and "95% CI" in ax.get_ylabel()
+    hollow = [ln for ln in ax.get_lines() if ln.get_markerfacecolor() == "white"]
+    assert len(hollow) == 1 and list(hollow[0].get_xdata()) == [16]
+    fig, _ = figures[PLOT_FILES["speedup_heatmaps"]]
+    labels = [t.get_text() for t in fig.axes[0].texts]
+    assert any(t.endswith("x~") for t in labels) and any(t.endswith("x") and "~" not in t for t in labels)

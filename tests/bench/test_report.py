@@ -1,3 +1,6 @@
+import json
+import re
+
 import pytest
 
 from mamba_decoder.bench.report import (banner, comparison_table, format_line, speedups,
@@ -65,7 +68,7 @@ def test_speedup_relative_to_regular_mamba():
     sp = dict((r.model_name, s) for r, s in speedups([rm, fast, slow]))
     assert sp == {"MambaDecoderBlock": pytest.approx(2.0), "MLABlock": pytest.approx(0.25)}
     text = comparison_table([rm, fast, slow])
-    assert "2.00x" in text and "0.25x" in text
+    assert "2.00x" in text and "0.250x" in text   # three significant digits
     table = summary_table([rm, fast, slow])
     assert "MambaDecoderBlock" in table and "10.00±0.00" in table
 
@@ -158,7 +161,121 @@ def test_compare_across_backends_pairs_configs_and_flags_the_slower_one(tmp_path
         (tmp_path / name).mkdir()
         with RecordWriter(tmp_path / name / "results.jsonl", "w") as w:
             w.write(make_record(backend=backend, samples=(ms, ms * 1.01, ms * 0.99, ms) * 3))
+    # every record differs in backend alone: compared across it, and the output says so
     text, regressed = compare_runs(tmp_path / "fast", tmp_path / "ref")
-    assert not regressed and "no config present in both runs" in text
+    assert regressed and "differ only in backend" in text and "fast -> reference" in text
     text, regressed = compare_runs(tmp_path / "fast", tmp_path / "ref", ignore=["backend"])
     assert regressed and "fast -> reference" in text and "SLOWER (regression)" in text
+    assert "differ only in" not in text
+    g = json.loads(compare_runs(tmp_path / "fast", tmp_path / "ref", fmt="json")[0])["geomean"]
+    assert g["configs"] == 1 and g["lo"] <= g["ratio"] <= g["hi"] and g["ratio"] == pytest.approx(3.0)
+
+
+def test_compare_of_runs_sharing_no_config_exits_distinctly_naming_the_fields(tmp_path, capsys):
+    from mamba_decoder.bench.results import RecordWriter
+
+    from .conftest import make_record, run
+
+    for name, dim, seq in (("a", 32, 8), ("b", 64, 16)):
+        (tmp_path / name).mkdir()
+        with RecordWriter(tmp_path / name / "results.jsonl", "w") as w:
+            w.write(make_record(dim=dim, seq=seq, samples=[1.0, 1.1, 0.9]))
+    code, out, err = run(["compare", str(tmp_path / "a"), str(tmp_path / "b")], capsys)
+    assert code == 5 and out == "" and err.count("\n") == 1
+    assert "share no config" in err and "sequence_length (8 vs 16)" in err and "dim (32 vs 64)" in err
+
+
+def test_compare_warns_on_threads_and_torch_and_prints_md_and_json(tmp_path, capsys):
+    from .conftest import run
+
+    a = _run_dir(tmp_path / "a", env={"device": "cpu", "torch_threads": 2, "torch": "2.5.0"})
+    b = _run_dir(tmp_path / "b", env={"device": "cpu", "torch_threads": 1, "torch": "2.6.0"}, scale=1.02)
+    code, out, _ = run(["compare", str(a), str(b)], capsys)
+    assert code == 0
+    assert "warning: threads differ: base 2, new 1" in out and "warning: torch differ: base 2.5.0, new 2.6.0" in out
+    m = re.search(r"geometric mean ratio new/base \(median\): (\S+)x \[(\S+), (\S+)\] over 1 configs", out)
+    assert m and float(m[2]) <= float(m[1]) <= float(m[3]) and float(m[1]) == pytest.approx(1.02, abs=0.01)
+    code, out, _ = run(["compare", str(a), str(b), "--format", "md"], capsys)
+    assert code == 0 and out.startswith("# Compare") and "| Config | SeqLen |" in out
+    code, out, _ = run(["compare", str(a), str(b), "--format", "json"], capsys)
+    d = json.loads(out)
+    assert code == 0 and d["rows"][0]["ratio"] == pytest.approx(1.02, abs=0.01) and len(d["warnings"]) == 2
+
+
+# ---------------------------------------------------------------- one statistic, noise (issue 14)
+def _pair(base_ms, model_ms, rounds_id="r1", **kw):
+    n = len(base_ms)
+    rounds = [i // 2 for i in range(n)]
+    rm = make_record("Regular Mamba", samples=base_ms, sample_rounds=rounds, rounds_id=rounds_id, **kw)
+    m = make_record("MambaDecoderBlock", samples=model_ms, sample_rounds=rounds, rounds_id=rounds_id, **kw)
+    return rm, m
+
+
+def test_speedup_is_the_median_paired_by_round_not_the_mean():
+    from mamba_decoder.bench.report import speedup_ratios
+
+    # round 3 is slow for both (drift): the mean ratio is pulled to 1.55x, the paired median stays 2x
+    base = [2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 60.0, 60.0, 2.0, 2.0]
+    model = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 40.0, 40.0, 1.0, 1.0]
+    rm, m = _pair(base, model)
+    (r, sp, noisy), = speedup_ratios([rm, m])
+    assert rm.latency_ms / m.latency_ms == pytest.approx(1.545, abs=1e-3)
+    assert sp.paired and sp.value == pytest.approx(2.0) and sp.lo <= 2.0 <= sp.hi
+    assert speedups([rm, m])[0][1] == pytest.approx(2.0)
+    text = comparison_table([rm, m])
+    assert "median" in text and "per round" in text and "2.00x" in text and "[" in text
+
+
+def test_noisy_speedups_are_marked_in_the_console_and_the_report(tmp_path):
+    from mamba_decoder.bench.report import speedup_ratios, write_report
+    from mamba_decoder.bench.results import RecordWriter
+
+    rm, m = _pair([1.0, 1.0, 1.1, 0.9, 1.0, 1.2, 0.8, 1.0], [1.1, 0.9, 1.0, 1.0, 0.9, 1.1, 1.2, 0.8])
+    (_, sp, noisy), = speedup_ratios([rm, m])
+    assert sp.crosses_one and noisy
+    text = comparison_table([rm, m])
+    assert "x~" in text and "~ noisy" in text
+    d = tmp_path / "run"
+    d.mkdir()
+    with RecordWriter(d / "results.jsonl", "w") as w:
+        w.write(rm)
+        w.write(m)
+    write_report(d, d)
+    md = (d / "report.md").read_text()
+    assert "| noisy |" in md and "Speedup (median)" in md and "Geometric mean speedup (median)" in md
+
+
+def test_drift_and_load_warnings_name_the_cause_and_the_remedy():
+    from mamba_decoder.bench.report import noise_warnings
+
+    calm = make_record(calibration_ms=[1.0, 1.02, 0.99], rounds_id="a")
+    assert noise_warnings([calm], {"load_average": [0.5, 0.5, 0.5], "cpu_count": 2}) == []
+    drifting = make_record(calibration_ms=[1.0, 3.0, 1.0], rounds_id="b")
+    (w,) = noise_warnings([calm, drifting], {"load_average": [0.5, 0.5, 0.5], "cpu_count": 2})
+    assert "drifted 200%" in w and "--threads" in w and "--min-time" in w and "other jobs" in w
+    (w,) = noise_warnings([calm], {"load_average": [3.5, 3.0, 2.0], "cpu_count": 2})
+    assert "loaded" in w and "load average 3.5 on 2 CPUs" in w and "--threads" in w
+
+
+def test_model_level_compares_against_mamba_lm():
+    lm = make_record("Mamba LM", samples=[4.0], level="model")
+    dec = make_record("MambaDecoder", samples=[2.0], level="model")
+    text = comparison_table([lm, dec])
+    assert text.startswith("COMPARISON vs Mamba LM") and "2.00x" in text
+
+
+def test_latencies_keep_three_significant_digits_and_oom_messages_their_useful_part():
+    from mamba_decoder.bench.report import fmt_ms, short_message
+
+    assert fmt_ms(0.021345) == "0.0213" and fmt_ms(12.345) == "12.35" and fmt_ms(0.5) == "0.500"
+    line = format_line(make_record(samples=[0.0213, 0.0214, 0.0212]))
+    assert "Latency: 0.0213±0.0001 ms" in line
+    oom = BenchmarkResult.failed(
+        "oom", "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+        "capacity of 79.10 GiB of which 1.25 GiB is free. Including non-PyTorch memory, this process "
+        "has 77.8 GiB memory in use. Of the allocated memory 75.1 GiB is allocated by PyTorch",
+        model_name="MLABlock", sequence_length=8, batch_size=1, dim=32, backend="fast", dtype="float32",
+        device="cuda")
+    assert short_message(oom) == ("out of memory: Tried to allocate 2.00 GiB, of which 1.25 GiB is free, "
+                                  "75.1 GiB is allocated by PyTorch")[:57] + "..."
+    assert "Tried to allocate 2.00 GiB" in format_line(oom)

@@ -142,3 +142,34 @@ def test_settings_errors_are_one_line_naming_the_value_and_what_is_accepted():
         with pytest.raises(ValidationError) as e:
             SweepSettings(**kw)
         assert one_line(e.value).startswith(msg) and "\n" not in one_line(e.value)
+
+
+def test_interleaved_sweep_times_each_shape_in_rounds(monkeypatch):
+    calls = []
+    real = runner.time_interleaved
+    monkeypatch.setattr(runner, "time_interleaved", lambda fns, *a, **k: calls.append(len(fns)) or real(fns, *a, **k))
+    out = run_sweep(tiny(runs=4), progress=False)
+    assert calls == [3, 3, 3, 3]                        # one interleaved timing per shape, 3 models each
+    for r in out:
+        assert r.order == "interleaved" and r.sample_rounds == [0, 0, 1, 1] and len(r.calibration_ms) == 2
+    ids = [r.rounds_id for r in out]
+    assert all(ids[i] == ids[i - i % 3] for i in range(12)) and len(set(ids)) == 4
+
+
+def test_blocked_order_times_configs_one_at_a_time(monkeypatch):
+    calls = []
+    real = runner.time_interleaved
+    monkeypatch.setattr(runner, "time_interleaved", lambda fns, *a, **k: calls.append(len(fns)) or real(fns, *a, **k))
+    out = run_sweep(tiny(runs=2, order="blocked", batch_sizes=[1]), progress=False)
+    assert calls == [1] * 6 and all(r.order == "blocked" for r in out) and len({r.rounds_id for r in out}) == 6
+
+
+def test_interleaved_order_puts_backends_and_dtypes_inside_each_shape():
+    from mamba_decoder.bench.settings import iter_configs
+
+    s = tiny(backends=["reference", "fast"], sequence_lengths=[8], batch_sizes=[1, 2], models=["Regular Mamba"])
+    assert [(c.batch_size, c.backend) for c in iter_configs(s)] == [
+        (1, "reference"), (1, "fast"), (2, "reference"), (2, "fast")]
+    blocked = s.model_copy(update={"order": "blocked"})
+    assert [(c.batch_size, c.backend) for c in iter_configs(blocked)] == [
+        (1, "reference"), (2, "reference"), (1, "fast"), (2, "fast")]

@@ -115,3 +115,76 @@ def test_mann_whitney_fully_separated_is_tiny():
     u, p = mann_whitney_u(x, y)
     assert u == 0 and p < 1e-9
     assert mann_whitney_u(y, x)[0] == 900 and mann_whitney_u(y, x)[1] == pytest.approx(p)
+
+
+# ---------------------------------------------------------------- interleaved rounds (issue 14)
+def test_time_interleaved_is_round_robin_with_calibration_between_rounds():
+    from mamba_decoder.bench.timing import time_interleaved
+
+    log = []
+    fns = [lambda n=n: log.append(n) for n in "ab"]
+    timed, cal = time_interleaved(fns, warmup=2, runs=5, runs_per_round=2,
+                                  calibrate=lambda: log.append("cal") or 1.0)
+    assert log == ["a", "a", "b", "b"] + ["cal", "a", "a", "b", "b"] * 2 + ["cal", "a", "b"]
+    assert cal == [1.0, 1.0, 1.0]
+    for t in timed:
+        assert t.error is None and len(t.samples) == 5 and t.rounds == [0, 0, 1, 1, 2]
+
+
+def test_time_interleaved_keeps_going_without_the_one_that_fails():
+    from mamba_decoder.bench.timing import time_interleaved
+
+    calls = []
+
+    def bad():
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+    timed, _ = time_interleaved([bad, lambda: None], warmup=0, runs=6, runs_per_round=2)
+    assert isinstance(timed[0].error, RuntimeError) and len(calls) == 3
+    assert timed[1].error is None and len(timed[1].samples) == 6
+
+
+def test_paired_ratio_cancels_drift_that_an_unpaired_one_cannot():
+    import numpy as np
+
+    from mamba_decoder.bench.timing import ratio
+
+    rng = np.random.default_rng(1)
+    drift = np.repeat(rng.uniform(1, 8, 10), 2)           # the machine's speed, per round of 2 runs
+    rounds = list(np.repeat(np.arange(10), 2))
+    base = list(2.0 * drift * rng.uniform(0.98, 1.02, 20))
+    model = list(1.0 * drift * rng.uniform(0.98, 1.02, 20))
+    paired = ratio(base, model, rounds, rounds)
+    unpaired = ratio(base, model, rounds, rounds, paired=False)
+    assert paired.paired and not unpaired.paired
+    assert paired.lo <= paired.value <= paired.hi and abs(paired.value - 2.0) < 0.05
+    assert paired.hi - paired.lo < 0.1 and unpaired.hi - unpaired.lo > 1.0
+    assert not paired.crosses_one
+
+
+def test_geomean_ratio_and_its_interval():
+    from mamba_decoder.bench.timing import geomean_ratio
+
+    g = geomean_ratio([([2.0, 2.1, 1.9, 2.0], [1.0, 1.0, 1.05, 0.95], (), (), False),
+                       ([8.0, 8.2, 7.8, 8.0], [1.0, 1.0, 1.05, 0.95], (), (), False)])
+    assert abs(g.value - 4.0) < 0.1 and g.lo <= g.value <= g.hi and 3.0 < g.lo and g.hi < 5.0
+    assert geomean_ratio([]) is None
+
+
+def test_drift_of_the_calibration_kernel():
+    from mamba_decoder.bench.timing import drift
+
+    assert drift([1.0]) == 0.0 and drift([1.0, 1.0, 1.0]) == 0.0
+    assert abs(drift([1.0, 1.0, 1.5]) - 0.5) < 1e-12
+
+
+def test_too_few_rounds_are_not_paired():
+    from mamba_decoder.bench.timing import MIN_PAIRED_ROUNDS, ratio
+
+    n = MIN_PAIRED_ROUNDS - 1
+    rounds = list(range(n))
+    r = ratio([2.0, 2.2, 1.8, 2.1][:n], [1.0, 1.1, 0.9, 1.0][:n], rounds, rounds)
+    assert not r.paired and r.lo <= r.value <= r.hi
+    rounds = list(range(MIN_PAIRED_ROUNDS))
+    assert ratio([2.0] * MIN_PAIRED_ROUNDS, [1.0] * MIN_PAIRED_ROUNDS, rounds, rounds).paired
