@@ -37,7 +37,7 @@ from typing import Optional, Sequence
 
 from .names import (MAMBA_LM, MODEL_COLORS, REGULAR_MAMBA, is_mixed, join_variant, mixed_devices, sig3,
                     variant_tags)
-from .results import BenchmarkResult, record_devices, swept_sizes
+from .results import REFERENCE_SIDE, BenchmarkResult, backend_pairs, latency_ratio, record_devices, swept_sizes
 from .timing import Ratio, ratio
 
 DPI = 300
@@ -59,6 +59,7 @@ MODE_PLOT_FILES = {
     "train_step": "train_step_time_vs_seq.png",
 }
 ENERGY_PLOT_FILE = "energy_per_token_vs_seq.png"   # drawn when records carry energy (NVML / RAPL)
+BACKEND_PLOT_FILE = "backend_ratio_vs_seq.png"     # drawn when the run holds fast and another backend
 _EXTRA_COLORS = ["#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
 BACKEND_STYLES = {"reference": "-", "fast": "--"}
 _LINESTYLES = ["-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 1)), (0, (8, 2))]
@@ -202,7 +203,7 @@ class _Data:
             if r is None or base is None or not (r.ok and base.ok):
                 self._speedups[key] = (None, False)
             else:
-                sp = _latency_ratio(base, r)
+                sp = latency_ratio(base, r)
                 self._speedups[key] = (sp, sp.crosses_one or base.high_spread or r.high_spread)
         return self._speedups[key]
 
@@ -238,15 +239,6 @@ def _nan(v: Optional[float]) -> float:
 def _median_throughput(r: BenchmarkResult) -> float:
     tokens = r.tokens_per_call or r.batch_size * r.sequence_length
     return tokens / r.latency_median_ms * 1e3 if r.latency_median_ms else math.nan
-
-
-def _latency_ratio(num: BenchmarkResult, den: BenchmarkResult) -> Ratio:
-    """num's median latency / den's with its interval, paired by round where both were interleaved."""
-    if not num.samples_ms or not den.samples_ms:
-        v = num.latency_median_ms / den.latency_median_ms
-        return Ratio(v, v, v, False)
-    return ratio(num.samples_ms, den.samples_ms, num.sample_rounds, den.sample_rounds,
-                 paired=bool(num.rounds_id) and num.rounds_id == den.rounds_id)
 
 
 def _grid(fig, n: int):
@@ -608,6 +600,53 @@ def _param_sweep_figure(data: _Data, key: str, env, path: Path) -> Path:
                    (list(handles.values()), list(handles)))
 
 
+def _backend_figure(records: Sequence[BenchmarkResult], env, path: Path) -> Optional[Path]:
+    """fast's median latency over each other backend's (mamba_ssm, reference), config by config
+    (results.backend_pairs), against sequence length: one panel per (mode, other backend), a
+    line per (model, batch size), bars the 95% interval, hollow markers where noisy; below the
+    dotted line at 1 the fast backend is faster."""
+    pairs = backend_pairs(records)
+    if not pairs:
+        return None
+    panels = sorted({(f.mode, o.backend) for f, o in pairs}, key=lambda p: (MODES_ORDER.index(p[0])
+                                                                             if p[0] in MODES_ORDER else 9, p[1]))
+    fig = _new_figure(len(panels))
+    axes, _, _ = _grid(fig, len(panels))
+    handles = {}
+    batches = sorted({f.batch_size for f, _ in pairs})
+    markers = "osD^v<>"
+    for ax, (mode, other) in zip(axes, panels):
+        lines: dict[tuple, list] = defaultdict(list)
+        for f, o in pairs:
+            if (f.mode, o.backend) == (mode, other):
+                rt = latency_ratio(f, o)
+                lines[(f.model_name, f.batch_size)].append((f.sequence_length, rt, rt.crosses_one or f.high_spread
+                                                            or o.high_spread))
+        for (model, batch), pts in sorted(lines.items()):
+            pts.sort(key=lambda p: p[0])
+            xs = [p[0] for p in pts]
+            ys = [p[1].value for p in pts]
+            err = [[p[1].value - p[1].lo for p in pts], [p[1].hi - p[1].value for p in pts]]
+            color = MODEL_COLORS.get(model, "#555555")
+            m = markers[batches.index(batch) % len(markers)]
+            label = f"{model}, batch {batch}"
+            h = ax.errorbar(xs, ys, yerr=err, color=color, marker=m, ms=4, lw=1.2, capsize=2, label=label)
+            handles.setdefault(label, h)
+            noisy = [(x, y) for (x, _, n), y in zip(pts, ys) if n]
+            if noisy:
+                ax.plot(*zip(*noisy), ls="none", marker=m, ms=7, mfc="white", mec=color)
+        ax.axhline(1.0, color="#444444", ls=":", lw=1)
+        ax.set_yscale("log")
+        _plain_log_ticks(ax.yaxis, *ax.get_ylim())
+        _log2_axis(ax, sorted({f.sequence_length for f, o in pairs if (f.mode, o.backend) == (mode, other)}))
+        ax.set_title(f"{mode}: {REFERENCE_SIDE} / {other}")
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel(f"latency {REFERENCE_SIDE} / {other}\n(median; bars 95% CI; log)")
+    data = _Data(list(records))
+    return _finish(fig, data, f"{REFERENCE_SIDE} against the other backends (< 1: {REFERENCE_SIDE} is faster; "
+                              "hollow: noisy)", env, path, (list(handles.values()), list(handles)))
+
+
 def _spec_plots(data: _Data, env, f: dict[str, Path]) -> list[Path]:
     """The spec's eight plots of one mode's records (labels say what latency means in that mode);
     the two speedup plots only when the run holds the baseline and another model (no placeholder)."""
@@ -688,6 +727,9 @@ def plot_benchmark_results(results: Sequence[BenchmarkResult], output_dir: str |
                                       ylabel="training step time\n(ms, median; bars p10-p90)",
                                       title=f"Training step time vs sequence length (step = {step})",
                                       path=m["train_step"]))
+        backend_fig = _backend_figure(results, env, out / BACKEND_PLOT_FILE)
+        if backend_fig is not None:
+            paths.append(backend_fig)
         energy = [r for r in data.records if r.ok and r.energy_per_token_j is not None]
         if energy:
             en = _Data(energy)

@@ -19,9 +19,9 @@ from tqdm import tqdm
 
 from .names import MAMBA_LM, REGULAR_MAMBA, RecordKey, sig3
 from .plots import plot_benchmark_results
-from .results import (CSV_NAME, ENV_NAME, JSONL_NAME, BenchmarkResult, OutputWriteError, UsageError,
-                      config_label, load_run, lock_dir, record_devices, same_sizes, swept_sizes,
-                      note_written, read_environment, write_csv)
+from .results import (CSV_NAME, ENV_NAME, JSONL_NAME, REFERENCE_SIDE, BenchmarkResult, OutputWriteError,
+                      UsageError, backend_pairs, config_label, latency_ratio, load_run, lock_dir, record_devices,
+                      same_sizes, swept_sizes, note_written, read_environment, write_csv)
 from .timing import DRIFT_WARN, HIGH_SPREAD, Ratio, drift, geomean_ratio, mann_whitney_u, ratio
 
 RULE = "=" * 100
@@ -186,16 +186,6 @@ def baseline_for(results: Sequence[BenchmarkResult]) -> str:
     return MAMBA_LM if results and all(r.level == "model" for r in results) else REGULAR_MAMBA
 
 
-def latency_ratio(num: BenchmarkResult, den: BenchmarkResult) -> Ratio:
-    """num's median latency / den's, with its 95% interval: paired by round when both were timed
-    in the same interleaved rounds, else from the two sets of samples independently."""
-    if not num.samples_ms or not den.samples_ms:    # a record written without its samples
-        v = num.latency_median_ms / den.latency_median_ms
-        return Ratio(v, v, v, False)
-    return ratio(num.samples_ms, den.samples_ms, num.sample_rounds, den.sample_rounds,
-                 paired=bool(num.rounds_id) and num.rounds_id == den.rounds_id)
-
-
 def _baseline_records(results: Sequence[BenchmarkResult], baseline: str):
     """record -> its baseline record: the same backend, dtype, shape and mode (and, in a sweep over
     sizes, the baseline's sizes the record shares: results.same_sizes), or None."""
@@ -288,6 +278,44 @@ def comparison_table(results: Sequence[BenchmarkResult], baseline: Optional[str]
     return "\n".join(lines)
 
 
+def backend_ratios(results: Sequence[BenchmarkResult]) -> list[tuple[BenchmarkResult, BenchmarkResult, Ratio, bool]]:
+    """(fast record, other backend's record, latency ratio fast / other with its 95% interval,
+    noisy) for each config a run measured on the fast backend and another (results.backend_pairs)."""
+    out = []
+    for f, o in backend_pairs(results):
+        rt = latency_ratio(f, o)
+        out.append((f, o, rt, rt.crosses_one or f.high_spread or o.high_spread))
+    return out
+
+
+def backend_table(results: Sequence[BenchmarkResult]) -> str:
+    """The fast backend against the run's other backends, config by config, and the geometric
+    mean per model and backend; "" when the run has one backend (or no fast records)."""
+    pairs = backend_ratios(results)
+    if not pairs:
+        return ""
+    many = len({r.mode for r in results}) > 1
+    rows = [[f.model_name + (f" ({f.mode})" if many else ""), o.backend, f.dtype, f.sequence_length,
+             f.batch_size, f"{sig3(rt.value)}" + (NOISY_MARK if noisy else ""), f"[{sig3(rt.lo)}, {sig3(rt.hi)}]"]
+            for f, o, rt, noisy in pairs]
+    paired = all(rt.paired for _, _, rt, _ in pairs)
+    lines = [f"BACKENDS: latency ratio = median({REFERENCE_SIDE} latency / other backend's latency)"
+             + (" per round" if paired else ""),
+             f"(< 1: {REFERENCE_SIDE} is faster; [95% interval])",
+             _table(["Model", "vs", "Dtype", "SeqLen", "Batch", "Ratio", "95% CI"], rows, "llllrrr")]
+    if any(noisy for *_, noisy in pairs):
+        lines.append(NOISY_NOTE)
+    parts: dict[tuple, list] = defaultdict(list)
+    for f, o, _, _ in pairs:
+        if f.samples_ms and o.samples_ms:
+            parts[(f.model_name, o.backend)].append((f.samples_ms, o.samples_ms, f.sample_rounds, o.sample_rounds,
+                                                     bool(f.rounds_id) and f.rounds_id == o.rounds_id))
+    for (model, other), v in parts.items():
+        lines.append(f"geometric mean {REFERENCE_SIDE} / {other}, {model}: {format_ratio(geomean_ratio(v))} "
+                     f"over {len(v)} configs")
+    return "\n".join(lines)
+
+
 def noise_warnings(results: Sequence[BenchmarkResult], env: Optional[dict] = None) -> list[str]:
     """Warnings that the machine's speed moved while it measured (the calibration kernel's drift
     over a shape's rounds) or that it was loaded when the run started; each names what to do."""
@@ -325,6 +353,8 @@ def print_summary_table(results: Sequence[BenchmarkResult], file=None) -> None:
     print("\n" + RULE, file=out)
     print(summary_table(results), file=out)
     print("\n" + comparison_table(results), file=out)
+    if table := backend_table(results):
+        print("\n" + table, file=out)
     failed = [r for r in results if not r.ok]
     if failed:
         counts = ", ".join(f"{sum(r.status == st for r in failed)} {label}"
@@ -625,7 +655,18 @@ def _write_report(run_dir: Path, out: Path, results, env) -> list:
           f"config has a high spread (IQR > {HIGH_SPREAD:.0%} of median).", "",
           _md_table(sp_header, sp_rows) if sp_rows
           else f"({base_name} or the other models missing)", ""]
-    md += [f"- {ln}" for ln in geo_lines + warn_lines] + ["", "## Plots", ""]
+    md += [f"- {ln}" for ln in geo_lines + warn_lines] + [""]
+    be_rows = [[f.model_name, f.mode, o.backend, f.dtype, f.sequence_length, f.batch_size, sig3(rt.value),
+                f"[{sig3(rt.lo)}, {sig3(rt.hi)}]", "noisy" if noisy else ""]
+               for f, o, rt, noisy in backend_ratios(results)]
+    be_header = ["Model", "Mode", "vs backend", "Dtype", "SeqLen", "Batch",
+                 f"Latency {REFERENCE_SIDE} / other (median)", "95% CI", "Noise"]
+    if be_rows:
+        md += [f"## {REFERENCE_SIDE} against the other backends", "",
+               f"Median of {REFERENCE_SIDE}'s latency over the other backend's (per interleaved round "
+               f"where measured so), with its 95% bootstrap interval; below 1 {REFERENCE_SIDE} is faster.", "",
+               _md_table(be_header, be_rows), ""]
+    md += ["## Plots", ""]
     md += [f"![{p.stem}]({p.name})" for p in pngs]   # the tool's own file names
     md_path = out / "report.md"
     md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
@@ -651,6 +692,7 @@ figure{{margin:2em 0}}figcaption{{color:#666;font-size:12px}}</style></head><bod
 <h2>Results</h2>{h_table(_RECORD_HEADER, _record_rows(results))}
 <h2>Speedup vs {html.escape(base_name)}</h2>{h_table(sp_header, sp_rows)}
 {"".join(f"<p>{html.escape(ln)}</p>" for ln in geo_lines + warn_lines)}
+{f"<h2>{REFERENCE_SIDE} against the other backends</h2>" + h_table(be_header, be_rows) if be_rows else ""}
 <h2>Plots</h2>{imgs}
 </body></html>
 """

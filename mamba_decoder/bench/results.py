@@ -32,7 +32,7 @@ from filelock import FileLock, Timeout
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .names import RecordKey, is_mixed
-from .timing import summarize
+from .timing import Ratio, ratio, summarize
 
 JSONL_NAME, CSV_NAME, ENV_NAME = "results.jsonl", "results.csv", "environment.json"
 WRITTEN_NAME, LOCK_NAME = ".mamba-bench-files", ".mamba-bench.lock"
@@ -225,6 +225,32 @@ def same_sizes(a: "BenchmarkResult", b: "BenchmarkResult") -> bool:
     """Whether two records agree on every size both have (a Mamba block and a Mamba+MoE block of
     the same d_state: the like-for-like baseline of a sweep)."""
     return all(b.block_config[k] == v for k, v in a.block_config.items() if k in b.block_config)
+
+
+def latency_ratio(num: "BenchmarkResult", den: "BenchmarkResult") -> Ratio:
+    """num's median latency / den's, with its 95% interval: paired by round when both were timed
+    in the same interleaved rounds, else from the two sets of samples independently."""
+    if not num.samples_ms or not den.samples_ms:    # a record written without its samples
+        v = num.latency_median_ms / den.latency_median_ms
+        return Ratio(v, v, v, False)
+    return ratio(num.samples_ms, den.samples_ms, num.sample_rounds, den.sample_rounds,
+                 paired=bool(num.rounds_id) and num.rounds_id == den.rounds_id)
+
+
+REFERENCE_SIDE = "fast"   # backend ratios are this backend's latency over each other backend's
+
+
+def backend_pairs(records: Iterable["BenchmarkResult"]) -> list[tuple["BenchmarkResult", "BenchmarkResult"]]:
+    """(fast record, the same config on another backend) for every config of a run measured on
+    the fast backend and another one (mamba_ssm, reference), both ok: what "fast / mamba_ssm"
+    ratios are made of."""
+    groups: dict[tuple, dict[str, BenchmarkResult]] = {}
+    for r in records:
+        k = (r.model_name, r.mode, r.level, r.dtype, r.dim, r.batch_size, r.sequence_length, r.variant,
+             r.config_hash)
+        groups.setdefault(k, {})[r.backend] = r
+    return [(g[REFERENCE_SIDE], o) for g in groups.values() if REFERENCE_SIDE in g and g[REFERENCE_SIDE].ok
+            for b, o in g.items() if b != REFERENCE_SIDE and o.ok]
 
 
 # ---------------------------------------------------------------- JSON Lines

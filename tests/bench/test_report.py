@@ -279,3 +279,39 @@ def test_latencies_keep_three_significant_digits_and_oom_messages_their_useful_p
     assert short_message(oom) == ("out of memory: Tried to allocate 2.00 GiB, of which 1.25 GiB is free, "
                                   "75.1 GiB is allocated by PyTorch")[:57] + "..."
     assert "Tried to allocate 2.00 GiB" in format_line(oom)
+
+
+# ---------------------------------------------------------------- backends side by side (issue 12)
+def test_a_run_with_two_backends_shows_fast_over_the_other_in_console_report_and_plot(tmp_path):
+    """One run holding fast and mamba_ssm records: the console, report.md and a plot give
+    fast's latency over mamba_ssm's per config, paired by round, with its interval and the
+    geometric mean; configs the other backend skipped are left out, not shown as 0 or inf."""
+    from mamba_decoder.bench.plots import BACKEND_PLOT_FILE
+    from mamba_decoder.bench.report import backend_ratios, backend_table, write_report
+    from mamba_decoder.bench.results import RecordWriter
+
+    rounds = [i // 2 for i in range(10)]
+    fast = [make_record(m, seq=s, backend="fast", samples=[0.8 * k] * 10, sample_rounds=rounds, rounds_id="r")
+            for m, k in (("Regular Mamba", 1.0), ("MambaDecoderBlock", 2.0)) for s in (8, 16)]
+    peer = [make_record(m, seq=s, backend="mamba_ssm", samples=[1.0 * k] * 10, sample_rounds=rounds, rounds_id="r")
+            for m, k in (("Regular Mamba", 1.0), ("MambaDecoderBlock", 2.0)) for s in (8, 16)]
+    skipped = BenchmarkResult.failed(model_name="MLABlock", sequence_length=8, batch_size=1, dim=32,
+                                     backend="mamba_ssm", dtype="float32", device="cpu", status="skipped",
+                                     message="no Mamba mixer")
+    records = fast + peer + [skipped]
+    pairs = backend_ratios(records)
+    assert len(pairs) == 4 and all(o.backend == "mamba_ssm" and rt.paired for _, o, rt, _ in pairs)
+    assert all(rt.value == pytest.approx(0.8) for *_, rt, _ in pairs)
+    text = backend_table(records)
+    assert "fast latency / other backend's latency" in text and "0.800" in text
+    assert "geometric mean fast / mamba_ssm, MambaDecoderBlock: 0.800x" in text
+    assert backend_table(fast) == ""          # one backend: no table
+    d = tmp_path / "run"
+    d.mkdir()
+    with RecordWriter(d / "results.jsonl", "w") as w:
+        for r in records:
+            w.write(r)
+    paths = write_report(d, d)
+    assert (d / BACKEND_PLOT_FILE) in paths
+    md = (d / "report.md").read_text()
+    assert "## fast against the other backends" in md and "| mamba_ssm |" in md
