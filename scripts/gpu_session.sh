@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Measurements on a lent GPU, one stage per call (each fits a 10-minute command).
-#   bash scripts/gpu_session.sh check|probe|host|retest|targets|final|workloads|train|train-check|s6|s7|s7-all|s7-final|i16-deepseek-v3|i16-kimi-k2|i16-sweep|sweep   (writes under $OUT, or ./gpu_out)
+#   bash scripts/gpu_session.sh check|probe|host|retest|targets|final|workloads|train|train-check|s6|s7|s7-all|s7-final|s7-last|i16-deepseek-v3|i16-kimi-k2|i16-sweep|sweep   (writes under $OUT, or ./gpu_out)
 # Needs the runtime wheels in .whl/ (mambapy, open-kimi, pydantic...) and gpu_floor.py in .devcarry/.
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -156,6 +156,17 @@ s7-all)   # session 7 in one call: issue 12's suite targets (fast and mamba_ssm)
         --batch-sizes 8 --dtype bfloat16 --output-dir "/tmp/r/redesign_${t}_$r" --overwrite 2>&1 | grep -E "SeqLen|error")
     runs+=("redesign_${t}_$r")
   done; done
+  ;;
+s7-last)   # session 7's last minutes: tests/gpu with the peer loaded, then the mixer's train memory against mamba_ssm
+  env_info
+  if [ -f .devcarry/peer/peer_so.tar.xz ]; then
+    mkdir -p /tmp/peerbuild && tar xJf .devcarry/peer/peer_so.tar.xz -C /tmp/peerbuild
+    export PYTHONPATH=$PYTHONPATH:/tmp/peerbuild/cc:/tmp/peerbuild/ss:$PWD/.devcarry/peer/src
+  fi
+  card_tests 150 tests/gpu
+  log train memory; timeout 45 $BENCH --mode train --backend fast mamba_ssm --models "Regular Mamba" --dim 512 \
+      --seq-lens 2048 8192 --batch-sizes 8 --dtype bfloat16 --runs 10 --output-dir /tmp/r/train_mem --overwrite 2>&1 | grep -E "SeqLen|rror:"
+  runs+=(train_mem)
   ;;
 s7-final)   # session 7's last call: every tests/gpu test with the peer loaded, the mixer's train memory against
   # mamba_ssm, then issue 16's DeepSeek-V3-shaped blocks (forward, train) and the n_experts sweep at seq 2048
