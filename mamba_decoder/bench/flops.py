@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ..models.mamba import MambaMixer
@@ -154,7 +155,9 @@ def _module_bytes(mod: nn.Module, B: int, L: int, elt: int, cpu: bool) -> tuple[
         dqk, dv = mod.qk_head_dim, mod.v_head_dim
         acts = T * (H * dqk + C + R + H * dv) * elt            # q, latent + rope key, attention out
         # (B, H, S, T) scores: two in the dtype, the fp32 softmax, the causal mask; a fused
-        # attention on CUDA keeps none (the CPU's scaled_dot_product_attention does, measured)
+        # attention keeps none: on CUDA, and on the CPU where SDPA takes its flash kernel, which
+        # needs Dv == Dqk (the policy's mla_pad_v pads a narrower V to Dqk); its math path, which
+        # materializes the scores, runs only for a V that is left narrower or is wider
         scores = B * H * L * L * (2 * elt + 4) + L * L * 4
         if mod.backend == "reference":
             if mod.attn_impl == "absorb":
@@ -163,7 +166,9 @@ def _module_bytes(mod: nn.Module, B: int, L: int, elt: int, cpu: bool) -> tuple[
                 acts += T * H * (dqk + dv) * elt               # expanded keys and values
         else:
             acts += T * H * (dqk + dv) * elt                   # expanded keys and values
-            scores = scores if cpu else 0.0
+            pad_v = cpu and dv < dqk and mod.policy.decide(torch.device("cpu")).mla_pad_v
+            acts += T * H * dqk * elt if pad_v else 0          # the padded copy of V
+            scores = scores if cpu and dv != dqk and not pad_v else 0.0
         return acts + scores, acts + scores
     return 0.0, 0.0
 

@@ -19,7 +19,6 @@ __all__ = ["MODELS", "LM_MODELS", "models_for", "build_model", "build_lm", "para
 # latent 512, nope 128, rope 64, v 128, no query LoRA); --d-state, --n-experts, ... or a preset
 # change them.
 _DEFAULT = BlockSizes()
-N_EXPERTS, N_ACTIVATED, MLA_HEADS = 6, 2, 16
 
 
 def _regular_mamba(dim: int, backend: str, max_seq_len: int, sizes: BlockSizes = _DEFAULT) -> nn.Module:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Iterator, Literal, Optional
 
@@ -160,6 +161,9 @@ class SweepSettings(BaseModel):
                 raise ValueError(f"model size {name!r} is not one of: {', '.join(BlockSizes.model_fields)}")
             if not isinstance(values, list) or not values:
                 raise ValueError(f"model size {name}: no value given (accepted: one or more integers)")
+            for v in values:   # a list or table in a TOML file: named here, not a TypeError in size_grid
+                if not isinstance(v, Hashable):
+                    raise ValueError(f"model size {name}: {v!r} is not an integer (accepted: one or more integers)")
         self.size_grid()   # each point of the grid checked once, here (one line)
         return self
 
@@ -310,6 +314,8 @@ def model_sizes(preset: Optional[str] = None, model_config=None, *, dim=None, de
     one place the CLI and the API merge them. A value not set anywhere is left out (the
     settings' default)."""
     from ..presets import PRESETS
+    if not (model_config is None or isinstance(model_config, (str, bytes, Mapping)) or hasattr(model_config, "__fspath__")):
+        raise UsageError(f"model_config: {model_config!r} is not a TOML file's path or a dict of its keys")
     file = read_model_config(model_config) if isinstance(model_config, (str, bytes)) or hasattr(
         model_config, "__fspath__") else dict(model_config or {})
     for k in file:
@@ -319,7 +325,7 @@ def model_sizes(preset: Optional[str] = None, model_config=None, *, dim=None, de
     out: dict = {}
     merged: dict = {}
     if name is not None:
-        if name not in PRESETS:
+        if not isinstance(name, str) or name not in PRESETS:
             raise UsageError(f"--preset: {name!r} is not one of: {', '.join(PRESETS)}")
         p = PRESETS[name]
         out.update(dim=p.dim, depth=p.depth, vocab_size=p.vocab_size)

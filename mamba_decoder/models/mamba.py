@@ -210,7 +210,7 @@ class MambaMixer(MambaBlock):
         else:
             K = self.config.d_conv
             xt = torch.cat([cache.conv, x.transpose(1, 2)], dim=2)     # (B, ED, K - 1 + L)
-            cache.conv.copy_(xt[:, :, -(K - 1):])
+            cache.conv.copy_(xt[:, :, xt.shape[2] - (K - 1):])            # K = 1: no columns (not -0:)
             x = F.conv1d(xt, self.conv1d.weight, self.conv1d.bias, groups=self.config.d_inner)
             x = F.silu(x.transpose(1, 2))                               # (B, L, ED)
         dt, A, B, C = self._ssm_inputs(x)

@@ -33,6 +33,9 @@ def test_bad_sizes_are_one_error_line(tmp_path, capsys, argv, needle):
     ("n_expert = 4\n", "key 'n_expert' is not one of"),
     ("n_experts = [4,\n", "is not valid TOML"),
     ("d_state = true\n", "d_state=True"),
+    ("d_state = [{a = 1}]\n", "model size d_state: {'a': 1} is not an integer"),   # was: unexpected TypeError, exit 1
+    ("n_experts = [[4, 8]]\n", "model size n_experts: [4, 8] is not an integer"),
+    ("preset = [1]\n", "--preset: [1] is not one of"),
 ])
 def test_bad_model_config_files(tmp_path, capsys, text, needle):
     f = tmp_path / "m.toml"
@@ -93,6 +96,21 @@ def test_the_api_takes_the_same_keywords():
     assert [r.block_config["heads"] for r in recs] == [2, 4] and all(r.ok for r in recs)
     with pytest.raises(UsageError, match="n_activated=5 must be <= n_experts=4"):
         run_scaling_benchmarks(dim=16, use_cuda=False, n_experts=4, n_activated=5, verbose=False)
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(d_state=[[16]]), "model size d_state: [16] is not an integer"),
+    (dict(n_experts={8, 16}), "model size n_experts: {8, 16} is not an integer"),
+    (dict(model_config={"d_state": [{"a": 1}]}), "model size d_state: {'a': 1} is not an integer"),
+    (dict(model_config=5), "model_config: 5 is not a TOML file's path or a dict"),
+    (dict(preset=["x"]), "--preset: ['x'] is not one of"),
+])
+def test_the_api_names_a_bad_size_in_one_value_error(kw, needle):
+    """The README's promise: a bad argument raises one ValueError naming it (these were TypeErrors)."""
+    with pytest.raises(ValueError) as e:
+        run_scaling_benchmarks(dim=16, sequence_lengths=[8], batch_sizes=[1], use_cuda=False, runs=1, warmup=0,
+                               models=["Regular Mamba"], verbose=False, progress=False, **kw)
+    assert needle in str(e.value) and "\n" not in str(e.value)
 
 
 def test_presets_command_lists_sources(capsys):

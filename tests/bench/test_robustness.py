@@ -194,6 +194,27 @@ def test_memory_estimate_counts_the_reference_scan_and_attention_scores():
     assert t.weights == 4 * w.weights and t.activations > w.activations
 
 
+def test_memory_estimate_of_the_fast_mla_on_the_cpu_has_no_scores_where_sdpa_runs_flash():
+    """The fast MLA pads V to Dqk on the CPU (policy's mla_pad_v), so SDPA runs its flash kernel
+    and keeps no (B, H, S, S) scores: the estimate grows linearly in the sequence (it counted the
+    math path's scores: 3.3x the measured peak at dim 256 B2 L1024, a 96 GiB `oom` at B8 L8192)."""
+    from mamba_decoder.bench import flops
+    from mamba_decoder.bench.runner import _meta_model
+    from mamba_decoder.bench.settings import Config, SweepSettings
+    from mamba_decoder.policy import KernelPolicy
+
+    s = SweepSettings(dim=64)
+    fast_mla = _meta_model(Config("MLABlock", "fast", "float32", 8, 1), s)
+    a1, a2 = (flops.peak_bytes(fast_mla, 1, L, 4).activations for L in (2048, 4096))
+    assert a2 < 2.01 * a1                                  # linear in L: no (S, S) term
+    ref_mla = _meta_model(Config("MLABlock", "reference", "float32", 8, 1), s)
+    r1, r2 = (flops.peak_bytes(ref_mla, 1, L, 4).activations for L in (2048, 4096))
+    assert r2 > 3.5 * r1                                   # the reference's einsums keep them
+    attn = next(m for m in fast_mla.modules() if type(m).__name__ == "MLA")
+    attn.policy = KernelPolicy(cpu_kernels="torch")        # pad_v is not a cpu_kernels switch
+    assert flops.peak_bytes(fast_mla, 1, 4096, 4).activations == a2
+
+
 def test_a_config_that_cannot_fit_is_recorded_oom_without_running_unless_forced(tmp_path, capsys, monkeypatch):
     from mamba_decoder.bench import runner
 

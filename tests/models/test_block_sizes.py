@@ -91,6 +91,20 @@ def test_fast_equals_reference_at_other_sizes(name, z, policy):
         assert rel_err(fast(x), ref(x)) < 1e-4
 
 
+@pytest.mark.parametrize("d_conv", [1, 2])
+def test_decoding_equals_the_full_forward_at_any_d_conv(d_conv):
+    """--d-conv 1 (a width-1 conv: no window to keep) decodes: the fast CPU prefill kept
+    xt[:, :, -(K - 1):], which is the whole sequence at K = 1 (-0), not an empty window."""
+    torch.manual_seed(0)
+    m = randomize_(build_model("MambaDecoderBlock", DIM, "fast", sizes=BlockSizes(d_conv=d_conv))).eval()
+    x = torch.randn(2, 7, DIM)
+    with torch.no_grad():
+        full = m(x)
+        cache = m.init_cache(2)
+        steps = [m(x[:, :5], cache=cache)] + [m(x[:, t:t + 1], cache=cache) for t in (5, 6)]
+    assert rel_err(torch.cat(steps, 1), full) < 1e-5
+
+
 def test_a_rope_dim_the_prologue_cannot_take_is_named():
     """qk_rope_dim 6 (no power of two): the Triton prologue is not taken, and the record says so."""
     m = build_model("MLABlock", DIM, "fast", sizes=BlockSizes(heads=4, qk_rope_dim=6))
