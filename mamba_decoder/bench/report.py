@@ -187,16 +187,16 @@ def baseline_for(results: Sequence[BenchmarkResult]) -> str:
 
 
 def _baseline_records(results: Sequence[BenchmarkResult], baseline: str):
-    """record -> its baseline record: the same backend, dtype, shape and mode (and, in a sweep over
+    """record -> its baseline record: the same backend, dtype, variant, shape and mode (and, in a sweep over
     sizes, the baseline's sizes the record shares: results.same_sizes), or None."""
     base: dict[tuple, list[BenchmarkResult]] = defaultdict(list)
     for r in results:
         if r.model_name == baseline:
-            base[(r.backend, r.dtype, r.mode, r.dim, r.batch_size, r.sequence_length)].append(r)
+            base[(r.backend, r.dtype, r.mode, r.variant, r.dim, r.batch_size, r.sequence_length)].append(r)
 
     def of(r: BenchmarkResult) -> Optional[BenchmarkResult]:
-        return next((b for b in base.get((r.backend, r.dtype, r.mode, r.dim, r.batch_size, r.sequence_length), [])
-                     if same_sizes(b, r)), None)
+        key = (r.backend, r.dtype, r.mode, r.variant, r.dim, r.batch_size, r.sequence_length)
+        return next((b for b in base.get(key, []) if same_sizes(b, r)), None)
     return of
 
 

@@ -69,4 +69,4 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-KERNEL_NAME = "onednn (inference, >= 16 rows and 2^24 MACs), torch otherwise"
+KERNEL_NAME = f"onednn (inference, >= {MIN_ROWS} rows and 2^{MIN_MACS.bit_length() - 1} MACs), torch otherwise"
