@@ -20,6 +20,13 @@ env_info() {
   log env; nvidia-smi -L
   python3 -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'
 }
+# mamba_ssm + causal_conv1d, prebuilt for the H200 (shared/peer copied into .devcarry/peer), on PYTHONPATH
+load_peer() {
+  if [ -f .devcarry/peer/peer_so.tar.xz ]; then
+    mkdir -p /tmp/peerbuild && tar xJf .devcarry/peer/peer_so.tar.xz -C /tmp/peerbuild
+    export PYTHONPATH=$PYTHONPATH:/tmp/peerbuild/cc:/tmp/peerbuild/ss:$PWD/.devcarry/peer/src
+  fi
+}
 # the tests on the card: card_tests TIMEOUT PATH... (failures and the count echoed)
 card_tests() {
   local t=$1; shift
@@ -107,10 +114,7 @@ final)   # one call: tests on the card, the floor, the targets (fast eager / gra
   ;;
 train|train-check)   # issue 12: fast vs mamba_ssm on the card; train-check: the tests, the mixer and the suite's train step only
   env_info
-  if [ -f .devcarry/peer/peer_so.tar.xz ]; then   # mamba_ssm + causal_conv1d, prebuilt for the H200
-    mkdir -p /tmp/peerbuild && tar xJf .devcarry/peer/peer_so.tar.xz -C /tmp/peerbuild
-    export PYTHONPATH=$PYTHONPATH:/tmp/peerbuild/cc:/tmp/peerbuild/ss:$PWD/.devcarry/peer/src
-  fi
+  load_peer
   if [ "$1" = train-check ]; then
     card_tests 100 -x tests/gpu/test_mamba_ssm.py tests/kernels/test_selective_scan_bdl.py tests/kernels/test_causal_conv.py \
         -k "mamba_ssm or fused or triton_backward"
@@ -129,10 +133,7 @@ train|train-check)   # issue 12: fast vs mamba_ssm on the card; train-check: the
   ;;
 s6)   # session 6: every tests/gpu test at this commit, then issue 12's targets from the suite (fast and mamba_ssm)
   env_info
-  if [ -f .devcarry/peer/peer_so.tar.xz ]; then
-    mkdir -p /tmp/peerbuild && tar xJf .devcarry/peer/peer_so.tar.xz -C /tmp/peerbuild
-    export PYTHONPATH=$PYTHONPATH:/tmp/peerbuild/cc:/tmp/peerbuild/ss:$PWD/.devcarry/peer/src
-  fi
+  load_peer
   card_tests 270 tests/gpu
   issue12_suite _s6
   ;;
@@ -143,10 +144,7 @@ s7)   # session 7: every tests/gpu test, then the training MoE's interleaved A/B
   ;;
 s7-all)   # session 7 in one call: issue 12's suite targets (fast and mamba_ssm), the train-step profile, and issue 13's before/after
   env_info
-  if [ -f .devcarry/peer/peer_so.tar.xz ]; then
-    mkdir -p /tmp/peerbuild && tar xJf .devcarry/peer/peer_so.tar.xz -C /tmp/peerbuild
-    export PYTHONPATH=$PYTHONPATH:/tmp/peerbuild/cc:/tmp/peerbuild/ss:$PWD/.devcarry/peer/src
-  fi
+  load_peer
   issue12_suite _s7
   log profile; timeout 100 python3 scripts/moe_train_study.py --profile > "$OUT/profile.txt" 2>&1; grep profile "$OUT/profile.txt"
   for r in 1 2; do for t in before after; do
@@ -159,10 +157,7 @@ s7-all)   # session 7 in one call: issue 12's suite targets (fast and mamba_ssm)
   ;;
 s7-last)   # session 7's last minutes: tests/gpu with the peer loaded, then the mixer's train memory against mamba_ssm
   env_info
-  if [ -f .devcarry/peer/peer_so.tar.xz ]; then
-    mkdir -p /tmp/peerbuild && tar xJf .devcarry/peer/peer_so.tar.xz -C /tmp/peerbuild
-    export PYTHONPATH=$PYTHONPATH:/tmp/peerbuild/cc:/tmp/peerbuild/ss:$PWD/.devcarry/peer/src
-  fi
+  load_peer
   card_tests 150 tests/gpu
   log train memory; timeout 45 $BENCH --mode train --backend fast mamba_ssm --models "Regular Mamba" --dim 512 \
       --seq-lens 2048 8192 --batch-sizes 8 --dtype bfloat16 --runs 10 --output-dir /tmp/r/train_mem --overwrite 2>&1 | grep -E "SeqLen|rror:"
@@ -171,10 +166,7 @@ s7-last)   # session 7's last minutes: tests/gpu with the peer loaded, then the 
 s7-final)   # session 7's last call: every tests/gpu test with the peer loaded, the mixer's train memory against
   # mamba_ssm, then issue 16's DeepSeek-V3-shaped blocks (forward, train) and the n_experts sweep at seq 2048
   env_info
-  if [ -f .devcarry/peer/peer_so.tar.xz ]; then
-    mkdir -p /tmp/peerbuild && tar xJf .devcarry/peer/peer_so.tar.xz -C /tmp/peerbuild
-    export PYTHONPATH=$PYTHONPATH:/tmp/peerbuild/cc:/tmp/peerbuild/ss:$PWD/.devcarry/peer/src
-  fi
+  load_peer
   card_tests 190 tests/gpu
   log train memory; timeout 60 $BENCH --mode train --backend fast mamba_ssm --models "Regular Mamba" --dim 512 \
       --seq-lens 2048 8192 --batch-sizes 8 --dtype bfloat16 --output-dir /tmp/r/train_mem --overwrite 2>&1 | grep -E "SeqLen|rror:"
