@@ -208,7 +208,8 @@ def run_command(args: argparse.Namespace) -> int:
     env = dist_env()
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
-        raise UsageError(f"--output-dir: {str(out)!r} exists and is not a directory")
+        what = "--output-dir" if args.output_dir else "run directory"
+        raise UsageError(f"{what}: {str(out)!r} exists and is not a directory")
     device = resolve_device(not args.no_cuda)
     torchrun = env is not None and env.world_size > 1   # shard the sweep over ranks, rank 0 merges
     s = settings_from_args(args, Torchrun.rank_device(device, env) if torchrun else device)
@@ -222,7 +223,8 @@ def run_command(args: argparse.Namespace) -> int:
 def report_command(args: argparse.Namespace) -> int:
     run_dir, out = Path(args.run_dir), Path(args.output_dir or args.run_dir)
     if out.exists() and not out.is_dir():
-        raise UsageError(f"--output-dir: {str(out)!r} exists and is not a directory")
+        what = "--output-dir" if args.output_dir else "run directory"
+        raise UsageError(f"{what}: {str(out)!r} exists and is not a directory")
     paths = write_report(run_dir, out)
     print("wrote " + ", ".join(str(p) for p in paths))
     return EXIT_OK

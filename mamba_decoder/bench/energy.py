@@ -125,12 +125,15 @@ class EnergyMeter:
             if self._nvml is not None:
                 joules, source = (end[0] - self._start[0]) / 1e3, "nvml"
             else:
-                total = 0
-                for d, a, b in zip(self._rapl, self._start, end):
-                    if b < a:   # the counter wrapped
-                        b += int((d / "max_energy_range_uj").read_text())
-                    total += b - a
-                joules, source = total / 1e6, "rapl"
+                try:
+                    total = 0
+                    for d, a, b in zip(self._rapl, self._start, end):
+                        if b < a:   # the counter wrapped
+                            b += int((d / "max_energy_range_uj").read_text())
+                        total += b - a
+                    joules, source = total / 1e6, "rapl"
+                except (OSError, ValueError):   # the wrap's range unreadable: no figure, never a guess
+                    joules, source = None, None
         return EnergyReading(joules, seconds, source, _rss_peak_mb() if self._rss else None)
 
 

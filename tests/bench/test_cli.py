@@ -167,6 +167,13 @@ def test_report_rejects_malformed_records(tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1
 
 
+def test_report_of_a_file_names_the_run_directory_not_a_flag_not_given(tmp_path, capsys):
+    f = tmp_path / "results.jsonl"
+    f.write_text("")
+    code, _, err = run(["report", str(f)], capsys)
+    assert code == 2 and err.startswith("error: run directory:") and "--output-dir" not in err
+
+
 def _write_run(d: Path, scale: float, extra=None):
     d.mkdir()
     with RecordWriter(d / "results.jsonl", "w") as w:

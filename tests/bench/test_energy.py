@@ -30,6 +30,19 @@ def test_rapl_packages_summed_with_wraparound(tmp_path, monkeypatch):
     assert e.watts == pytest.approx(e.joules / e.seconds)
 
 
+def test_a_wrapped_counter_with_an_unreadable_range_gives_no_figure(tmp_path, monkeypatch):
+    """A wrap needs max_energy_range_uj; where it cannot be read the region has no energy figure
+    (never a guess, never an error that costs the config its record)."""
+    monkeypatch.setattr(energy, "RAPL_ROOT", tmp_path)
+    _rapl(tmp_path, 9_000_000)
+    m = EnergyMeter("cpu")
+    m.start()
+    _rapl(tmp_path, 500_000)                                      # wrapped
+    (tmp_path / "intel-rapl:0" / "max_energy_range_uj").unlink()
+    e = m.stop()
+    assert e.joules is None and e.source is None
+
+
 def test_no_counter_no_figure(tmp_path, monkeypatch):
     monkeypatch.setattr(energy, "RAPL_ROOT", tmp_path / "absent")
     m = EnergyMeter("cpu")
