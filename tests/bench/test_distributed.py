@@ -296,7 +296,9 @@ def test_a_killed_rank_loses_only_its_unfinished_configs(killed, single):
     recs = load_run(out)
     by_key = {r.key: r for r in recs}
     # every config has a record (on failure, torchrun's own account of the run: seen empty once in CI)
-    assert set(by_key) == {r.key for r in load_run(single)}, f"rc {p.returncode}\n{p.stderr[-4000:]}"
+    assert set(by_key) == {r.key for r in load_run(single)}, (
+        f"rc {p.returncode}; files {[(f.name, f.stat().st_size) for f in out.iterdir() if f.is_file()]}\n"
+        f"{p.stderr[:3000]}")
     assert len(read_jsonl(out / "results.jsonl")) == 12       # none twice
     first_of_1 = shards[1][0].key(SETTINGS)
     per_rank = _rank_records(out)
