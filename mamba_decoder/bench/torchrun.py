@@ -517,6 +517,12 @@ class Torchrun:
 
         gathered = None
         if failure is None:
+            # Rank 0 merges whatever happens next, so a SIGTERM from here on only waits: torchrun
+            # sends it when it sees a dead peer, often while rank 0 sits in the barrier below (a
+            # C call, which a Python handler cannot interrupt). Raised as the call returns, it
+            # would end rank 0 before the merge with no record written at all.
+            if rank == 0:
+                _defer["depth"] += 1
             try:
                 with _no_interrupt():
                     lines = (rank_file(out, rank).read_text(encoding="utf-8").splitlines()
@@ -530,8 +536,11 @@ class Torchrun:
                 print(f"[rank {rank}] lost the group after its shard: {' '.join(str(e).split())[:300]}",
                       file=sys.stderr)
                 gathered = None
+            finally:
                 if rank == 0:
                     signal.signal(signal.SIGTERM, signal.SIG_IGN)   # merge now; torchrun's stop waits
+                    _defer["depth"] -= 1
+                    _defer["pending"] = False
         return failure, gathered
 
     def _merge(self, s: SweepSettings, out: Path, failure: Optional[str], gathered: Optional[list]) -> Outcome:
