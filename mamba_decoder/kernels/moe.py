@@ -136,21 +136,18 @@ def routed_grouped_onednn(x, weights, indices, w13, w2, cpu_fused: bool = False)
     group) is nothing beside them. Not a loop over small ops: no per-expert nonzero or index_add
     as the reference has. SwiGLU rows in one C pass where `cpu_fused`."""
     T, K = indices.shape
-    flat = indices.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
-    xs = x.index_select(0, order // K)                                             # (T*K, D) by expert
+    order, tok, offs, inverse = _sort_pairs(indices, w13.shape[0])
+    xs = x.index_select(0, tok)                                                    # (T*K, D) by expert
     pair_w = weights.reshape(-1).index_select(0, order)
     y = x.new_empty(T * K, w2.shape[1])
     start = 0
-    for e, n in enumerate(counts):
-        if n:
-            rows = slice(start, start + n)
+    for e, end in enumerate(offs.tolist()):
+        if end > start:
+            rows = slice(start, end)
             h13 = cpu_gemm.linear(xs[rows], w13[e], None, True)                    # (n, 2I)
             h = swiglu_rows(h13, pair_w[rows], cpu=cpu_fused)                      # (n, I), weighted
             y[rows] = cpu_gemm.linear(h, w2[e], None, True)                        # (n, D)
-        start += n
-    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel()))
+        start = end
     return y.index_select(0, inverse).view(T, K, -1).sum(1)
 
 
