@@ -29,7 +29,7 @@ from .registry import NO_MAMBA_MIXER, build_lm, build_model, parameter_counts
 from .results import BenchmarkResult, RecordWriter, UsageError, cpu_model, record_identity
 from .settings import CACHE_KINDS, DTYPES, LEVELS, MODES, Config, SweepSettings, iter_configs  # noqa: F401
 from .energy import EnergyMeter, EnergyReading, energy_fields
-from .timing import calibration_kernel, time_callable, time_interleaved  # noqa: F401
+from .timing import REWARM_BELOW_MS, calibration_kernel, time_callable, time_interleaved  # noqa: F401
 from .workloads import DecodeSession, GraphedForward, TrainStep
 
 MB = 2 ** 20
@@ -283,7 +283,9 @@ def measure_group(cfgs: list[Config], s: SweepSettings, cache: Optional[dict] = 
         timed, calibration = time_interleaved(
             [p.step for p in live], device, warmup=s.warmup, runs=s.runs, min_time_s=s.min_time_s,
             max_runs=[p.max_runs for p in live], calibrate=calibration_kernel(device),
-            around=[(m.start, m.stop) for m in meters])
+            around=[(m.start, m.stop) for m in meters],
+            # a decode session has room for the steps it was sized for: no untimed steps between rounds
+            rewarm_below_ms=0.0 if s.mode == "decode" else REWARM_BELOW_MS)
         out: dict[int, BenchmarkResult] = {}
         for p, t, m in zip(live, timed, meters):
             fields = {k: v for k, v in p.fields.items() if not k.startswith("_")}

@@ -119,6 +119,11 @@ RUNS_PER_ROUND = 2
 # The calibration kernel's spread over a shape's rounds ((max - min) / median) above which the
 # machine's speed drifted enough to warn.
 DRIFT_WARN = 0.25
+# A callable whose warm-up calls took less than this (ms) gets one untimed call before its timed
+# runs in every round: a short call right after another model's (or the calibration kernel's) finds
+# its weights out of cache. Measured on this project's CPU (dim 128, L 128-256, 10 rounds of 2): the
+# first run of a round 10-25% slower than the second for Regular Mamba, which biased its ratios.
+REWARM_BELOW_MS = 20.0
 
 
 @dataclass
@@ -147,11 +152,17 @@ def time_interleaved(fns: Sequence[Callable[[], Any]], device: torch.device | st
                      max_runs: Sequence[int] | int = 10_000, runs_per_round: int = RUNS_PER_ROUND,
                      calibrate: Optional[Callable[[], float]] = None,
                      around: Optional[Sequence[tuple[Callable[[], None], Callable[[], None]]]] = None,
+                     rewarm_below_ms: float = 0.0,
                      ) -> tuple[list[Timed], list[float]]:
     """Time several callables round robin: warm each up, then in each round take `runs_per_round`
     timed runs of each in turn, until each has `runs` samples (and, with `min_time_s`, timed runs
     adding up to that many seconds, capped by its `max_runs`). A slow period of the machine then
-    hits every callable alike, and ratios can be paired by round.
+    hits every callable alike, and ratios can be paired by round. Round r starts with callable
+    r mod n, so none is always the first after the calibration kernel.
+
+    `rewarm_below_ms` > 0: a callable whose warm-up calls averaged less than that gets one untimed
+    call right before its timed runs in each round (its caches warm again after the others ran), so
+    an interleaved sample measures the same warm steady state as a block of runs does.
 
     `calibrate()` (e.g. `calibration_kernel`) runs before each round; its values are returned.
     `around[i]` = (start, stop) is called before and after each block of callable i's timed runs
@@ -164,14 +175,17 @@ def time_interleaved(fns: Sequence[Callable[[], Any]], device: torch.device | st
     caps = [max_runs] * len(fns) if isinstance(max_runs, int) else list(max_runs)
     out = [Timed([], []) for _ in fns]
     device = torch.device(device)
-    for f, t in zip(fns, out):
+    rewarm = [False] * len(fns)
+    for i, (f, t) in enumerate(zip(fns, out)):
         try:
+            t0 = time.perf_counter()
             for _ in range(warmup):
                 f()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            rewarm[i] = warmup > 0 and (time.perf_counter() - t0) * 1e3 / warmup < rewarm_below_ms
         except Exception as e:  # noqa: BLE001 -- this callable's failure, not the others'
             t.error = e
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
     calibration: list[float] = []
 
     def todo(t: Timed, cap: int) -> int:
@@ -187,11 +201,15 @@ def time_interleaved(fns: Sequence[Callable[[], Any]], device: torch.device | st
     while any(todo(t, c) for t, c in zip(out, caps)):
         if calibrate is not None:
             calibration.append(calibrate())
-        for i, (f, t, c) in enumerate(zip(fns, out, caps)):
+        n = len(fns)
+        for i in [(rnd + j) % n for j in range(n)]:
+            f, t, c = fns[i], out[i], caps[i]
             k = todo(t, c)
             if not k:
                 continue
             try:
+                if rewarm[i]:
+                    f()
                 if around is not None:
                     around[i][0]()
                 got = time_callable(f, device, warmup=0, runs=k)

@@ -125,10 +125,34 @@ def test_time_interleaved_is_round_robin_with_calibration_between_rounds():
     fns = [lambda n=n: log.append(n) for n in "ab"]
     timed, cal = time_interleaved(fns, warmup=2, runs=5, runs_per_round=2,
                                   calibrate=lambda: log.append("cal") or 1.0)
-    assert log == ["a", "a", "b", "b"] + ["cal", "a", "a", "b", "b"] * 2 + ["cal", "a", "b"]
+    # each round starts one callable further on: none is always the first after the calibration
+    assert log == ["a", "a", "b", "b"] + ["cal", "a", "a", "b", "b"] + ["cal", "b", "b", "a", "a"] + ["cal", "a", "b"]
     assert cal == [1.0, 1.0, 1.0]
     for t in timed:
         assert t.error is None and len(t.samples) == 5 and t.rounds == [0, 0, 1, 1, 2]
+
+
+def test_time_interleaved_rewarms_short_calls_each_round_and_not_long_ones():
+    import time as _time
+
+    from mamba_decoder.bench.timing import time_interleaved
+
+    log = []
+
+    def short():
+        log.append("s")
+
+    def long():
+        log.append("l")
+        _time.sleep(0.03)
+    timed, _ = time_interleaved([short, long], warmup=1, runs=4, runs_per_round=2, rewarm_below_ms=20.0,
+                                calibrate=lambda: log.append("|") or 1.0)
+    # warm-up s, l; round 0: s (untimed) s s, l l; round 1 starts with l: l l, s (untimed) s s
+    assert log == ["s", "l", "|", "s", "s", "s", "l", "l", "|", "l", "l", "s", "s", "s"]
+    assert [len(t.samples) for t in timed] == [4, 4]
+    log.clear()
+    time_interleaved([short], warmup=0, runs=2, runs_per_round=1, rewarm_below_ms=20.0)
+    assert log == ["s", "s"]   # no warm-up asked for: no untimed calls either
 
 
 def test_time_interleaved_keeps_going_without_the_one_that_fails():
