@@ -115,12 +115,14 @@ def _execute(s: SweepSettings, launcher: Launcher, o: Output) -> Outcome:
         if o.verbose:
             print(report.banner(s.device, s.dim, s.sequence_lengths, s.batch_sizes, backends=s.backends,
                                 dtypes=s.dtypes, threads=torch.get_num_threads(),
-                                kernels=banner_kernels(s)), flush=True)
+                                kernels=banner_kernels(s), width=report.console_width()), flush=True)
             for line in plan.banner:
-                print(line, flush=True)
+                print(report.fit_line(line, report.console_width(), sep=" "), flush=True)
             if s.sizes:   # --preset / --model-config / the size flags: what the blocks were built with
-                print("Block sizes: " + ", ".join(f"{k}={v[0] if len(v) == 1 else v}" for k, v in s.sizes.items())
-                      + " (the rest at the suite's defaults; each record's block_config has them all)", flush=True)
+                print(report.fit_line("Block sizes: " + ", ".join(f"{k}={v[0] if len(v) == 1 else v}"
+                                                                  for k, v in s.sizes.items())
+                                      + " (the rest at the suite's defaults; each record's block_config has them all)",
+                                      report.console_width(), sep=" "), flush=True)
         if o.dir is not None:
             env = dict(environment(s.device, torch.get_num_threads()),
                        command_line=list(o.command if o.command is not None else sys.argv),
@@ -153,8 +155,9 @@ def _execute(s: SweepSettings, launcher: Launcher, o: Output) -> Outcome:
             except OSError as e:
                 raise OutputWriteError(getattr(e, "filename", None) or o.dir, e) from None
         if o.dir is not None:
-            print(f"\nrecords: {o.dir / JSONL_NAME}, {o.dir / CSV_NAME}; environment: {o.dir / ENV_NAME}; "
-                  f"{outcome.closing}{len(paths)} plots in {o.dir}")
+            print("\n" + report.fit_line(f"records: {o.dir / JSONL_NAME}, {o.dir / CSV_NAME}; environment: "
+                                         f"{o.dir / ENV_NAME}; {outcome.closing}{len(paths)} plots in {o.dir}",
+                                         report.console_width(), sep="; "))
     if outcome.error:
         print(outcome.error, file=sys.stderr)
     return outcome

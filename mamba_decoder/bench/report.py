@@ -8,7 +8,9 @@ import base64
 import html
 import json
 import math
+import os
 import re
+import shutil
 import sys
 import textwrap
 from collections import defaultdict
@@ -28,11 +30,77 @@ RULE = "=" * 100
 NAME_WIDTH = 26   # the spec's lines align '|' at column 27
 
 
+def console_width(file=None) -> Optional[int]:
+    """The columns a console line may take: the terminal's width ($COLUMNS overrides it, as
+    `shutil.get_terminal_size` reads it) when `file` (stdout) is a terminal; None (no limit: the
+    spec's one-line format) for a pipe or a file, so logs and parsers keep every config on one line.
+    ($COLUMNS alone is not enough: a parent that loaded GNU readline exports it to every child.)"""
+    out = file or sys.stdout
+    try:
+        tty = out.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    return shutil.get_terminal_size().columns if tty else None
+
+
+def fit_line(line: str, width: Optional[int], sep: str = " | ", indent: str = "    ") -> str:
+    """`line` as is if it fits `width`, else broken at its `sep` separators into lines of at most
+    `width` columns (continuations indented), so a narrow terminal does not wrap it mid-field; a
+    field longer than a line is wrapped by words."""
+    if width is None or len(line) <= width:
+        return line
+    parts = line.split(sep)
+    lines, cur = [], parts[0]
+    for part in parts[1:]:
+        if len(cur) + len(sep) + len(part) <= width:
+            cur += sep + part
+        else:
+            lines.append(cur)
+            cur = indent + part
+    lines.append(cur)
+    out = []
+    for ln in lines:
+        out += textwrap.wrap(ln, width, subsequent_indent=indent, break_on_hyphens=False) if len(ln) > width else [ln]
+    return "\n".join(out)
+
+
+def fit_table(table: str, width: Optional[int], keep: int = 3) -> str:
+    """A table from `_table` (header, rule, rows; columns two spaces apart) that is wider than
+    `width`, split into several tables of at most `width` columns, each repeating the first `keep`
+    columns (which config a row is). Unchanged when it fits or `width` is None."""
+    lines = table.split("\n")
+    if width is None or len(lines) < 2 or max(map(len, lines)) <= width:
+        return table
+    # column spans from the rule line ("-----  ---  ...")
+    spans = [(m.start(), m.end()) for m in re.finditer(r"-+", lines[1])]
+    if len(spans) <= keep:
+        return table
+    cut = [(spans[i][0], spans[i + 1][0] if i + 1 < len(spans) else max(map(len, lines)))
+           for i in range(len(spans))]
+    key = cut[:keep]
+    key_w = key[-1][1] if key else 0
+    groups, cur, used = [], [], key_w
+    for c in cut[keep:]:
+        w = c[1] - c[0]
+        if cur and used + w > width:
+            groups.append(cur)
+            cur, used = [], key_w
+        cur.append(c)
+        used += w
+    groups.append(cur)
+    out = []
+    for g in groups:
+        out.append("\n".join((ln[:key_w] + "".join(ln[a:b] for a, b in g)).rstrip() for ln in lines))
+    return "\n\n".join(out)
+
+
 def banner(device: str, dim: int, sequence_lengths: Sequence[int], batch_sizes: Sequence[int],
            *, backends: Sequence[str] = (), dtypes: Sequence[str] = (), threads: Optional[int] = None,
-           kernels: Optional[dict[str, dict[str, str]]] = None) -> str:
-    """The spec's banner, then what this run adds: backend, dtype, threads and kernels per model."""
-    lines = [RULE, "COMPREHENSIVE BENCHMARKING SUITE", RULE,
+           kernels: Optional[dict[str, dict[str, str]]] = None, width: Optional[int] = None) -> str:
+    """The spec's banner, then what this run adds: backend, dtype, threads and kernels per model
+    (`width`: the console's columns, `console_width`; None keeps the spec's 100-column rules)."""
+    rule = RULE[:width] if width else RULE
+    lines = [rule, "COMPREHENSIVE BENCHMARKING SUITE", rule,
              f"Device: {device}",
              f"Model Dimension: {dim}",
              f"Sequence Lengths: {list(sequence_lengths)}",
@@ -44,8 +112,8 @@ def banner(device: str, dim: int, sequence_lengths: Sequence[int], batch_sizes: 
     if threads is not None:
         lines.append(f"CPU Threads: {threads}")
     for label, k in (kernels or {}).items():
-        lines.append(f"Kernels {label}: " + ", ".join(f"{op}={impl}" for op, impl in k.items()))
-    lines += [RULE, ""]
+        lines.append(_wrap(f"Kernels {label}: " + ", ".join(f"{op}={impl}" for op, impl in k.items()), width))
+    lines += [rule, ""]
     return "\n".join(lines)
 
 
@@ -114,18 +182,28 @@ def console_printer(multi: bool, file=None, sizes: Sequence[str] = ()):
         if label and label != last[1]:
             last[1] = label
             tqdm.write(f"--- {label} ---", file=out)
-        tqdm.write(format_line(r), file=out)
+        tqdm.write(fit_line(format_line(r), console_width(out)), file=out)
         out.flush()
     return show
 
 
-def _table(header: Sequence[str], rows: Iterable[Sequence[str]], align: str) -> str:
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]], align: str, width: Optional[int] = None) -> str:
+    """Columns two spaces apart under a header and a rule; split to fit `width` (`fit_table`)."""
     rows = [list(map(str, r)) for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
 
     def fmt(cells):
         return "  ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(cells, widths, align))
-    return "\n".join([fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows])
+    return fit_table("\n".join([fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows]), width)
+
+
+def _wrap(line: str, width: Optional[int]) -> str:
+    """Lines of prose wrapped to `width` (continuations indented); as is when `width` is None."""
+    if "\n" in line:
+        return "\n".join(_wrap(ln, width) for ln in line.split("\n"))
+    if width is None or len(line) <= width:
+        return line
+    return "\n".join(textwrap.wrap(line, width, subsequent_indent="  ", break_on_hyphens=False))
 
 
 def _label(r: BenchmarkResult, many: bool, modes: bool = False, variants: bool = False, sizes=()) -> str:
@@ -138,7 +216,7 @@ def _opt(v: Optional[float], fmt: str, scale: float = 1.0) -> str:
     return "n/a" if v is None else format(v * scale, fmt)
 
 
-def summary_table(results: Sequence[BenchmarkResult]) -> str:
+def summary_table(results: Sequence[BenchmarkResult], width: Optional[int] = None) -> str:
     """One row per record. Where the records carry them, compute columns (TFLOP/s, MFU in percent
     of the device's dense peak; on the CPU of the GEMM rate probed beside the config) for forward and train records, and memory-traffic columns (GB/s,
     prefill ms, cache MiB) for decode records; a record of the other kind shows "-" there."""
@@ -178,7 +256,7 @@ def summary_table(results: Sequence[BenchmarkResult]) -> str:
         + ["GB/s", "Prefill ms", "Cache MiB"] * decode + ["mJ/token", "Avg W"] * energy + ["Params tot/act", "Status"]
     if decode and not modes:
         header[1] = "Context"   # decode: the context each generated token follows
-    return "SUMMARY\n" + _table(header, rows, "l" + "r" * (len(header) - 2) + "l")
+    return "SUMMARY\n" + _table(header, rows, "l" + "r" * (len(header) - 2) + "l", width)
 
 
 def baseline_for(results: Sequence[BenchmarkResult]) -> str:
@@ -255,7 +333,8 @@ NOISY_NOTE = (f"{NOISY_MARK} noisy: the 95% interval crosses 1 or a config has a
               f"(IQR > {HIGH_SPREAD:.0%} of median)")
 
 
-def comparison_table(results: Sequence[BenchmarkResult], baseline: Optional[str] = None) -> str:
+def comparison_table(results: Sequence[BenchmarkResult], baseline: Optional[str] = None,
+                     width: Optional[int] = None) -> str:
     baseline = baseline or baseline_for(results)
     pairs = speedup_ratios(results, baseline)
     if not pairs or not any(r.model_name == baseline for r in results):
@@ -270,12 +349,12 @@ def comparison_table(results: Sequence[BenchmarkResult], baseline: Optional[str]
     lines = [f"COMPARISON vs {baseline}: speedup = median({baseline} latency / model latency)"
              + (" per round" if paired else ""),
              "(> 1 is faster; [95% interval], bootstrap over " + ("rounds)" if paired else "samples)"),
-             _table(["Model", "SeqLen", "Batch", "Speedup", "95% CI", ""], rows, "lrrrrl")]
+             _table(["Model", "SeqLen", "Batch", "Speedup", "95% CI", ""], rows, "lrrrrl", width)]
     if any(noisy for _, _, noisy in pairs):
         lines.append(NOISY_NOTE)
     for lab, (g, n) in geomean_speedups(results, baseline, lambda r: _label(r, many, sizes=sizes)).items():
         lines.append(f"geometric mean speedup, {lab}: {format_ratio(g)} over {n} configs")
-    return "\n".join(lines)
+    return "\n".join(_wrap(ln, width) for ln in lines)
 
 
 def backend_ratios(results: Sequence[BenchmarkResult]) -> list[tuple[BenchmarkResult, BenchmarkResult, Ratio, bool]]:
@@ -288,7 +367,7 @@ def backend_ratios(results: Sequence[BenchmarkResult]) -> list[tuple[BenchmarkRe
     return out
 
 
-def backend_table(results: Sequence[BenchmarkResult]) -> str:
+def backend_table(results: Sequence[BenchmarkResult], width: Optional[int] = None) -> str:
     """The fast backend against the run's other backends, config by config, and the geometric
     mean per model and backend; "" when the run has one backend (or no fast records)."""
     pairs = backend_ratios(results)
@@ -302,7 +381,7 @@ def backend_table(results: Sequence[BenchmarkResult]) -> str:
     lines = [f"BACKENDS: latency ratio = median({REFERENCE_SIDE} latency / other backend's latency)"
              + (" per round" if paired else ""),
              f"(< 1: {REFERENCE_SIDE} is faster; [95% interval])",
-             _table(["Model", "vs", "Dtype", "SeqLen", "Batch", "Ratio", "95% CI"], rows, "llllrrr")]
+             _table(["Model", "vs", "Dtype", "SeqLen", "Batch", "Ratio", "95% CI"], rows, "llllrrr", width)]
     if any(noisy for *_, noisy in pairs):
         lines.append(NOISY_NOTE)
     parts: dict[tuple, list] = defaultdict(list)
@@ -313,7 +392,7 @@ def backend_table(results: Sequence[BenchmarkResult]) -> str:
     for (model, other), v in parts.items():
         lines.append(f"geometric mean {REFERENCE_SIDE} / {other}, {model}: {format_ratio(geomean_ratio(v))} "
                      f"over {len(v)} configs")
-    return "\n".join(lines)
+    return "\n".join(_wrap(ln, width) for ln in lines)
 
 
 def noise_warnings(results: Sequence[BenchmarkResult], env: Optional[dict] = None) -> list[str]:
@@ -350,10 +429,12 @@ def wrap80(line: str) -> str:
 
 def print_summary_table(results: Sequence[BenchmarkResult], file=None) -> None:
     out = file or sys.stdout
-    print("\n" + RULE, file=out)
-    print(summary_table(results), file=out)
-    print("\n" + comparison_table(results), file=out)
-    if table := backend_table(results):
+    width = console_width(out)
+    rule = RULE[:width] if width else RULE
+    print("\n" + rule, file=out)
+    print(summary_table(results, width), file=out)
+    print("\n" + comparison_table(results, width=width), file=out)
+    if table := backend_table(results, width):
         print("\n" + table, file=out)
     failed = [r for r in results if not r.ok]
     if failed:
@@ -362,7 +443,7 @@ def print_summary_table(results: Sequence[BenchmarkResult], file=None) -> None:
                                              ("skipped", "skipped"))
                            if st not in ("skipped", "timeout") or any(r.status == st for r in failed))
         print(f"\n{len(failed)} of {len(results)} configs failed or were skipped ({counts})", file=out)
-    print(RULE, file=out)
+    print(rule, file=out)
 
 
 # ---------------------------------------------------------------- compare two saved runs

@@ -210,7 +210,7 @@ def test_run_benchmark_script_and_spec_snippet(tmp_path):
                           "--seq-lens", "8", "--batch-sizes", "1", "--no-plots", "--output-dir",
                           str(tmp_path / "rb")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert sum(bool(LINE_RE.match(ln)) for ln in out.stdout.splitlines()) == 1
+    assert sum(bool(LINE_RE.match(ln)) for ln in out.stdout.splitlines()) == 1, out.stdout
     bad = subprocess.run([sys.executable, "run_benchmark.py", "--dim", "0"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "Traceback" not in bad.stderr
@@ -328,3 +328,22 @@ def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path, capsys):
     code, _, err = run(["run", *argv, "--models", "Regular Mamba", "--seq-lens", "8", "--batch-sizes", "1",
                         "--no-plots", "--output-dir", str(tmp_path / "o")], capsys)
     assert code == 0 and "config/s" not in err and "\r" not in err
+
+
+def test_every_console_line_fits_80_columns_when_the_terminal_has_80(tmp_path, capsys, monkeypatch):
+    """Issue 14: lines that survive an 80-column terminal (stdout a terminal of 80 columns: the
+    width as shutil reads it, $COLUMNS first); on a pipe or a file the spec's lines stay whole."""
+    import sys as _sys
+    argv = ["run", *TINY, "--backend", "fast", "reference", "--no-plots"]
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setattr(_sys.stdout, "isatty", lambda: True)
+    code, out, err = run([*argv, "--output-dir", str(tmp_path / "narrow")], capsys)
+    assert code == 0, err
+    long = [ln for ln in (out + err).splitlines() if len(ln) > 80]
+    assert not long, long
+    assert "Throughput:" in out and "Params tot/act" in out and "95% CI" in out   # nothing dropped
+    monkeypatch.undo()                       # a pipe, $COLUMNS set or not: one line per config
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out, err = run([*argv, "--output-dir", str(tmp_path / "wide")], capsys)
+    lines = [ln for ln in out.splitlines() if "| SeqLen:" in ln]
+    assert code == 0 and len(lines) == 24 and all(LINE_RE.match(ln) for ln in lines)   # 12 configs x 2 backends
