@@ -95,13 +95,14 @@ class MoE(KimiMoE):
         same Parameter objects: optimizers and state-dict keys see no change) at its view; the
         values are unchanged, so either backend may pack. Done at construction and after `_apply`
         (`.to`, `.cuda()`, `.half()` give each parameter its own storage); the experts' weights
-        must share a dtype and device (else nothing is packed). Returns whether it packed.
-        `packed_weights` tells whether the packing still holds."""
+        must share a dtype and device (else nothing is packed). While it copies, the parameters'
+        own storage and the packed tensors are both alive: twice the expert weights, briefly.
+        Returns whether it packed; `packed_weights` tells whether the packing still holds."""
         self.__dict__.pop(_PACKED, None)
         params = _expert_params(self._all_experts())
         w1, w2 = params[0], params[1]
-        if any(p.dtype != w1.dtype or p.device != w1.device or p.shape != w1.shape for p in params[0::3] + params[2::3]) \
-                or any(p.dtype != w1.dtype or p.device != w1.device or p.shape != w2.shape for p in params[1::3]):
+        if any((p.dtype, p.device, p.shape) != (w1.dtype, w1.device, (w2 if i % 3 == 1 else w1).shape)
+               for i, p in enumerate(params)):
             return False
         (I, D), n = w1.shape, len(params) // 3
         with torch.no_grad():
@@ -112,7 +113,6 @@ class MoE(KimiMoE):
                 w13[e, :I].copy_(p1)
                 w13[e, I:].copy_(p3)
                 w2s[e].copy_(p2)
-                # one expert at a time: its own storage is freed as it moves
                 p1.data, p2.data, p3.data = w13[e, :I], w2s[e], w13[e, I:]
         self.__dict__[_PACKED] = (w13, w2s, _packed_addresses(w13, w2s))
         return True
