@@ -161,10 +161,11 @@ class _RoutedGroupedTrain(torch.autograd.Function):
     (`swiglu_rows`, `swiglu_rows_bwd`), the weight gradients are grouped GEMMs over the sorted rows
     (ragged K), and the scatters of autograd's index_select backward (atomic adds) become
     gathers by the inverse permutation and a sum over each token's K slots. Saves h13 (M, 2I)
-    and the sort; the gathered tokens xs are gathered again in the backward."""
+    and the sort; the gathered tokens xs are gathered again in the backward. The weights in the
+    (E, 2I, D) / (E, D, I) layout: the caller's packed ones, else stacked here."""
 
     @staticmethod
-    def forward(ctx, x, weights, indices, n_always_on, triton, *params):
+    def forward(ctx, x, weights, indices, n_always_on, triton, packed, *params):
         n = len(params) // 3
         w1s, w2s, w3s = params[:n], params[n:2 * n], params[2 * n:]
         T, K = indices.shape
@@ -173,21 +174,29 @@ class _RoutedGroupedTrain(torch.autograd.Function):
             indices = torch.cat([indices, on], dim=1)
             weights = torch.cat([weights, weights.new_ones(T, n_always_on)], dim=1)
         order, tok, offs, inverse = _sort_pairs(indices, n)
-        w13 = torch.stack([w for pair in zip(w1s, w3s) for w in pair])              # (2E, I, D)
-        w13 = w13.view(n, 2 * w13.shape[1], w13.shape[2])                          # (E, 2I, D) = [w1_e; w3_e]
-        w2 = torch.stack(w2s)                                                      # (E, D, I)
+        if packed is None:
+            w13 = torch.stack([w for pair in zip(w1s, w3s) for w in pair])          # (2E, I, D)
+            w13 = w13.view(n, 2 * w13.shape[1], w13.shape[2])                      # (E, 2I, D) = [w1_e; w3_e]
+            w2 = torch.stack(w2s)                                                  # (E, D, I)
+            versioned = ()
+        else:
+            # the parameters are views of these: saved too, so that an in-place update of one
+            # before the backward raises autograd's error (the packed tensors have their own
+            # version counters) instead of a backward through other weights
+            w13, w2 = packed
+            versioned = params
         xs = x.index_select(0, tok)                                                # (M, D), M = T*K'
         h13 = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs)                # (M, 2I)
         pw = weights.reshape(-1).index_select(0, order).to(h13.dtype)             # (M,)
         h = swiglu_rows(h13, pw, triton)                                           # (M, I), weighted
         y = torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)                    # (M, D)
-        ctx.save_for_backward(x, h13, pw, tok, offs, inverse, w13, w2)
+        ctx.save_for_backward(x, h13, pw, tok, offs, inverse, w13, w2, *versioned)
         ctx.K, ctx.n, ctx.triton, ctx.wdtype = K, n, triton, weights.dtype
         return y.index_select(0, inverse).view(T, -1, y.shape[1]).sum(1)
 
     @staticmethod
     def backward(ctx, dout):
-        x, h13, pw, tok, offs, inverse, w13, w2 = ctx.saved_tensors
+        x, h13, pw, tok, offs, inverse, w13, w2 = ctx.saved_tensors[:8]
         T, I = x.shape[0], h13.shape[1] // 2
         dy = dout.to(h13.dtype).index_select(0, tok)                               # (M, D)
         dh = torch._grouped_mm(dy, w2, offs=offs)                                  # (M, I)
@@ -198,16 +207,22 @@ class _RoutedGroupedTrain(torch.autograd.Function):
         dx = dxs.index_select(0, inverse).view(T, -1, dxs.shape[1]).sum(1)
         dweights = dpw.index_select(0, inverse).view(T, -1)[:, :ctx.K].to(ctx.wdtype)
         n = ctx.n
-        return (dx, dweights, None, None, None, *(dw13[e, :I] for e in range(n)),
+        # views of one dw13 / dw2 in the parameters' layout: autograd's AccumulateGrad takes them
+        # as the .grad (no copy) where that is None (tests/models/test_moe_packing.py)
+        return (dx, dweights, None, None, None, None, *(dw13[e, :I] for e in range(n)),
                 *(dw2[e] for e in range(n)), *(dw13[e, I:] for e in range(n)))
 
 
-def routed_grouped_train(x, weights, indices, w1s, w2s, w3s, n_always_on: int = 0, triton: bool = False):
+def routed_grouped_train(x, weights, indices, w1s, w2s, w3s, n_always_on: int = 0, triton: bool = False,
+                         packed: tuple[torch.Tensor, torch.Tensor] | None = None):
     """`routed_grouped` for training (the same function; `_RoutedGroupedTrain`'s backward): the
     experts' weights as lists of their (I, D), (D, I), (I, D) parameters, the last `n_always_on`
     of them on every token with weight 1. `triton` (the policy's moe_swiglu_train) runs the
-    SwiGLU's forward and backward as Triton passes."""
-    return _RoutedGroupedTrain.apply(x, weights, indices, n_always_on, triton, *w1s, *w2s, *w3s)
+    SwiGLU's forward and backward as Triton passes. `packed` = (w13 (E, 2I, D), w2 (E, D, I)),
+    where the parameters are views of them (w1s[e] = w13[e, :I], w3s[e] = w13[e, I:], w2s[e] =
+    w2[e]: the MoE's packed storage), is used as it is; without it the weights are stacked into
+    that layout every step (a copy of them all, saved for the backward)."""
+    return _RoutedGroupedTrain.apply(x, weights, indices, n_always_on, triton, packed, *w1s, *w2s, *w3s)
 
 
 # "dense-small": at most this many tokens, every expert runs on every token as two plain GEMMs

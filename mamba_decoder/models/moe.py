@@ -7,6 +7,11 @@ the same gate math and applies the experts through `kernels.moe` with no host sy
 over the sorted (token, expert) pairs, or for few tokens (decoding, small prefills) "dense-small",
 every expert (the shared one folded in) on every token in two GEMMs weighted by a dense gate,
 with the routing itself done inside the gate's pass on CUDA (`kernels.moe.scored_swiglu`).
+
+The experts' weights live in two packed tensors (`MoE.pack_experts`), each expert's nn.Linear
+weights views of them, so the grouped paths read them with no stacked copy: at DeepSeek-V3's
+sizes (22.6 GB of bf16 expert weights) a copy per train step, saved for the backward, is what
+kept a step off an 80 GB GPU. The state dict is open_kimi's all the same.
 """
 from __future__ import annotations
 
@@ -28,6 +33,17 @@ def _expert_params(experts) -> list[torch.Tensor]:
     return [e._modules[n]._parameters["weight"] for e in experts for n in ("w1", "w2", "w3")]
 
 
+def _packed_addresses(w13: torch.Tensor, w2: torch.Tensor) -> list[int]:
+    """The data_ptr()s of [w1, w2, w3 of expert 0, ...] when they are views of the packed w13
+    (E', 2I, D) (w1 = w13[e, :I], w3 = w13[e, I:]) and w2 (E', D, I)."""
+    s13, s2 = w13.stride(0) * w13.element_size(), w2.stride(0) * w2.element_size()
+    b13, b2, half = w13.data_ptr(), w2.data_ptr(), w13.stride(1) * (w13.shape[1] // 2) * w13.element_size()
+    return [a for e in range(w13.shape[0]) for a in (b13 + e * s13, b2 + e * s2, b13 + e * s13 + half)]
+
+
+_PACKED = "_packed_experts"   # the MoE's __dict__ entry: (w13, w2, their _packed_addresses)
+
+
 class MoE(KimiMoE):
     """open_kimi's MoE with a backend; its arguments are validated as a MoEConfig (`.config`)."""
 
@@ -42,6 +58,7 @@ class MoE(KimiMoE):
         self.config = config
         self.backend = check_backend(backend)
         self.policy = policy or DEFAULT_POLICY
+        self.pack_experts()
 
     @classmethod
     def from_config(cls, cfg: MoEConfig, backend: str = DEFAULT_BACKEND,
@@ -72,9 +89,93 @@ class MoE(KimiMoE):
         g = self.gate
         return g.adaptive_bias if g.use_adaptive_bias and g.adaptive_bias is not None else None
 
+    def pack_experts(self) -> bool:
+        """Move the weights of `_all_experts()` into two packed tensors, w13 (E', 2I, D) holding
+        each expert's [w1; w3] and w2 (E', D, I), and point each expert's w1/w2/w3 weight (the
+        same Parameter objects: optimizers and state-dict keys see no change) at its view; the
+        values are unchanged, so either backend may pack. Done at construction and after `_apply`
+        (`.to`, `.cuda()`, `.half()` give each parameter its own storage); the experts' weights
+        must share a dtype and device (else nothing is packed). While it copies, the parameters'
+        own storage and the packed tensors are both alive: twice the expert weights, briefly.
+        Returns whether it packed; `packed_weights` tells whether the packing still holds."""
+        self.__dict__.pop(_PACKED, None)
+        params = _expert_params(self._all_experts())
+        w1, w2 = params[0], params[1]
+        if any((p.dtype, p.device, p.shape) != (w1.dtype, w1.device, (w2 if i % 3 == 1 else w1).shape)
+               for i, p in enumerate(params)):
+            return False
+        (I, D), n = w1.shape, len(params) // 3
+        with torch.no_grad():
+            w13 = torch.empty(n, 2 * I, D, dtype=w1.dtype, device=w1.device)
+            w2s = torch.empty(n, D, I, dtype=w1.dtype, device=w1.device)
+            for e in range(n):
+                p1, p2, p3 = params[3 * e:3 * e + 3]
+                w13[e, :I].copy_(p1)
+                w13[e, I:].copy_(p3)
+                w2s[e].copy_(p2)
+                p1.data, p2.data, p3.data = w13[e, :I], w2s[e], w13[e, I:]
+        self.__dict__[_PACKED] = (w13, w2s, _packed_addresses(w13, w2s))
+        return True
+
+    def packed_weights(self, params: Optional[list] = None) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """The packed (w13, w2) of `pack_experts` while every expert weight in `params` (default:
+        those of `_all_experts()`) is still its view there, else None: anything that gave a
+        weight other storage (`p.data = ...`, a new Parameter, `load_state_dict(assign=True)`)
+        breaks the packing, and the experts are stacked from the parameters again (a copy) until
+        `pack_experts()`. One data_ptr() read per weight, no copies: per forward."""
+        packed = self.__dict__.get(_PACKED)
+        if packed is None:
+            return None
+        w13, w2, addresses = packed
+        if addresses[:1] != [w13.data_ptr()] or addresses[1:2] != [w2.data_ptr()]:
+            # their storage moved in place (share_memory_): the views moved with it
+            addresses = _packed_addresses(w13, w2)
+            self.__dict__[_PACKED] = (w13, w2, addresses)
+        if params is None:
+            params = _expert_params(self._all_experts())
+        return (w13, w2) if [p.data_ptr() for p in params] == addresses else None
+
+    def _apply(self, fn, recurse=True):
+        """nn.Module._apply (`.to`, `.cuda()`, `.half()`, ...), then the experts packed again
+        where the conversion gave them their own storage (not after one that kept it, such as
+        `.to` to the same dtype or `share_memory()`)."""
+        super()._apply(fn, recurse)
+        if self.packed_weights() is None:
+            self.pack_experts()
+        return self
+
+    def __getstate__(self):
+        """Without the packed tensors: deepcopy and pickle copy each parameter on its own (a
+        Parameter's deepcopy clones its data), and `__setstate__` packs them again."""
+        state = super().__getstate__()
+        state.pop(_PACKED, None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "experts" in self._modules:
+            self.pack_experts()
+
+    def _packed_views(self, params: list) -> Optional[tuple[torch.Tensor, ...]]:
+        """(w1, w2, w3, w13) over `_all_experts()` as views of the packed tensors (`params` their
+        weights), where those serve: the packing holds and no gradient has to reach the
+        parameters through them (autograd sees the packed tensors as constants). Else None."""
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return None
+        packed = self.packed_weights(params)
+        if packed is None:
+            return None
+        w13, w2 = packed
+        I = w13.shape[1] // 2
+        return w13[:, :I], w2, w13[:, I:], w13
+
     def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(w1, w2, w3) of the routed experts stacked to (E, I, D), (E, D, I), (E, I, D): rebuilt
-        every call with autograd on, else cached (models/derived.py)."""
+        """(w1, w2, w3) of the routed experts stacked to (E, I, D), (E, D, I), (E, I, D): views of
+        the packed tensors where `_packed_views` serve, else rebuilt every call with autograd on
+        and cached otherwise (models/derived.py)."""
+        views = self._packed_views(_expert_params(self._all_experts()))
+        if views is not None:
+            return tuple(w[:self.n_experts] for w in views[:3])
         params = _expert_params(self.experts)
         return derived(self, "stacked", params, lambda: tuple(torch.stack(params[i::3]) for i in range(3)))
 
@@ -85,10 +186,14 @@ class MoE(KimiMoE):
     def grouped_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(w1, w2, w3, w13) of kernels.moe.routed_grouped over `_all_experts()` (the shared
         expert runs as expert E on every token, weight 1). w13 (E', 2I, D) holds each expert's
-        [w1; w3]; w1 and w3 are views of it, and dense-small reads the same storage: the cache
-        holds one copy of the w1/w3 weights (and w2 twice, in two layouts)."""
+        [w1; w3]; w1 and w3 are views of it. Where packed, views of the packed tensors
+        (`_packed_views`: nothing copied or cached); else stacked from the parameters, cached in
+        inference, and dense-small reads the same w13 storage."""
         experts = self._all_experts()
         params = _expert_params(experts)
+        views = self._packed_views(params)
+        if views is not None:
+            return views
 
         def build():
             w13 = torch.stack([torch.cat([e.w1.weight, e.w3.weight]) for e in experts])
@@ -103,9 +208,16 @@ class MoE(KimiMoE):
 
     def dense_small_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(W13, W2) of kernels.moe.routed_dense_small over `_all_experts()`: W13 is the grouped
-        w13 seen as (E' * 2I, D); W2 (D, E' * I) the w2's side by side. One cache entry (one
-        check of the expert weights per forward: decoding steps count host time)."""
+        w13 seen as (E' * 2I, D); W2 (D, E' * I) the w2's side by side. Where packed, W13 is the
+        packed w13 itself and W2 (another layout) a cached copy of the w2's, kept for dense-small
+        only; else one cache entry for both. One check of the expert weights per forward either
+        way (decoding steps count host time)."""
         params = _expert_params(self._all_experts())
+        views = self._packed_views(params)
+        if views is not None:
+            w2s = params[1::3]
+            return (views[3].view(-1, views[3].shape[-1]),
+                    derived(self, "dense_small_w2", w2s, lambda: torch.cat(w2s, dim=1)))
 
         def build():
             w13 = self.grouped_weights()[3]
@@ -140,11 +252,11 @@ class MoE(KimiMoE):
         impl = d.moe
         if impl == "grouped_mm" and training:
             # training: one autograd Function with its own backward (kernels.moe); the shared
-            # expert joins the grouped GEMMs where it folds in
+            # expert joins the grouped GEMMs where it folds in; packed weights go in as they are
             fold = self.folds_shared_expert()
             params = _expert_params(self._all_experts())
             out = moe_kernels.routed_grouped_train(x_flat, w, idx, params[0::3], params[1::3], params[2::3],
-                                                   int(fold), d.moe_swiglu_train)
+                                                   int(fold), d.moe_swiglu_train, self.packed_weights(params))
             return (out if fold else out + self.shared_expert(x_flat)).view(shape)
         if impl in ("grouped_mm", "onednn-experts"):
             w1, w2, w3, w13 = self.grouped_weights()
