@@ -25,6 +25,7 @@ from tqdm import tqdm
 from ..kernels import cpu_gemm
 from ..models import kernel_choices
 from . import flops, registry, timing
+from ..models.moe import deferred_packing
 from .registry import NO_MAMBA_MIXER, build_lm, build_model, parameter_counts
 from .results import BenchmarkResult, RecordWriter, UsageError, cpu_model, record_identity
 from .settings import CACHE_KINDS, DTYPES, LEVELS, MODES, Config, SweepSettings, iter_configs  # noqa: F401
@@ -81,8 +82,9 @@ def _build(cfg: Config, s: SweepSettings) -> nn.Module:
     torch.manual_seed(s.seed)   # same weights for the same (model, dim, seed)
     device = torch.device(s.device)
     # On CUDA the weights are made there (a published width, e.g. 256 experts of 7168 x 2048,
-    # would take minutes to initialise on the host and as much host memory as fp32 weights).
-    with torch.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    # would take minutes to initialise on the host and as much host memory as fp32 weights). The
+    # MoEs pack their experts at the .to() below, in the run's dtype (models.moe.deferred_packing).
+    with torch.device(device) if device.type == "cuda" else contextlib.nullcontext(), deferred_packing():
         model = registry_build(cfg.model_name, s, cfg.backend, cfg.sizes)
     model = model.to(device=device, dtype=DTYPES[cfg.dtype])
     if s.compile:
@@ -269,7 +271,7 @@ def _failed(e: BaseException, fields: dict, device: torch.device) -> BenchmarkRe
 
 
 def measure_group(cfgs: list[Config], s: SweepSettings, cache: Optional[dict] = None) -> list[BenchmarkResult]:
-    """Measure configs of one shape together in this process, in interleaved rounds
+    """Measure configs (of one window of shapes) together in this process, in interleaved rounds
     (`timing.time_interleaved`), the calibration kernel timed before each round. Never raises,
     except KeyboardInterrupt. One config's failure (build, OOM, error) is its record alone."""
     cache = {} if cache is None else cache
@@ -474,25 +476,41 @@ def measure_isolated(cfg: Config, s: SweepSettings) -> BenchmarkResult:
 
 
 # ---------------------------------------------------------------- the sweep
+# Interleaved: the configs of up to this many consecutive shapes are timed in the same rounds, so
+# each config's rounds span that window's minutes, not its own shape's seconds: a machine whose
+# speed moves over minutes then moves every config's interval alike, and two runs of one sweep agree
+# within their intervals. A window's records are written when it ends (a kill loses at most one window).
+SHAPES_PER_WINDOW = 4
+
+
+def _windows(configs: Iterable[Config], shapes: int) -> Iterator[list[Config]]:
+    """Consecutive configs, cut where a new shape would make more than `shapes` shapes."""
+    group: list[Config] = []
+    seen: set[tuple[int, int]] = set()
+    for cfg in configs:
+        shape = (cfg.sequence_length, cfg.batch_size)
+        if shape not in seen and len(seen) == shapes:
+            yield group
+            group, seen = [], set()
+        group.append(cfg)
+        seen.add(shape)
+    if group:
+        yield group
+
+
 def measure_each(configs: Iterable[Config], s: SweepSettings) -> Iterator[BenchmarkResult]:
     """Measure `configs` in order (lazily): each model is built once per (model, backend, dtype).
-    Interleaved, each run of consecutive configs of one shape is timed together in rounds and every
-    model is kept for the run; blocked, configs are timed one by one and a backend/dtype's models
-    are freed when the next one starts."""
+    Interleaved, the configs of a window of consecutive shapes (`SHAPES_PER_WINDOW`) are timed
+    together in rounds and every model is kept for the run; blocked, configs are timed one by one
+    and a backend/dtype's models are freed when the next one starts."""
     cache: dict = {}
     cache_for: Optional[tuple] = None
     if s.isolate:
         for cfg in configs:
             yield measure_isolated(cfg, s)
         return
-    if s.order == "interleaved":   # consecutive configs of one shape are timed together; models kept
-        group: list[Config] = []
-        for cfg in configs:
-            if group and (cfg.sequence_length, cfg.batch_size) != (group[0].sequence_length, group[0].batch_size):
-                yield from measure_group(group, s, cache)
-                group = []
-            group.append(cfg)
-        if group:
+    if s.order == "interleaved":
+        for group in _windows(configs, SHAPES_PER_WINDOW):
             yield from measure_group(group, s, cache)
         return
     for cfg in configs:

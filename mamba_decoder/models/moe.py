@@ -15,7 +15,9 @@ kept a step off an 80 GB GPU. The state dict is open_kimi's all the same.
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+import contextvars
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +44,21 @@ def _packed_addresses(w13: torch.Tensor, w2: torch.Tensor) -> list[int]:
 
 
 _PACKED = "_packed_experts"   # the MoE's __dict__ entry: (w13, w2, their _packed_addresses)
+_DEFER_PACKING = contextvars.ContextVar("defer_moe_packing", default=False)
+
+
+@contextlib.contextmanager
+def deferred_packing() -> Iterator[None]:
+    """MoEs built inside pack their experts at their first `.to()` (`_apply`) instead of at
+    construction. Packing copies: built in fp32 and packed at once, the expert weights are held
+    twice in fp32 (DeepSeek-V3's 256 experts: 90 GB, more than an 80 GB GPU) before a `.to(bf16)`
+    halves them; deferred, the conversion frees the fp32 weights one by one and packing then
+    holds the bf16 ones twice (45 GB), briefly. The suite's builder (bench.runner) uses it."""
+    token = _DEFER_PACKING.set(True)
+    try:
+        yield
+    finally:
+        _DEFER_PACKING.reset(token)
 
 
 class MoE(KimiMoE):
@@ -58,7 +75,8 @@ class MoE(KimiMoE):
         self.config = config
         self.backend = check_backend(backend)
         self.policy = policy or DEFAULT_POLICY
-        self.pack_experts()
+        if not _DEFER_PACKING.get():
+            self.pack_experts()
 
     @classmethod
     def from_config(cls, cfg: MoEConfig, backend: str = DEFAULT_BACKEND,

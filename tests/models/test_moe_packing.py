@@ -228,3 +228,32 @@ def test_in_place_update_before_backward_raises():
         fast.experts[1].w2.weight.add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
+
+
+def test_deferred_packing_packs_at_the_first_conversion_in_its_dtype():
+    """Built inside `deferred_packing` (the suite's builder), the experts stay apart until the
+    .to() that gives them the run's dtype, then pack: no fp32 packed copy beside the fp32 weights."""
+    from mamba_decoder.models.moe import deferred_packing
+
+    with deferred_packing():
+        moe = MoE(24, n_experts=4, n_activated=2, expert_inter_dim=16)
+    assert moe.packed_weights() is None
+    moe = moe.to(torch.bfloat16)
+    assert_packed(moe)
+    assert moe.packed_weights()[0].dtype == torch.bfloat16
+    with deferred_packing():
+        same = MoE(24, n_experts=4, n_activated=2, expert_inter_dim=16)
+    assert_packed(same.to(torch.float32))        # a conversion that keeps the storage packs too
+    assert_packed(MoE(24, n_experts=4, n_activated=2, expert_inter_dim=16))   # outside: at construction
+
+
+def test_the_suites_models_are_packed_in_their_dtype():
+    from mamba_decoder.bench import runner
+    from mamba_decoder.bench.settings import SweepSettings, iter_configs
+
+    s = SweepSettings(device="cpu", dim=32, sequence_lengths=[8], batch_sizes=[1], models=["MambaDecoderBlock"],
+                      dtypes=["bfloat16"])
+    model = runner._build(next(iter(iter_configs(s))), s)
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    assert moes and all(m.packed_weights() is not None and m.packed_weights()[0].dtype == torch.bfloat16
+                        for m in moes)
