@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Measurements on a lent GPU, one stage per call (each fits a 10-minute command).
-#   bash scripts/gpu_session.sh check|probe|host|retest|targets|final|workloads|train|train-check|s6|s7|s7-all|s7-final|s7-last|s8-a|i16-deepseek-v3|i16-kimi-k2|i16-sweep|sweep   (writes under $OUT, or ./gpu_out)
+#   bash scripts/gpu_session.sh check|probe|host|retest|targets|final|workloads|train|train-check|s6|s7|s7-all|s7-final|s7-last|s8-a|s8-b|i16-deepseek-v3|i16-kimi-k2|i16-sweep|sweep   (writes under $OUT, or ./gpu_out)
 # Needs the runtime wheels in .whl/ (mambapy, open-kimi, pydantic...) and gpu_floor.py in .devcarry/.
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -199,20 +199,24 @@ i16-sweep)   # issue 16: the DeepSeek-V3 block shape with --n-experts 8 64 256, 
       --output-dir /tmp/r/sweep_n_experts --overwrite 2>&1 | grep -E "SeqLen|rror:"
   runs+=(sweep_n_experts)
   ;;
-s8-a)   # session 8, first call: issue 16's preset forwards (DeepSeek-V3, Kimi K2) and the n_experts sweep
-  # (energy per token from NVML), then issue 12's suite targets (fast and mamba_ssm)
+s8-a)   # session 8: issue 16's preset blocks (DeepSeek-V3, Kimi K2) forward and train, seq 2048 and 8192, and the
+  # n_experts sweep, with energy per token from NVML (--isolate: one model's weights freed before the next)
   env_info
-  load_peer
-  for p in deepseek-v3 kimi-k2; do
-    log $p forward; timeout 80 $BENCH --preset $p --models MambaDecoderBlock MLABlock --mode forward --isolate \
+  for mode in forward train; do for p in deepseek-v3 kimi-k2; do
+    log $p $mode; timeout 100 $BENCH --preset $p --models MambaDecoderBlock MLABlock --mode $mode --isolate \
         --dtype bfloat16 --batch-sizes 1 --seq-lens 2048 8192 --warmup 2 --runs 5 --min-time 2 \
-        --output-dir "/tmp/r/${p}_forward" --overwrite 2>&1 | tee "$OUT/${p}_forward.txt" | grep -E "SeqLen|rror:"
-    runs+=("${p}_forward")
-  done
-  log n_experts sweep; timeout 130 $BENCH --preset deepseek-v3 --n-experts 8 64 256 --models MambaDecoderBlock MLABlock \
+        --output-dir "/tmp/r/${p}_$mode" --overwrite 2>&1 | tee "$OUT/${p}_$mode.txt" | grep -E "SeqLen|rror:"
+    runs+=("${p}_$mode")
+  done; done
+  log n_experts sweep; timeout 110 $BENCH --preset deepseek-v3 --n-experts 8 64 256 --models MambaDecoderBlock MLABlock \
       --dtype bfloat16 --batch-sizes 1 --seq-lens 2048 8192 --warmup 2 --runs 5 --min-time 2 \
       --output-dir /tmp/r/sweep_n_experts --overwrite 2>&1 | tee "$OUT/sweep_n_experts.txt" | grep -E "SeqLen|rror:"
   runs+=(sweep_n_experts)
+  ;;
+s8-b)   # session 8: every tests/gpu test with the peer loaded, then issue 12's suite targets (fast and mamba_ssm)
+  env_info
+  load_peer
+  card_tests 200 tests/gpu
   issue12_suite _s8
   ;;
 sweep)   # the spec's default grid, fp32 and bf16, both backends
