@@ -271,7 +271,7 @@ def _failed(e: BaseException, fields: dict, device: torch.device) -> BenchmarkRe
 
 
 def measure_group(cfgs: list[Config], s: SweepSettings, cache: Optional[dict] = None) -> list[BenchmarkResult]:
-    """Measure configs (of one window of shapes) together in this process, in interleaved rounds
+    """Measure configs of one shape together in this process, in interleaved rounds
     (`timing.time_interleaved`), the calibration kernel timed before each round. Never raises,
     except KeyboardInterrupt. One config's failure (build, OOM, error) is its record alone."""
     cache = {} if cache is None else cache
@@ -476,41 +476,25 @@ def measure_isolated(cfg: Config, s: SweepSettings) -> BenchmarkResult:
 
 
 # ---------------------------------------------------------------- the sweep
-# Interleaved: the configs of up to this many consecutive shapes are timed in the same rounds, so
-# each config's rounds span that window's minutes, not its own shape's seconds: a machine whose
-# speed moves over minutes then moves every config's interval alike, and two runs of one sweep agree
-# within their intervals. A window's records are written when it ends (a kill loses at most one window).
-SHAPES_PER_WINDOW = 4
-
-
-def _windows(configs: Iterable[Config], shapes: int) -> Iterator[list[Config]]:
-    """Consecutive configs, cut where a new shape would make more than `shapes` shapes."""
-    group: list[Config] = []
-    seen: set[tuple[int, int]] = set()
-    for cfg in configs:
-        shape = (cfg.sequence_length, cfg.batch_size)
-        if shape not in seen and len(seen) == shapes:
-            yield group
-            group, seen = [], set()
-        group.append(cfg)
-        seen.add(shape)
-    if group:
-        yield group
-
-
 def measure_each(configs: Iterable[Config], s: SweepSettings) -> Iterator[BenchmarkResult]:
     """Measure `configs` in order (lazily): each model is built once per (model, backend, dtype).
-    Interleaved, the configs of a window of consecutive shapes (`SHAPES_PER_WINDOW`) are timed
-    together in rounds and every model is kept for the run; blocked, configs are timed one by one
-    and a backend/dtype's models are freed when the next one starts."""
+    Interleaved, each run of consecutive configs of one shape is timed together in rounds and every
+    model is kept for the run; blocked, configs are timed one by one and a backend/dtype's models
+    are freed when the next one starts."""
     cache: dict = {}
     cache_for: Optional[tuple] = None
     if s.isolate:
         for cfg in configs:
             yield measure_isolated(cfg, s)
         return
-    if s.order == "interleaved":
-        for group in _windows(configs, SHAPES_PER_WINDOW):
+    if s.order == "interleaved":   # consecutive configs of one shape are timed together; models kept
+        group: list[Config] = []
+        for cfg in configs:
+            if group and (cfg.sequence_length, cfg.batch_size) != (group[0].sequence_length, group[0].batch_size):
+                yield from measure_group(group, s, cache)
+                group = []
+            group.append(cfg)
+        if group:
             yield from measure_group(group, s, cache)
         return
     for cfg in configs:

@@ -144,21 +144,16 @@ def test_settings_errors_are_one_line_naming_the_value_and_what_is_accepted():
         assert one_line(e.value).startswith(msg) and "\n" not in one_line(e.value)
 
 
-def test_interleaved_sweep_times_a_window_of_shapes_in_rounds(monkeypatch):
+def test_interleaved_sweep_times_each_shape_in_rounds(monkeypatch):
     calls = []
     real = runner.time_interleaved
     monkeypatch.setattr(runner, "time_interleaved", lambda fns, *a, **k: calls.append(len(fns)) or real(fns, *a, **k))
     out = run_sweep(tiny(runs=4), progress=False)
-    assert calls == [12]                                # 4 shapes x 3 models: one window, the same rounds
+    assert calls == [3, 3, 3, 3]                        # one interleaved timing per shape, 3 models each
     for r in out:
         assert r.order == "interleaved" and r.sample_rounds == [0, 0, 1, 1] and len(r.calibration_ms) == 2
-    assert len({r.rounds_id for r in out}) == 1
-    calls.clear()
-    monkeypatch.setattr(runner, "SHAPES_PER_WINDOW", 3)
-    out = run_sweep(tiny(runs=4, sequence_lengths=[8, 16, 24]), progress=False)   # 6 shapes
-    assert calls == [9, 9]
     ids = [r.rounds_id for r in out]
-    assert len(set(ids[:9])) == 1 and len(set(ids[9:])) == 1 and ids[0] != ids[9]
+    assert all(ids[i] == ids[i - i % 3] for i in range(12)) and len(set(ids)) == 4
 
 
 def test_blocked_order_times_configs_one_at_a_time(monkeypatch):
