@@ -200,16 +200,21 @@ i16-sweep)   # issue 16: the DeepSeek-V3 block shape with --n-experts 8 64 256, 
   runs+=(sweep_n_experts)
   ;;
 s8-a)   # session 8: issue 16's preset blocks (DeepSeek-V3, Kimi K2) forward and train, seq 2048 and 8192, and the
-  # n_experts sweep, with energy per token from NVML (--isolate: one model's weights freed before the next)
+  # n_experts sweep, with energy per token from NVML (--isolate: one model's weights freed before the next);
+  # each step gets what is left of a 540 s budget, in order of need
   env_info
-  for mode in forward train; do for p in deepseek-v3 kimi-k2; do
-    log $p $mode; timeout 100 $BENCH --preset $p --models MambaDecoderBlock MLABlock --mode $mode --isolate \
+  card_tests 60 tests/gpu -k "moe or MoE"
+  left() { local l=$(( 540 - SECONDS )); [ $l -gt $1 ] && echo $1 || echo $(( l > 5 ? l : 5 )); }
+  for pm in deepseek-v3:forward deepseek-v3:train kimi-k2:forward kimi-k2:train; do
+    p=${pm%:*}; mode=${pm#*:}
+    log $p $mode; timeout $(left 120) $BENCH --preset $p --models MambaDecoderBlock MLABlock --mode $mode --isolate \
         --dtype bfloat16 --batch-sizes 1 --seq-lens 2048 8192 --warmup 2 --runs 5 --min-time 2 \
         --output-dir "/tmp/r/${p}_$mode" --overwrite 2>&1 | tee "$OUT/${p}_$mode.txt" | grep -E "SeqLen|rror:"
     runs+=("${p}_$mode")
-  done; done
-  log n_experts sweep; timeout 110 $BENCH --preset deepseek-v3 --n-experts 8 64 256 --models MambaDecoderBlock MLABlock \
-      --dtype bfloat16 --batch-sizes 1 --seq-lens 2048 8192 --warmup 2 --runs 5 --min-time 2 \
+  done
+  # blocked: one config at a time, a model's other sizes freed before the next is built
+  log n_experts sweep; timeout $(left 150) $BENCH --preset deepseek-v3 --n-experts 8 64 256 --models MambaDecoderBlock \
+      MLABlock --order blocked --dtype bfloat16 --batch-sizes 1 --seq-lens 2048 8192 --warmup 2 --runs 5 --min-time 2 \
       --output-dir /tmp/r/sweep_n_experts --overwrite 2>&1 | tee "$OUT/sweep_n_experts.txt" | grep -E "SeqLen|rror:"
   runs+=(sweep_n_experts)
   ;;
