@@ -218,11 +218,16 @@ s8-a)   # session 8: issue 16's preset blocks (DeepSeek-V3, Kimi K2) forward and
       --output-dir /tmp/r/sweep_n_experts --overwrite 2>&1 | tee "$OUT/sweep_n_experts.txt" | grep -E "SeqLen|rror:"
   runs+=(sweep_n_experts)
   ;;
-s8-b)   # session 8: every tests/gpu test with the peer loaded, then issue 12's suite targets (fast and mamba_ssm)
+s8-b)   # session 8: every tests/gpu test with the peer loaded, then issue 12's suite train step (fast and
+  # mamba_ssm), within $BUDGET seconds (default 540)
   env_info
   load_peer
-  card_tests 200 tests/gpu
-  issue12_suite _s8
+  B=${BUDGET:-540}
+  card_tests $(( B * 2 / 5 )) tests/gpu
+  log suite train; timeout $(( B - SECONDS > 10 ? B - SECONDS : 10 )) $BENCH --mode train --backend fast mamba_ssm \
+      --dim 512 --seq-lens 2048 8192 --batch-sizes 8 --dtype bfloat16 --output-dir /tmp/r/train_s8 --overwrite 2>&1 \
+      | grep -E "SeqLen|error|Kernels"
+  runs+=(train_s8)
   ;;
 sweep)   # the spec's default grid, fp32 and bf16, both backends
   timeout 560 $BENCH --backend fast reference --dtype float32 bfloat16 --output-dir /tmp/r/default_sweep \
