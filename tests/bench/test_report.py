@@ -315,3 +315,21 @@ def test_a_run_with_two_backends_shows_fast_over_the_other_in_console_report_and
     assert (d / BACKEND_PLOT_FILE) in paths
     md = (d / "report.md").read_text()
     assert "## fast against the other backends" in md and "| mamba_ssm |" in md
+
+
+def test_a_backend_table_split_to_fit_repeats_every_config_column():
+    """A narrow terminal splits the backends table into column groups; each group repeats what
+    identifies a row (model, vs, dtype, seq len, batch), so a ratio is never shown without its shape."""
+    from mamba_decoder.bench.report import backend_table
+
+    rounds = [i // 2 for i in range(10)]
+    records = [make_record(m, seq=s, backend=b, samples=[k] * 10, sample_rounds=rounds, rounds_id="r")
+               for b, k in (("fast", 0.8), ("reference", 1.0))
+               for m in ("Regular Mamba", "Mamba+MoE Decoder Block") for s in (8, 16)]
+    groups = [g for g in backend_table(records, 70).split("\n\n")]
+    tables = [g for g in groups if "Model" in g]
+    assert len(tables) > 1
+    for t in tables:
+        header = next(ln for ln in t.splitlines() if ln.startswith("Model"))
+        assert header.split()[:5] == ["Model", "vs", "Dtype", "SeqLen", "Batch"], header
+        assert max(map(len, t.splitlines())) <= 70
