@@ -187,14 +187,17 @@ def console_printer(multi: bool, file=None, sizes: Sequence[str] = ()):
     return show
 
 
-def _table(header: Sequence[str], rows: Iterable[Sequence[str]], align: str, width: Optional[int] = None) -> str:
-    """Columns two spaces apart under a header and a rule; split to fit `width` (`fit_table`)."""
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]], align: str, width: Optional[int] = None,
+           keep: int = 3) -> str:
+    """Columns two spaces apart under a header and a rule; split to fit `width` (`fit_table`), each
+    part repeating the first `keep` columns (those that say which config a row is)."""
     rows = [list(map(str, r)) for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
 
     def fmt(cells):
         return "  ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(cells, widths, align))
-    return fit_table("\n".join([fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows]), width)
+    return fit_table("\n".join([fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows]), width,
+                     keep)
 
 
 def _wrap(line: str, width: Optional[int]) -> str:
@@ -354,7 +357,8 @@ def comparison_table(results: Sequence[BenchmarkResult], baseline: Optional[str]
         lines.append(NOISY_NOTE)
     for lab, (g, n) in geomean_speedups(results, baseline, lambda r: _label(r, many, sizes=sizes)).items():
         lines.append(f"geometric mean speedup, {lab}: {format_ratio(g)} over {n} configs")
-    return "\n".join(_wrap(ln, width) for ln in lines)
+    # the table as fit_table left it: a row wider than the terminal stays one row
+    return "\n".join(ln if i == 2 else _wrap(ln, width) for i, ln in enumerate(lines))
 
 
 def backend_ratios(results: Sequence[BenchmarkResult]) -> list[tuple[BenchmarkResult, BenchmarkResult, Ratio, bool]]:
@@ -381,7 +385,7 @@ def backend_table(results: Sequence[BenchmarkResult], width: Optional[int] = Non
     lines = [f"BACKENDS: latency ratio = median({REFERENCE_SIDE} latency / other backend's latency)"
              + (" per round" if paired else ""),
              f"(< 1: {REFERENCE_SIDE} is faster; [95% interval])",
-             _table(["Model", "vs", "Dtype", "SeqLen", "Batch", "Ratio", "95% CI"], rows, "llllrrr", width)]
+             _table(["Model", "vs", "Dtype", "SeqLen", "Batch", "Ratio", "95% CI"], rows, "llllrrr", width, keep=5)]
     if any(noisy for *_, noisy in pairs):
         lines.append(NOISY_NOTE)
     parts: dict[tuple, list] = defaultdict(list)
@@ -392,7 +396,8 @@ def backend_table(results: Sequence[BenchmarkResult], width: Optional[int] = Non
     for (model, other), v in parts.items():
         lines.append(f"geometric mean {REFERENCE_SIDE} / {other}, {model}: {format_ratio(geomean_ratio(v))} "
                      f"over {len(v)} configs")
-    return "\n".join(_wrap(ln, width) for ln in lines)
+    # the table as fit_table left it: a row wider than the terminal stays one row
+    return "\n".join(ln if i == 2 else _wrap(ln, width) for i, ln in enumerate(lines))
 
 
 def noise_warnings(results: Sequence[BenchmarkResult], env: Optional[dict] = None) -> list[str]:

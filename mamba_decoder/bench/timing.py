@@ -119,10 +119,11 @@ RUNS_PER_ROUND = 2
 # The calibration kernel's spread over a shape's rounds ((max - min) / median) above which the
 # machine's speed drifted enough to warn.
 DRIFT_WARN = 0.25
-# A callable whose warm-up calls took less than this (ms) gets one untimed call before its timed
-# runs in every round: a short call right after another model's (or the calibration kernel's) finds
-# its weights out of cache. Measured on this project's CPU (dim 128, L 128-256, 10 rounds of 2): the
-# first run of a round 10-25% slower than the second for Regular Mamba, which biased its ratios.
+# A callable whose warm-up calls (the first, with its one-time costs, left out) took less than this
+# (ms) gets one untimed call before its timed runs in every round: a short call right after another
+# model's (or the calibration kernel's) finds its weights out of cache. Measured on this project's
+# CPU (dim 128, L 128-256, 10 rounds of 2): the first run of a round 10-25% slower than the second
+# for Regular Mamba, which biased its ratios.
 REWARM_BELOW_MS = 20.0
 
 
@@ -160,9 +161,10 @@ def time_interleaved(fns: Sequence[Callable[[], Any]], device: torch.device | st
     hits every callable alike, and ratios can be paired by round. Round r starts with callable
     r mod n, so none is always the first after the calibration kernel.
 
-    `rewarm_below_ms` > 0: a callable whose warm-up calls averaged less than that gets one untimed
-    call right before its timed runs in each round (its caches warm again after the others ran), so
-    an interleaved sample measures the same warm steady state as a block of runs does.
+    `rewarm_below_ms` > 0: a callable whose warm-up calls (after the first, where there are more)
+    averaged less than that gets one untimed call right before its timed runs in each round (its
+    caches warm again after the others ran), so an interleaved sample measures the same warm steady
+    state as a block of runs does.
 
     `calibrate()` (e.g. `calibration_kernel`) runs before each round; its values are returned.
     `around[i]` = (start, stop) is called before and after each block of callable i's timed runs
@@ -179,11 +181,16 @@ def time_interleaved(fns: Sequence[Callable[[], Any]], device: torch.device | st
     for i, (f, t) in enumerate(zip(fns, out)):
         try:
             t0 = time.perf_counter()
-            for _ in range(warmup):
+            for j in range(warmup):
+                if j == 1:   # the first call's one-time costs (JIT, compile, library set-up) not counted
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    t0 = time.perf_counter()
                 f()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            rewarm[i] = warmup > 0 and (time.perf_counter() - t0) * 1e3 / warmup < rewarm_below_ms
+            timed = warmup - (warmup > 1)
+            rewarm[i] = warmup > 0 and (time.perf_counter() - t0) * 1e3 / timed < rewarm_below_ms
         except Exception as e:  # noqa: BLE001 -- this callable's failure, not the others'
             t.error = e
     calibration: list[float] = []

@@ -117,7 +117,10 @@ class MoE(KimiMoE):
         own storage and the packed tensors are both alive: twice the expert weights, briefly.
         Returns whether it packed; `packed_weights` tells whether the packing still holds."""
         self.__dict__.pop(_PACKED, None)
-        params = _expert_params(self._all_experts())
+        try:
+            params = _expert_params(self._all_experts())
+        except KeyError:   # a weight moved out of _parameters (torch.nn.utils.prune, parametrizations)
+            return False
         w1, w2 = params[0], params[1]
         if any((p.dtype, p.device, p.shape) != (w1.dtype, w1.device, (w2 if i % 3 == 1 else w1).shape)
                for i, p in enumerate(params)):
@@ -150,7 +153,10 @@ class MoE(KimiMoE):
             addresses = _packed_addresses(w13, w2)
             self.__dict__[_PACKED] = (w13, w2, addresses)
         if params is None:
-            params = _expert_params(self._all_experts())
+            try:
+                params = _expert_params(self._all_experts())
+            except KeyError:   # a weight moved out of _parameters: not a view of the packing
+                return None
         return (w13, w2) if [p.data_ptr() for p in params] == addresses else None
 
     def _apply(self, fn, recurse=True):

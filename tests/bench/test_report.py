@@ -315,3 +315,38 @@ def test_a_run_with_two_backends_shows_fast_over_the_other_in_console_report_and
     assert (d / BACKEND_PLOT_FILE) in paths
     md = (d / "report.md").read_text()
     assert "## fast against the other backends" in md and "| mamba_ssm |" in md
+
+
+def test_a_backend_table_split_to_fit_repeats_every_config_column():
+    """A narrow terminal splits the backends table into column groups; each group repeats what
+    identifies a row (model, vs, dtype, seq len, batch), so a ratio is never shown without its shape."""
+    from mamba_decoder.bench.report import backend_table
+
+    rounds = [i // 2 for i in range(10)]
+    records = [make_record(m, seq=s, backend=b, samples=[k] * 10, sample_rounds=rounds, rounds_id="r")
+               for b, k in (("fast", 0.8), ("reference", 1.0))
+               for m in ("Regular Mamba", "Mamba+MoE Decoder Block") for s in (8, 16)]
+    groups = [g for g in backend_table(records, 70).split("\n\n")]
+    tables = [g for g in groups if "Model" in g]
+    assert len(tables) > 1
+    for t in tables:
+        header = next(ln for ln in t.splitlines() if ln.startswith("Model"))
+        assert header.split()[:5] == ["Model", "vs", "Dtype", "SeqLen", "Batch"], header
+
+
+def test_table_rows_wider_than_the_terminal_stay_whole_rows():
+    """Where the config columns alone are wider than the terminal (long labels: backend, dtype and
+    swept sizes), a comparison or backends row stays one line (the terminal wraps it), not broken by
+    words into pieces that no longer line up with the header and the rule."""
+    from mamba_decoder.bench.report import backend_table
+
+    rounds = [i // 2 for i in range(10)]
+    records = [make_record(m, seq=s, backend=b, samples=[k * (1 + (m != "Regular Mamba"))] * 10,
+                           sample_rounds=rounds, rounds_id="r")
+               for b, k in (("fast", 0.8), ("reference", 1.0))
+               for m in ("Regular Mamba", "Mamba+MoE Decoder Block") for s in (8, 16)]
+    for text in (comparison_table(records, width=40), backend_table(records, 40)):
+        rows = [ln for ln in text.splitlines() if ln.startswith(("Regular Mamba", "Mamba+MoE"))]
+        assert rows and all(re.search(r"\s(8|16)\s", ln) for ln in rows), text
+        rules = [ln for ln in text.splitlines() if ln.startswith("---")]
+        assert all(re.fullmatch(r"-+(  -+)*", ln) for ln in rules), text

@@ -155,6 +155,24 @@ def test_time_interleaved_rewarms_short_calls_each_round_and_not_long_ones():
     assert log == ["s", "s"]   # no warm-up asked for: no untimed calls either
 
 
+def test_time_interleaved_rewarm_goes_by_the_steady_warm_up_calls_not_the_first():
+    """A short call whose first call pays a one-time cost (a Triton JIT, torch.compile, a cuBLAS
+    or oneDNN set-up) is still a short call: it is re-warmed like the others, else the re-warm
+    would fall on one backend of a pair and not the other."""
+    import time as _time
+
+    from mamba_decoder.bench.timing import time_interleaved
+
+    log = []
+
+    def jitted():
+        if not log:
+            _time.sleep(0.3)          # the first call compiles
+        log.append("j")
+    time_interleaved([jitted], warmup=5, runs=2, runs_per_round=2, rewarm_below_ms=20.0)
+    assert log == ["j"] * 5 + ["j", "j", "j"]   # warm-up, then per round: one untimed, two timed
+
+
 def test_time_interleaved_keeps_going_without_the_one_that_fails():
     from mamba_decoder.bench.timing import time_interleaved
 

@@ -257,3 +257,28 @@ def test_the_suites_models_are_packed_in_their_dtype():
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     assert moes and all(m.packed_weights() is not None and m.packed_weights()[0].dtype == torch.bfloat16
                         for m in moes)
+
+
+@pytest.mark.parametrize("wrap", ["prune", "weight_norm"])
+def test_a_pruned_or_parametrized_expert_weight_still_converts_and_copies(wrap):
+    """torch.nn.utils.prune and parametrizations move an expert's `weight` out of its
+    _parameters: the MoE (reference backend, open_kimi's loop) still takes .double() and a
+    deepcopy, as before the packing; its experts are left unpacked."""
+    from torch.nn.utils import prune
+    from torch.nn.utils.parametrizations import weight_norm
+
+    moe = MoE(16, 4, 2, 32, 32, backend="reference")
+    x = torch.randn(2, 5, 16)
+    if wrap == "prune":
+        prune.l1_unstructured(moe.experts[0].w1, "weight", 0.5)
+    else:
+        weight_norm(moe.experts[0].w1)
+        twin = copy.deepcopy(moe)
+        assert twin.packed_weights() is None
+        with torch.no_grad():
+            assert torch.equal(twin(x), moe(x))
+    with torch.no_grad():
+        want = moe(x).double()
+        moe.double()
+        assert moe.packed_weights() is None
+        assert rel_err(moe(x.double()), want) < 1e-2   # fp32 against fp64
