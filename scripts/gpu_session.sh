@@ -201,10 +201,10 @@ i16-sweep)   # issue 16: the DeepSeek-V3 block shape with --n-experts 8 64 256, 
   ;;
 s8-a)   # session 8: issue 16's preset blocks (DeepSeek-V3, Kimi K2) forward and train, seq 2048 and 8192, and the
   # n_experts sweep, with energy per token from NVML (--isolate: one model's weights freed before the next);
-  # each step gets what is left of a 540 s budget, in order of need
+  # each step gets what is left of a $BUDGET (default 540) s budget, in order of need
   env_info
   card_tests 60 tests/gpu -k "moe or MoE"
-  left() { local l=$(( 540 - SECONDS )); [ $l -gt $1 ] && echo $1 || echo $(( l > 5 ? l : 5 )); }
+  left() { local l=$(( ${BUDGET:-540} - SECONDS )); [ $l -gt $1 ] && echo $1 || echo $(( l > 5 ? l : 5 )); }
   for pm in deepseek-v3:forward deepseek-v3:train kimi-k2:forward kimi-k2:train; do
     p=${pm%:*}; mode=${pm#*:}
     log $p $mode; timeout $(left 120) $BENCH --preset $p --models MambaDecoderBlock MLABlock --mode $mode --isolate \
