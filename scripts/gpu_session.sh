@@ -203,7 +203,7 @@ s8-a)   # session 8: issue 16's preset blocks (DeepSeek-V3, Kimi K2) forward and
   # n_experts sweep, with energy per token from NVML (--isolate: one model's weights freed before the next);
   # each step gets what is left of a $BUDGET (default 540) s budget, in order of need
   env_info
-  card_tests 60 tests/gpu -k "moe or MoE"
+  [ "${CARD_TESTS:-1}" = 1 ] && card_tests 60 tests/gpu -k "moe or MoE"
   left() { local l=$(( ${BUDGET:-540} - SECONDS )); [ $l -gt $1 ] && echo $1 || echo $(( l > 5 ? l : 5 )); }
   for pm in deepseek-v3:forward deepseek-v3:train kimi-k2:forward kimi-k2:train; do
     p=${pm%:*}; mode=${pm#*:}
