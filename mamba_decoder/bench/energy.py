@@ -9,8 +9,11 @@
   * Peak resident memory of the region (Linux): the process's high-water mark (VmHWM) reset at
     the start (/proc/self/clear_refs) and read at the end; None where it cannot be reset.
 
-The counters move in coarse steps (NVML about every 10-100 ms, RAPL about every 1 ms), so a
-region of a few milliseconds gives a rough figure: time for a second or more (--min-time 1).
+The counters move in coarse steps (NVML about every 10-100 ms, RAPL about every 1 ms). So the
+suite reads them around one window of back-to-back calls of a config, `ENERGY_WINDOW_S` long, after
+its timed rounds (`energy_window`), never around the rounds' blocks of two calls: each such block
+saw either none or a whole step of the counter, and a step can hold energy spent between blocks
+(an H100 run summed that way gave 110 W and 1385 W for one 700 W card).
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ from typing import Optional
 import torch
 
 RAPL_ROOT = Path("/sys/class/powercap")
+# The energy window of a config: long enough for a hundred steps of NVML's counter at its coarsest.
+ENERGY_WINDOW_S = 2.0
 
 
 @dataclass
@@ -97,6 +102,11 @@ class EnergyMeter:
         self._rss = False
         self._t0 = 0.0
 
+    @property
+    def available(self) -> bool:
+        """Whether a counter (NVML or RAPL) can be read here."""
+        return self._nvml is not None or bool(self._rapl)
+
     def _read(self) -> Optional[list[int]]:
         try:
             if self._nvml is not None:
@@ -135,6 +145,20 @@ class EnergyMeter:
                 except (OSError, ValueError):   # the wrap's range unreadable: no figure, never a guess
                     joules, source = None, None
         return EnergyReading(joules, seconds, source, _rss_peak_mb() if self._rss else None)
+
+
+def energy_window(fn, device: torch.device | str, seconds: float = ENERGY_WINDOW_S,
+                  meter: Optional[EnergyMeter] = None) -> tuple[EnergyReading, int]:
+    """(reading, calls): `fn()` called back to back for at least `seconds` (host time; on CUDA the
+    queue then drains before the counter is read, so the device ran about as long), between one
+    counter read each side."""
+    meter = meter or EnergyMeter(device)
+    meter.start()
+    calls, t0 = 0, time.perf_counter()
+    while calls == 0 or time.perf_counter() - t0 < seconds:
+        fn()
+        calls += 1
+    return meter.stop(), calls
 
 
 def energy_fields(e: EnergyReading, calls: int, tokens_per_call: Optional[int]) -> dict:

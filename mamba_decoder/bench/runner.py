@@ -29,7 +29,7 @@ from ..models.moe import deferred_packing
 from .registry import NO_MAMBA_MIXER, build_lm, build_model, parameter_counts
 from .results import BenchmarkResult, RecordWriter, UsageError, cpu_model, record_identity
 from .settings import CACHE_KINDS, DTYPES, LEVELS, MODES, Config, SweepSettings, iter_configs  # noqa: F401
-from .energy import EnergyMeter, EnergyReading, energy_fields
+from .energy import ENERGY_WINDOW_S, EnergyMeter, EnergyReading, energy_fields, energy_window
 from .timing import REWARM_BELOW_MS, calibration_kernel, time_callable, time_interleaved  # noqa: F401
 from .workloads import DecodeSession, GraphedForward, TrainStep
 
@@ -291,7 +291,16 @@ def measure_group(cfgs: list[Config], s: SweepSettings, cache: Optional[dict] = 
         out: dict[int, BenchmarkResult] = {}
         for p, t, m in zip(live, timed, meters):
             fields = {k: v for k, v in p.fields.items() if not k.startswith("_")}
-            fields.update(energy_fields(m.reading(), len(t.samples), fields.get("tokens_per_call")))
+            reading, calls = m.reading(), len(t.samples)
+            # energy from one window of this config's calls alone (energy.energy_window); a decode
+            # session has room for its timed steps only: no window, no figure
+            if t.error is None and s.mode != "decode" and m.meter.available:
+                try:
+                    window, calls = energy_window(p.step, device, ENERGY_WINDOW_S, m.meter)
+                    reading = EnergyReading(window.joules, window.seconds, window.source, reading.peak_rss_mb)
+                except Exception as e:  # noqa: BLE001
+                    t.error = e
+            fields.update(energy_fields(reading, calls, fields.get("tokens_per_call")))
             if t.error is None and device.type == "cuda":
                 try:
                     fields.update(_memory(p, device))
@@ -315,14 +324,13 @@ def measure_group(cfgs: list[Config], s: SweepSettings, cache: Optional[dict] = 
 
 
 class _BlockMeter:
-    """An EnergyMeter summed over the blocks of one config's timed runs (its rounds): energy and
-    time add up, the host memory peak is the largest block's; no energy if a block had none."""
+    """The host memory peak over the blocks of one config's timed runs (its rounds): the largest
+    block's. No energy: the counters move too coarsely for blocks of a few calls (see
+    energy.energy_window, which gives a config its energy figure)."""
 
     def __init__(self, device: torch.device):
-        self.meter, self.joules, self.seconds = EnergyMeter(device), 0.0, 0.0
-        self.source: Optional[str] = None
+        self.meter, self.seconds = EnergyMeter(device), 0.0
         self.rss: Optional[float] = None
-        self.missing = False
 
     def start(self) -> None:
         self.meter.start()
@@ -330,17 +338,11 @@ class _BlockMeter:
     def stop(self) -> None:
         e = self.meter.stop()
         self.seconds += e.seconds
-        if e.joules is None:
-            self.missing = True
-        else:
-            self.joules += e.joules
-            self.source = e.source
         if e.peak_rss_mb is not None:
             self.rss = max(self.rss or 0.0, e.peak_rss_mb)
 
     def reading(self) -> EnergyReading:
-        joules = None if self.missing or self.source is None else self.joules
-        return EnergyReading(joules, self.seconds, self.source if joules is not None else None, self.rss)
+        return EnergyReading(None, self.seconds, None, self.rss)
 
 
 def _memory(p: _Prepared, device: torch.device) -> dict:

@@ -99,3 +99,31 @@ def test_nvml_counter_in_millijoules(monkeypatch):
     m.start()
     e = m.stop()
     assert e.source == "nvml" and e.joules == pytest.approx(4.5)
+
+
+def test_a_config_gets_its_energy_from_one_window_not_from_its_rounds(monkeypatch):
+    """A counter that moves in 100 ms steps (NVML's coarsest) read around blocks of two short calls
+    gives nonsense (an H100 run: 110 W and 1385 W on a 700 W card); read around one window of
+    back-to-back calls after the rounds, it gives the power the counter was fed."""
+    import time
+    from pathlib import Path
+
+    from mamba_decoder.bench.runner import run_sweep
+    from mamba_decoder.bench.settings import SweepSettings
+
+    watts, step = 50.0, 0.1
+
+    def counter(self):   # uJ, as RAPL: the energy at the last 100 ms step
+        return [int((time.perf_counter() // step) * step * watts * 1e6)]
+    monkeypatch.setattr(energy, "_rapl_domains", lambda: [Path("fake")])
+    monkeypatch.setattr(EnergyMeter, "_read", counter)
+    monkeypatch.setattr(energy, "ENERGY_WINDOW_S", 1.0, raising=False)
+    from mamba_decoder.bench import runner
+    monkeypatch.setattr(runner, "ENERGY_WINDOW_S", 1.0, raising=False)
+    s = SweepSettings(device="cpu", dim=16, sequence_lengths=[8], batch_sizes=[1], models=["Regular Mamba"],
+                      warmup=1, runs=6)
+    (r,) = run_sweep(s, progress=False)
+    assert r.energy_source == "rapl" and r.avg_power_w == pytest.approx(watts, rel=0.15)
+    assert r.energy_per_call_j == pytest.approx(r.energy_j / round(r.energy_j / r.energy_per_call_j))
+    decode = run_sweep(s.model_copy(update={"mode": "decode"}), progress=False)[0]
+    assert decode.ok and decode.energy_j is None          # no window for a decode session: no figure
