@@ -162,7 +162,7 @@ def energy_window(fn, device: torch.device | str, seconds: float = ENERGY_WINDOW
 
 
 def energy_fields(e: EnergyReading, calls: int, tokens_per_call: Optional[int]) -> dict:
-    """A record's energy fields from the reading of `calls` timed calls (None where unmeasured)."""
+    """A record's energy fields from the reading of `calls` calls (`energy_window`; None where unmeasured)."""
     per_call = e.joules / calls if e.joules is not None and calls else None
     return dict(energy_j=e.joules, energy_per_call_j=per_call,
                 energy_per_token_j=per_call / tokens_per_call if per_call is not None and tokens_per_call else None,
