@@ -168,7 +168,7 @@ def time_interleaved(fns: Sequence[Callable[[], Any]], device: torch.device | st
 
     `calibrate()` (e.g. `calibration_kernel`) runs before each round; its values are returned.
     `around[i]` = (start, stop) is called before and after each block of callable i's timed runs
-    (e.g. an energy meter summing over the blocks). A callable that raises is left out of later
+    (e.g. the host memory peak over the blocks). A callable that raises is left out of later
     rounds, its exception kept (KeyboardInterrupt propagates). Returns (one Timed per callable, calibration ms per round).
     """
     if runs < 1 or warmup < 0 or min_time_s < 0 or runs_per_round < 1:
