@@ -357,6 +357,15 @@ def scored_dense_small(x, scores, bias, top_k: int, n_experts: int, n_always_on:
 
 
 @functools.lru_cache(maxsize=None)
+def grouped_mm_fits(dim: int, inter: int, dtype: torch.dtype) -> bool:
+    """Whether torch._grouped_mm takes a MoE of these widths: every operand's row stride must be a
+    multiple of 16 bytes (the model width and the expert width, times the element size), else it
+    raises "strides should be multiple of 16 bytes" (e.g. --dim 30 in fp32, an expert width of 100
+    in bf16)."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    return dim * elt % 16 == 0 and inter * elt % 16 == 0
+
+
 def grouped_mm_works(device_type: str, device_index: int | None, dtype: torch.dtype) -> bool:
     """Whether torch._grouped_mm runs for this device and dtype (probed once, at a tiny size)."""
     if not hasattr(torch, "_grouped_mm"):

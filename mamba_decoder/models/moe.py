@@ -273,7 +273,7 @@ class MoE(KimiMoE):
         else:
             w, idx = moe_kernels.route_scores(F.linear(x_flat, g.gate_weight), self._route_bias(), g.top_k,
                                               d.moe_triton)
-        impl = d.moe
+        impl = self._impl(d.moe, x_flat.dtype)
         if impl == "grouped_mm" and training:
             # training: one autograd Function with its own backward (kernels.moe); the shared
             # expert joins the grouped GEMMs where it folds in; packed weights go in as they are
@@ -298,6 +298,14 @@ class MoE(KimiMoE):
             out = moe_kernels.routed_experts(x_flat, w, idx, w1, w2, w3, impl=impl)
         return (out + self.shared_expert(x_flat)).view(shape)
 
+    def _impl(self, impl: str, dtype: torch.dtype) -> str:
+        """The policy's MoE path, or "dense" where the widths don't fit torch._grouped_mm
+        (`kernels.moe.grouped_mm_fits`; `kernel_choice` names why)."""
+        if impl in ("grouped_mm", "onednn-experts") and not moe_kernels.grouped_mm_fits(
+                self.dim, self.experts[0].w1.weight.shape[0], dtype):
+            return "dense"
+        return impl
+
     def kernel_choice(self, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
         if self.backend == "reference":
             return {"moe": "open_kimi-loop"}
@@ -309,8 +317,11 @@ class MoE(KimiMoE):
                      f"{dense_small_excess(self.n_experts, self.gate.top_k):.1f}x the routed work")
         fused = moe_kernels.router_fuses(torch.device(device), dtype, self.n_experts, self.gate.top_k, d.moe_triton)
         train = (f"; train: grouped Function, swiglu={'triton' if dg.moe_swiglu_train else 'torch'}"
-                 if dg.moe == "grouped_mm" else "")
-        impl = d.moe
+                 if self._impl(dg.moe, dtype) == "grouped_mm" else "")
+        impl = self._impl(d.moe, dtype)
+        if impl != d.moe:
+            impl = (f"dense (width {self.dim} and expert width {self.experts[0].w1.weight.shape[0]}: "
+                    f"grouped_mm needs rows of a multiple of 16 bytes)")
         if impl == "onednn-experts":
             impl = f"onednn per-expert GEMMs (inference), {dg.moe} with autograd"
         return {"moe": f"{impl} (T > {n}), dense-small (T <= {n}{grad}){train}",

@@ -282,3 +282,28 @@ def test_a_pruned_or_parametrized_expert_weight_still_converts_and_copies(wrap):
         moe.double()
         assert moe.packed_weights() is None
         assert rel_err(moe(x.double()), want) < 1e-2   # fp32 against fp64
+
+
+@pytest.mark.parametrize("dim,inter", [(30, 16), (24, 18)])
+def test_widths_grouped_mm_cannot_take_run_the_dense_path_and_say_so(dim, inter):
+    """torch._grouped_mm needs 16-byte rows: a width of 30 (or an expert width of 18) in fp32 made
+    every fast MoE forward and train step raise "strides should be multiple of 16 bytes"; now it
+    runs the dense path, named in the kernel choice, with the reference's outputs and gradients."""
+    torch.manual_seed(0)
+    fast = MoE(dim, n_experts=5, n_activated=2, expert_inter_dim=inter, backend="fast")
+    ref = MoE(dim, n_experts=5, n_activated=2, expert_inter_dim=inter, backend="reference")
+    ref.load_state_dict(fast.state_dict())
+    for m in (fast, ref):
+        m.gate.use_adaptive_bias = False           # the same routing in both (no bias updates)
+    x = torch.randn(*GROUPED_T, dim)
+    with torch.no_grad():
+        assert rel_err(fast(x), ref(x)) < 1e-5
+    xf, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    fast(xf).square().sum().backward()
+    ref(xr).square().sum().backward()
+    assert rel_err(xf.grad, xr.grad) < 1e-5
+    for (n, pf), pr in zip(fast.named_parameters(), ref.parameters()):
+        if pr.grad is not None:
+            assert rel_err(pf.grad, pr.grad) < 1e-5, n
+    choice = fast.kernel_choice(torch.device("cpu"), torch.float32)["moe"]
+    assert choice.startswith(f"dense (width {dim} and expert width {inter}") and "train:" not in choice
