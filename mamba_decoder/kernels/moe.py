@@ -367,13 +367,15 @@ def grouped_mm_fits(dim: int, inter: int, dtype: torch.dtype) -> bool:
 
 
 def grouped_mm_works(device_type: str, device_index: int | None, dtype: torch.dtype) -> bool:
-    """Whether torch._grouped_mm runs for this device and dtype (probed once, at a tiny size)."""
+    """Whether torch._grouped_mm runs for this device and dtype (probed once, at a tiny size, on
+    numbers from its own generator: the first forward must not move the caller's random stream)."""
     if not hasattr(torch, "_grouped_mm"):
         return False
     dev = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
+    g = torch.Generator().manual_seed(0)
     try:
-        a = torch.randn(32, 16, device=dev, dtype=dtype)
-        b = torch.randn(2, 32, 16, device=dev, dtype=dtype).transpose(1, 2)
+        a = torch.randn(32, 16, generator=g).to(dev, dtype)
+        b = torch.randn(2, 32, 16, generator=g).to(dev, dtype).transpose(1, 2)
         offs = torch.tensor([16, 32], device=dev, dtype=torch.int32)
         got = torch._grouped_mm(a, b, offs=offs)
         want = torch.cat([a[:16] @ b[0], a[16:] @ b[1]])

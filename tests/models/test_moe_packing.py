@@ -307,3 +307,20 @@ def test_widths_grouped_mm_cannot_take_run_the_dense_path_and_say_so(dim, inter)
             assert rel_err(pf.grad, pr.grad) < 1e-5, n
     choice = fast.kernel_choice(torch.device("cpu"), torch.float32)["moe"]
     assert choice.startswith(f"dense (width {dim} and expert width {inter}") and "train:" not in choice
+
+
+def test_the_first_fast_forward_leaves_the_callers_random_stream_alone():
+    """The grouped_mm probe (run once, at the first decision for a device and dtype) drew from the
+    global generator, so a model's first forward moved the caller's random stream: a train step's
+    random upstream gradient then differed between the fast and reference backends whenever the
+    probe ran between them (tests/models/test_block_sizes.py failed run alone)."""
+    import subprocess
+    import sys
+    code = ("import torch\nfrom mamba_decoder.models import MoE\n"
+            "m = MoE(16, n_experts=4, n_activated=2, expert_inter_dim=8, backend='fast')\n"
+            "x = torch.randn(3, 29, 16)\ntorch.manual_seed(1)\nm(x)\nprint(torch.randn(1).item())\n"
+            "torch.manual_seed(1)\nprint(torch.randn(1).item())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    first, second = out.stdout.split()
+    assert first == second
