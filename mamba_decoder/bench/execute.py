@@ -113,16 +113,17 @@ def _execute(s: SweepSettings, launcher: Launcher, o: Output) -> Outcome:
         if o.cuda_hint is not None:
             cuda_notice(o.cuda_hint)
         if o.verbose:
+            width = report.console_width()
             print(report.banner(s.device, s.dim, s.sequence_lengths, s.batch_sizes, backends=s.backends,
                                 dtypes=s.dtypes, threads=torch.get_num_threads(),
-                                kernels=banner_kernels(s), width=report.console_width()), flush=True)
+                                kernels=banner_kernels(s), width=width), flush=True)
             for line in plan.banner:
-                print(report.fit_line(line, report.console_width(), sep=" "), flush=True)
+                print(report.fit_line(line, width, sep=" "), flush=True)
             if s.sizes:   # --preset / --model-config / the size flags: what the blocks were built with
                 print(report.fit_line("Block sizes: " + ", ".join(f"{k}={v[0] if len(v) == 1 else v}"
                                                                   for k, v in s.sizes.items())
                                       + " (the rest at the suite's defaults; each record's block_config has them all)",
-                                      report.console_width(), sep=" "), flush=True)
+                                      width, sep=" "), flush=True)
         if o.dir is not None:
             env = dict(environment(s.device, torch.get_num_threads()),
                        command_line=list(o.command if o.command is not None else sys.argv),

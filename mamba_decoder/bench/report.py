@@ -8,7 +8,6 @@ import base64
 import html
 import json
 import math
-import os
 import re
 import shutil
 import sys
@@ -429,7 +428,7 @@ def noise_warnings(results: Sequence[BenchmarkResult], env: Optional[dict] = Non
 
 def wrap80(line: str) -> str:
     """A long message for the console, wrapped to 80 columns (continuation lines indented)."""
-    return "\n".join(textwrap.wrap(line, 80, subsequent_indent="  ", break_on_hyphens=False))
+    return _wrap(line, 80)
 
 
 def print_summary_table(results: Sequence[BenchmarkResult], file=None) -> None:
