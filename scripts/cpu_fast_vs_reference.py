@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from mamba_decoder.bench import flops
+from mamba_decoder.bench import flops, host_alloc
 from mamba_decoder.bench.registry import MODELS, build_model
 from mamba_decoder.bench.runner import cpu_gemm_tflops, forward_scenario
 from mamba_decoder.bench.timing import time_callable
@@ -30,9 +30,12 @@ p.add_argument("--rounds", type=int, default=5)
 p.add_argument("--dtype", default="float32")
 p.add_argument("--backends", nargs="+", default=["reference", "fast"])
 p.add_argument("--models", nargs="+", default=list(MODELS))
+p.add_argument("--host-allocator", default=host_alloc.DEFAULT, choices=host_alloc.CHOICES,
+               help="as the suite's flag (bench/host_alloc.py; default: retain)")
 a = p.parse_args()
 
 torch.set_num_threads(a.threads)
+print("host allocator:", host_alloc.apply(a.host_allocator))
 dtype = getattr(torch, a.dtype)
 x = torch.randn(a.batch, a.seq, a.dim, dtype=dtype)
 steps, floor_flops = {}, {}

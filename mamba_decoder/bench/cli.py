@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from ..config import BACKENDS, DEFAULT_BACKEND, SIZE_PARTS
 from ..presets import PRESETS
+from . import host_alloc
 from .execute import (EXIT_INTERRUPTED, EXIT_NO_COMMON, EXIT_OK, EXIT_REGRESSION, EXIT_UNEXPECTED,  # noqa: F401
                       EXIT_USAGE, EXIT_WRITE,
                       Output, execute, resolve_device)
@@ -115,6 +116,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="interleaved: at each shape time every model in rounds, round robin, so a "
                         "slow period hits all alike; blocked: each config's runs in one block "
                         "(default: interleaved)")
+    p.add_argument("--host-allocator", default=host_alloc.DEFAULT, choices=host_alloc.CHOICES,
+                   help="CPU runs: retain keeps freed host memory for reuse (glibc), so a forward's "
+                        "large buffers do not fault in afresh on every call; system keeps the C "
+                        "library's defaults (default: retain)")
     p.add_argument("--isolate", action="store_true",
                    help="measure each config in its own subprocess (a crash costs one row)")
     p.add_argument("--force", action="store_true",
@@ -194,6 +199,7 @@ def settings_from_args(args: argparse.Namespace, device: str) -> SweepSettings:
                           dtypes=list(dict.fromkeys(args.dtype)), device=device, warmup=pick("warmup"),
                           runs=pick("runs"), min_time_s=args.min_time, threads=args.threads,
                           seed=args.seed, isolate=args.isolate, order=args.order,
+                          host_allocator=args.host_allocator,
                           config_timeout_s=args.config_timeout, force=args.force, mode=args.mode, level=args.level,
                           compile=args.compile, cuda_graphs=args.cuda_graphs, cache_kind=args.cache_kind,
                           optimizer_step=args.optimizer_step, depth=m.get("depth", 4),

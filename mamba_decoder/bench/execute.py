@@ -19,12 +19,12 @@ from typing import Callable, Optional, Protocol
 
 import torch
 
-from . import report
+from . import host_alloc, report
 from .plots import plot_benchmark_results
 from .results import (CSV_NAME, ENV_NAME, JSONL_NAME, BenchmarkResult, OutputWriteError, environment,
                       lock_dir, note_written, read_environment, resumed_environment, rewrite_csv,
                       write_environment)
-from .runner import banner_kernels, check_depth_fits
+from .runner import apply_process_settings, banner_kernels, check_depth_fits
 from .settings import SweepSettings
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_REGRESSION, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -103,8 +103,7 @@ def execute(s: SweepSettings, launcher: Launcher, o: Output) -> Outcome:
 
 
 def _execute(s: SweepSettings, launcher: Launcher, o: Output) -> Outcome:
-    if s.threads is not None:
-        torch.set_num_threads(s.threads)
+    apply_process_settings(s)
     check_depth_fits(s)     # before a 10**9-layer model is built even on the meta device
     plan = launcher.plan(s, o)
     if plan.stop is not None:
@@ -116,7 +115,9 @@ def _execute(s: SweepSettings, launcher: Launcher, o: Output) -> Outcome:
             width = report.console_width()
             print(report.banner(s.device, s.dim, s.sequence_lengths, s.batch_sizes, backends=s.backends,
                                 dtypes=s.dtypes, threads=torch.get_num_threads(),
-                                kernels=banner_kernels(s), width=width), flush=True)
+                                kernels=banner_kernels(s), width=width,
+                                host_allocator=host_alloc.describe() if s.device.startswith("cpu") else None),
+                  flush=True)
             for line in plan.banner:
                 print(report.fit_line(line, width, sep=" "), flush=True)
             if s.sizes:   # --preset / --model-config / the size flags: what the blocks were built with

@@ -95,7 +95,8 @@ def fit_table(table: str, width: Optional[int], keep: int = 3) -> str:
 
 def banner(device: str, dim: int, sequence_lengths: Sequence[int], batch_sizes: Sequence[int],
            *, backends: Sequence[str] = (), dtypes: Sequence[str] = (), threads: Optional[int] = None,
-           kernels: Optional[dict[str, dict[str, str]]] = None, width: Optional[int] = None) -> str:
+           kernels: Optional[dict[str, dict[str, str]]] = None, width: Optional[int] = None,
+           host_allocator: Optional[str] = None) -> str:
     """The spec's banner, then what this run adds: backend, dtype, threads and kernels per model
     (`width`: the console's columns, `console_width`; None keeps the spec's 100-column rules)."""
     rule = RULE[:width] if width else RULE
@@ -110,6 +111,8 @@ def banner(device: str, dim: int, sequence_lengths: Sequence[int], batch_sizes: 
         lines.append(f"Dtype: {', '.join(dtypes)}")
     if threads is not None:
         lines.append(f"CPU Threads: {threads}")
+    if host_allocator:
+        lines.append(_wrap(f"Host Allocator: {host_allocator}", width))
     for label, k in (kernels or {}).items():
         lines.append(_wrap(f"Kernels {label}: " + ", ".join(f"{op}={impl}" for op, impl in k.items()), width))
     lines += [rule, ""]

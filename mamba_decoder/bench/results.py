@@ -31,6 +31,7 @@ from typing import Annotated, Iterable, Literal, Optional
 from filelock import FileLock, Timeout
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from . import host_alloc
 from .names import RecordKey, is_mixed
 from .timing import Ratio, ratio, summarize
 
@@ -604,6 +605,7 @@ def environment(device: str = "cpu", threads: Optional[int] = None) -> dict:
         "git_commit": _git_commit(),
         "version": tool_version(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "host_allocator": host_alloc.describe() if device.startswith("cpu") else None,
     }
 
 

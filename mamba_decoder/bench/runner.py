@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from ..kernels import cpu_gemm
 from ..models import kernel_choices
-from . import flops, registry, timing
+from . import flops, host_alloc, registry, timing
 from ..models.moe import deferred_packing
 from .registry import NO_MAMBA_MIXER, build_lm, build_model, parameter_counts
 from .results import BenchmarkResult, RecordWriter, UsageError, cpu_model, record_identity
@@ -276,6 +276,8 @@ def measure_group(cfgs: list[Config], s: SweepSettings, cache: Optional[dict] = 
     except KeyboardInterrupt. One config's failure (build, OOM, error) is its record alone."""
     cache = {} if cache is None else cache
     device = torch.device(s.device)
+    if device.type == "cpu":
+        host_alloc.release()   # the last shape's buffers: this shape's host peak is its own
     prepared = [_prepare(c, s, cache) for c in cfgs]
     live = [p for p in prepared if isinstance(p, _Prepared)]
     order = s.order if len(cfgs) > 1 or s.order == "blocked" else "blocked"
@@ -507,6 +509,15 @@ def measure_each(configs: Iterable[Config], s: SweepSettings) -> Iterator[Benchm
         yield measure(cfg, s, cache)
 
 
+def apply_process_settings(s: SweepSettings) -> None:
+    """What a sweep sets for the whole process that measures it (the main one, or a worker):
+    torch's CPU threads, and on CPU runs the host allocator (bench/host_alloc.py)."""
+    if s.threads is not None:
+        torch.set_num_threads(s.threads)
+    if torch.device(s.device).type == "cpu":
+        host_alloc.apply(s.host_allocator)
+
+
 def run_sweep(s: SweepSettings, *, writer: Optional[RecordWriter] = None,
               on_record: Optional[Callable[[BenchmarkResult], None]] = None,
               done: Optional[dict[tuple, BenchmarkResult]] = None,
@@ -517,8 +528,7 @@ def run_sweep(s: SweepSettings, *, writer: Optional[RecordWriter] = None,
     passed to `on_record` but neither measured nor written again. A KeyboardInterrupt propagates after every finished record was written.
     """
     done = done or {}
-    if s.threads is not None:
-        torch.set_num_threads(s.threads)
+    apply_process_settings(s)
     results: list[BenchmarkResult] = []
     measured = measure_each((c for c in iter_configs(s) if c.key(s) not in done), s)
     bar = tqdm(total=s.n_configs, file=sys.stderr, disable=not progress or not sys.stderr.isatty(), unit="config",

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..config import BACKENDS, DEFAULT_BACKEND, BlockSizes, one_line_errors
 from ..kernels import mamba_ssm_ext
+from . import host_alloc
 from .names import MODEL_PARTS, RecordKey, join_variant, models_for
 from .results import UsageError, config_key  # noqa: F401 (UsageError: settings' errors)
 
@@ -91,6 +92,9 @@ class SweepSettings(BaseModel):
     # interleaved: at each shape every config is timed in rounds, round robin (drift hits all
     # alike; ratios pair by round); blocked: each config's runs in one block (the old order)
     order: Literal[ORDERS] = _field("order", _choices(ORDERS), "interleaved")
+    # CPU runs: whether freed host memory is kept for reuse (bench/host_alloc.py)
+    host_allocator: Literal[host_alloc.CHOICES] = _field("host allocator", _choices(host_alloc.CHOICES),
+                                                          host_alloc.DEFAULT)
     level: Literal[LEVELS] = _field("level", _choices(LEVELS), "block")  # block: the three blocks; model: LMs
     compile: Flag = False           # torch.compile the model's forward (nn.Module.compile)
     cuda_graphs: Flag = False       # forward / decode: capture one call in a CUDA graph and replay it

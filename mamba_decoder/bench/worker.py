@@ -8,17 +8,15 @@ from __future__ import annotations
 import json
 import sys
 
-import torch
 
-from .runner import RECORD_PREFIX, measure
+from .runner import RECORD_PREFIX, apply_process_settings, measure
 from .settings import Config, SweepSettings
 
 
 def main() -> int:
     payload = json.loads(sys.stdin.read())
     s = SweepSettings(**payload["settings"])
-    if s.threads is not None:
-        torch.set_num_threads(s.threads)
+    apply_process_settings(s)
     r = measure(Config(**payload["config"]), s)
     sys.stdout.write(RECORD_PREFIX + r.model_dump_json() + "\n")
     sys.stdout.flush()

@@ -299,8 +299,10 @@ def test_resume_refuses_other_settings_naming_the_field_and_keeps_the_start(tmp_
     env = json.loads((d / "environment.json").read_text())
     assert env["command_line"] == ["mamba-bench", *one] and env["seed"] == 0 and env["version"]
     assert env["settings"]["runs"] == 2 and "resumptions" not in env
+    assert env["settings"]["host_allocator"] == "retain" and env["host_allocator"]
     for flag, value, field in (("--runs", "3", "runs"), ("--warmup", "1", "warmup"), ("--dim", "64", "dim"),
-                               ("--seed", "1", "seed"), ("--order", "blocked", "order")):
+                               ("--seed", "1", "seed"), ("--order", "blocked", "order"),
+                               ("--host-allocator", "system", "host_allocator")):
         argv = [*one, "--resume"]
         if flag in argv:
             argv[argv.index(flag) + 1] = value
