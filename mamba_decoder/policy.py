@@ -15,8 +15,10 @@ On the CPU, `cpu_kernels` ("auto" or "torch") decides the fast backend's fp32 in
 besides the scan: oneDNN GEMMs (kernels/cpu_gemm.py, also the MoE's experts, one GEMM pair per
 expert over sorted rows), and the C passes of kernels/cpu_fused.py (Mamba's conv + SiLU, RMSNorm,
 the MoE's SwiGLU rows). "auto" takes them where they load (fp32, CPU, no autograd), "torch" never.
-MLA's prefill attention pads V to Dqk on the CPU (`mla_pad_v`), so SDPA runs its CPU flash kernel
-instead of its math path (which materializes the scores): the padded columns are exact zeros.
+MLA's causal prefill on fp32 CPU inference runs in query blocks through oneDNN GEMMs
+(`cpu_attention`, kernels/cpu_attention.py) where the call is large enough; otherwise SDPA, with V
+padded to Dqk on the CPU (`mla_pad_v`) so that it runs its CPU flash kernel instead of its math
+path (which materializes the scores): the padded columns are exact zeros.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from typing import Literal, Optional
 
 import torch
 
-from .kernels import cpu_fused, cpu_gemm, triton_runs
+from .kernels import cpu_attention, cpu_fused, cpu_gemm, triton_runs
 from .kernels import moe as moe_kernels
 from .kernels.selective_scan import auto_impl as scan_impl
 
@@ -84,6 +86,7 @@ class KernelDecision:
     cpu_gemm: bool = False       # fp32 CPU GEMMs through oneDNN, MoE experts too (no backward)
     cpu_fused: bool = False      # C conv + SiLU, RMSNorm, SwiGLU rows on fp32 CPU (no backward)
     mla_pad_v: bool = False      # MLA prefill SDPA with V padded to Dqk (the CPU flash kernel)
+    cpu_attention: bool = False  # MLA causal prefill in query blocks through oneDNN on fp32 CPU (no backward)
 
     @functools.cached_property
     def moe(self) -> str:
@@ -115,7 +118,8 @@ def _decide(p: KernelPolicy, device: torch.device, dtype: Optional[torch.dtype],
         mla_decode=triton_runs(p.mla_decode, device) and not grad,
         cpu_gemm=cpu and cpu_gemm.usable(device, dtype),
         cpu_fused=cpu and cpu_fused.usable(device, dtype),
-        mla_pad_v=device.type == "cpu")
+        mla_pad_v=device.type == "cpu",
+        cpu_attention=cpu and cpu_attention.usable(device, dtype))
 
 
 DEFAULT_POLICY = KernelPolicy()

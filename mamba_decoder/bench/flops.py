@@ -166,8 +166,11 @@ def _module_bytes(mod: nn.Module, B: int, L: int, elt: int, cpu: bool) -> tuple[
                 acts += T * H * (dqk + dv) * elt               # expanded keys and values
         else:
             acts += T * H * (dqk + dv) * elt                   # expanded keys and values
-            pad_v = cpu and dv < dqk and mod.policy.decide(torch.device("cpu")).mla_pad_v
-            acts += T * H * dqk * elt if pad_v else 0          # the padded copy of V
+            d = mod.policy.decide(torch.device("cpu"), torch.float32) if cpu else None
+            pad_v = cpu and dv < dqk and d.mla_pad_v
+            # the padded copy of V (SDPA's flash kernel), or the blocked attention's V^T
+            # (kernels/cpu_attention.py, its keys written heads-major in place of k): the larger
+            acts += T * H * max(dqk if pad_v else 0, dv if cpu and d.cpu_attention else 0) * elt
             scores = scores if cpu and dv != dqk and not pad_v else 0.0
         return acts + scores, acts + scores
     return 0.0, 0.0

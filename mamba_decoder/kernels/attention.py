@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from . import cpu_attention
+
 
 def causal_mask(S: int, T: int, device, dtype=torch.float32) -> torch.Tensor:
     """Additive (S, T) mask: query i sits at position T - S + i and sees keys j <= that."""
@@ -32,13 +34,19 @@ def _softmax(scores: torch.Tensor, mask: Optional[torch.Tensor], like: torch.Ten
     return scores.softmax(dim=-1, dtype=torch.float32).type_as(like)
 
 
-def join_last(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def join_last(a: torch.Tensor, b: torch.Tensor, heads_major: bool = False) -> torch.Tensor:
     """torch.cat([a, b], -1) with b broadcast to a's leading dims, written by two slice copies
     into one new tensor. The same values and gradients as cat, whose batched-copy kernel is slow
     on strided parts such as MLA's per-head [k_nope | k_pe] and [q_nope | q_pe]. H200, bf16, an
-    MLABlock train step at B8 interleaved with cat: 0.95x at L2048, 1.01x (no gain) at L8192."""
+    MLABlock train step at B8 interleaved with cat: 0.95x at L2048, 1.01x (no gain) at L8192.
+    `heads_major`: a (B, T, H, d) result is a view of a contiguous (B, H, T, d) tensor (what the
+    CPU's blocked attention reads; the same values)."""
     na = a.shape[-1]
-    out = a.new_empty(*a.shape[:-1], na + b.shape[-1])
+    if heads_major and a.dim() == 4:
+        B, T, H, _ = a.shape
+        out = a.new_empty(B, H, T, na + b.shape[-1]).permute(0, 2, 1, 3)
+    else:
+        out = a.new_empty(*a.shape[:-1], na + b.shape[-1])
     out[..., :na] = a
     out[..., na:] = b
     return out
@@ -69,12 +77,17 @@ def _sdpa_mask(mask, S: int, T: int, device, dtype):
     return mask.to(dtype), False
 
 
-def naive_sdpa(q, k, v, scale: float, mask=None, pad_v: bool = False):
+def naive_sdpa(q, k, v, scale: float, mask=None, pad_v: bool = False, cpu_blocked: bool = False):
     """SDPA of the naive form. With `pad_v` (the policy's mla_pad_v: the CPU) and Dv < Dqk, V is
     zero-padded to Dqk and the extra output columns (exact zeros) dropped: the CPU's flash kernel
     needs Dv == Dqk, else SDPA runs its math path, which materializes the (B, H, S, T) scores
-    (B8 H16 L1024 Dqk 192 Dv 128, fp32, 2 threads: 1155-2940 ms unpadded, 497-567 ms padded)."""
+    (B8 H16 L1024 Dqk 192 Dv 128, fp32, 2 threads: 1155-2940 ms unpadded, 497-567 ms padded).
+    With `cpu_blocked` (the policy's cpu_attention: fp32 CPU inference), a causal call large
+    enough (`cpu_attention.takes`) runs `cpu_attention.causal_attention` instead: query blocks
+    through oneDNN GEMMs, V unpadded."""
     S, T = q.shape[1], k.shape[1]
+    if cpu_blocked and mask is None and cpu_attention.takes(S, T):
+        return cpu_attention.causal_attention(q, k, v, scale)
     attn_mask, causal = _sdpa_mask(mask, S, T, q.device, q.dtype)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))             # (B, H, *, d)
     # Dv (128) != Dqk (192): SDPA picks a kernel that takes it (cuDNN on Hopper, else the

@@ -376,3 +376,48 @@ void rms_norm_rows(const float *x, i64 sx, const float *w, float eps, float *out
         else   { _Pragma("omp simd") for (i64 i = 0; i < D; i++) o[i] = xr[i] * inv; }
     }
 }
+
+/* Causal softmax numerators of rows [r0, r1) of one query block of attention scores, in place:
+ * s (n, ld) holds q . k for keys 0..end-1; row r is query position first + r and sees keys
+ * j <= first + r. Each row becomes exp(scale (s_j - max)) for its keys and 0 past them, and
+ * inv[r] = 1 / (its sum): the caller scales the rows of P V by inv (one multiply per output
+ * instead of per score). One read and one write of each score. */
+void attn_softmax_rows(float *s, i64 ld, i64 end, i64 first, float scale, float *inv, i64 r0, i64 r1) {
+    for (i64 r = r0; r < r1; r++) {
+        float *row = s + r * ld;
+        i64 n = first + r + 1;
+        if (n > end) n = end;
+        float m = -INFINITY;
+        _Pragma("omp simd reduction(max:m)") for (i64 j = 0; j < n; j++) m = row[j] > m ? row[j] : m;
+        const float ms = m * scale;
+        float sum = 0.0f;
+        _Pragma("omp simd reduction(+:sum)") for (i64 j = 0; j < n; j++) {
+            float e = vexp(row[j] * scale - ms);
+            row[j] = e;
+            sum += e;
+        }
+        for (i64 j = n; j < end; j++) row[j] = 0.0f;
+        inv[r] = 1.0f / sum;
+    }
+}
+
+/* out row r (stride so, Dv values) = ot[:, r] * inv[r], for rows [r0, r1): the (Dv, n) product
+ * P V transposed (as oneDNN wrote it) back to rows, normalized. In 16 x 16 tiles: a row-by-row
+ * gather would read ot down its columns (stride n floats), and at n = 256 those lines alias in
+ * a few L1 sets (measured 5x slower). */
+void attn_store_rows(const float *ot, i64 n, i64 Dv, const float *inv, float *out, i64 so, i64 r0, i64 r1) {
+    for (i64 rb = r0; rb < r1; rb += 16) {
+        const i64 re = rb + 16 < r1 ? rb + 16 : r1;
+        for (i64 db = 0; db < Dv; db += 16) {
+            const i64 de = db + 16 < Dv ? db + 16 : Dv;
+            float tile[16][16];
+            for (i64 d = db; d < de; d++)
+                for (i64 r = rb; r < re; r++) tile[r - rb][d - db] = ot[d * n + r];
+            for (i64 r = rb; r < re; r++) {
+                const float w = inv[r];
+                float *o = out + r * so;
+                for (i64 d = db; d < de; d++) o[d] = tile[r - rb][d - db] * w;
+            }
+        }
+    }
+}

@@ -40,6 +40,8 @@ _SIGNATURES = {   # the C functions' parameters, in order
     "causal_conv_silu": [_P, _I, _I, _P, _P, _P, _I, _I, _I, _I, _I, _I],
     "swiglu_rows": [_P, _P, _P, _I, _I, _I],
     "rms_norm_rows": [_P, _I, _P, ctypes.c_float, _P, _I, _I, _I],
+    "attn_softmax_rows": [_P, _I, _I, _I, ctypes.c_float, _P, _I, _I],
+    "attn_store_rows": [_P, _I, _I, _P, _P, _I, _I, _I],
 }
 
 

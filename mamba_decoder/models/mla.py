@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import DEFAULT_BACKEND, MLAConfig, check_backend
 from ..kernels import attention as attn_kernels
-from ..kernels import cpu_gemm
+from ..kernels import cpu_attention, cpu_gemm
 from ..policy import DEFAULT_POLICY, KernelPolicy, mla_triton_unfit
 from .norms import RMSNorm
 
@@ -263,16 +263,18 @@ class MLA(nn.Module):
     def _rope_fits_triton(self) -> bool:
         return mla_triton_unfit(self.qk_rope_head_dim) is None   # policy.py: the kernels' size limits
 
-    def _expand_kv(self, kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _expand_kv(self, kv: torch.Tensor, k_pe: torch.Tensor,
+                   heads_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The normalized latent kv (B, T, C) and rotated rope key k_pe (B, T, R) as per-head
-        keys (B, T, H, nope + R) and values (B, T, H, v) (the values a strided view)."""
+        keys (B, T, H, nope + R) and values (B, T, H, v) (the values a strided view; the keys a
+        view of a (B, H, T, nope + R) tensor with `heads_major`, for the CPU's blocked attention)."""
         if self.backend == "fast" and self._decision(kv).cpu_gemm:             # the same product, oneDNN
             kvb = cpu_gemm.linear(kv, self.wkv_b.weight, None, True).view(*kv.shape[:2], self.n_heads, -1)
         else:
             wkv_b = self.wkv_b.weight.view(self.n_heads, -1, self.kv_lora_rank)   # (H, nope + v, C)
             kvb = torch.einsum("btc,hdc->bthd", kv, wkv_b)                        # (B, T, H, nope + v)
         k_nope, v = torch.split(kvb, [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-        return attn_kernels.join_last(k_nope, k_pe.unsqueeze(2)), v
+        return attn_kernels.join_last(k_nope, k_pe.unsqueeze(2), heads_major), v
 
     def _attend(self, x, freqs, mask, cache: Optional[MLACache], where) -> torch.Tensor:
         """Attention of x's tokens (rotated by `freqs`); with a cache, their keys are written at
@@ -318,7 +320,10 @@ class MLA(nn.Module):
                 # Latent prefill: store the latent, then expand all of [0, end) (earlier
                 # positions come from the cache) to per-head K/V.
                 kv, k_pe = store(cache.kv, kv), store(cache.pe, k_pe)
-            k, v = self._expand_kv(kv, k_pe)
+            d = self._decision(x)
+            blocked = (fast and d.cpu_attention and mask is None and not isinstance(cache, FullCache)
+                       and cpu_attention.takes(seqlen, kv.shape[1]))
+            k, v = self._expand_kv(kv, k_pe, heads_major=blocked)
             if isinstance(cache, FullCache):
                 k, v = store(cache.k, k), store(cache.v, v)
             if fast and not torch.is_grad_enabled():
@@ -327,8 +332,8 @@ class MLA(nn.Module):
             else:
                 q = attn_kernels.join_last(q_nope, q_pe)
             if fast:
-                o = attn_kernels.naive_sdpa(q, k, v, self.softmax_scale, mask,
-                                            pad_v=self._decision(x).mla_pad_v)  # (B, S, H, Dv)
+                o = attn_kernels.naive_sdpa(q, k, v, self.softmax_scale, mask, pad_v=d.mla_pad_v,
+                                            cpu_blocked=d.cpu_attention)      # (B, S, H, Dv)
             else:
                 o = attn_kernels.naive_ref(q, k, v, self.softmax_scale, mask)
         return self._linear(o.flatten(2), self.wo)
@@ -364,6 +369,9 @@ class MLA(nn.Module):
         prefill = "triton prologue + naive-sdpa" if d.mla_prologue and rope else "naive-sdpa" + why * d.mla_prologue
         if d.mla_pad_v and self.v_head_dim < self.qk_head_dim:
             prefill += " (V padded to Dqk: the CPU flash kernel)"
+        if d.cpu_attention:
+            prefill = (f"cpu-blocked onednn (causal, S*T >= {cpu_attention.MIN_SCORES}), " + prefill
+                       + " otherwise")
         gemm = {"gemm": cpu_gemm.KERNEL_NAME} if d.cpu_gemm else {}
         if self.attn_impl != "absorb":
             return {"attn": f"prefill {prefill}, decode full-cache sdpa", **gemm}

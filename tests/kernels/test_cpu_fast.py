@@ -6,6 +6,8 @@ in fp64 where the twin can run it) and bf16 against fp32 within a stated bound, 
   the RMSNorm vs the torch ops (fp32 only: bf16 takes the torch twins, covered by the blocks);
 - kernels.moe's oneDNN per-expert path vs routed_loop (open_kimi's loop);
 - kernels.attention.naive_sdpa with V padded (the CPU flash kernel) vs naive_ref;
+- kernels.cpu_attention.causal_attention (query blocks through oneDNN) vs naive_ref in fp64, and
+  where naive_sdpa takes it; MLA's chunked prefill over a latent cache through it;
 - the policy's CPU decisions; each block, fast backend in inference (where these kernels run)
   vs the reference backend, fp32 and bf16.
 """
@@ -20,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from helpers import randomize_, rel_err  # noqa: E402
-from mamba_decoder.kernels import attention, cpu_fused, cpu_gemm, cpu_native  # noqa: E402
+from mamba_decoder.kernels import attention, cpu_attention, cpu_fused, cpu_gemm, cpu_native  # noqa: E402
 from mamba_decoder.kernels import moe as K  # noqa: E402
 from mamba_decoder.kernels.causal_conv import causal_conv1d_silu_torch  # noqa: E402
 from mamba_decoder.policy import KernelPolicy  # noqa: E402
@@ -182,16 +184,99 @@ def test_padded_v_has_gradients_of_the_unpadded():
     assert all(torch.allclose(a, b) for a, b in zip(*grads))
 
 
+@needs_cc
+@needs_onednn
+@pytest.mark.parametrize("S,T,H,Dqk,Dv,block", [
+    (37, 37, 3, 24, 16, 8),      # causal, S not a multiple of the block
+    (64, 64, 2, 16, 16, 16),     # a multiple
+    (5, 37, 3, 24, 16, 4),       # queries at the last S of T positions (a prefill after a cache)
+    (37, 37, 2, 16, 24, 8),      # Dv > Dqk
+    (1, 9, 1, 8, 8, 4),          # one query: sees every key
+    (20, 20, 1, 8, 8, 256),      # one block larger than S
+], ids=["causal", "multiple", "suffix-queries", "wide-v", "one-query", "one-block"])
+def test_cpu_blocked_attention_matches_reference(S, T, H, Dqk, Dv, block):
+    B = 2
+    q, k, v = torch.randn(B, S, H, Dqk), torch.randn(B, T, H, Dqk), torch.randn(B, T, H, Dv)
+    want = attention.naive_ref(q.double(), k.double(), v.double(), Dqk ** -0.5)
+    with torch.inference_mode():
+        got = cpu_attention.causal_attention(q, k, v, Dqk ** -0.5, block=block)
+        # keys given heads-major (what MLA's join_last(heads_major=True) makes) read in place
+        kh = attention.join_last(k[..., :Dqk - 3], k[..., Dqk - 3:], heads_major=True)
+        assert torch.equal(kh, k) and kh.permute(0, 2, 1, 3).is_contiguous()
+        assert torch.equal(cpu_attention.causal_attention(q, kh, v, Dqk ** -0.5, block=block), got)
+    assert got.shape == (B, S, H, Dv) and got.is_contiguous() and rel_err(got, want) <= 1e-5
+
+
+def test_join_last_heads_major_gives_cats_values_in_a_heads_major_tensor():
+    a, b = torch.randn(2, 5, 3, 4), torch.randn(2, 5, 1, 2)
+    want = torch.cat([a, b.expand(2, 5, 3, 2)], -1)
+    got = attention.join_last(a, b, heads_major=True)
+    assert torch.equal(got, want) and got.permute(0, 2, 1, 3).is_contiguous() and not got.is_contiguous()
+    assert torch.equal(attention.join_last(a, b), want) and attention.join_last(a, b).is_contiguous()
+
+
+@needs_cc
+@needs_onednn
+def test_naive_sdpa_takes_the_blocked_path_exactly_where_it_should(monkeypatch):
+    """cpu_blocked, causal (no mask) and S * T >= MIN_SCORES: the blocked path; an explicit mask, a
+    smaller call or cpu_blocked off: SDPA. The same values either way."""
+    B, H, S, Dqk, Dv = 2, 3, 40, 24, 16
+    q, k, v = torch.randn(B, S, H, Dqk), torch.randn(B, S, H, Dqk), torch.randn(B, S, H, Dv)
+    calls = []
+    real = cpu_attention.causal_attention
+    monkeypatch.setattr(cpu_attention, "causal_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(cpu_attention, "MIN_SCORES", S * S)
+    want = attention.naive_ref(q.double(), k.double(), v.double(), Dqk ** -0.5)
+    with torch.inference_mode():
+        for mask, blocked, S_, taken in ((None, True, S, 1), (attention.causal_mask(S, S, "cpu"), True, S, 0),
+                                         (None, False, S, 0), (None, True, S - 1, 0)):
+            calls.clear()
+            got = attention.naive_sdpa(q[:, :S_], k[:, :S_], v[:, :S_], Dqk ** -0.5, mask, pad_v=True,
+                                       cpu_blocked=blocked)
+            assert len(calls) == taken and rel_err(got, want[:, :S_] if S_ == S else
+                                                    attention.naive_ref(q[:, :S_].double(), k[:, :S_].double(),
+                                                                        v[:, :S_].double(), Dqk ** -0.5)) <= 1e-5
+
+
+@needs_cc
+@needs_onednn
+def test_mla_chunked_prefill_over_a_latent_cache_through_the_blocked_path(monkeypatch):
+    """A fast MLA prefill of 37 tokens in two chunks (20, then 17 over a latent cache: queries at
+    the end of the keys) equals the 37-token forward and the reference backend, with every chunk
+    through the blocked attention."""
+    from mamba_decoder.models.mla import MLA
+
+    monkeypatch.setattr(cpu_attention, "MIN_SCORES", 0)
+    calls = []
+    real = cpu_attention.causal_attention
+    monkeypatch.setattr(cpu_attention, "causal_attention", lambda *a, **kw: calls.append(a[0].shape[1]) or real(*a, **kw))
+    torch.manual_seed(0)
+    ref = randomize_(MLA(48, 3, q_lora_rank=16, kv_lora_rank=24, qk_nope_head_dim=12, qk_rope_head_dim=8,
+                         v_head_dim=10, backend="reference")).eval()
+    fast = MLA(48, 3, q_lora_rank=16, kv_lora_rank=24, qk_nope_head_dim=12, qk_rope_head_dim=8,
+               v_head_dim=10, backend="fast").eval()
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 37, 48)
+    with torch.inference_mode():
+        want = ref(x)
+        whole = fast(x)
+        cache = fast.init_cache(2, 40)
+        parts = torch.cat([fast(x[:, :20], start_pos=0, cache=cache), fast(x[:, 20:], start_pos=20, cache=cache)], 1)
+    assert calls == [37, 20, 17]
+    assert rel_err(whole, want) <= 1e-5 and rel_err(parts, want) <= 1e-5
+
+
 # ---------------------------------------------------------------- policy
 def test_policy_takes_the_cpu_kernels_for_fp32_inference_only():
     d = KernelPolicy().decide(CPU, torch.float32)
     assert d.cpu_gemm == cpu_gemm.onednn_available() and d.cpu_fused == cpu_native.available()[0]
+    assert d.cpu_attention == (cpu_gemm.onednn_available() and cpu_native.available()[0])
     assert d.mla_pad_v and d.moe == ("onednn-experts" if d.cpu_gemm and K.auto_impl(CPU, torch.float32)
                                      == "grouped_mm" else K.auto_impl(CPU, torch.float32))
     for off in (KernelPolicy().decide(CPU, torch.float32, grad=True), KernelPolicy().decide(CPU, torch.bfloat16),
                 KernelPolicy(cpu_kernels="torch").decide(CPU, torch.float32),
                 KernelPolicy().decide(torch.device("cuda"), torch.float32)):
-        assert not off.cpu_gemm and not off.cpu_fused and off.moe != "onednn-experts"
+        assert not off.cpu_gemm and not off.cpu_fused and not off.cpu_attention and off.moe != "onednn-experts"
     with pytest.raises(ValueError, match="cpu_kernels='triton' is not one of: auto, torch"):
         KernelPolicy(cpu_kernels="triton")
 
@@ -215,8 +300,9 @@ def test_fast_blocks_in_inference_match_reference(name, build, monkeypatch):
     fast.load_state_dict(ref.state_dict())
     x = torch.randn(3, 70, 64)
     calls = []
+    monkeypatch.setattr(cpu_attention, "MIN_SCORES", 0)
     for mod, fn in ((cpu_gemm, "linear"), (cpu_fused, "causal_conv1d_silu_bld"), (cpu_fused, "rms_norm_cpu"),
-                    (cpu_fused, "swiglu_rows_cpu"), (K, "routed_grouped_onednn")):
+                    (cpu_fused, "swiglu_rows_cpu"), (K, "routed_grouped_onednn"), (cpu_attention, "causal_attention")):
         real = getattr(mod, fn)
         monkeypatch.setattr(mod, fn, lambda *a, _f=fn, _r=real, **k: calls.append(_f) or _r(*a, **k))
     with torch.inference_mode():
@@ -226,7 +312,8 @@ def test_fast_blocks_in_inference_match_reference(name, build, monkeypatch):
             expect = {"Regular Mamba": {"linear", "causal_conv1d_silu_bld", "rms_norm_cpu"},
                       "MambaDecoderBlock": {"linear", "causal_conv1d_silu_bld", "swiglu_rows_cpu",
                                             "routed_grouped_onednn", "rms_norm_cpu"},
-                      "MLABlock": {"linear", "swiglu_rows_cpu", "routed_grouped_onednn", "rms_norm_cpu"}}[name]
+                      "MLABlock": {"linear", "swiglu_rows_cpu", "routed_grouped_onednn", "rms_norm_cpu",
+                                   "causal_attention"}}[name]
             assert expect <= set(calls), set(calls)
         set_kernel_policy(fast, KernelPolicy(cpu_kernels="torch"))
         assert rel_err(fast(x), want) <= 1e-5
