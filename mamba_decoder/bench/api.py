@@ -24,7 +24,7 @@ def run_scaling_benchmarks(dim: int = 512, sequence_lengths: Optional[Sequence[i
                            dtype: str | torch.dtype | Sequence[str | torch.dtype] = "float32", warmup: int = 5, runs: int = 20,
                            min_time: float = 0.0, threads: Optional[int] = None, seed: int = 0,
                            isolate: bool = False, config_timeout: Optional[float] = None,
-                           force: bool = False, order: str = "interleaved", host_allocator: str = "retain",
+                           force: bool = False, order: str = "interleaved", host_allocator: str = "retain", processes: int = 1,
                            output_dir: Optional[str | Path] = None,
                            resume: bool = False, overwrite: bool = False, verbose: bool = True,
                            progress: bool = True, preset: Optional[str] = None,
@@ -69,7 +69,7 @@ def run_scaling_benchmarks(dim: int = 512, sequence_lengths: Optional[Sequence[i
             backends=backend, dtypes=dtype,
             device=device, warmup=warmup, runs=runs, min_time_s=min_time, threads=threads, seed=seed,
             isolate=isolate, config_timeout_s=config_timeout, force=force, order=order,
-            host_allocator=host_allocator)
+            host_allocator=host_allocator, processes=processes)
     except ValidationError as e:
         raise UsageError(one_line(e)) from None
     o = Output(dir=None if output_dir is None else Path(output_dir), resume=resume, overwrite=overwrite,

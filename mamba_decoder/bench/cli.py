@@ -120,6 +120,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="CPU runs: retain keeps freed host memory for reuse (glibc), so a forward's "
                         "large buffers do not fault in afresh on every call; system keeps the C "
                         "library's defaults (default: retain)")
+    p.add_argument("--processes", type=pos, default=1, metavar="N",
+                   help="measure the sweep N times in fresh worker processes, one after another, each "
+                        "config's timed runs split between them; ratios' intervals then resample the "
+                        "processes too, so they cover where a rerun on this machine lands (asv's "
+                        "approach; default: 1, this process)")
     p.add_argument("--isolate", action="store_true",
                    help="measure each config in its own subprocess (a crash costs one row)")
     p.add_argument("--force", action="store_true",
@@ -199,7 +204,7 @@ def settings_from_args(args: argparse.Namespace, device: str) -> SweepSettings:
                           dtypes=list(dict.fromkeys(args.dtype)), device=device, warmup=pick("warmup"),
                           runs=pick("runs"), min_time_s=args.min_time, threads=args.threads,
                           seed=args.seed, isolate=args.isolate, order=args.order,
-                          host_allocator=args.host_allocator,
+                          host_allocator=args.host_allocator, processes=args.processes,
                           config_timeout_s=args.config_timeout, force=args.force, mode=args.mode, level=args.level,
                           compile=args.compile, cuda_graphs=args.cuda_graphs, cache_kind=args.cache_kind,
                           optimizer_step=args.optimizer_step, depth=m.get("depth", 4),

@@ -120,6 +120,11 @@ def _execute(s: SweepSettings, launcher: Launcher, o: Output) -> Outcome:
                   flush=True)
             for line in plan.banner:
                 print(report.fit_line(line, width, sep=" "), flush=True)
+            if s.processes > 1:
+                split = "/".join(str(s.process_share(p).runs) for p in range(s.processes))
+                print(report.fit_line(f"Processes: {s.processes}, one after another (each config's {s.runs} timed "
+                                      f"runs split {split}; intervals resample the processes, then rounds)",
+                                      width, sep=" "), flush=True)
             if s.sizes:   # --preset / --model-config / the size flags: what the blocks were built with
                 print(report.fit_line("Block sizes: " + ", ".join(f"{k}={v[0] if len(v) == 1 else v}"
                                                                   for k, v in s.sizes.items())

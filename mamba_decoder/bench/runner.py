@@ -30,7 +30,8 @@ from .registry import NO_MAMBA_MIXER, build_lm, build_model, parameter_counts
 from .results import BenchmarkResult, RecordWriter, UsageError, cpu_model, record_identity
 from .settings import CACHE_KINDS, DTYPES, LEVELS, MODES, Config, SweepSettings, iter_configs  # noqa: F401
 from .energy import ENERGY_WINDOW_S, EnergyMeter, EnergyReading, energy_fields, energy_window
-from .timing import REWARM_BELOW_MS, calibration_kernel, time_callable, time_interleaved  # noqa: F401
+from .names import RecordKey
+from .timing import PROCESS_ROUNDS, REWARM_BELOW_MS, calibration_kernel, time_callable, time_interleaved  # noqa: F401
 from .workloads import DecodeSession, GraphedForward, TrainStep
 
 MB = 2 ** 20
@@ -480,6 +481,87 @@ def measure_isolated(cfg: Config, s: SweepSettings) -> BenchmarkResult:
 
 
 # ---------------------------------------------------------------- the sweep
+# ---------------------------------------------------------------- several processes
+def _process_records(configs: list[Config], s: SweepSettings, p: int) -> dict[RecordKey, BenchmarkResult]:
+    """Process p of `s.processes` measures `configs` with its share of the runs, in a fresh worker
+    (`worker.py`, "configs"); its records by key. A worker that dies leaves its unmeasured configs
+    as error records naming the cause."""
+    share = s.process_share(p)
+    payload = json.dumps({"settings": share.model_dump(), "configs": [asdict(c) for c in configs]})
+    proc = subprocess.Popen(worker_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(payload)
+    except BaseException:             # Ctrl-C: the worker goes too
+        proc.kill()
+        proc.wait()
+        raise
+    got: dict[RecordKey, BenchmarkResult] = {}
+    for line in out.splitlines():
+        if line.startswith(RECORD_PREFIX):
+            try:
+                r = BenchmarkResult.model_validate_json(line[len(RECORD_PREFIX):])
+            except ValueError:
+                continue                  # a garbled line: that config is reported missing below
+            got[r.key] = r
+    last = [ln.strip() for ln in err.splitlines() if ln.strip()]
+    cause = f"process {p + 1} of {s.processes} exited with code {proc.returncode}" + (f": {last[-1]}" if last else "")
+    for c in configs:
+        if c.key(s) not in got:
+            got[c.key(s)] = BenchmarkResult.failed("error", f"not measured: {cause}",
+                                                   **record_identity(c, s, s.device))
+    return got
+
+
+def merge_processes(parts: list[BenchmarkResult], s: SweepSettings) -> BenchmarkResult:
+    """One record from the same config measured by several processes: the samples of all, each
+    sample's round numbered p * PROCESS_ROUNDS + its round in process p (so ratios still pair by
+    round, and timing's bootstrap resamples processes, then rounds); the host and device peaks
+    the largest, the CPU GEMM probe the median, energy from the first process. A config that
+    failed in any process is that failure (naming the process)."""
+    for p, r in enumerate(parts):
+        if not r.ok:
+            if len(parts) == 1:
+                return r
+            return r.model_copy(update=dict(message=f"process {p + 1} of {len(parts)}: {r.message}"))
+    first = parts[0]
+    samples = [v for r in parts for v in r.samples_ms]
+    rounds = [p * PROCESS_ROUNDS + x for p, r in enumerate(parts)
+              for x in (r.sample_rounds or range(len(r.samples_ms)))]
+    stats = {"latency_ms", "latency_std_ms", "latency_median_ms", "latency_iqr_ms", "latency_p10_ms",
+             "latency_p90_ms", "throughput_tokens_per_sec", "samples_ms", "n_runs", "high_spread", "status",
+             "timestamp", "sample_rounds", "rounds_id", "calibration_ms", "tflops_per_sec", "mfu",
+             "gb_per_sec", "message"}
+    fields = {k: v for k, v in first.model_dump().items() if k not in stats}
+    for k in ("peak_memory_mb", "host_peak_rss_mb"):
+        vals = [getattr(r, k) for r in parts if getattr(r, k) is not None]
+        fields[k] = max(vals) if vals else None
+    probes = sorted(r.peak_tflops for r in parts if r.peak_tflops is not None)
+    if first.device.startswith("cpu") and probes:
+        fields["peak_tflops"] = probes[len(probes) // 2]
+    r = BenchmarkResult.from_samples(samples, sample_rounds=rounds,
+                                     rounds_id="+".join(x.rounds_id for x in parts) if all(x.rounds_id for x in parts) else "",
+                                     calibration_ms=[v for x in parts for v in x.calibration_ms], **fields)
+    _add_rates(r, s, torch.device(s.device))
+    return r
+
+
+def measure_in_processes(configs: list[Config], s: SweepSettings,
+                         on_process: Optional[Callable[[int], None]] = None) -> Iterator[BenchmarkResult]:
+    """`s.processes` fresh worker processes, one after another, each measuring every config with
+    its share of the timed runs (asv's design: a config's samples then span the machine's states
+    over the whole sweep, not the seconds of one block); the records merged in sweep order."""
+    if not configs:
+        return
+    parts = []
+    for p in range(s.processes):
+        parts.append(_process_records(configs, s, p))
+        if on_process is not None:
+            on_process(p)
+    for c in configs:
+        yield merge_processes([got[c.key(s)] for got in parts], s)
+
+
 def measure_each(configs: Iterable[Config], s: SweepSettings) -> Iterator[BenchmarkResult]:
     """Measure `configs` in order (lazily): each model is built once per (model, backend, dtype).
     Interleaved, each run of consecutive configs of one shape is timed together in rounds and every
@@ -530,7 +612,8 @@ def run_sweep(s: SweepSettings, *, writer: Optional[RecordWriter] = None,
     done = done or {}
     apply_process_settings(s)
     results: list[BenchmarkResult] = []
-    measured = measure_each((c for c in iter_configs(s) if c.key(s) not in done), s)
+    pending = (c for c in iter_configs(s) if c.key(s) not in done)
+    measured = (measure_in_processes(list(pending), s) if s.processes > 1 else measure_each(pending, s))
     bar = tqdm(total=s.n_configs, file=sys.stderr, disable=not progress or not sys.stderr.isatty(), unit="config",
                dynamic_ncols=True, leave=False)
     try:

@@ -85,6 +85,9 @@ class SweepSettings(BaseModel):
     seed: Annotated[int, Field(strict=True, ge=0, le=MAX_SEED)] = _field(
         "seed", f"an integer in 0..{MAX_SEED} (2**63-1)", 0)
     isolate: Flag = _field("isolate", "True or False", False)
+    # the sweep measured in this many worker processes one after another, each config's timed runs
+    # split between them (runner.measure_in_processes); intervals then resample processes too
+    processes: PosInt = _field("processes", "an integer >= 1", 1)
     force: Flag = _field("force", "True or False", False)  # run configs whose estimated peak memory exceeds what is available
     # --isolate: seconds one config's worker may take (None: runner.DEFAULT_CONFIG_TIMEOUT_S)
     config_timeout_s: Optional[Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)]] = _field(
@@ -153,6 +156,12 @@ class SweepSettings(BaseModel):
                              f"(got mode {self.mode!r} on {dev.type})")
         if self.cache_kind is not None and self.mode != "decode":
             raise ValueError(f"--cache-kind applies to --mode decode (got mode {self.mode!r})")
+        if self.processes > 1 and self.isolate:
+            raise ValueError(f"--processes {self.processes} measures the sweep in {self.processes} worker "
+                             "processes; --isolate (a worker per config) does not combine with it")
+        if self.processes > self.runs:
+            raise ValueError(f"--processes {self.processes} splits each config's timed runs between the "
+                             f"processes: it needs at least as many runs (--runs {self.runs})")
         if self.config_timeout_s is not None and not self.isolate:
             raise ValueError("--config-timeout applies to --isolate (a config measured in this process "
                              "cannot be stopped safely)")
@@ -170,6 +179,13 @@ class SweepSettings(BaseModel):
                     raise ValueError(f"model size {name}: {v!r} is not an integer (accepted: one or more integers)")
         self.size_grid()   # each point of the grid checked once, here (one line)
         return self
+
+    def process_share(self, p: int) -> "SweepSettings":
+        """The settings process p (0-based) of `processes` measures with: its share of the timed
+        runs (and of --min-time), the rest the same."""
+        n = self.processes
+        return self.model_copy(update=dict(runs=self.runs // n + (p < self.runs % n), processes=1,
+                                           min_time_s=self.min_time_s / n))
 
     def size_grid(self) -> list[BlockSizes]:
         """Every combination of the given sizes (the grid's hyperparameter axes), validated."""

@@ -269,28 +269,34 @@ def _round_medians(samples: Sequence[float], rounds: Sequence[int]) -> dict[int,
 
 # Fewer shared rounds than this: too few for a bootstrap over rounds; the samples are used instead.
 MIN_PAIRED_ROUNDS = 5
+# A record merged from several processes (`--processes`, runner.merge_processes) numbers process
+# p's round r as p * PROCESS_ROUNDS + r: rounds still pair across models, and the bootstrap reads
+# the process of each round from it.
+PROCESS_ROUNDS = 1_000_000
 
 
-def _per_round_ratios(num, num_rounds, den, den_rounds) -> Optional[np.ndarray]:
-    """num/den per common round (round medians), or None when fewer than MIN_PAIRED_ROUNDS
-    rounds are shared."""
+def _per_round_ratios(num, num_rounds, den, den_rounds) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """(num/den per common round (round medians), each round's process), or None when fewer
+    than MIN_PAIRED_ROUNDS rounds are shared."""
     if not num_rounds or not den_rounds or len(num_rounds) != len(num) or len(den_rounds) != len(den):
         return None
     a, b = _round_medians(num, num_rounds), _round_medians(den, den_rounds)
     common = sorted(set(a) & set(b))
     if len(common) < MIN_PAIRED_ROUNDS:
         return None
-    return np.array([a[r] / b[r] for r in common])
+    return np.array([a[r] / b[r] for r in common]), np.array([r // PROCESS_ROUNDS for r in common])
 
 
 class _Term:
     """One ratio's data for the bootstrap: one array of per-round ratios (paired), or the
-    numerator's and denominator's samples (unpaired)."""
+    numerator's and denominator's samples (unpaired). `groups`: each per-round ratio's process,
+    where the rounds come from more than one (else None)."""
 
     def __init__(self, num, den, num_rounds=(), den_rounds=(), paired: bool = True):
         r = _per_round_ratios(num, num_rounds, den, den_rounds) if paired else None
         self.paired = r is not None
-        self.data = (r,) if r is not None else (np.asarray(num, float), np.asarray(den, float))
+        self.groups = r[1] if r is not None and len(set(r[1].tolist())) > 1 else None
+        self.data = (r[0],) if r is not None else (np.asarray(num, float), np.asarray(den, float))
 
     def stat(self, *arrays, axis=-1):
         if self.paired:
@@ -298,7 +304,32 @@ class _Term:
         return np.median(arrays[0], axis=axis) / np.median(arrays[1], axis=axis)
 
 
+def _two_level_medians(values: np.ndarray, groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """N_RESAMPLES bootstrap medians of per-round values measured in several processes, resampled
+    on two levels: the processes with replacement, then each drawn process's rounds with
+    replacement (scipy's bootstrap resamples one level). The spread between processes, which one
+    process's rounds cannot show, is then in the interval. Vectorized as counts: a process drawn
+    k times contributes k x its m rounds drawn uniformly, i.e. a multinomial of k*m over them;
+    the median of each resample is the weighted median of the sorted values."""
+    ids, gi = np.unique(groups, return_inverse=True)
+    order = np.argsort(values, kind="stable")
+    v, gi = values[order], gi[order]
+    picks = rng.integers(0, len(ids), size=(N_RESAMPLES, len(ids)))
+    w = np.zeros((N_RESAMPLES, len(v)), dtype=np.int64)
+    for g in range(len(ids)):
+        cols = np.flatnonzero(gi == g)
+        k = (picks == g).sum(axis=1) * len(cols)
+        w[:, cols] = rng.multinomial(k, np.full(len(cols), 1.0 / len(cols)))
+    cs = np.cumsum(w, axis=1)
+    total = cs[:, -1:]
+    lo = np.argmax(cs > (total - 1) // 2, axis=1)
+    hi = np.argmax(cs > total // 2, axis=1)
+    return (v[lo] + v[hi]) / 2
+
+
 def _bootstrap(terms: Sequence[_Term], combine) -> tuple[float, float, float]:
+    if any(t.groups is not None for t in terms):
+        return _bootstrap_processes(terms, combine)
     data = [a for t in terms for a in t.data]
     sizes = [len(t.data) for t in terms]
 
@@ -315,6 +346,25 @@ def _bootstrap(terms: Sequence[_Term], combine) -> tuple[float, float, float]:
                           method="percentile", vectorized=True, paired=False,
                           rng=np.random.default_rng(0))
     lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    return point, min(lo, point), max(hi, point)
+
+
+def _bootstrap_processes(terms: Sequence[_Term], combine) -> tuple[float, float, float]:
+    """`_bootstrap` where some term's rounds come from several processes: those terms resampled
+    on two levels (`_two_level_medians`), the others' arrays as scipy's bootstrap does (each
+    resampled with replacement); percentile interval, as there."""
+    rng = np.random.default_rng(0)
+    point = float(combine(np.stack([t.stat(*t.data) for t in terms])))
+    stats_ = []
+    for t in terms:
+        if t.groups is not None:
+            stats_.append(_two_level_medians(t.data[0], t.groups, rng))
+        else:
+            arrays = [a[rng.integers(0, len(a), size=(N_RESAMPLES, len(a)))] for a in t.data]
+            stats_.append(t.stat(*arrays, axis=-1))
+    dist = combine(np.stack(stats_))
+    alpha = (1 - CONFIDENCE) / 2
+    lo, hi = (float(v) for v in np.quantile(dist, [alpha, 1 - alpha]))
     return point, min(lo, point), max(hi, point)
 
 

@@ -442,6 +442,9 @@ class Torchrun:
     def _plan(self, s: SweepSettings, o) -> dict:
         """Rank 0: prepare the output directory and shard what is left. Never raises (errors travel)."""
         out = o.dir
+        if s.processes > 1:   # every rank would spawn its own workers on a shared device
+            return {"error": f"--processes {s.processes} runs on one machine without torchrun (each torchrun "
+                             "rank is a process already)", "usage": True, "shards": None}
         try:
             resume = o.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
             if resume and not o.resume:

@@ -1,7 +1,9 @@
-"""Measure one config in this process and print its record: `python -m mamba_decoder.bench.worker`.
+"""Measure configs in this process and print their records: `python -m mamba_decoder.bench.worker`.
 
 Reads {"settings": SweepSettings fields, "config": Config fields} as JSON on stdin and prints
 one line `RECORD {json}` on stdout. Used by `--isolate`, so that a crash costs one row only.
+With "configs" (a list) instead of "config", measures them as a sweep does (interleaved by
+shape) and prints a line per record as it finishes: one process of `--processes`.
 """
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import json
 import sys
 
 
-from .runner import RECORD_PREFIX, apply_process_settings, measure
+from .runner import RECORD_PREFIX, apply_process_settings, measure, measure_each
 from .settings import Config, SweepSettings
 
 
@@ -17,9 +19,13 @@ def main() -> int:
     payload = json.loads(sys.stdin.read())
     s = SweepSettings(**payload["settings"])
     apply_process_settings(s)
-    r = measure(Config(**payload["config"]), s)
-    sys.stdout.write(RECORD_PREFIX + r.model_dump_json() + "\n")
-    sys.stdout.flush()
+    if "configs" in payload:
+        records = measure_each([Config(**c) for c in payload["configs"]], s)
+    else:
+        records = [measure(Config(**payload["config"]), s)]
+    for r in records:
+        sys.stdout.write(RECORD_PREFIX + r.model_dump_json() + "\n")
+        sys.stdout.flush()
     return 0
 
 

@@ -302,7 +302,7 @@ def test_resume_refuses_other_settings_naming_the_field_and_keeps_the_start(tmp_
     assert env["settings"]["host_allocator"] == "retain" and env["host_allocator"]
     for flag, value, field in (("--runs", "3", "runs"), ("--warmup", "1", "warmup"), ("--dim", "64", "dim"),
                                ("--seed", "1", "seed"), ("--order", "blocked", "order"),
-                               ("--host-allocator", "system", "host_allocator")):
+                               ("--host-allocator", "system", "host_allocator"), ("--processes", "2", "processes")):
         argv = [*one, "--resume"]
         if flag in argv:
             argv[argv.index(flag) + 1] = value
@@ -349,3 +349,19 @@ def test_every_console_line_fits_80_columns_when_the_terminal_has_80(tmp_path, c
     code, out, err = run([*argv, "--output-dir", str(tmp_path / "wide")], capsys)
     lines = [ln for ln in out.splitlines() if "| SeqLen:" in ln]
     assert code == 0 and len(lines) == 24 and all(LINE_RE.match(ln) for ln in lines)   # 12 configs x 2 backends
+
+
+def test_processes_on_the_command_line_say_how_the_runs_are_split(tmp_path, capsys):
+    import json
+
+    d = tmp_path / "p"
+    code, out, err = run(["run", "--dim", "32", "--seq-lens", "8", "--batch-sizes", "1", "--runs", "3", "--warmup", "0",
+                          "--no-cuda", "--no-progress", "--no-plots", "--models", "Regular Mamba", "--processes", "2",
+                          "--output-dir", str(d)], capsys)
+    assert code == 0, err
+    assert "Processes: 2, one after another (each config's 3 timed runs split 2/1;" in out
+    (r,) = read_jsonl(d / "results.jsonl")
+    assert r.ok and r.n_runs == 3
+    assert json.loads((d / "environment.json").read_text())["settings"]["processes"] == 2
+    code, _, err = run(["run", "--no-cuda", "--runs", "2", "--processes", "3"], capsys)
+    assert code == 2 and err.startswith("error: --processes 3 splits") and err.count("\n") == 1

@@ -173,3 +173,53 @@ def test_interleaved_order_puts_backends_and_dtypes_inside_each_shape():
     blocked = s.model_copy(update={"order": "blocked"})
     assert [(c.batch_size, c.backend) for c in iter_configs(blocked)] == [
         (1, "reference"), (2, "reference"), (1, "fast"), (2, "fast")]
+
+
+# ---------------------------------------------------------------- --processes
+def test_processes_split_each_configs_runs_and_merge_them_paired_by_round():
+    """Three worker processes, 10 timed runs: 4/3/3 per process (2 rounds each, at 2 runs a
+    round); each record holds all 10 samples, its rounds numbered by process (timing.PROCESS_ROUNDS), one rounds_id per
+    shape shared by its models, so speedups stay paired."""
+    from mamba_decoder.bench.results import latency_ratio
+    from mamba_decoder.bench.timing import PROCESS_ROUNDS
+
+    s = tiny(models=["Regular Mamba", "MambaDecoderBlock"], sequence_lengths=[8], batch_sizes=[1], runs=10,
+             processes=3)
+    assert [s.process_share(p).runs for p in range(3)] == [4, 3, 3]
+    out = run_sweep(s, progress=False)
+    assert [r.model_name for r in out] == ["Regular Mamba", "MambaDecoderBlock"] and all(r.ok for r in out)
+    for r in out:
+        assert r.n_runs == 10 and sorted({x // PROCESS_ROUNDS for x in r.sample_rounds}) == [0, 1, 2]
+        assert r.rounds_id.count("+") == 2
+    assert out[0].rounds_id == out[1].rounds_id
+    assert latency_ratio(out[1], out[0]).paired
+
+
+def test_a_config_that_fails_in_one_process_is_that_failure_naming_the_process(monkeypatch):
+    from mamba_decoder.bench.results import BenchmarkResult
+
+    s = tiny(processes=2)
+    ok = BenchmarkResult.from_samples([1.0, 1.1], sample_rounds=[0, 0], rounds_id="a", model_name="Regular Mamba",
+                                      sequence_length=8, batch_size=1, dim=32, backend="fast", dtype="float32",
+                                      device="cpu", num_parameters=1)
+    bad = BenchmarkResult.failed("oom", "out of memory", model_name="Regular Mamba", sequence_length=8, batch_size=1,
+                                 dim=32, backend="fast", dtype="float32", device="cpu")
+    merged = runner.merge_processes([ok, bad], s)
+    assert merged.status == "oom" and merged.message == "process 2 of 2: out of memory"
+    both = runner.merge_processes([ok, ok.model_copy(update=dict(rounds_id="b"))], s)
+    assert both.ok and both.samples_ms == [1.0, 1.1, 1.0, 1.1] and both.rounds_id == "a+b"
+
+
+def test_a_worker_process_that_dies_leaves_error_records_naming_it(monkeypatch):
+    monkeypatch.setattr(runner, "worker_command", lambda: [sys.executable, "-c", "import sys; sys.exit(3)"])
+    out = run_sweep(tiny(models=["Regular Mamba"], batch_sizes=[1], processes=2), progress=False)
+    assert len(out) == 2
+    assert all(r.status == "error" and r.message.startswith("process 1 of 2: not measured: process 1 of 2 "
+                                                            "exited with code 3") for r in out)
+
+
+def test_processes_refuse_isolate_and_more_processes_than_runs():
+    with pytest.raises(ValueError, match="--isolate .* does not combine"):
+        tiny(processes=2, isolate=True)
+    with pytest.raises(ValueError, match=r"--processes 3 .* at least as many runs \(--runs 2\)"):
+        tiny(processes=3)

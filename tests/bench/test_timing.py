@@ -230,3 +230,62 @@ def test_too_few_rounds_are_not_paired():
     assert not r.paired and r.lo <= r.value <= r.hi
     rounds = list(range(MIN_PAIRED_ROUNDS))
     assert ratio([2.0] * MIN_PAIRED_ROUNDS, [1.0] * MIN_PAIRED_ROUNDS, rounds, rounds).paired
+
+
+# ---------------------------------------------------------------- several processes (--processes)
+def _three_processes(medians=(1.0, 1.05, 1.10), rounds_each=8, seed=2):
+    """Per-round ratios num/den from three processes, each round's ratio its process's median
+    times 1 +- 0.2%: the spread is between processes, not within one."""
+    import numpy as np
+
+    from mamba_decoder.bench.timing import PROCESS_ROUNDS
+
+    rng = np.random.default_rng(seed)
+    num, rounds = [], []
+    for p, m in enumerate(medians):
+        num += list(m * rng.uniform(0.998, 1.002, rounds_each))
+        rounds += [p * PROCESS_ROUNDS + r for r in range(rounds_each)]
+    return num, [1.0] * len(num), rounds
+
+
+def test_an_interval_over_processes_covers_the_spread_between_them():
+    """Rounds from three processes whose medians are 1.00, 1.05 and 1.10: the two-level bootstrap
+    (processes, then rounds) gives an interval from about 1.00 to 1.10, holding every process's
+    median; the same values read as one process's rounds give one that misses the last process's
+    1.10 (what a rerun in that machine state lands on)."""
+    from mamba_decoder.bench.timing import ratio
+
+    num, den, rounds = _three_processes()
+    r = ratio(num, den, rounds, rounds)
+    assert r.paired and r.lo <= 1.003 and r.hi >= 1.097 and r.lo <= r.value <= r.hi
+    one = ratio(num, den, list(range(len(num))), list(range(len(num))))
+    assert one.hi < 1.08 and abs(one.value - 1.05) < 0.005
+
+
+def test_two_level_medians_of_one_process_match_scipys_bootstrap():
+    """With the rounds of one process drawn as one group, the two-level resampling is the plain
+    bootstrap: its median's 2.5% and 97.5% quantiles agree with scipy's to within one value."""
+    import numpy as np
+    from scipy import stats
+
+    from mamba_decoder.bench.timing import CONFIDENCE, N_RESAMPLES, _two_level_medians
+
+    rng = np.random.default_rng(3)
+    v = np.sort(rng.lognormal(0, 0.3, 41))
+    meds = _two_level_medians(v, np.zeros(41, dtype=int), np.random.default_rng(0))
+    ref = stats.bootstrap((v,), np.median, n_resamples=N_RESAMPLES, confidence_level=CONFIDENCE,
+                          method="percentile", rng=np.random.default_rng(0)).confidence_interval
+    q = np.quantile(meds, [0.025, 0.975])
+    step = np.diff(v).max()
+    assert meds.shape == (N_RESAMPLES,) and set(np.round(meds, 12)) <= set(np.round(v, 12))   # odd n: a value
+    assert abs(q[0] - ref.low) <= step and abs(q[1] - ref.high) <= step
+
+
+def test_geomean_over_processes_is_wider_than_over_rounds():
+    from mamba_decoder.bench.timing import geomean_ratio
+
+    num, den, rounds = _three_processes()
+    flat = list(range(len(num)))
+    g = geomean_ratio([(num, den, rounds, rounds, True)] * 2)
+    g1 = geomean_ratio([(num, den, flat, flat, True)] * 2)
+    assert g.lo <= 1.01 and g.hi >= 1.09 and g1.hi < 1.08
