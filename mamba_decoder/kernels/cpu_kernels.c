@@ -23,21 +23,24 @@
 typedef int64_t i64;
 
 /* exp(x), |rel err| < 2e-7 for x in [-87, 88]; clamped outside (exp(-87) ~ 1.6e-38, never a
- * denormal). Cody-Waite reduction x = n ln2 + r, degree-6 Taylor in r, times 2^n by its bits. */
+ * denormal). Cody-Waite reduction x = n ln2 + r, degree-6 Taylor in r, times 2^n by its bits.
+ * EXP_REDUCED declares n and p = exp(r) for a clamped x of type T (float, or the vector type vf
+ * below: the same operations either way). */
+#define EXP_REDUCED(T, x, n, p)                                                           \
+    T n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round via 1.5 * 2^23 */ \
+    T r_ = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;                     \
+    T p = ((((((r_ * (1.0f / 720.0f) + 1.0f / 120.0f) * r_ + 1.0f / 24.0f) * r_ + 1.0f / 6.0f) \
+             * r_ + 0.5f) * r_ + 1.0f) * r_ + 1.0f)
+
+/* 2 atanh(s) / s for s^2 = s2 in [0, 1/9]: log1p(e) = s * LOG1P_SERIES(s2), s = e / (2 + e). */
+#define LOG1P_SERIES(s2)                                                                   \
+    (2.0f * (((((((s2 * (1.0f / 15.0f) + 1.0f / 13.0f) * s2 + 1.0f / 11.0f) * s2 + 1.0f / 9.0f) \
+                * s2 + 1.0f / 7.0f) * s2 + 1.0f / 5.0f) * s2 + 1.0f / 3.0f) * s2 + 1.0f))
+
 static inline float vexp(float x) {
     x = x > -87.0f ? x : -87.0f;   /* the a > b ? a : b form compiles to one vmaxps */
     x = x < 88.0f ? x : 88.0f;
-    float t = x * 1.44269504088896341f + 12582912.0f;   /* round to nearest via 1.5 * 2^23 */
-    float n = t - 12582912.0f;
-    float r = x - n * 0.693145751953125f;
-    r = r - n * 1.428606765330187e-06f;
-    float p = 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
+    EXP_REDUCED(float, x, n, p);
     union { int32_t i; float f; } s;
     s.i = ((int32_t)n + 127) << 23;
     return p * s.f;
@@ -46,16 +49,7 @@ static inline float vexp(float x) {
 /* log1p(e) for e in [0, 1]: 2 atanh(s), s = e / (2 + e) in [0, 1/3] (no cancellation). */
 static inline float vlog1p01(float e) {
     float s = e / (2.0f + e);
-    float s2 = s * s;
-    float p = 1.0f / 15.0f;
-    p = p * s2 + 1.0f / 13.0f;
-    p = p * s2 + 1.0f / 11.0f;
-    p = p * s2 + 1.0f / 9.0f;
-    p = p * s2 + 1.0f / 7.0f;
-    p = p * s2 + 1.0f / 5.0f;
-    p = p * s2 + 1.0f / 3.0f;
-    p = p * s2 + 1.0f;
-    return 2.0f * s * p;
+    return s * LOG1P_SERIES(s * s);
 }
 
 /* torch's softplus (beta 1, threshold 20): x > 20 -> x, else log1p(exp(x)). */
@@ -81,16 +75,7 @@ static inline vf vexp_v(vf x) {
     const vf zero = {0}, lo = zero - 87.0f, hi = zero + 88.0f;
     x = vsel(x > lo, x, lo);
     x = vsel(x < hi, x, hi);
-    vf t = x * 1.44269504088896341f + 12582912.0f;
-    vf n = t - 12582912.0f;
-    vf r = x - n * 0.693145751953125f;
-    r = r - n * 1.428606765330187e-06f;
-    vf p = r * (1.0f / 720.0f) + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
+    EXP_REDUCED(vf, x, n, p);
     vi e = (__builtin_convertvector(n, vi) + 127) << 23;
     return p * (vf)e;
 }
@@ -102,14 +87,7 @@ static inline vf vsoftplus_v(vf x) {   /* vsoftplus, lane by lane */
     const vf ax = vsel(x < zero, -x, x);
     const vf e = vexp_v(-ax);
     const vf s = e / (2.0f + e), s2 = s * s;
-    vf p = s2 * (1.0f / 15.0f) + 1.0f / 13.0f;
-    p = p * s2 + 1.0f / 11.0f;
-    p = p * s2 + 1.0f / 9.0f;
-    p = p * s2 + 1.0f / 7.0f;
-    p = p * s2 + 1.0f / 5.0f;
-    p = p * s2 + 1.0f / 3.0f;
-    p = p * s2 + 1.0f;
-    const vf sp = vsel(x > zero, x, zero) + 2.0f * s * p;
+    const vf sp = vsel(x > zero, x, zero) + s * LOG1P_SERIES(s2);
     return vsel(x > 20.0f + zero, x, sp);
 }
 
