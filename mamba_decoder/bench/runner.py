@@ -550,7 +550,9 @@ def measure_in_processes(configs: list[Config], s: SweepSettings,
                          on_process: Optional[Callable[[int], None]] = None) -> Iterator[BenchmarkResult]:
     """`s.processes` fresh worker processes, one after another, each measuring every config with
     its share of the timed runs (asv's design: a config's samples then span the machine's states
-    over the whole sweep, not the seconds of one block); the records merged in sweep order."""
+    over the whole sweep, not the seconds of one block); the records merged in sweep order.
+    They are written once every process has finished: a Ctrl-C before that keeps none of this
+    run's (the worker is killed; --resume measures them again)."""
     if not configs:
         return
     parts = []
