@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..kernels import cpu_attention
 from ..models.mamba import MambaMixer
 from ..models.mla import MLA
 from ..models.moe import MoE
@@ -134,7 +135,8 @@ def _npo2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _module_bytes(mod: nn.Module, B: int, L: int, elt: int, cpu: bool) -> tuple[float, float]:
+def _module_bytes(mod: nn.Module, B: int, L: int, elt: int, cpu: bool,
+                  train: bool = False) -> tuple[float, float]:
     """(live, saved): the bytes one forward of `mod` holds at its peak, and what training keeps of
     them for the backward (the reference scan's and attention's big temporaries included)."""
     T = B * L
@@ -166,12 +168,16 @@ def _module_bytes(mod: nn.Module, B: int, L: int, elt: int, cpu: bool) -> tuple[
                 acts += T * H * (dqk + dv) * elt               # expanded keys and values
         else:
             acts += T * H * (dqk + dv) * elt                   # expanded keys and values
-            d = mod.policy.decide(torch.device("cpu"), torch.float32) if cpu else None
+            # the blocked attention runs only on fp32 inference (elt 4: fp32, the one 4-byte dtype)
+            d = mod.policy.decide(torch.device("cpu"), torch.float32 if elt == 4 else torch.bfloat16,
+                                  grad=train) if cpu else None
             pad_v = cpu and dv < dqk and d.mla_pad_v
+            blocked = cpu and d.cpu_attention and cpu_attention.takes(L, L)   # naive_sdpa's test
             # the padded copy of V (SDPA's flash kernel), or the blocked attention's V^T
             # (kernels/cpu_attention.py, its keys written heads-major in place of k): the larger
-            acts += T * H * max(dqk if pad_v else 0, dv if cpu and d.cpu_attention else 0) * elt
-            scores = scores if cpu and dv != dqk and not pad_v else 0.0
+            acts += T * H * max(dqk if pad_v else 0, dv if blocked else 0) * elt
+            # the blocked attention keeps one (BLOCK, T) block of scores, not (B, H, S, S)
+            scores = scores if cpu and dv != dqk and not pad_v and not blocked else 0.0
         return acts + scores, acts + scores
     return 0.0, 0.0
 
@@ -189,7 +195,7 @@ def peak_bytes(model: nn.Module, batch: int, seq: int, elt: int, *, cpu: bool = 
         dim = next(m.config.d_model for m in model.modules() if isinstance(m, MambaMixer))
     io = T * 8 if token_ids else T * dim * elt
     io += 3 * T * dim * elt                                     # residual stream, norm out, block out
-    live = [_module_bytes(m, batch, seq, elt, cpu) for m in model.modules()]
+    live = [_module_bytes(m, batch, seq, elt, cpu, train) for m in model.modules()]
     counted = {id(s) for m in model.modules() if isinstance(m, (MambaMixer, MoE, MLA)) for s in m.modules()}
     head = sum(T * m.out_features * (elt + 4 * train) for m in model.modules()
                if isinstance(m, nn.Linear) and id(m) not in counted)   # logits (+ fp32 loss grads)

@@ -85,6 +85,11 @@ def release() -> None:
         libc.malloc_trim(0)
 
 
+def retaining() -> bool:
+    """Whether freed host memory is being kept for reuse (retain in effect)."""
+    return _STATE["mode"] == "retain"
+
+
 def describe() -> str:
     """What the host allocator does in this process, in words (environment.json, the banner)."""
     if _glibc() is None:

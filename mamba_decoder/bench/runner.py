@@ -9,6 +9,7 @@ are handed to `on_record` (console lines) and `writer` (JSONL, fsynced) as each 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import signal
@@ -303,6 +304,11 @@ def measure_group(cfgs: list[Config], s: SweepSettings, cache: Optional[dict] = 
                     reading = EnergyReading(window.joules, window.seconds, window.source, reading.peak_rss_mb)
                 except Exception as e:  # noqa: BLE001
                     t.error = e
+            if t.error is None and device.type == "cpu" and s.mode != "decode" and host_alloc.retaining():
+                try:   # the blocks' peak held what the group's other configs freed (kept for reuse)
+                    reading = dataclasses.replace(reading, peak_rss_mb=_host_peak_alone(p))
+                except Exception as e:  # noqa: BLE001
+                    t.error = e
             fields.update(energy_fields(reading, calls, fields.get("tokens_per_call")))
             if t.error is None and device.type == "cuda":
                 try:
@@ -346,6 +352,17 @@ class _BlockMeter:
 
     def reading(self) -> EnergyReading:
         return EnergyReading(None, self.seconds, None, self.rss)
+
+
+def _host_peak_alone(p: _Prepared) -> Optional[float]:
+    """One more call of the config alone, after its timed runs, from a trimmed heap: its host
+    peak (VmHWM, MB). With the retain allocator (host_alloc) the timed blocks' peak also held the
+    buffers the shape's other configs freed, kept for reuse between their interleaved rounds."""
+    host_alloc.release()
+    meter = EnergyMeter("cpu")
+    meter.start()
+    p.step()
+    return meter.stop().peak_rss_mb
 
 
 def _memory(p: _Prepared, device: torch.device) -> dict:

@@ -57,7 +57,7 @@ from .results import (ENV_NAME, JSONL_NAME, PROVENANCE_NAME, RANKS_DIR, Benchmar
                       RecordWriter, UsageError, check_resume, environment, latest, prepare_run_dir,
                       read_environment, read_jsonl, record_identity, recorded_ok,
                       write_environment)
-from .runner import measure_each
+from .runner import apply_process_settings, measure_each
 from .settings import Config, SweepSettings, iter_configs
 
 # What a rank file adds to each record (and what BenchmarkResult should grow as fields).
@@ -424,8 +424,7 @@ class Torchrun:
         self.rank, self.world = env.rank, env.world_size
         self.main = self.rank == 0
         self.prior: Optional[str] = None    # rank 0: the device_name of the run being resumed
-        if s.threads is not None:
-            torch.set_num_threads(s.threads)
+        apply_process_settings(s)           # before `base`: its threads and host allocator
         self.old_handler = signal.signal(signal.SIGTERM, _on_sigterm)
         self.base = environment(s.device, torch.get_num_threads())
         self.info = {"rank": self.rank, "world_size": self.world, "local_rank": env.local_rank,

@@ -86,7 +86,10 @@ def naive_sdpa(q, k, v, scale: float, mask=None, pad_v: bool = False, cpu_blocke
     enough (`cpu_attention.takes`) runs `cpu_attention.causal_attention` instead: query blocks
     through oneDNN GEMMs, V unpadded."""
     S, T = q.shape[1], k.shape[1]
-    if cpu_blocked and mask is None and cpu_attention.takes(S, T):
+    # the tensors' own dtype, not the caller's decision alone: under CPU autocast an fp32 MLA
+    # (decided on fp32 x) attends with bf16 q, k, v
+    if (cpu_blocked and mask is None and cpu_attention.takes(S, T)
+            and all(cpu_attention.usable(t.device, t.dtype) for t in (q, k, v))):
         return cpu_attention.causal_attention(q, k, v, scale)
     attn_mask, causal = _sdpa_mask(mask, S, T, q.device, q.dtype)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))             # (B, H, *, d)

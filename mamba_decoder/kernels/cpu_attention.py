@@ -46,6 +46,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
                      block: int = BLOCK) -> torch.Tensor:
     """softmax(q k^T * scale, causal) v: q (B, S, H, Dqk), k (B, T, H, Dqk), v (B, T, H, Dv) fp32
     CPU, T >= S, query i at position T - S + i seeing keys j <= T - S + i -> (B, S, H, Dv)."""
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (q, k, v)):   # the C passes read fp32
+        raise ValueError(f"causal_attention takes fp32 CPU tensors, got q {q.dtype} {q.device}, "
+                         f"k {k.dtype} {k.device}, v {v.dtype} {v.device}")
     B, S, H, Dqk = q.shape
     T, Dv = k.shape[1], v.shape[-1]
     if T < S or k.shape[-1] != Dqk or v.shape[:3] != k.shape[:3]:

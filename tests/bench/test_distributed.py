@@ -273,6 +273,8 @@ def test_two_ranks_give_the_single_process_result_set(single, tmp_path):
         == [(0, socket.gethostname(), "cpu", len(expected[0]), True),
             (1, socket.gethostname(), "cpu", len(expected[1]), True)]
     assert env["distributed"]["warning"] is None and len(env["distributed"]["device_kinds"]) == 1
+    # the host allocator the ranks measured with (the default, retain), as the single run says
+    assert env["host_allocator"] == json.loads((single / "environment.json").read_text())["host_allocator"]
     assert len(list(out.glob("*.png"))) == 8 and (out / "results.csv").is_file()
     assert "[rank 1]" in p.stdout and "[rank 0]" in p.stdout
     # the one banner (execute's): the kernels each model runs, then the ranks' shares

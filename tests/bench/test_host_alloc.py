@@ -63,3 +63,28 @@ def test_a_bad_choice_is_refused_in_one_line():
     with pytest.raises(ValueError) as e:
         SweepSettings(host_allocator="jemalloc")
     assert "host allocator" in str(e.value) and "'retain', 'system'" in str(e.value)
+
+
+@glibc
+def test_each_configs_host_peak_is_its_own_with_retain(tmp_path, capsys):
+    """Configs of one shape are timed in interleaved rounds: with retain, what one config freed
+    stays resident while the next runs, so the timed blocks' VmHWM of a small config held a large
+    one's buffers (the fast scan's record showed the reference scan's peak, 1007 MB against 581 MB
+    with system at dim 256 B2 L1024). Each config's host peak is its own call's."""
+    import json
+
+    from .conftest import run
+
+    argv = ["run", "--dim", "64", "--seq-lens", "1024", "--batch-sizes", "2", "--models", "Regular Mamba",
+            "--backend", "reference", "fast", "--runs", "2", "--warmup", "1", "--no-cuda", "--no-progress",
+            "--no-plots", "--threads", "2", "--output-dir", str(tmp_path / "out")]
+    try:
+        code, _, err = run(argv, capsys)
+    finally:
+        host_alloc.apply(host_alloc.DEFAULT)
+    assert code == 0, err
+    peak = {r["backend"]: r["host_peak_rss_mb"] for r in map(json.loads, (tmp_path / "out" / "results.jsonl").open())}
+    if None in peak.values():
+        pytest.skip("no /proc/self/clear_refs: no host peak")
+    # the reference scan's (B, L, ED, N) temporaries: (4 B L + 2 B L) ED N 4 bytes = 48 MiB here
+    assert peak["fast"] < peak["reference"] - 24, peak

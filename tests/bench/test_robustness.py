@@ -215,6 +215,31 @@ def test_memory_estimate_of_the_fast_mla_on_the_cpu_has_no_scores_where_sdpa_run
     assert flops.peak_bytes(fast_mla, 1, 4096, 4).activations == a2
 
 
+def test_memory_estimate_of_the_fast_mla_on_the_cpu_follows_the_blocked_attention():
+    """With V wider than Dqk SDPA runs its math path (the scores), but fp32 CPU inference at
+    S * T >= MIN_SCORES takes kernels/cpu_attention.py, which keeps no (B, H, S, S) scores: the
+    estimate is linear in L there (it counted the scores: 935 MB against a measured 177 MB peak at
+    dim 64 B1 L2048 v_head_dim 256). bf16 and training never take the blocked path: their estimate
+    has neither its V^T nor fewer scores than with the CPU kernels off."""
+    from mamba_decoder.bench import flops
+    from mamba_decoder.bench.registry import build_model
+    from mamba_decoder.config import BlockSizes
+    from mamba_decoder.kernels import cpu_attention
+    from mamba_decoder.policy import KernelPolicy
+
+    with torch.device("meta"):
+        m = build_model("MLABlock", 64, "fast", max_seq_len=8192, sizes=BlockSizes(v_head_dim=256))
+    attn = next(x for x in m.modules() if type(x).__name__ == "MLA")
+    if attn.policy.decide(torch.device("cpu"), torch.float32).cpu_attention:
+        a1, a2 = (flops.peak_bytes(m, 1, L, 4).activations for L in (2048, 4096))
+        assert a2 < 2.01 * a1                                  # linear in L: no (S, S) term
+        assert cpu_attention.takes(2048, 2048)
+    on = [flops.peak_bytes(m, 1, 2048, elt, train=train).activations for elt, train in ((2, False), (4, True))]
+    attn.policy = KernelPolicy(cpu_kernels="torch")
+    off = [flops.peak_bytes(m, 1, 2048, elt, train=train).activations for elt, train in ((2, False), (4, True))]
+    assert on == off
+
+
 def test_a_config_that_cannot_fit_is_recorded_oom_without_running_unless_forced(tmp_path, capsys, monkeypatch):
     from mamba_decoder.bench import runner
 

@@ -266,6 +266,41 @@ def test_mla_chunked_prefill_over_a_latent_cache_through_the_blocked_path(monkey
     assert rel_err(whole, want) <= 1e-5 and rel_err(parts, want) <= 1e-5
 
 
+@needs_cc
+@needs_onednn
+def test_blocked_attention_takes_fp32_only_also_under_autocast(monkeypatch):
+    """An fp32 MLA under CPU autocast (bf16): the policy decides on x (fp32), but q, k and v come
+    out of the projections in bf16. Those go to SDPA (the C passes read fp32: bf16 scores through
+    them corrupted the heap), and causal_attention refuses anything but fp32 CPU tensors."""
+    from mamba_decoder.models.mla import MLA
+
+    monkeypatch.setattr(cpu_attention, "MIN_SCORES", 0)
+    monkeypatch.setattr(cpu_gemm, "MIN_MACS", 1 << 62)   # torch's linears (autocast's bf16), as at small sizes
+    seen = []
+    real = cpu_attention.causal_attention
+
+    def spy(q, k, v, *a, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        assert q.dtype == k.dtype == v.dtype == torch.float32, seen[-1]   # else a corrupted heap
+        return real(q, k, v, *a, **kw)
+
+    monkeypatch.setattr(cpu_attention, "causal_attention", spy)
+    torch.manual_seed(0)
+    kw = dict(q_lora_rank=16, kv_lora_rank=24, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10)
+    ref = randomize_(MLA(48, 3, backend="reference", **kw)).eval()
+    fast = MLA(48, 3, backend="fast", **kw).eval()
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 37, 48)
+    with torch.inference_mode():
+        assert rel_err(fast(x), ref(x)) <= 1e-5 and seen == [(torch.float32,) * 3]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want, got = ref(x), fast(x)
+    assert got.dtype == torch.bfloat16 and rel_err(got, want) <= 3e-2
+    q = torch.randn(1, 8, 2, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="fp32 CPU"):
+        real(q, q, q, 0.25)
+
+
 # ---------------------------------------------------------------- policy
 def test_policy_takes_the_cpu_kernels_for_fp32_inference_only():
     d = KernelPolicy().decide(CPU, torch.float32)
