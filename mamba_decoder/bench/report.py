@@ -410,6 +410,9 @@ def noise_warnings(results: Sequence[BenchmarkResult], env: Optional[dict] = Non
     remedy = (f"stop other jobs, use {fewer} (threads that wait for each other suffer most from a "
               "busy CPU), or raise --min-time (e.g. --min-time 1) so each config's runs span the "
               "slow periods")
+    if ((env or {}).get("settings") or {}).get("processes", 1) == 1:
+        remedy += ("; --processes 3 measures in three processes at different times, so the intervals "
+                   "cover the machine's slow and fast states")
     out = []
     groups = {r.rounds_id: r for r in results if r.ok and r.calibration_ms}
     worst = max(groups.values(), key=lambda r: drift(r.calibration_ms), default=None)

@@ -255,6 +255,9 @@ def test_drift_and_load_warnings_name_the_cause_and_the_remedy():
     assert "drifted 200%" in w and "--threads" in w and "--min-time" in w and "other jobs" in w
     (w,) = noise_warnings([calm], {"load_average": [3.5, 3.0, 2.0], "cpu_count": 2})
     assert "loaded" in w and "load average 3.5 on 2 CPUs" in w and "--threads" in w
+    assert "--processes 3" in w       # a one-process run is told how its intervals can cover the machine's states
+    (w,) = noise_warnings([calm], {"load_average": [3.5, 3.0, 2.0], "cpu_count": 2, "settings": {"processes": 3}})
+    assert "--processes" not in w
 
 
 def test_model_level_compares_against_mamba_lm():
