@@ -287,16 +287,26 @@ def _per_round_ratios(num, num_rounds, den, den_rounds) -> Optional[tuple[np.nda
     return np.array([a[r] / b[r] for r in common]), np.array([r // PROCESS_ROUNDS for r in common])
 
 
+def _processes_of(rounds, n: int) -> np.ndarray:
+    """Each of n samples' process (its round // PROCESS_ROUNDS); all 0 without one round per sample."""
+    if not rounds or len(rounds) != n:
+        return np.zeros(n, dtype=np.int64)
+    return np.asarray(rounds, dtype=np.int64) // PROCESS_ROUNDS
+
+
 class _Term:
     """One ratio's data for the bootstrap: one array of per-round ratios (paired), or the
-    numerator's and denominator's samples (unpaired). `groups`: each per-round ratio's process,
-    where the rounds come from more than one (else None)."""
+    numerator's and denominator's samples (unpaired). `groups`: for each array of `data`, each
+    value's process, where the values come from more than one (else None): unpaired samples of a
+    --processes run (--order blocked, or too few shared rounds) resample their processes too."""
 
     def __init__(self, num, den, num_rounds=(), den_rounds=(), paired: bool = True):
         r = _per_round_ratios(num, num_rounds, den, den_rounds) if paired else None
         self.paired = r is not None
-        self.groups = r[1] if r is not None and len(set(r[1].tolist())) > 1 else None
         self.data = (r[0],) if r is not None else (np.asarray(num, float), np.asarray(den, float))
+        groups = (r[1],) if r is not None else (_processes_of(num_rounds, len(num)),
+                                                 _processes_of(den_rounds, len(den)))
+        self.groups = groups if any(len(np.unique(g)) > 1 for g in groups) else None
 
     def stat(self, *arrays, axis=-1):
         if self.paired:
@@ -351,14 +361,16 @@ def _bootstrap(terms: Sequence[_Term], combine) -> tuple[float, float, float]:
 
 def _bootstrap_processes(terms: Sequence[_Term], combine) -> tuple[float, float, float]:
     """`_bootstrap` where some term's rounds come from several processes: those terms resampled
-    on two levels (`_two_level_medians`), the others' arrays as scipy's bootstrap does (each
-    resampled with replacement); percentile interval, as there."""
+    on two levels (`_two_level_medians`: per-round ratios, or unpaired the numerator's and the
+    denominator's samples each), the others' arrays as scipy's bootstrap does (each resampled
+    with replacement); percentile interval, as there."""
     rng = np.random.default_rng(0)
     point = float(combine(np.stack([t.stat(*t.data) for t in terms])))
     stats_ = []
     for t in terms:
         if t.groups is not None:
-            stats_.append(_two_level_medians(t.data[0], t.groups, rng))
+            meds = [_two_level_medians(a, g, rng) for a, g in zip(t.data, t.groups)]
+            stats_.append(meds[0] if t.paired else meds[0] / meds[1])
         else:
             arrays = [a[rng.integers(0, len(a), size=(N_RESAMPLES, len(a)))] for a in t.data]
             stats_.append(t.stat(*arrays, axis=-1))

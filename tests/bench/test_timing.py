@@ -289,3 +289,23 @@ def test_geomean_over_processes_is_wider_than_over_rounds():
     g = geomean_ratio([(num, den, rounds, rounds, True)] * 2)
     g1 = geomean_ratio([(num, den, flat, flat, True)] * 2)
     assert g.lo <= 1.01 and g.hi >= 1.09 and g1.hi < 1.08
+
+
+def test_unpaired_ratios_of_processes_runs_resample_the_processes_too():
+    """--order blocked (each config its own rounds_id) and configs with fewer than
+    MIN_PAIRED_ROUNDS shared rounds are unpaired; their samples still come from several
+    processes, and the interval must cover every process's value as the paired one does (the
+    banner and README say every interval resamples the processes). One level over the pooled
+    samples gave [1.00, 1.075] for processes at 1.00, 1.05 and 1.10."""
+    from mamba_decoder.bench.timing import PROCESS_ROUNDS, geomean_ratio, ratio
+
+    num, den, rounds = _three_processes()
+    blocked = ratio(num, den, rounds, rounds, paired=False)
+    assert not blocked.paired and blocked.lo <= 1.003 and blocked.hi >= 1.097
+    few = [p * PROCESS_ROUNDS for p in range(3) for _ in range(8)]     # one round per process: 3 < 5 shared
+    r = ratio(num, den, few, few)
+    assert not r.paired and r.lo <= 1.003 and r.hi >= 1.097
+    g = geomean_ratio([(num, den, rounds, rounds, False)] * 2)
+    assert g.lo <= 1.01 and g.hi >= 1.09
+    flat = list(range(len(num)))                                      # one process: one level, as before
+    assert ratio(num, den, flat, flat, paired=False).hi < 1.08
