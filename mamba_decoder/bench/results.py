@@ -626,6 +626,9 @@ def tool_version() -> str:
 RESUMABLE_SETTINGS = ("sequence_lengths", "batch_sizes", "models", "backends", "dtypes", "sizes", "isolate",
                       "threads", "force", "config_timeout_s")
 RESUME_ENV_FIELDS = ("torch_threads", "torch", "device_name")
+# Settings added after runs were saved without them, and the value those runs were measured with:
+# a run saved before --processes measured in one process.
+SAVED_BEFORE = {"processes": 1}
 
 
 def check_resume(out: Path, settings: dict, env: dict) -> None:
@@ -638,7 +641,8 @@ def check_resume(out: Path, settings: dict, env: dict) -> None:
         print(f"warning: --resume: {Path(out) / ENV_NAME} predates saved settings; cannot check that "
               "this run measures the same way", file=sys.stderr)
         return
-    pairs = [(k, saved["settings"].get(k), v) for k, v in settings.items() if k not in RESUMABLE_SETTINGS]
+    pairs = [(k, saved["settings"].get(k, SAVED_BEFORE.get(k)), v) for k, v in settings.items()
+             if k not in RESUMABLE_SETTINGS]
     pairs += [(k, saved.get(k), env.get(k)) for k in RESUME_ENV_FIELDS]
     for name, old, new in pairs:
         if name == "device_name" and (is_mixed(old) or is_mixed(new)):

@@ -365,3 +365,23 @@ def test_processes_on_the_command_line_say_how_the_runs_are_split(tmp_path, caps
     assert json.loads((d / "environment.json").read_text())["settings"]["processes"] == 2
     code, _, err = run(["run", "--no-cuda", "--runs", "2", "--processes", "3"], capsys)
     assert code == 2 and err.startswith("error: --processes 3 splits") and err.count("\n") == 1
+
+
+def test_resume_of_a_run_saved_before_processes_existed(tmp_path, capsys):
+    """A run directory written before --processes (its saved settings have no "processes") was
+    measured in one process: resuming it with the default --processes 1 is the same measurement,
+    not "processes differs (None there, 1 now)"; --processes 2 is still refused."""
+    import json
+
+    d = tmp_path / "old"
+    one = ["run", "--dim", "32", "--seq-lens", "8", "--batch-sizes", "1", "--runs", "2", "--warmup", "0",
+           "--no-cuda", "--no-progress", "--no-plots", "--models", "Regular Mamba", "--output-dir", str(d)]
+    assert run(one, capsys)[0] == 0
+    env = json.loads((d / "environment.json").read_text())
+    del env["settings"]["processes"]
+    (d / "environment.json").write_text(json.dumps(env))
+    code, _, err = run([*one, "--resume", "--seq-lens", "8", "16"], capsys)
+    assert code == 0, err
+    (d / "environment.json").write_text(json.dumps(env))
+    code, _, err = run([*one, "--resume", "--processes", "2"], capsys)
+    assert code == 2 and err.startswith("error: --resume: processes differs"), err
