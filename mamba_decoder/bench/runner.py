@@ -19,6 +19,7 @@ import uuid
 from dataclasses import asdict
 from typing import Any, Callable, Iterable, Iterator, Optional
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -534,7 +535,8 @@ def merge_processes(parts: list[BenchmarkResult], s: SweepSettings) -> Benchmark
     """One record from the same config measured by several processes: the samples of all, each
     sample's round numbered p * PROCESS_ROUNDS + its round in process p (so ratios still pair by
     round, and timing's bootstrap resamples processes, then rounds); the host and device peaks
-    the largest, the CPU GEMM probe the median, energy from the first process. A config that
+    the largest (memory_mb from the process of that device peak), the CPU GEMM probe the median,
+    energy from the first process. A config that
     failed in any process is that failure (naming the process)."""
     for p, r in enumerate(parts):
         if not r.ok:
@@ -553,9 +555,12 @@ def merge_processes(parts: list[BenchmarkResult], s: SweepSettings) -> Benchmark
     for k in ("peak_memory_mb", "host_peak_rss_mb"):
         vals = [getattr(r, k) for r in parts if getattr(r, k) is not None]
         fields[k] = max(vals) if vals else None
-    probes = sorted(r.peak_tflops for r in parts if r.peak_tflops is not None)
+    if fields["peak_memory_mb"] is not None:   # memory_mb from the same call as the peak kept
+        fields["memory_mb"] = max((r for r in parts if r.peak_memory_mb is not None),
+                                  key=lambda r: r.peak_memory_mb).memory_mb
+    probes = [r.peak_tflops for r in parts if r.peak_tflops is not None]
     if first.device.startswith("cpu") and probes:
-        fields["peak_tflops"] = probes[len(probes) // 2]
+        fields["peak_tflops"] = float(np.median(probes))
     r = BenchmarkResult.from_samples(samples, sample_rounds=rounds,
                                      rounds_id="+".join(x.rounds_id for x in parts) if all(x.rounds_id for x in parts) else "",
                                      calibration_ms=[v for x in parts for v in x.calibration_ms], **fields)

@@ -223,3 +223,23 @@ def test_processes_refuse_isolate_and_more_processes_than_runs():
         tiny(processes=2, isolate=True)
     with pytest.raises(ValueError, match=r"--processes 3 .* at least as many runs \(--runs 2\)"):
         tiny(processes=3)
+
+
+def test_merged_processes_take_the_gemm_probes_median_and_keep_memory_with_its_peak():
+    """Two processes' CPU GEMM probes of 1 and 3 TFLOP/s: the median is 2 (not the larger one),
+    and MFU is against it. CUDA's memory_mb (the config's memory above the weights) comes from
+    the process whose peak_memory_mb the merged record keeps (the largest), so that
+    peak_memory_mb - memory_mb is still one process's weights and base, not a mix."""
+    from mamba_decoder.bench.results import BenchmarkResult
+
+    ident = dict(model_name="Regular Mamba", sequence_length=8, batch_size=1, dim=32, backend="fast",
+                 dtype="float32", num_parameters=1, flops=2e9)
+    cpu = [BenchmarkResult.from_samples([1.0, 1.0], sample_rounds=[0, 0], rounds_id=i, device="cpu",
+                                        peak_tflops=t, **ident) for i, t in (("a", 1.0), ("b", 3.0))]
+    m = runner.merge_processes(cpu, tiny(processes=2))
+    assert m.peak_tflops == pytest.approx(2.0) and m.mfu == pytest.approx(m.tflops_per_sec / 2.0)
+    gpu = [BenchmarkResult.from_samples([1.0, 1.0], sample_rounds=[0, 0], rounds_id=i, device="cuda",
+                                        peak_memory_mb=peak, memory_mb=mem, **ident)
+           for i, peak, mem in (("a", 100.0, 40.0), ("b", 130.0, 70.0))]
+    m = runner.merge_processes(gpu, tiny(processes=2))
+    assert m.peak_memory_mb == 130.0 and m.memory_mb == 70.0
