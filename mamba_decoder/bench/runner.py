@@ -482,20 +482,26 @@ def measure_isolated(cfg: Config, s: SweepSettings) -> BenchmarkResult:
                 return BenchmarkResult.failed("error", f"worker's record is for another config "
                                               f"({r.key}), not this one", **fields)
             return r
-    if proc.returncode < 0:
+    return BenchmarkResult.failed("error", _worker_end("worker", proc.returncode, proc.stderr), **fields)
+
+
+def _worker_end(who: str, returncode: int, stderr: str) -> str:
+    """How a worker ended, in words: the signal that killed it (SIGKILL: possibly the OOM killer)
+    or its exit code, and its last line on stderr."""
+    if returncode < 0:
         try:
-            name = signal.Signals(-proc.returncode).name
+            name = signal.Signals(-returncode).name
         except ValueError:
-            name = f"signal {-proc.returncode}"
-        cause = f"worker killed by {name} (signal {-proc.returncode})"
+            name = f"signal {-returncode}"
+        cause = f"{who} killed by {name} (signal {-returncode})"
         if name == "SIGKILL":
             cause += ", possibly out of host memory"
     else:
-        cause = f"worker exited with code {proc.returncode}"
-    last = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        cause = f"{who} exited with code {returncode}"
+    last = [ln for ln in stderr.splitlines() if ln.strip()]
     if last:
         cause += f": {last[-1].strip()}"
-    return BenchmarkResult.failed("error", cause, **fields)
+    return cause
 
 
 # ---------------------------------------------------------------- the sweep
@@ -522,8 +528,7 @@ def _process_records(configs: list[Config], s: SweepSettings, p: int) -> dict[Re
             except ValueError:
                 continue                  # a garbled line: that config is reported missing below
             got[r.key] = r
-    last = [ln.strip() for ln in err.splitlines() if ln.strip()]
-    cause = f"process {p + 1} of {s.processes} exited with code {proc.returncode}" + (f": {last[-1]}" if last else "")
+    cause = _worker_end(f"process {p + 1} of {s.processes}", proc.returncode, err)
     for c in configs:
         if c.key(s) not in got:
             got[c.key(s)] = BenchmarkResult.failed("error", f"not measured: {cause}",

@@ -243,3 +243,14 @@ def test_merged_processes_take_the_gemm_probes_median_and_keep_memory_with_its_p
            for i, peak, mem in (("a", 100.0, 40.0), ("b", 130.0, 70.0))]
     m = runner.merge_processes(gpu, tiny(processes=2))
     assert m.peak_memory_mb == 130.0 and m.memory_mb == 70.0
+
+
+def test_a_worker_process_killed_by_a_signal_is_named_as_isolate_names_it(monkeypatch):
+    """The kernel's OOM killer (SIGKILL) ending process 2: its records say so, as --isolate's
+    do, not 'exited with code -9'."""
+    kill = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+    monkeypatch.setattr(runner, "worker_command", lambda: [sys.executable, "-c", kill])
+    out = run_sweep(tiny(models=["Regular Mamba"], batch_sizes=[1], sequence_lengths=[8], processes=2),
+                    progress=False)
+    (r,) = out
+    assert r.status == "error" and "killed by SIGKILL (signal 9), possibly out of host memory" in r.message, r.message
