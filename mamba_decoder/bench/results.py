@@ -627,8 +627,9 @@ RESUMABLE_SETTINGS = ("sequence_lengths", "batch_sizes", "models", "backends", "
                       "threads", "force", "config_timeout_s")
 RESUME_ENV_FIELDS = ("torch_threads", "torch", "device_name")
 # Settings added after runs were saved without them, and the value those runs were measured with:
-# a run saved before --processes measured in one process.
-SAVED_BEFORE = {"processes": 1}
+# a run saved before --processes measured in one process, one before --host-allocator with the C
+# library's defaults (so resuming it needs --host-allocator system, which the refusal names).
+SAVED_BEFORE = {"processes": 1, "host_allocator": "system"}
 
 
 def check_resume(out: Path, settings: dict, env: dict) -> None:

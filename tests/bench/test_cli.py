@@ -385,3 +385,22 @@ def test_resume_of_a_run_saved_before_processes_existed(tmp_path, capsys):
     (d / "environment.json").write_text(json.dumps(env))
     code, _, err = run([*one, "--resume", "--processes", "2"], capsys)
     assert code == 2 and err.startswith("error: --resume: processes differs"), err
+
+
+def test_resume_of_a_run_saved_before_the_host_allocator_setting_names_what_it_used(tmp_path, capsys):
+    """A run saved before --host-allocator was measured with glibc's defaults: resuming it under
+    the new default (retain) would mix two measurements and is refused, naming the field; with
+    --host-allocator system it resumes."""
+    import json
+
+    d = tmp_path / "old"
+    one = ["run", "--dim", "32", "--seq-lens", "8", "--batch-sizes", "1", "--runs", "2", "--warmup", "0",
+           "--no-cuda", "--no-progress", "--no-plots", "--models", "Regular Mamba", "--output-dir", str(d)]
+    assert run(one, capsys)[0] == 0
+    env = json.loads((d / "environment.json").read_text())
+    del env["settings"]["host_allocator"]
+    (d / "environment.json").write_text(json.dumps(env))
+    code, _, err = run([*one, "--resume", "--seq-lens", "8", "16"], capsys)
+    assert code == 2 and err.startswith("error: --resume: host_allocator differs") and "('system' there, 'retain' now)" in err
+    code, _, err = run([*one, "--resume", "--seq-lens", "8", "16", "--host-allocator", "system"], capsys)
+    assert code == 0, err
