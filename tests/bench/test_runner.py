@@ -177,20 +177,21 @@ def test_interleaved_order_puts_backends_and_dtypes_inside_each_shape():
 
 # ---------------------------------------------------------------- --processes
 def test_processes_split_each_configs_runs_and_merge_them_paired_by_round():
-    """Three worker processes, 10 timed runs: 4/3/3 per process (2 rounds each, at 2 runs a
-    round); each record holds all 10 samples, its rounds numbered by process (timing.PROCESS_ROUNDS), one rounds_id per
+    """Two worker processes, 10 timed runs: 5/5 per process (3 rounds each, at 2 runs a round);
+    each record holds all 10 samples, its rounds numbered by process (timing.PROCESS_ROUNDS), one rounds_id per
     shape shared by its models, so speedups stay paired."""
     from mamba_decoder.bench.results import latency_ratio
     from mamba_decoder.bench.timing import PROCESS_ROUNDS
 
     s = tiny(models=["Regular Mamba", "MambaDecoderBlock"], sequence_lengths=[8], batch_sizes=[1], runs=10,
-             processes=3)
-    assert [s.process_share(p).runs for p in range(3)] == [4, 3, 3]
+             processes=2)
+    assert [s.process_share(p).runs for p in range(2)] == [5, 5]
+    assert [tiny(runs=10, processes=3).process_share(p).runs for p in range(3)] == [4, 3, 3]
     out = run_sweep(s, progress=False)
     assert [r.model_name for r in out] == ["Regular Mamba", "MambaDecoderBlock"] and all(r.ok for r in out)
     for r in out:
-        assert r.n_runs == 10 and sorted({x // PROCESS_ROUNDS for x in r.sample_rounds}) == [0, 1, 2]
-        assert r.rounds_id.count("+") == 2
+        assert r.n_runs == 10 and sorted({x // PROCESS_ROUNDS for x in r.sample_rounds}) == [0, 1]
+        assert r.rounds_id.count("+") == 1
     assert out[0].rounds_id == out[1].rounds_id
     assert latency_ratio(out[1], out[0]).paired
 
