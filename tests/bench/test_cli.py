@@ -367,10 +367,9 @@ def test_processes_on_the_command_line_say_how_the_runs_are_split(tmp_path, caps
     assert code == 2 and err.startswith("error: --processes 3 splits") and err.count("\n") == 1
 
 
-def test_resume_of_a_run_saved_before_processes_existed(tmp_path, capsys):
-    """A run directory written before --processes (its saved settings have no "processes") was
-    measured in one process: resuming it with the default --processes 1 is the same measurement,
-    not "processes differs (None there, 1 now)"; --processes 2 is still refused."""
+def _run_saved_without(setting: str, tmp_path, capsys):
+    """A finished one-config run whose environment.json lacks `setting` (as one saved before the
+    setting existed): (its command line, its environment, the directory)."""
     import json
 
     d = tmp_path / "old"
@@ -378,8 +377,18 @@ def test_resume_of_a_run_saved_before_processes_existed(tmp_path, capsys):
            "--no-cuda", "--no-progress", "--no-plots", "--models", "Regular Mamba", "--output-dir", str(d)]
     assert run(one, capsys)[0] == 0
     env = json.loads((d / "environment.json").read_text())
-    del env["settings"]["processes"]
+    del env["settings"][setting]
     (d / "environment.json").write_text(json.dumps(env))
+    return one, env, d
+
+
+def test_resume_of_a_run_saved_before_processes_existed(tmp_path, capsys):
+    """A run directory written before --processes (its saved settings have no "processes") was
+    measured in one process: resuming it with the default --processes 1 is the same measurement,
+    not "processes differs (None there, 1 now)"; --processes 2 is still refused."""
+    import json
+
+    one, env, d = _run_saved_without("processes", tmp_path, capsys)
     code, _, err = run([*one, "--resume", "--seq-lens", "8", "16"], capsys)
     assert code == 0, err
     (d / "environment.json").write_text(json.dumps(env))
@@ -391,15 +400,7 @@ def test_resume_of_a_run_saved_before_the_host_allocator_setting_names_what_it_u
     """A run saved before --host-allocator was measured with glibc's defaults: resuming it under
     the new default (retain) would mix two measurements and is refused, naming the field; with
     --host-allocator system it resumes."""
-    import json
-
-    d = tmp_path / "old"
-    one = ["run", "--dim", "32", "--seq-lens", "8", "--batch-sizes", "1", "--runs", "2", "--warmup", "0",
-           "--no-cuda", "--no-progress", "--no-plots", "--models", "Regular Mamba", "--output-dir", str(d)]
-    assert run(one, capsys)[0] == 0
-    env = json.loads((d / "environment.json").read_text())
-    del env["settings"]["host_allocator"]
-    (d / "environment.json").write_text(json.dumps(env))
+    one, _, _ = _run_saved_without("host_allocator", tmp_path, capsys)
     code, _, err = run([*one, "--resume", "--seq-lens", "8", "16"], capsys)
     assert code == 2 and err.startswith("error: --resume: host_allocator differs") and "('system' there, 'retain' now)" in err
     code, _, err = run([*one, "--resume", "--seq-lens", "8", "16", "--host-allocator", "system"], capsys)
