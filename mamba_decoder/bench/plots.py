@@ -737,6 +737,6 @@ def plot_benchmark_results(results: Sequence[BenchmarkResult], output_dir: str |
             paths.append(_line_figure(en, x="seq", metric="energy_mj_per_token", logy=True, env=env,
                                       ylabel="energy per token\n(mJ, log)",
                                       title=f"Energy per token vs sequence length ({src}: the whole "
-                                            f"device's energy over the timed runs){en.text['title']}",
+                                            f"device's energy over back-to-back calls after the timed runs){en.text['title']}",
                                       path=out / ENERGY_PLOT_FILE))
     return paths
