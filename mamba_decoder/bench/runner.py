@@ -543,11 +543,13 @@ def merge_processes(parts: list[BenchmarkResult], s: SweepSettings) -> Benchmark
     the largest (memory_mb from the process of that device peak), the CPU GEMM probe the median,
     energy from the first process. A config that
     failed in any process is that failure (naming the process)."""
-    for p, r in enumerate(parts):
-        if not r.ok:
-            if len(parts) == 1:
-                return r
-            return r.model_copy(update=dict(message=f"process {p + 1} of {len(parts)}: {r.message}"))
+    bad = [(p, r) for p, r in enumerate(parts) if not r.ok]
+    if bad:
+        p, r = bad[0]
+        same = all(not x.ok and x.status == r.status and x.message == r.message for x in parts)
+        if len(parts) == 1 or same or f"process {p + 1} of" in r.message:
+            return r     # the same in every process (a skipped config), or the message names it already
+        return r.model_copy(update=dict(message=f"process {p + 1} of {len(parts)}: {r.message}"))
     first = parts[0]
     samples = [v for r in parts for v in r.samples_ms]
     rounds = [p * PROCESS_ROUNDS + x for p, r in enumerate(parts)

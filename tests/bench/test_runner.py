@@ -207,6 +207,9 @@ def test_a_config_that_fails_in_one_process_is_that_failure_naming_the_process(m
                                  dim=32, backend="fast", dtype="float32", device="cpu")
     merged = runner.merge_processes([ok, bad], s)
     assert merged.status == "oom" and merged.message == "process 2 of 2: out of memory"
+    skipped = BenchmarkResult.failed("skipped", "no Mamba mixer", model_name="MLABlock", sequence_length=8,
+                                     batch_size=1, dim=32, backend="mamba_ssm", dtype="float32", device="cpu")
+    assert runner.merge_processes([skipped, skipped], s).message == "no Mamba mixer"   # the same everywhere: as is
     both = runner.merge_processes([ok, ok.model_copy(update=dict(rounds_id="b"))], s)
     assert both.ok and both.samples_ms == [1.0, 1.1, 1.0, 1.1] and both.rounds_id == "a+b"
 
@@ -215,8 +218,8 @@ def test_a_worker_process_that_dies_leaves_error_records_naming_it(monkeypatch):
     monkeypatch.setattr(runner, "worker_command", lambda: [sys.executable, "-c", "import sys; sys.exit(3)"])
     out = run_sweep(tiny(models=["Regular Mamba"], batch_sizes=[1], processes=2), progress=False)
     assert len(out) == 2
-    assert all(r.status == "error" and r.message.startswith("process 1 of 2: not measured: process 1 of 2 "
-                                                            "exited with code 3") for r in out)
+    assert all(r.status == "error" and r.message.startswith("not measured: process 1 of 2 exited with code 3")
+               for r in out)
 
 
 def test_processes_refuse_isolate_and_more_processes_than_runs():
