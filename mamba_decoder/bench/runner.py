@@ -504,7 +504,6 @@ def _worker_end(who: str, returncode: int, stderr: str) -> str:
     return cause
 
 
-# ---------------------------------------------------------------- the sweep
 # ---------------------------------------------------------------- several processes
 def _process_records(configs: list[Config], s: SweepSettings, p: int) -> dict[RecordKey, BenchmarkResult]:
     """Process p of `s.processes` measures `configs` with its share of the runs, in a fresh worker
@@ -541,8 +540,8 @@ def merge_processes(parts: list[BenchmarkResult], s: SweepSettings) -> Benchmark
     sample's round numbered p * PROCESS_ROUNDS + its round in process p (so ratios still pair by
     round, and timing's bootstrap resamples processes, then rounds); the host and device peaks
     the largest (memory_mb from the process of that device peak), the CPU GEMM probe the median,
-    energy from the first process. A config that
-    failed in any process is that failure (naming the process)."""
+    energy from the first process. A config that failed in any process is that failure (naming
+    the process)."""
     bad = [(p, r) for p, r in enumerate(parts) if not r.ok]
     if bad:
         p, r = bad[0]
@@ -575,8 +574,7 @@ def merge_processes(parts: list[BenchmarkResult], s: SweepSettings) -> Benchmark
     return r
 
 
-def measure_in_processes(configs: list[Config], s: SweepSettings,
-                         on_process: Optional[Callable[[int], None]] = None) -> Iterator[BenchmarkResult]:
+def measure_in_processes(configs: list[Config], s: SweepSettings) -> Iterator[BenchmarkResult]:
     """`s.processes` fresh worker processes, one after another, each measuring every config with
     its share of the timed runs (asv's design: a config's samples then span the machine's states
     over the whole sweep, not the seconds of one block); the records merged in sweep order.
@@ -584,15 +582,12 @@ def measure_in_processes(configs: list[Config], s: SweepSettings,
     run's (the worker is killed; --resume measures them again)."""
     if not configs:
         return
-    parts = []
-    for p in range(s.processes):
-        parts.append(_process_records(configs, s, p))
-        if on_process is not None:
-            on_process(p)
+    parts = [_process_records(configs, s, p) for p in range(s.processes)]
     for c in configs:
         yield merge_processes([got[c.key(s)] for got in parts], s)
 
 
+# ---------------------------------------------------------------- the sweep
 def measure_each(configs: Iterable[Config], s: SweepSettings) -> Iterator[BenchmarkResult]:
     """Measure `configs` in order (lazily): each model is built once per (model, backend, dtype).
     Interleaved, each run of consecutive configs of one shape is timed together in rounds and every

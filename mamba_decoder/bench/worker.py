@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import sys
 
-
 from .runner import RECORD_PREFIX, apply_process_settings, measure, measure_each
 from .settings import Config, SweepSettings
 
