@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Measurements on a lent GPU, one stage per call (each fits a 10-minute command).
-#   bash scripts/gpu_session.sh check|probe|host|retest|targets|final|workloads|train|train-check|s6|s7|s7-all|s7-final|s7-last|s8-a|s8-b|i16-deepseek-v3|i16-kimi-k2|i16-sweep|sweep   (writes under $OUT, or ./gpu_out)
+#   bash scripts/gpu_session.sh check|probe|host|retest|targets|final|workloads|train|train-check|s6|s7|s7-all|s7-final|s7-last|s8-a|s8-b|s10|i16-deepseek-v3|i16-kimi-k2|i16-sweep|sweep   (writes under $OUT, or ./gpu_out)
 # Needs the runtime wheels in .whl/ (mambapy, open-kimi, pydantic...) and gpu_floor.py in .devcarry/.
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -228,6 +228,17 @@ s8-b)   # session 8: every tests/gpu test with the peer loaded, then issue 12's 
       --dim 512 --seq-lens 2048 8192 --batch-sizes 8 --dtype bfloat16 --output-dir /tmp/r/train_s8 --overwrite 2>&1 \
       | grep -E "SeqLen|error|Kernels"
   runs+=(train_s8)
+  ;;
+s10)   # session 10: the card's tests of the time segments and the fused train path (peer loaded), the
+  # mixer against mamba_ssm with host costs (train_study), then issue 12's suite train step
+  env_info
+  load_peer
+  card_tests 170 tests/kernels/test_selective_scan_bdl.py tests/kernels/test_causal_conv.py \
+      tests/gpu/test_mamba_ssm.py -k "segments or gradients or fused_mixer or lane_backward or conv or mamba_ssm"
+  log study; timeout 150 python3 scripts/train_study.py --skip-tune --host | tee "$OUT/study.jsonl"
+  log suite train; timeout 120 $BENCH --mode train --backend fast mamba_ssm --dim 512 --seq-lens 2048 8192 \
+      --batch-sizes 8 --dtype bfloat16 --output-dir /tmp/r/train_s10 --overwrite 2>&1 | grep -E "SeqLen|error|Kernels"
+  runs+=(train_s10)
   ;;
 sweep)   # the spec's default grid, fp32 and bf16, both backends
   timeout 560 $BENCH --backend fast reference --dtype float32 bfloat16 --output-dir /tmp/r/default_sweep \

@@ -76,6 +76,31 @@ def tune_bwd(budget_s):
             emit(what="tune_bwd", chunk=chunk, cfg=cfg, error=repr(ex)[:300])
 
 
+def tune_segments(budget_s):
+    """The forward storing states and the backward alone, each over time segments
+    (triton_bdl.time_segments), at small batches where the grid of (d-block, batch) programs is
+    small."""
+    t0 = time.time()
+    for Bsz, L in [(1, 8192), (1, 2048), (2, 8192)]:
+        inp = scan_inputs(Bsz, L)
+        args = [inp[k] for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")]
+        dout = torch.randn_like(inp["x"])
+        with torch.no_grad():
+            _, _, states, _ = tb._fwd(*args, None, True, True)
+            for bd, ns, segs in ((8, 4, 1), (4, 8, 1), (8, 4, 4), (8, 4, 8), (8, 4, 16), (4, 8, 4)):
+                ms = med(lambda: tb._fwd(*args, None, True, True, variant="lane", BLOCK_D=bd, NS=ns,
+                                         CHUNK=8, SEGMENTS=segs))
+                emit(what="fwd_states", B=Bsz, L=L, BLOCK_D=bd, NS=ns, SEGMENTS=segs, ms=round(ms, 4))
+            for tiles in (dict(BLOCK_D=4, NS=8, E=8), dict(BLOCK_D=8, NS=4, E=8)):
+                for segs in (1, 2, 4, 8, 16):
+                    if time.time() - t0 > budget_s:
+                        emit(what="tune_segments", skipped=[Bsz, L, tiles, segs])
+                        continue
+                    cfg = dict(tiles, num_warps=1, ATOMIC=True, SEGMENTS=segs)
+                    ms = med(lambda: tb._bwd(dout, None, *args, states, True, 32, **cfg))
+                    emit(what="tune_segments", B=Bsz, L=L, ms=round(ms, 4), **cfg)
+
+
 def scan_fwd_bwd(selective_scan_fn):
     """The scan alone, forward + backward (autograd.grad of every input), ours vs the peer's."""
     from mamba_decoder.kernels.selective_scan import selective_scan
@@ -149,21 +174,81 @@ def mixer_fwd_bwd(Peer, profile):
         emit(**row)
     if profile:
         from torch.profiler import ProfilerActivity, profile as prof
-        x = torch.randn(8, 2048, 512, device=DEV, dtype=torch.bfloat16, requires_grad=True)
-        gy = torch.randn_like(x)
-        for name, m in mods.items():
-            if m is None:
-                continue
-            params = [x, *m.parameters()]
-            for _ in range(3):
-                torch.autograd.grad(m(x), params, gy)
-            torch.cuda.synchronize()
-            with prof(activities=[ProfilerActivity.CUDA]) as p:
-                for _ in range(5):
+        for Bsz, L in [(8, 2048), (8, 8192)]:
+            x = torch.randn(Bsz, L, 512, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+            gy = torch.randn_like(x)
+            for name, m in mods.items():
+                if m is None:
+                    continue
+                params = [x, *m.parameters()]
+                for _ in range(3):
                     torch.autograd.grad(m(x), params, gy)
                 torch.cuda.synchronize()
-            print(f"### {name} B8 L2048 fwd+bwd, 5 steps")
-            print(p.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60))
+                with prof(activities=[ProfilerActivity.CUDA]) as p:
+                    for _ in range(5):
+                        torch.autograd.grad(m(x), params, gy)
+                    torch.cuda.synchronize()
+                print(f"### {name} B{Bsz} L{L} fwd+bwd, 5 steps")
+                print(p.key_averages().table(sort_by="cuda_time_total", row_limit=16, max_name_column_width=60))
+
+
+def host_costs(Peer, profile=False):
+    """Host time of the mixer's train step and of each launch in it, at B1 L128 (the GPU idles:
+    every figure is the time the host takes to enqueue), perf_counter over many calls."""
+    from mamba_decoder.kernels.causal_conv import _launch as conv_fwd, _launch_bwd as conv_bwd
+
+    def per_call_us(fn, n=200):
+        for _ in range(10):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        return round((t1 - t0) / n * 1e6, 1)
+
+    torch.manual_seed(0)
+    ours = MambaMixer(MambaConfig(d_model=512, n_layers=1), backend="fast").to(DEV).to(torch.bfloat16)
+    mods = {"ours": ours}
+    if Peer is not None:
+        peer = Peer(d_model=512, d_state=16, d_conv=4, expand=2, use_fast_path=True).to(DEV)
+        peer.load_state_dict(ours.state_dict(), strict=True)
+        mods["peer"] = peer.to(torch.bfloat16)
+    x = torch.randn(1, 128, 512, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    gy = torch.randn_like(x)
+    row = dict(what="host_us", B=1, L=128)
+    for name, m in mods.items():
+        params = [x, *m.parameters()]
+        row[name + "_step"] = per_call_us(lambda: torch.autograd.grad(m(x), params, gy))
+        row[name + "_fwd"] = per_call_us(lambda: m(x))
+        with torch.no_grad():
+            row[name + "_fwd_nograd"] = per_call_us(lambda: m(x))
+    inp = scan_inputs(1, 128)
+    args = [inp[k] for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")]
+    with torch.no_grad():
+        _, _, states, _ = tb._fwd(*args, None, True, True)
+        dout = torch.randn_like(inp["x"])
+        w = torch.randn(1024, 4, device=DEV, dtype=torch.bfloat16)
+        b = torch.randn(1024, device=DEV, dtype=torch.bfloat16)
+        row["scan_fwd"] = per_call_us(lambda: tb._fwd(*args, None, True, True))
+        row["scan_bwd"] = per_call_us(lambda: tb._bwd(dout, None, *args, states, True, 32))
+        row["conv_fwd"] = per_call_us(lambda: conv_fwd(inp["x"], w, b, None, None, {}))
+        row["conv_bwd"] = per_call_us(lambda: conv_bwd(inp["x"], w, b, dout))
+        row["bmm"] = per_call_us(lambda: torch.bmm(inp["x"], inp["x"].transpose(1, 2)))
+        row["empty"] = per_call_us(lambda: torch.empty_like(inp["x"]))
+        row["sum0"] = per_call_us(lambda: inp["x"].sum(0))
+    emit(**row)
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as prof
+        for name, m in mods.items():
+            params = [x, *m.parameters()]
+            with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+                for _ in range(20):
+                    torch.autograd.grad(m(x), params, gy)
+                torch.cuda.synchronize()
+            print(f"### host: {name} B1 L128 fwd+bwd, 20 steps")
+            print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=50))
 
 
 def main():
@@ -171,9 +256,19 @@ def main():
     ap.add_argument("--budget", type=float, default=200.0, help="seconds for the backward tile sweep")
     ap.add_argument("--skip-tune", action="store_true")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--host", action="store_true", help="host time of the train step and its launches")
+    ap.add_argument("--host-profile", action="store_true", help="with --host: a CPU profile table")
+    ap.add_argument("--only-host", action="store_true")
+    ap.add_argument("--segments", action="store_true", help="the backward's time segments at small batches")
     a = ap.parse_args()
     emit(what="env", torch=torch.__version__, device=torch.cuda.get_device_name())
     Peer, ssfn = peer_modules()
+    if a.host or a.only_host:
+        host_costs(Peer, a.host_profile)
+        if a.only_host:
+            return
+    if a.segments:
+        tune_segments(a.budget)
     if not a.skip_tune:
         tune_bwd(a.budget)
     scan_fwd_bwd(ssfn)

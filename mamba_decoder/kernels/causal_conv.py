@@ -28,9 +28,9 @@ from ._triton import HAS_TRITON, interpreting as _interpreting, jit as _jit, tl,
 # target, docs/BENCHMARKS.md); cfg overrides.
 CONV_CONFIG = dict(BLOCK_D=8, BLOCK_L=256, num_warps=4)
 # Backward (no initial state): the same tiles, two passes (ds = dy * silu'(s) to an fp32 buffer
-# with the weight grads, then dx as the conv's transpose of ds). One pass that rebuilt s at the
-# K shifts of every tile (K^2 tap loads, K sigmoids an element) took 0.17 ms at (8, 1024, 2048)
-# bf16 on the H200, against causal_conv1d's 0.035 (NOTES.md run 7).
+# with the weight grads added atomically, then dx as the conv's transpose of ds). One pass
+# that rebuilt s at the K shifts of every tile (K^2 tap loads, K sigmoids an element) took
+# 0.17 ms at (8, 1024, 2048) bf16 on the H200, against causal_conv1d's 0.035 (NOTES.md run 7).
 CONV_BWD_CONFIG = dict(BLOCK_D=8, BLOCK_L=256, num_warps=4)
 
 
@@ -129,18 +129,17 @@ def _launch(x, weight, bias, initial_state, final_state, cfg):
 
 
 @_jit
-def _conv_bwd_ds_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, ds_ptr, dwp_ptr, dbp_ptr, ED, L,
+def _conv_bwd_ds_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, ds_ptr, dw_ptr, db_ptr, ED, L,
                         sx_b, sx_d, sx_l, sw_d, sw_k, sdy_b, sdy_d, sdy_l,
                         K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_L: tl.constexpr):
     """Backward of silu(conv(x) + bias), no initial state, step 1: the pre-activation s again
     (K tap loads, the shifted ones L1 hits), ds = dy * silu'(s) into an fp32 (B, ED, L) buffer,
-    and dw[k] = sum_t ds[t] x[t + k - (K-1)], db = sum_t ds[t] as per-program partials
-    (B * n_ltiles, ED, K) / (B * n_ltiles, ED), summed in torch."""
+    and dw[k] = sum_t ds[t] x[t + k - (K-1)], db = sum_t ds[t], each program's sums added
+    atomically into zeroed fp32 (ED, K) / (ED,) buffers."""
     pid_l = tl.program_id(0)
     pid_d = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    n_l = tl.num_programs(0)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     md = offs_d < ED
@@ -161,10 +160,10 @@ def _conv_bwd_ds_kernel(x_ptr, w_ptr, bias_ptr, dy_ptr, ds_ptr, dwp_ptr, dbp_ptr
     sig = tl.sigmoid(s)
     ds = dy * sig * (1.0 + s * (1.0 - sig))
     tl.store(ds_ptr + b * ED * L + offs_d[:, None] * L + offs_l[None, :], ds, mask=m)
-    p_off = (b * n_l + pid_l) * ED + offs_d
     for k in tl.static_range(K):
-        tl.store(dwp_ptr + p_off * K + k, tl.sum(ds * X[k], axis=1), mask=md)
-    tl.store(dbp_ptr + p_off, tl.sum(ds, axis=1), mask=md)
+        tl.atomic_add(dw_ptr + offs_d * K + k, tl.sum(ds * X[k], axis=1), mask=md, sem="relaxed")
+    if HAS_BIAS:
+        tl.atomic_add(db_ptr + offs_d, tl.sum(ds, axis=1), mask=md, sem="relaxed")
 
 
 @_jit
@@ -187,28 +186,30 @@ def _conv_bwd_dx_kernel(ds_ptr, w_ptr, dx_ptr, ED, L, sw_d, sw_k, sdx_b, sdx_d, 
              acc.to(dx_ptr.dtype.element_ty), mask=md[:, None] & (offs_l < L)[None, :])
 
 
-def _launch_bwd(x, weight, bias, dy, dx=None, **cfg):
+def _launch_bwd(x, weight, bias, dy, dx=None, sums=None, **cfg):
     """(dx (B, ED, L), dweight (ED, K), dbias (ED,) or None), the weight grads as fp32 sums; dx
-    into `dx` if given (any strides, e.g. half of the in-projection's gradient). `cfg`
-    overrides CONV_BWD_CONFIG."""
+    into `dx` if given (any strides, e.g. half of the in-projection's gradient); the weight
+    grads added into `sums` if given (a zeroed fp32 buffer of ED * (K + 1) elements or more:
+    dweight, then dbias), else into a new one. `cfg` overrides CONV_BWD_CONFIG."""
     Bsz, ED, L = x.shape
     K = weight.shape[1]
     c = {**CONV_BWD_CONFIG, **cfg}
     n_l = triton.cdiv(L, c["BLOCK_L"])
     dx = torch.empty(Bsz, ED, L, device=x.device, dtype=x.dtype) if dx is None else dx
-    dwp = torch.empty(Bsz * n_l, ED, K, device=x.device, dtype=torch.float32)
-    dbp = torch.empty(Bsz * n_l, ED, device=x.device, dtype=torch.float32)
+    if sums is None:
+        sums = torch.zeros(ED * (K + 1), device=x.device, dtype=torch.float32)
+    dw, db = sums[:ED * K].view(ED, K), sums[ED * K:ED * (K + 1)]
     ds = torch.empty(Bsz, ED, L, device=x.device, dtype=torch.float32)
     grid = (n_l, triton.cdiv(ED, c["BLOCK_D"]), Bsz)
     _conv_bwd_ds_kernel[grid](
-        x, weight, bias if bias is not None else weight, dy, ds, dwp, dbp, ED, L,
+        x, weight, bias if bias is not None else weight, dy, ds, dw, db, ED, L,
         *x.stride(), weight.stride(0), weight.stride(1), *dy.stride(),
         K=K, HAS_BIAS=bias is not None, BLOCK_D=c["BLOCK_D"], BLOCK_L=c["BLOCK_L"],
         num_warps=c["num_warps"])
     _conv_bwd_dx_kernel[grid](
         ds, weight, dx, ED, L, weight.stride(0), weight.stride(1), *dx.stride(),
         K=K, BLOCK_D=c["BLOCK_D"], BLOCK_L=c["BLOCK_L"], num_warps=c["num_warps"])
-    return dx, dwp.sum(0), (dbp.sum(0) if bias is not None else None)
+    return dx, dw, (db if bias is not None else None)
 
 
 class _CausalConvSiLU(torch.autograd.Function):

@@ -227,16 +227,15 @@ class MambaMixer(MambaBlock):
         """Channel-major fast path: x (B, L, D) -> (B, L, D) (a transposed view of (B, D, L))."""
         Bsz = x.shape[0]
         ED = self.config.d_inner
-        xT = x.transpose(1, 2)                                          # (B, D, L) view
-        W = self.in_proj.weight                                         # (2 ED, D)
-        xz = torch.bmm(W.expand(Bsz, -1, -1), xT)                       # (B, 2 ED, L)
-        if self.in_proj.bias is not None:
-            xz = xz + self.in_proj.bias[:, None]
         if cache is None and self._trains_fused(x):
-            A, D, dt_bias = self._scan_params()
-            return _MixerCoreTrain.apply(xz, self.conv1d.weight[:, 0], self.conv1d.bias, self.x_proj.weight,
-                                         self.dt_proj.weight, A, D, dt_bias, self.out_proj.weight,
+            # the whole mixer in one autograd node, the parameters as they are (A = -exp(A_log)
+            # and the fp32 reads happen inside): launches and autograd nodes are the host's cost,
+            # and the host bounds small shapes
+            return _MixerCoreTrain.apply(x, self.in_proj.weight, self.in_proj.bias, self.conv1d.weight,
+                                         self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+                                         self.A_log, self.D, self.dt_proj.bias, self.out_proj.weight,
                                          self.out_proj.bias, residual)
+        xz = _in_proj_bdl(x, self.in_proj.weight, self.in_proj.bias)     # (B, 2 ED, L)
         xi, z = xz[:, :ED], xz[:, ED:]                                  # (B, ED, L) views, read by stride
         # causal conv + SiLU, (B, ED, L); with a cache, prepend its window and write the new one
         state = None if cache is None else cache.conv
@@ -324,24 +323,30 @@ class MambaMixer(MambaBlock):
 
 
 class _MixerCoreTrain(torch.autograd.Function):
-    """The channel-major mixer between the projections, for training: xz (B, 2 ED, L) ->
-    conv + SiLU -> x_proj -> dt_proj -> selective scan (gated by silu(z)) -> out_proj (+ residual)
-    -> (B, L, D), with one hand-written backward, as mamba_ssm's mamba_inner_fn does. It saves xz,
-    dBC and the scan's chunk states only: the conv output and dt are recomputed in the backward,
-    and the gated scan output y, which out_proj's weight gradient needs, is rebuilt by the scan's
-    backward on its way (nothing of size (B, ED, L) beyond xz is kept). dx and dz are written
-    straight into one dxz, the conv's and the scan's backward each filling its half."""
+    """The channel-major mixer for training: x (B, L, D) -> in_proj (B, 2 ED, L) -> conv + SiLU ->
+    x_proj -> dt_proj -> selective scan (gated by silu(z)) -> out_proj (+ residual) -> (B, L, D),
+    with one hand-written backward, as mamba_ssm's mamba_inner_fn does. It takes
+    the parameters as they are (conv1d's (ED, 1, K) weight, A_log, D and dt_proj's bias in their
+    own dtype: the kernels read them in fp32) and saves x, xz, dBC and the scan's chunk states:
+    the conv output and dt are recomputed in the backward, and the gated scan output y, which
+    out_proj's weight gradient needs, is rebuilt by the scan's backward on its way (nothing of
+    size (B, ED, L) beyond xz is kept). dx and dz are written straight into one dxz, the conv's
+    and the scan's backward each filling its half. The backward's sums (dB, dC and every small
+    parameter's gradient) go into one zeroed fp32 buffer, the small parameters' gradients cast
+    to their dtype in one op: the host's launches, not the GPU, bound small shapes."""
 
     @staticmethod
-    def forward(ctx, xz, conv_w, conv_b, w_x, w_dt, A, D, dt_bias, w_out, b_out, residual):
+    def forward(ctx, x, w_in, b_in, conv_w, conv_b, w_x, w_dt, A_log, D, dt_bias, w_out, b_out, residual):
         from ..kernels.causal_conv import _launch as conv_fwd
         from ..kernels.selective_scan import triton_bdl as tb
 
+        xz = _in_proj_bdl(x, w_in, b_in)                                       # (B, 2 ED, L)
         Bsz, ED2, L = xz.shape
         ED, R = ED2 // 2, w_dt.shape[1]
-        N = A.shape[1]
+        N = A_log.shape[1]
+        A = -torch.exp(A_log.float())
         xi, z = xz[:, :ED], xz[:, ED:]
-        xc = conv_fwd(xi, conv_w, conv_b, None, None, {})                     # (B, ED, L)
+        xc = conv_fwd(xi, conv_w[:, 0], conv_b, None, None, {})                # (B, ED, L)
         dBC = torch.bmm(w_x.expand(Bsz, -1, -1), xc)                           # (B, R + 2N, L)
         dt = torch.bmm(w_dt.expand(Bsz, -1, -1), dBC[:, :R])                   # (B, ED, L)
         y, _, states, chunk = tb._fwd(xc, dt, A, dBC[:, R:R + N], dBC[:, R + N:], D, z, dt_bias,
@@ -351,8 +356,11 @@ class _MixerCoreTrain(torch.autograd.Function):
                else torch.bmm(y.transpose(1, 2), wT))                          # (B, L, D)
         if b_out is not None:
             out = out + b_out
-        ctx.save_for_backward(xz, conv_w, conv_b, w_x, w_dt, A, D, dt_bias, w_out, dBC, states)
+        ctx.save_for_backward(x, w_in, xz, conv_w, conv_b, w_x, w_dt, A, D, dt_bias, w_out, dBC, states)
         ctx.chunk, ctx.has_residual, ctx.has_b_out = chunk, residual is not None, b_out is not None
+        ctx.has_b_in = b_in is not None
+        ctx.small_dtypes = (A_log.dtype, D.dtype, None if dt_bias is None else dt_bias.dtype,
+                            conv_w.dtype, None if conv_b is None else conv_b.dtype)
         return out
 
     @staticmethod
@@ -361,36 +369,67 @@ class _MixerCoreTrain(torch.autograd.Function):
         from ..kernels.causal_conv import _launch_bwd as conv_bwd
         from ..kernels.selective_scan import triton_bdl as tb
 
-        xz, conv_w, conv_b, w_x, w_dt, A, D, dt_bias, w_out, dBC, states = ctx.saved_tensors
+        x, w_in, xz, conv_w, conv_b, w_x, w_dt, A, D, dt_bias, w_out, dBC, states = ctx.saved_tensors
         Bsz, ED2, L = xz.shape
         ED, R = ED2 // 2, w_dt.shape[1]
-        N = A.shape[1]
+        N, K = A.shape[1], conv_w.shape[2]
         xi, z = xz[:, :ED], xz[:, ED:]
-        xc = conv_fwd(xi, conv_w, conv_b, None, None, {})                     # recomputed
+        w_conv = conv_w[:, 0]                                                  # (ED, K) view
+        xc = conv_fwd(xi, w_conv, conv_b, None, None, {})                      # recomputed
         dt = torch.bmm(w_dt.expand(Bsz, -1, -1), dBC[:, :R])
         dy = torch.bmm(w_out.t().expand(Bsz, -1, -1), dout.transpose(1, 2))   # (B, ED, L)
         dxz = torch.empty_like(xz)
         y = torch.empty_like(xc)
-        dxc, ddt, _, dA, dB, dC, dD, ddt_bias, _ = tb._bwd(
+        # one zeroed fp32 buffer: the scan's sums (dB, dC (B, 2N, L); dA_log (ED, N); dD, ddt_bias
+        # (ED,)), then the conv's (dw (ED, K), db (ED,)): the small grads lie together after dBC
+        n_scan = tb.scan_sums_numel(Bsz, ED, N, L)
+        sums = torch.zeros(n_scan + ED * (K + 1), device=xz.device, dtype=torch.float32)
+        dxc, ddt, _, _, _, _, _, _, _ = tb._bwd(
             dy, None, xc, dt, A, dBC[:, R:R + N], dBC[:, R + N:], D, z, dt_bias, states, True,
-            ctx.chunk, dz_out=dxz[:, ED:], y_out=y, ddt_over_dt=True)
+            ctx.chunk, dz_out=dxz[:, ED:], y_out=y, ddt_over_dt=True, sums=sums[:n_scan], dA_log=True)
         # ddt was written over dt; each (B, ED, L) temporary is freed once its last use is
         # done, so the conv backward's fp32 buffer does not come on top of them: the train
         # step's peak is the scan backward's moment.
         del dy, dt
-        dw_out = torch.bmm(dout.transpose(1, 2), y.transpose(1, 2)).sum(0)     # (D, ED)
+        dw_out = _batch_sum(torch.bmm(dout.transpose(1, 2), y.transpose(1, 2)))    # (D, ED)
         del y
         ddt_low = torch.bmm(w_dt.t().expand(Bsz, -1, -1), ddt)                 # (B, R, L)
-        dw_dt = torch.bmm(ddt, dBC[:, :R].transpose(1, 2)).sum(0)             # (ED, R)
+        dw_dt = _batch_sum(torch.bmm(ddt, dBC[:, :R].transpose(1, 2)))        # (ED, R)
         del ddt
-        ddBC = torch.cat([ddt_low, dB.to(dBC.dtype), dC.to(dBC.dtype)], 1)     # (B, R + 2N, L)
-        dw_x = torch.bmm(ddBC, xc.transpose(1, 2)).sum(0)                      # (R + 2N, ED)
+        n_bc = Bsz * 2 * N * L
+        ddBC = torch.cat([ddt_low, sums[:n_bc].view(Bsz, 2 * N, L).to(dBC.dtype)], 1)   # (B, R + 2N, L)
+        dw_x = _batch_sum(torch.bmm(ddBC, xc.transpose(1, 2)))                 # (R + 2N, ED)
         del xc
         dxc.baddbmm_(w_x.t().expand(Bsz, -1, -1), ddBC)                        # in place: no second (B, ED, L)
-        _, dconv_w, dconv_b = conv_bwd(xi, conv_w, conv_b, dxc, dx=dxz[:, :ED])
-        return (dxz, dconv_w.to(conv_w.dtype), None if conv_b is None else dconv_b.to(conv_b.dtype),
-                dw_x, dw_dt, dA, dD.to(D.dtype), ddt_bias.to(dt_bias.dtype), dw_out,
+        conv_bwd(xi, w_conv, conv_b, dxc, dx=dxz[:, :ED], sums=sums[n_scan:])
+        # the small parameters' grads, cast in one op where their dtypes agree
+        dtypes = {t for t in ctx.small_dtypes if t is not None}
+        small = sums[n_bc:]
+        small = small.to(dtypes.pop()) if len(dtypes) == 1 else small
+        sizes = [ED * N, ED, ED, ED * K, ED]
+        dA_log, dD, ddt_bias, dconv_w, dconv_b = torch.split(small, sizes)
+        a_t, d_t, b_t, w_t, cb_t = ctx.small_dtypes
+        # the in-projection's backward: (B, L, D) input grad and the weight's, summed over batch
+        dx = torch.bmm(dxz.transpose(1, 2), w_in.expand(Bsz, -1, -1))         # (B, L, D)
+        dw_in = _batch_sum(torch.bmm(dxz, x))                                  # (2 ED, D)
+        return (dx, dw_in, dxz.sum((0, 2)) if ctx.has_b_in else None,
+                dconv_w.view(ED, 1, K).to(w_t), None if conv_b is None else dconv_b.to(cb_t),
+                dw_x, dw_dt, dA_log.view(ED, N).to(a_t), dD.to(d_t),
+                None if dt_bias is None else ddt_bias.to(b_t), dw_out,
                 dout.sum((0, 1)) if ctx.has_b_out else None, dout if ctx.has_residual else None)
+
+
+def _in_proj_bdl(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+    """in_proj of x (B, L, D) straight into the channel-major (B, 2 ED, L) (cuBLAS reads x
+    transposed in place)."""
+    xz = torch.bmm(w.expand(x.shape[0], -1, -1), x.transpose(1, 2))
+    return xz if b is None else xz + b[:, None]
+
+
+def _batch_sum(t: torch.Tensor) -> torch.Tensor:
+    """t.sum(0) over a (B, M, N) batch of weight-gradient products; a view at batch 1 (one
+    reduction launch fewer)."""
+    return t[0] if t.shape[0] == 1 else t.sum(0)
 
 
 class RMSNorm(MambaRMSNorm):

@@ -321,6 +321,18 @@ def test_fused_mixer_training_path_equals_reference(small_tiles, d_model, d_stat
     """The channel-major mixer's fused training path (one autograd Function around the Triton
     conv, scan and their backwards) against mambapy's mixer: output, the input's gradient and
     every parameter's, on random weights."""
+    fused_mixer_case(d_model, d_state, shape, dtype, residual)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_mixer_training_path_with_projection_biases(small_tiles, dtype):
+    """The same with biases on in_proj and out_proj and none on the conv (mambapy's bias=True,
+    conv_bias=False): every bias's gradient, and none asked of the missing one."""
+    fused_mixer_case(24, 16, (2, 19), dtype, True, bias=True, conv_bias=False)
+
+
+def fused_mixer_case(d_model, d_state, shape, dtype, residual, **config):
     pytest.importorskip("mambapy")
     from mambapy.mamba import MambaConfig
 
@@ -328,7 +340,7 @@ def test_fused_mixer_training_path_equals_reference(small_tiles, d_model, d_stat
     from mamba_decoder.models import MambaMixer
     from mamba_decoder.policy import KernelPolicy
 
-    cfg = MambaConfig(d_model=d_model, n_layers=1, d_state=d_state)
+    cfg = MambaConfig(d_model=d_model, n_layers=1, d_state=d_state, **config)
     ref = randomize_(MambaMixer(cfg, backend="reference")).to(DEV, dtype)
     fast = MambaMixer(cfg, backend="fast", policy=KernelPolicy(mamba_fused="triton", mamba_layout="BDL")).to(DEV, dtype)
     fast.load_state_dict(ref.state_dict())
@@ -373,3 +385,74 @@ def test_lane_backward_takes_smaller_tiles_when_the_grid_is_small(small_tiles, m
     assert seen == [small_tiles.BWD_TILES[want]["BLOCK_D"]]
     for k in GRAD_NAMES + ["initial_state"]:
         assert rel(g[k], rg[k]) <= 1e-3, k
+
+
+def test_bwd_segments_split_time_into_whole_chunks(small_tiles):
+    def seg(programs, n_chunks, segments=None, chunk=32):
+        return small_tiles.time_segments(programs, n_chunks, 1024, segments, chunk)
+    short = small_tiles.SEG_MIN_STEPS
+    assert seg(1024, 256) == (1, 256)               # a full grid: one segment
+    assert seg(256, 256) == (4, 64)                 # a quarter of it: four segments
+    assert seg(1, 64 * short // 32) == (64, short // 32)   # none shorter than SEG_MIN_STEPS
+    assert seg(256, 2 * short // 32) == (2, short // 32)
+    assert seg(256, short // 32 - 1) == (1, short // 32 - 1)   # short sequences: one segment
+    assert seg(1, 5, segments=2) == (2, 3)          # the last segment may be shorter
+    assert seg(1, 5, segments=4) == (3, 2)          # ... and none is empty
+    assert seg(1, 3, segments=10) == (3, 1)         # never more segments than state chunks
+    assert seg(10**9, 5, segments=1) == (1, 5)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("segments", [1, 2, 3, 5])
+@pytest.mark.parametrize("opts", [pytest.param(dict(), id="gated"),
+                                  pytest.param(dict(z=None, D=None, dt_bias=None), id="bare")])
+def test_triton_bdl_backward_over_time_segments(small_tiles, monkeypatch, segments, opts):
+    """The time-segmented backward (each segment's starting adjoint folded from the later
+    segments' carries) gives the reference's gradients, the initial and final state's included,
+    at every segment count: 5 state chunks of 8 steps on the CPU's small tiles, the last one
+    partial (L 37)."""
+    for name in ("lane", "lane-small"):
+        monkeypatch.setitem(small_tiles.BWD_TILES, name,
+                            {**small_tiles.BWD_TILES[name], "SEGMENTS": segments})
+    calls = []
+    real = small_tiles._bdl_bwd_carry_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            calls.append(grid)
+            return real[grid]
+    monkeypatch.setattr(small_tiles, "_bdl_bwd_carry_kernel", Spy())
+    inp, h0 = make_bdl(2, 37, 20, 8)
+    use = {k: v for k, v in inp.items() if opts.get(k, 0) is not None}
+    names = [k for k in GRAD_NAMES if k in use]
+    kw = {k: None for k in GRAD_NAMES if k not in use}
+    o, hf, g = run_with_grads(bdl_fn("triton"), use, h0, names=names, **kw)
+    ro, rhf, rg = run_with_grads(ref_on_bdl, use, h0, names=names, **kw)
+    n_chunks = -(-37 // small_tiles.BWD_CONFIG["CHUNK"])     # 5 on the CPU's small tiles
+    want_segs = small_tiles.time_segments(1, n_chunks, 1, segments)[0]
+    assert [grid[1] for grid in calls] == ([2 * (want_segs - 1)] if want_segs > 1 else [])
+    for k in names + ["initial_state"]:
+        assert rel(g[k], rg[k]) <= 1e-4, (k, rel(g[k], rg[k]))
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("segments", [1, 2, 3, 5])
+@pytest.mark.parametrize("with_h0", [False, True], ids=["zero-state", "initial-state"])
+def test_triton_bdl_lane_forward_over_time_segments(small_tiles, monkeypatch, segments, with_h0):
+    """The time-segmented lane forward (each segment's starting state folded from the earlier
+    segments' carries) gives the reference's output and final state, and the backward's stored
+    chunk states equal the one-segment forward's: 5 state chunks of 8 steps, the last partial."""
+    tb = small_tiles
+    inp, h0 = make_bdl(2, 37, 20, 8)
+    h0 = h0 if with_h0 else None
+    args = [inp[k] for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")]
+    lane = dict(variant="lane", BLOCK_D=16, NS=2, CHUNK=4, num_warps=1)
+    out1, hf1, st1, _ = tb._fwd(*args, h0, True, True, STATE_CHUNK=8, SEGMENTS=1, **lane)
+    out, hf, st, _ = tb._fwd(*args, h0, True, True, STATE_CHUNK=8, SEGMENTS=segments, **lane)
+    ref, rhf = ref_on_bdl(**inp, initial_state=h0, return_final_state=True)
+    assert rel(out, ref) <= 1e-5 and rel(hf, rhf) <= 1e-5
+    assert rel(st, st1) <= 1e-6 and rel(out, out1) <= 1e-6
+    monkeypatch.setitem(tb.FWD_TILES, "lane", {**tb.FWD_TILES["lane"], "SEGMENTS": segments})
+    with torch.no_grad():       # fp32 inference takes the lane forward too
+        o2 = selective_scan(**inp, initial_state=h0, impl="triton", layout="BDL")
+    assert rel(o2, ref) <= 1e-5

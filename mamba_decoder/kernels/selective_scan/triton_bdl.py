@@ -60,6 +60,22 @@ BWD_CONFIG = dict(CHUNK=32)
 BWD_TILES = {"lane": dict(BLOCK_D=8, NS=4, E=8, num_warps=1, ATOMIC=True),
              "lane-small": dict(BLOCK_D=4, NS=8, E=8, num_warps=1, ATOMIC=True)}
 BWD_LANE_MIN_PROGRAMS = 1024
+# Below BWD_SEG_PROGRAMS programs the backward also splits time into segments of whole state
+# chunks, all run at once: a first kernel runs the adjoint back over each segment from zero
+# (_bdl_bwd_carry_kernel), and each segment's backward folds the later segments' carries into
+# its starting adjoint. At batch 1 the grid has (ED / BLOCK_D) programs of one warp, each
+# walking the whole sequence: too few to hide each step's latency.
+# H100, bf16, (1, 8192, 1024, 16), backward alone, lane-small (256 programs): 1, 2, 4, 8, 16
+# segments 1.96, 1.43, 0.91, 0.85, 0.84 ms; at L2048 0.47 -> 0.31 with 8 (NOTES.md run 8).
+BWD_SEG_PROGRAMS = 2048
+# The same for the lane forward (training's, and fp32 inference's): a first kernel runs each
+# segment's state from zero (_bdl_fwd_carry_kernel), then every segment's forward runs at once.
+# H100, bf16, the forward storing states (8 x 4 tiles, 128 programs): 1, 4, 8, 16 segments
+# 1.55, 0.61, 0.36, 0.36 ms at (1, 8192); at (1, 2048) 0.35, 0.18, 0.17, 0.29.
+FWD_SEG_PROGRAMS = 1024
+# No segment shorter than this: short sequences are bound by launches and latency, not by how
+# many programs walk them (and each split costs two more launches).
+SEG_MIN_STEPS = 256
 FWD_TUNE = ([dict(variant="chan", BLOCK_D=bd, CHUNK=ch, num_warps=nw)
               for bd, ch, nw in [(1, 512, 1), (2, 256, 1), (1, 256, 1), (1, 1024, 2)]]
             + [dict(variant="lane", BLOCK_D=bd, NS=ns, CHUNK=e, num_warps=nw)
@@ -276,15 +292,69 @@ def _lane_delta(x_b, dt_b, t3, m, sx_l, sdt_l, bias, HAS_BIAS: tl.constexpr, SOF
 
 
 @triton.jit
+def _bdl_fwd_carry_kernel(
+    x_ptr, dt_ptr, B_ptr, A_ptr, bias_ptr, carry_ptr, dsum_ptr,
+    L, ED, SEGS, CPS,
+    sx_b, sx_d, sx_l, sdt_b, sdt_d, sdt_l, sB_b, sB_n, sB_l, sA_d, sA_n,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    N: tl.constexpr, BLOCK_D: tl.constexpr, NS: tl.constexpr, E: tl.constexpr,
+    STATE_CHUNK: tl.constexpr,
+):
+    """The time-segmented forward's first pass: for time segment s < SEGS - 1 (CPS state
+    chunks each), the state run over the segment from zero, h <- exp(delta A) h + delta x B,
+    stored as carry (B, SEGS, ED, N) fp32 with the segment's sum of delta (B, SEGS, ED): the
+    state leaving a segment is exp(A sum delta) h_in + carry, so _bdl_fold_kernel gives every
+    segment its starting state and all segments' forwards run at once. No C, z or y."""
+    NL: tl.constexpr = N // NS
+    NT: tl.constexpr = STATE_CHUNK // E
+    pid1 = tl.program_id(1)
+    pid_b = (pid1 // (SEGS - 1)).to(tl.int64)
+    seg = pid1 % (SEGS - 1)
+    d3, s3, e3, md3, d2, s2, md2 = _lane_index(ED, BLOCK_D, NS, E)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d3 + s3 * 0, mask=md3, other=0.0).to(tl.float32)
+    else:
+        bias = 0.0
+    A2 = ()
+    H = ()
+    for j in tl.static_range(NL):
+        A2 = A2 + (tl.load(A_ptr + d2 * sA_d + (s2 * NL + j) * sA_n, mask=md2,
+                           other=0.0).to(tl.float32) * 1.4426950408889634,)
+        H = H + (tl.zeros([BLOCK_D, NS], dtype=tl.float32),)
+    dsum = tl.zeros([BLOCK_D, NS, 1], dtype=tl.float32)
+    x_b = x_ptr + pid_b * sx_b + d3 * sx_d + s3 * 0
+    dt_b = dt_ptr + pid_b * sdt_b + d3 * sdt_d + s3 * 0
+    B_b = B_ptr + pid_b * sB_b + (s3 * NL) * sB_n + d3 * 0
+    t_lo = seg * CPS * STATE_CHUNK
+    for k in range(0, CPS * NT):        # never the last segment: every step is < L
+        t3 = t_lo + k * E + e3
+        xt, ut, dlt = _lane_delta(x_b, dt_b, t3, md3 & (t3 < L), sx_l, sdt_l, bias, HAS_BIAS, SOFTPLUS)
+        dsum += tl.sum(dlt, axis=2, keep_dims=True)
+        dl = _cols(dlt, BLOCK_D, NS, E)
+        dx = _cols(dlt * xt, BLOCK_D, NS, E)
+        for j in tl.static_range(NL):
+            Bj = _cols(tl.load(B_b + j * sB_n + t3 * sB_l, mask=t3 < L, other=0.0).to(tl.float32),
+                       BLOCK_D, NS, E)
+            h = H[j]
+            for e in tl.static_range(E):
+                h = tl.exp2(dl[e] * A2[j]) * h + dx[e] * Bj[e]
+            H = H[:j] + (h,) + H[j + 1:]
+    slab = pid_b * SEGS + seg
+    for j in tl.static_range(NL):
+        tl.store(carry_ptr + slab * ED * N + d2 * N + s2 * NL + j, H[j], mask=md2)
+    tl.store(dsum_ptr + slab * ED + d3 + s3 * 0, dsum, mask=md3 & (s3 == 0))
+
+
+@triton.jit
 def _bdl_fwd_lane_kernel(
     x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, h0_ptr,
-    out_ptr, hfin_ptr, states_ptr,
-    L, ED,
+    out_ptr, hfin_ptr, states_ptr, hin_ptr,
+    L, ED, SEGS, CPS,
     sx_b, sx_d, sx_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l,
     sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sA_d, sA_n,
     so_b, so_d, so_l,
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
-    SOFTPLUS: tl.constexpr, STORE_STATES: tl.constexpr,
+    SOFTPLUS: tl.constexpr, STORE_STATES: tl.constexpr, HAS_HIN: tl.constexpr,
     N: tl.constexpr, BLOCK_D: tl.constexpr, NS: tl.constexpr, E: tl.constexpr,
     STATE_CHUNK: tl.constexpr,
 ):
@@ -293,9 +363,15 @@ def _bdl_fwd_lane_kernel(
     and of B_n, C_n for its states (the same address across channels: a broadcast), splits
     them into per-step registers (no data movement) and runs h_n = exp(delta A_n) h_n +
     delta x B_n, y += h_n C_n step by step: ~5 instructions and one exp2 per (d, n, t), no
-    shuffles but the NS-lane sum of y. The states are N/NS-tuples of (BLOCK_D, NS) vectors."""
+    shuffles but the NS-lane sum of y. The states are N/NS-tuples of (BLOCK_D, NS) vectors.
+    With HAS_HIN, program (d-block, batch * SEGS + s) runs time segment s (CPS state chunks)
+    from its starting state in hin (B, SEGS, ED, N) (_bdl_fold_kernel)."""
     NL: tl.constexpr = N // NS
-    pid_b = tl.program_id(1).to(tl.int64)
+    NT: tl.constexpr = STATE_CHUNK // E
+    slab = tl.program_id(1)                   # batch * SEGS + time segment
+    seg = slab % SEGS
+    pid_b = (slab // SEGS).to(tl.int64)
+    slab = slab.to(tl.int64)
     d3, s3, e3, md3, d2, s2, md2 = _lane_index(ED, BLOCK_D, NS, E)
     if HAS_D:
         Dv = tl.load(D_ptr + d3 + s3 * 0, mask=md3, other=0.0).to(tl.float32)   # (BD, NS, 1)
@@ -307,15 +383,19 @@ def _bdl_fwd_lane_kernel(
     n_states = tl.cdiv(L, STATE_CHUNK)
     A2 = ()
     H = ()
+    c_lo = seg * CPS                          # the segment's state chunks: [c_lo, c_hi)
+    c_hi = tl.minimum(n_states, c_lo + CPS)
     for j in tl.static_range(NL):
         A2 = A2 + (tl.load(A_ptr + d2 * sA_d + (s2 * NL + j) * sA_n, mask=md2,
                            other=0.0).to(tl.float32) * 1.4426950408889634,)
-        if HAS_H0:
+        if HAS_HIN:
+            H = H + (tl.load(hin_ptr + slab * ED * N + st2 + j, mask=md2, other=0.0),)
+        elif HAS_H0:
             H = H + (tl.load(h0_ptr + pid_b * ED * N + st2 + j, mask=md2, other=0.0).to(tl.float32),)
         else:
             H = H + (tl.zeros([BLOCK_D, NS], dtype=tl.float32),)
         if STORE_STATES:
-            tl.store(states_ptr + pid_b * n_states * ED * N + st2 + j, H[j], mask=md2)
+            tl.store(states_ptr + (pid_b * n_states + c_lo) * ED * N + st2 + j, H[j], mask=md2)
 
     x_b = x_ptr + pid_b * sx_b + d3 * sx_d + s3 * 0
     dt_b = dt_ptr + pid_b * sdt_b + d3 * sdt_d + s3 * 0
@@ -324,7 +404,7 @@ def _bdl_fwd_lane_kernel(
     B_b = B_ptr + pid_b * sB_b + (s3 * NL) * sB_n + d3 * 0
     C_b = C_ptr + pid_b * sC_b + (s3 * NL) * sC_n + d3 * 0
 
-    for c in range(0, tl.cdiv(L, E)):
+    for c in range(c_lo * NT, tl.minimum(tl.cdiv(L, E), c_hi * NT)):
         t3 = c * E + e3
         mt = t3 < L
         m = md3 & mt
@@ -350,8 +430,8 @@ def _bdl_fwd_lane_kernel(
             ys = ys + (y_k,)
         if STORE_STATES:
             # the backward restarts from the state before every STATE_CHUNK-th step
-            nxt = c * E + E
-            if (nxt % STATE_CHUNK == 0) & (nxt < L):
+            nxt = c * E + E     # (the next segment stores its own starting state)
+            if (nxt % STATE_CHUNK == 0) & (nxt < L) & (nxt < c_hi * STATE_CHUNK):
                 for j in tl.static_range(NL):
                     tl.store(states_ptr + (pid_b * n_states + nxt // STATE_CHUNK) * ED * N + st2 + j,
                              H[j], mask=md2)
@@ -362,22 +442,125 @@ def _bdl_fwd_lane_kernel(
             zt = tl.load(z_b + t3 * sz_l, mask=m, other=0.0).to(tl.float32)
             y = y * zt * tl.sigmoid(zt)
         tl.store(o_b + t3 * so_l, y.to(out_ptr.dtype.element_ty), mask=m & (s3 == 0))
+    for j in tl.static_range(NL):       # the final state: the last segment's
+        tl.store(hfin_ptr + pid_b * ED * N + st2 + j, H[j], mask=md2 & (s2 * 0 + seg == SEGS - 1))
+
+
+@triton.jit
+def _bdl_bwd_carry_kernel(
+    dt_ptr, z_ptr, C_ptr, A_ptr, bias_ptr, dout_ptr, carry_ptr, dsum_ptr,
+    L, ED, SEGS, CPS,
+    sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l, sC_b, sC_n, sC_l, sA_d, sA_n,
+    sdo_b, sdo_d, sdo_l,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    N: tl.constexpr, BLOCK_D: tl.constexpr, NS: tl.constexpr, E: tl.constexpr,
+    STATE_CHUNK: tl.constexpr,
+):
+    """The time-segmented backward's first pass: for time segment s >= 1 (CPS state chunks each),
+    the adjoint run back over the segment from zero, g_t = G + C_t dy_t, G <- exp(delta_t A) g_t,
+    stored as carry (B, SEGS, ED, N) fp32 with the segment's sum of delta (B, SEGS, ED): the
+    adjoint leaving the segment is exp(A sum delta) G_in + carry, linear in the G_in coming from
+    the later segments, so _bdl_fold_kernel gives every segment its G_in and all segments'
+    backwards run at once. Only dt, dout, z and C are read; one exp2 and three FMAs a (d, n, t)."""
+    NL: tl.constexpr = N // NS
+    NT: tl.constexpr = STATE_CHUNK // E
+    pid1 = tl.program_id(1)
+    pid_b = (pid1 // (SEGS - 1)).to(tl.int64)
+    seg = 1 + pid1 % (SEGS - 1)
+    d3, s3, e3, md3, d2, s2, md2 = _lane_index(ED, BLOCK_D, NS, E)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d3 + s3 * 0, mask=md3, other=0.0).to(tl.float32)
+    else:
+        bias = 0.0
+    A2 = ()
+    G = ()
     for j in tl.static_range(NL):
-        tl.store(hfin_ptr + pid_b * ED * N + st2 + j, H[j], mask=md2)
+        A2 = A2 + (tl.load(A_ptr + d2 * sA_d + (s2 * NL + j) * sA_n, mask=md2,
+                           other=0.0).to(tl.float32) * 1.4426950408889634,)
+        G = G + (tl.zeros([BLOCK_D, NS], dtype=tl.float32),)
+    dsum = tl.zeros([BLOCK_D, NS, 1], dtype=tl.float32)
+    dt_b = dt_ptr + pid_b * sdt_b + d3 * sdt_d + s3 * 0
+    z_b = z_ptr + pid_b * sz_b + d3 * sz_d + s3 * 0
+    do_b = dout_ptr + pid_b * sdo_b + d3 * sdo_d + s3 * 0
+    C_b = C_ptr + pid_b * sC_b + (s3 * NL) * sC_n + d3 * 0
+    n_states = tl.cdiv(L, STATE_CHUNK)
+    c_lo = seg * CPS
+    n_tiles = (tl.minimum(n_states, c_lo + CPS) - c_lo) * NT
+    for kk in range(0, n_tiles):
+        t3 = c_lo * STATE_CHUNK + (n_tiles - 1 - kk) * E + e3
+        mt = t3 < L
+        m = md3 & mt
+        ut = tl.load(dt_b + t3 * sdt_l, mask=m, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            ut = ut + bias
+        if SOFTPLUS:
+            dlt = _softplus(ut)
+        else:
+            dlt = ut
+        dlt = tl.where(m, dlt, 0.0)
+        dsum += tl.sum(dlt, axis=2, keep_dims=True)
+        dyt = tl.load(do_b + t3 * sdo_l, mask=m, other=0.0).to(tl.float32)
+        if HAS_Z:
+            zt = tl.load(z_b + t3 * sz_l, mask=m, other=0.0).to(tl.float32)
+            dyt = dyt * zt * tl.sigmoid(zt)
+        dl = _cols(dlt, BLOCK_D, NS, E)
+        dy = _cols(dyt, BLOCK_D, NS, E)
+        for j in tl.static_range(NL):
+            Cj = _cols(tl.load(C_b + j * sC_n + t3 * sC_l, mask=mt, other=0.0).to(tl.float32),
+                       BLOCK_D, NS, E)
+            g = G[j]
+            for e in tl.static_range(E - 1, -1, -1):
+                g = tl.exp2(dl[e] * A2[j]) * (g + Cj[e] * dy[e])
+            G = G[:j] + (g,) + G[j + 1:]
+    slab = pid_b * SEGS + seg
+    for j in tl.static_range(NL):
+        tl.store(carry_ptr + slab * ED * N + d2 * N + s2 * NL + j, G[j], mask=md2)
+    tl.store(dsum_ptr + slab * ED + d3 + s3 * 0, dsum, mask=md3 & (s3 == 0))
+
+
+@triton.jit
+def _bdl_fold_kernel(carry_ptr, dsum_ptr, A_ptr, g0_ptr, gin_ptr, ED, SEGS, sA_d, sA_n,
+                     HAS_G0: tl.constexpr, REVERSE: tl.constexpr, N: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    """The carry entering each time segment, gin (B, SEGS, ED, N) fp32, from the segments'
+    own carries (each run from zero: _bdl_fwd_carry_kernel, _bdl_bwd_carry_kernel) and sums
+    of delta: G <- exp(A sum delta) G + carry, segment by segment, from g0 (the initial state,
+    or with REVERSE the final state's gradient; zero if absent) at the first segment (the
+    last with REVERSE). One program per BLOCK (d, n) elements of a batch row."""
+    b = tl.program_id(1).to(tl.int64)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)     # d * N + n
+    m = offs < ED * N
+    d = offs // N
+    A2 = tl.load(A_ptr + d * sA_d + (offs % N) * sA_n, mask=m, other=0.0).to(tl.float32) * 1.4426950408889634
+    if HAS_G0:
+        g = tl.load(g0_ptr + b * ED * N + offs, mask=m, other=0.0).to(tl.float32)
+    else:
+        g = tl.zeros([BLOCK], dtype=tl.float32)
+    for q in range(0, SEGS):
+        if REVERSE:
+            s = SEGS - 1 - q
+        else:
+            s = q
+        tl.store(gin_ptr + (b * SEGS + s) * ED * N + offs, g, mask=m)
+        if q < SEGS - 1:
+            dsum = tl.load(dsum_ptr + (b * SEGS + s) * ED + d, mask=m, other=0.0)
+            g = tl.exp2(A2 * dsum) * g + tl.load(carry_ptr + (b * SEGS + s) * ED * N + offs,
+                                                  mask=m, other=0.0)
 
 
 @triton.jit
 def _bdl_bwd_lane_kernel(
     x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, states_ptr,
     dout_ptr, dhfin_ptr,
-    dx_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dAp_ptr, dDp_ptr, dbiasp_ptr, dh0_ptr, scratch_ptr,
-    y_ptr,
-    Bsz, L, ED,
+    dx_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dh0_ptr, scratch_ptr,
+    y_ptr, gin_ptr,
+    Bsz, L, ED, SEGS, CPS, sdB_b,
     sx_b, sx_d, sx_l, sdt_b, sdt_d, sdt_l, sz_b, sz_d, sz_l,
     sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sA_d, sA_n,
     sdo_b, sdo_d, sdo_l, sdz_b, sdz_d,
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_DHFIN: tl.constexpr, SOFTPLUS: tl.constexpr, ATOMIC: tl.constexpr, STORE_Y: tl.constexpr,
+    HAS_GIN: tl.constexpr, DA_LOG: tl.constexpr,
     N: tl.constexpr, BLOCK_D: tl.constexpr, NS: tl.constexpr, E: tl.constexpr,
     STATE_CHUNK: tl.constexpr,
 ):
@@ -396,7 +579,10 @@ def _bdl_bwd_lane_kernel(
     NL: tl.constexpr = N // NS
     NT: tl.constexpr = STATE_CHUNK // E
     pid_d = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
+    slab = tl.program_id(1)                   # batch * SEGS + time segment
+    seg = slab % SEGS
+    pid_b = (slab // SEGS).to(tl.int64)
+    slab = slab.to(tl.int64)
     d3, s3, e3, md3, d2, s2, md2 = _lane_index(ED, BLOCK_D, NS, E)
     s_r = tl.arange(0, NS)[:, None]       # (NS, 1): rows of the channel-summed (NS, E) tiles
     e_r = tl.arange(0, E)[None, :]
@@ -416,7 +602,9 @@ def _bdl_bwd_lane_kernel(
         a_j = tl.load(A_ptr + d2 * sA_d + (s2 * NL + j) * sA_n, mask=md2, other=0.0).to(tl.float32)
         A1 = A1 + (a_j,)
         A2 = A2 + (a_j * 1.4426950408889634,)
-        if HAS_DHFIN:
+        if HAS_GIN:     # time segments: the adjoint entering this one (_bdl_fold_kernel)
+            G = G + (tl.load(gin_ptr + slab * ED * N + st2 + j, mask=md2, other=0.0),)
+        elif HAS_DHFIN:
             G = G + (tl.load(dhfin_ptr + pid_b * ED * N + st2 + j, mask=md2, other=0.0).to(tl.float32),)
         else:
             G = G + (tl.zeros([BLOCK_D, NS], dtype=tl.float32),)
@@ -433,13 +621,15 @@ def _bdl_bwd_lane_kernel(
     g_b = pid_b * ED * L + d3 * L + s3 * 0           # contiguous (B, ED, L) grads (and y)
     gz_b = pid_b * sdz_b + d3 * sdz_d + s3 * 0       # dz: L contiguous, may be a slice of dxz
     if ATOMIC:
-        r_b = pid_b * N * L + (s_r * NL) * L          # one fp32 (B, N, L)
+        r_b = pid_b * sdB_b + (s_r * NL) * L          # fp32 (B, N, L) rows, batch stride sdB_b
     else:
         r_b = (pid_d * Bsz + pid_b) * N * L + (s_r * NL) * L   # (n_db, B, N, L) partials
 
-    sc_b = pid_b * NT * ED * N + st2          # this program's (NT, ED, N) slice of the scratch
-    for i in range(0, n_states):
-        c = n_states - 1 - i
+    sc_b = slab * NT * ED * N + st2           # this program's (NT, ED, N) slice of the scratch
+    c_lo = seg * CPS                          # the segment's state chunks: [c_lo, c_hi)
+    c_hi = tl.minimum(n_states, c_lo + CPS)
+    for i in range(0, c_hi - c_lo):
+        c = c_hi - 1 - i
         # pass 1: the state at the start of each of the chunk's NT tiles, into the scratch
         H = ()
         for j in tl.static_range(NL):
@@ -568,12 +758,15 @@ def _bdl_bwd_lane_kernel(
                     tl.store(dC_ptr + r_b + j * L + t_r, rc, mask=m_r)
 
     for j in tl.static_range(NL):
-        tl.store(dh0_ptr + pid_b * ED * N + st2 + j, G[j], mask=md2)
-        tl.store(dAp_ptr + pid_b * ED * N + st2 + j, dA_acc[j], mask=md2)
+        # the adjoint of the initial state: the first segment's
+        tl.store(dh0_ptr + pid_b * ED * N + st2 + j, G[j], mask=md2 & (s2 * 0 + seg == 0))
+        if DA_LOG:      # the gradient of A_log, A = -exp(A_log): dA * A
+            dA_acc = dA_acc[:j] + (dA_acc[j] * A1[j],) + dA_acc[j + 1:]
+        tl.atomic_add(dA_ptr + st2 + j, dA_acc[j], mask=md2, sem="relaxed")
     m_d = md3 & (s3 == 0)
     if HAS_D:
-        tl.store(dDp_ptr + pid_b * ED + d3 + s3 * 0, dD_acc, mask=m_d)
-    tl.store(dbiasp_ptr + pid_b * ED + d3 + s3 * 0, db_acc, mask=m_d)
+        tl.atomic_add(dD_ptr + d3 + s3 * 0, dD_acc, mask=m_d, sem="relaxed")
+    tl.atomic_add(dbias_ptr + d3 + s3 * 0, db_acc, mask=m_d, sem="relaxed")
 
 
 def _check_device(x: torch.Tensor):
@@ -598,7 +791,8 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, initial_state, softplus, store_states,
         return _fwd_chan(x, dt, A, B, C, D, z, dt_bias, initial_state, softplus, store_states,
                          cfg["BLOCK_D"], cfg["CHUNK"], cfg["num_warps"], state_chunk)
     return _fwd_lane(x, dt, A, B, C, D, z, dt_bias, initial_state, softplus, store_states,
-                     cfg["BLOCK_D"], cfg["NS"], cfg["CHUNK"], cfg["num_warps"], state_chunk)
+                     cfg["BLOCK_D"], cfg["NS"], cfg["CHUNK"], cfg["num_warps"], state_chunk,
+                     cfg.get("SEGMENTS"))
 
 
 def _lane_tile(what: str, N: int, BLOCK_D: int, NS: int, E: int, num_warps: int, state_chunk: int):
@@ -614,10 +808,32 @@ def _lane_tile(what: str, N: int, BLOCK_D: int, NS: int, E: int, num_warps: int,
 
 
 def _fwd_lane(x, dt, A, B, C, D, z, dt_bias, initial_state, softplus, store_states,
-              BLOCK_D, NS, E, num_warps, state_chunk):
-    BLOCK_D, NS = _lane_tile("lane forward", A.shape[1], BLOCK_D, NS, E, num_warps, state_chunk)
+              BLOCK_D, NS, E, num_warps, state_chunk, segments=None):
+    Bsz, ED, L = x.shape
+    N = A.shape[1]
+    BLOCK_D, NS = _lane_tile("lane forward", N, BLOCK_D, NS, E, num_warps, state_chunk)
+    n_db = triton.cdiv(ED, BLOCK_D)
+    segs, cps = time_segments(Bsz * n_db, triton.cdiv(L, state_chunk), FWD_SEG_PROGRAMS, segments,
+                              state_chunk)
+    hin = A         # unread with one segment
+    if segs > 1:    # each segment's starting state first (_bdl_fwd_carry_kernel, _bdl_fold_kernel)
+        f32 = torch.float32
+        carry = torch.empty((Bsz, segs, ED, N), device=x.device, dtype=f32)
+        dsum = torch.empty((Bsz, segs, ED), device=x.device, dtype=f32)
+        hin = torch.empty((Bsz, segs, ED, N), device=x.device, dtype=f32)
+        bias = dt_bias if dt_bias is not None else A
+        _bdl_fwd_carry_kernel[(n_db, Bsz * (segs - 1))](
+            x, dt, B, A, bias, carry, dsum, L, ED, segs, cps,
+            *x.stride(), *dt.stride(), *B.stride(), *A.stride(),
+            HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus,
+            N=N, BLOCK_D=BLOCK_D, NS=NS, E=E, STATE_CHUNK=state_chunk, num_warps=num_warps)
+        h0 = initial_state.float().contiguous() if initial_state is not None else A
+        _bdl_fold_kernel[(triton.cdiv(ED * N, 1024), Bsz)](
+            carry, dsum, A, h0, hin, ED, segs, *A.stride(),
+            HAS_G0=initial_state is not None, REVERSE=False, N=N, BLOCK=1024, num_warps=4)
     return _launch_fwd(_bdl_fwd_lane_kernel, x, dt, A, B, C, D, z, dt_bias, initial_state, softplus,
-                       store_states, state_chunk, BLOCK_D=BLOCK_D, NS=NS, E=E, num_warps=num_warps)
+                       store_states, state_chunk, (hin,), (segs, cps), segs,
+                       HAS_HIN=segs > 1, BLOCK_D=BLOCK_D, NS=NS, E=E, num_warps=num_warps)
 
 
 def _fwd_chan(x, dt, A, B, C, D, z, dt_bias, initial_state, softplus, store_states,
@@ -625,14 +841,15 @@ def _fwd_chan(x, dt, A, B, C, D, z, dt_bias, initial_state, softplus, store_stat
     # no tile longer than the sequence needs (the scan's cost grows with the tile)
     CHUNK = max(16, min(CHUNK, triton.next_power_of_2(x.shape[2])))
     return _launch_fwd(_bdl_fwd_chan_kernel, x, dt, A, B, C, D, z, dt_bias, initial_state, softplus,
-                       store_states, state_chunk, BLOCK_D=BLOCK_D, CHUNK=CHUNK,
+                       store_states, state_chunk, (), (), 1, BLOCK_D=BLOCK_D, CHUNK=CHUNK,
                        SEQ_SCAN=_seq_scan_flag(), num_warps=num_warps)
 
 
 def _launch_fwd(kernel, x, dt, A, B, C, D, z, dt_bias, initial_state, softplus, store_states,
-                state_chunk, **meta):
-    """Both forward kernels' buffers and common arguments; `meta`: the kernel's own tiles
-    (BLOCK_D among them: the grid is (ED / BLOCK_D, B))."""
+                state_chunk, buffers, sizes, segs, **meta):
+    """Both forward kernels' buffers and common arguments; `buffers` and `sizes`: the kernel's
+    own tensors after the states and integers after (L, ED); `meta`: its own constants and
+    tiles (BLOCK_D among them: the grid is (ED / BLOCK_D, B * segs))."""
     Bsz, ED, L = x.shape
     N = A.shape[1]
     dev = x.device
@@ -642,9 +859,9 @@ def _launch_fwd(kernel, x, dt, A, B, C, D, z, dt_bias, initial_state, softplus, 
                           dtype=torch.float32) if store_states else hfin)
     h0 = initial_state.float().contiguous() if initial_state is not None else hfin
     zz = z if z is not None else x
-    kernel[(triton.cdiv(ED, meta["BLOCK_D"]), Bsz)](
+    kernel[(triton.cdiv(ED, meta["BLOCK_D"]), Bsz * segs)](
         x, dt, zz, B, C, A, D if D is not None else A, dt_bias if dt_bias is not None else A, h0,
-        out, hfin, states, L, ED,
+        out, hfin, states, *buffers, L, ED, *sizes,
         *x.stride(), *dt.stride(), *zz.stride(), *B.stride(), *C.stride(), *A.stride(),
         *out.stride(),
         HAS_Z=z is not None, HAS_D=D is not None, HAS_BIAS=dt_bias is not None,
@@ -655,14 +872,18 @@ def _launch_fwd(kernel, x, dt, A, B, C, D, z, dt_bias, initial_state, softplus, 
 
 
 def _bwd(dout, dhfin, x, dt, A, B, C, D, z, dt_bias, states, softplus, CHUNK, dz_out=None,
-         y_out=None, ddt_over_dt=False, **tiles):
+         y_out=None, ddt_over_dt=False, sums=None, dA_log=False, **tiles):
     """Gradients from the forward's states (stored every CHUNK steps), by the lane backward;
-    `tiles` (BLOCK_D, NS, E, num_warps, ATOMIC) override BWD_TILES. `dz_out` (B, ED, L) with L
-    contiguous (e.g. half of the in-projection's gradient) receives dz; `y_out` (B, ED, L)
+    `tiles` (BLOCK_D, NS, E, num_warps, ATOMIC, SEGMENTS) override BWD_TILES. `dz_out` (B, ED, L)
+    with L contiguous (e.g. half of the in-projection's gradient) receives dz; `y_out` (B, ED, L)
     contiguous receives the gated output y * silu(z) recomputed on the way. `ddt_over_dt`: ddt
     is written over dt (contiguous, and dead after this call), one (B, ED, L) buffer fewer: safe
     because each program writes ddt only at steps whose dt it has already read, its value
-    computed from that read, and the tiles are one warp (every lane reads before any writes)."""
+    computed from that read, and the tiles are one warp (every lane reads before any writes).
+    The sums (dB and dC as one (B, 2N, L), dA (ED, N), dD and dt_bias (ED,)) are added into one
+    zeroed fp32 buffer, `sums` if given (at least scan_sums_numel elements: a caller's larger
+    zeroed buffer shares one fill), else a new one: one fill, no reductions after the kernel.
+    `dA_log`: dA comes out as the gradient of A_log, where A = -exp(A_log)."""
     Bsz, ED, L = x.shape
     N = A.shape[1]
     table = BWD_TILES["lane"]
@@ -671,6 +892,9 @@ def _bwd(dout, dhfin, x, dt, A, B, C, D, z, dt_bias, states, softplus, CHUNK, dz
     cfg = {**table, **{k: v for k, v in tiles.items() if v is not None}}
     BLOCK_D, NS, E, nw, atomic = cfg["BLOCK_D"], cfg["NS"], cfg["E"], cfg["num_warps"], cfg["ATOMIC"]
     BLOCK_D, NS = _lane_tile("lane backward", N, BLOCK_D, NS, E, nw, CHUNK)
+    n_db = triton.cdiv(ED, BLOCK_D)
+    segs, cps = time_segments(Bsz * n_db, triton.cdiv(L, CHUNK), BWD_SEG_PROGRAMS, cfg.get("SEGMENTS"),
+                              CHUNK)
     if (dz_out is not None or y_out is not None) and z is None:
         raise ValueError("dz_out / y_out take the backward of a gated scan (z given)")
     dev = x.device
@@ -683,29 +907,73 @@ def _bwd(dout, dhfin, x, dt, A, B, C, D, z, dt_bias, states, softplus, CHUNK, dz
         torch.empty((Bsz, ED, L), device=dev, dtype=z.dtype) if z is not None else dx)
     if dz.stride(2) != 1 or (y_out is not None and not y_out.is_contiguous()):
         raise ValueError("lane backward: dz_out needs L contiguous and y_out to be contiguous")
-    dAp = torch.empty((Bsz, ED, N), device=dev, dtype=f32)
-    dDp = torch.empty((Bsz, ED), device=dev, dtype=f32)
-    dbp = torch.empty((Bsz, ED), device=dev, dtype=f32)
+    if sums is None:
+        sums = torch.zeros(scan_sums_numel(Bsz, ED, N, L), device=dev, dtype=f32)
+    dBC, dA, dD, dbias = scan_sums(sums, Bsz, ED, N, L)
     dh0 = torch.empty((Bsz, ED, N), device=dev, dtype=f32)
-    n_db = triton.cdiv(ED, BLOCK_D)
-    shape = (Bsz, N, L) if atomic else (n_db, Bsz, N, L)
-    alloc = torch.zeros if atomic else torch.empty
-    dBp, dCp = alloc(shape, device=dev, dtype=f32), alloc(shape, device=dev, dtype=f32)
-    scratch = torch.empty((Bsz, CHUNK // E, ED, N), device=dev, dtype=f32)
+    if atomic:
+        dBp, dCp = dBC[:, :N], dBC[:, N:]
+    else:       # per-program partials, summed below (the tests' small tiles)
+        dBp, dCp = (torch.empty((n_db, Bsz, N, L), device=dev, dtype=f32) for _ in range(2))
+    scratch = torch.empty((Bsz * segs, CHUNK // E, ED, N), device=dev, dtype=f32)
     zz = z if z is not None else x
     dhf = dhfin.float().contiguous() if dhfin is not None else dh0
-    _bdl_bwd_lane_kernel[(n_db, Bsz)](
-        x, dt, zz, B, C, A, D if D is not None else A, dt_bias if dt_bias is not None else A,
-        states, dout, dhf, dx, ddt, dz, dBp, dCp, dAp, dDp, dbp, dh0, scratch,
-        y_out if y_out is not None else dx, Bsz, L, ED,
+    bias = dt_bias if dt_bias is not None else A
+    gin = dh0       # unread with one segment
+    if segs > 1:
+        carry = torch.empty((Bsz, segs, ED, N), device=dev, dtype=f32)
+        dsum = torch.empty((Bsz, segs, ED), device=dev, dtype=f32)
+        gin = torch.empty((Bsz, segs, ED, N), device=dev, dtype=f32)
+        _bdl_bwd_carry_kernel[(n_db, Bsz * (segs - 1))](
+            dt, zz, C, A, bias, dout, carry, dsum, L, ED, segs, cps,
+            *dt.stride(), *zz.stride(), *C.stride(), *A.stride(), *dout.stride(),
+            HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus,
+            N=N, BLOCK_D=BLOCK_D, NS=NS, E=E, STATE_CHUNK=CHUNK, num_warps=nw)
+        _bdl_fold_kernel[(triton.cdiv(ED * N, 1024), Bsz)](
+            carry, dsum, A, dhf, gin, ED, segs, *A.stride(),
+            HAS_G0=dhfin is not None, REVERSE=True, N=N, BLOCK=1024, num_warps=4)
+    _bdl_bwd_lane_kernel[(n_db, Bsz * segs)](
+        x, dt, zz, B, C, A, D if D is not None else A, bias,
+        states, dout, dhf, dx, ddt, dz, dBp, dCp, dA, dD, dbias, dh0, scratch,
+        y_out if y_out is not None else dx, gin, Bsz, L, ED, segs, cps, dBC.stride(0),
         *x.stride(), *dt.stride(), *zz.stride(), *B.stride(), *C.stride(), *A.stride(),
         *dout.stride(), dz.stride(0), dz.stride(1),
         HAS_Z=z is not None, HAS_D=D is not None, HAS_BIAS=dt_bias is not None,
         HAS_DHFIN=dhfin is not None, SOFTPLUS=softplus, ATOMIC=atomic, STORE_Y=y_out is not None,
-        N=N, BLOCK_D=BLOCK_D, NS=NS, E=E, STATE_CHUNK=CHUNK, num_warps=nw)
-    dB, dC = (dBp, dCp) if atomic else (dBp.sum(0), dCp.sum(0))
-    return dx, ddt, (dz if z is not None else None), dAp.sum(0), dB, dC, dDp.sum(0), \
-        dbp.sum(0), dh0
+        HAS_GIN=segs > 1, DA_LOG=dA_log, N=N, BLOCK_D=BLOCK_D, NS=NS, E=E, STATE_CHUNK=CHUNK,
+        num_warps=nw)
+    if not atomic:
+        dBC[:, :N].copy_(dBp.sum(0))
+        dBC[:, N:].copy_(dCp.sum(0))
+    return dx, ddt, (dz if z is not None else None), dA, dBC[:, :N], dBC[:, N:], dD, dbias, dh0
+
+
+def scan_sums_numel(Bsz: int, ED: int, N: int, L: int) -> int:
+    """Elements of the backward's fp32 sums buffer: dB and dC (B, 2N, L), dA (ED, N), dD and
+    dt_bias (ED,) each."""
+    return Bsz * 2 * N * L + ED * N + 2 * ED
+
+
+def scan_sums(buf: torch.Tensor, Bsz: int, ED: int, N: int, L: int):
+    """The views (dBC (B, 2N, L), dA (ED, N), dD (ED,), dbias (ED,)) of a sums buffer."""
+    n_bc = Bsz * 2 * N * L
+    dBC = buf[:n_bc].view(Bsz, 2 * N, L)
+    dA = buf[n_bc:n_bc + ED * N].view(ED, N)
+    rest = buf[n_bc + ED * N:n_bc + ED * N + 2 * ED]
+    return dBC, dA, rest[:ED], rest[ED:]
+
+
+def time_segments(programs: int, n_chunks: int, target: int, segments=None,
+                  chunk: int = 1) -> tuple[int, int]:
+    """(segments, state chunks per segment) of a lane kernel over time: one segment where the
+    grid of (d-block, batch) programs has `target` programs or more, else as many as bring it
+    to about `target`, each a whole number of state chunks (of `chunk` steps) and none shorter
+    than SEG_MIN_STEPS steps, none empty; `segments` overrides."""
+    if segments is None:
+        segments = min(-(-target // programs), n_chunks * chunk // SEG_MIN_STEPS)
+    want = max(1, min(int(segments), n_chunks))
+    cps = -(-n_chunks // want)
+    return -(-n_chunks // cps), cps
 
 
 class _SelectiveScanBDL(torch.autograd.Function):
