@@ -260,6 +260,7 @@ def main():
     ap.add_argument("--host-profile", action="store_true", help="with --host: a CPU profile table")
     ap.add_argument("--only-host", action="store_true")
     ap.add_argument("--segments", action="store_true", help="the backward's time segments at small batches")
+    ap.add_argument("--skip-scan", action="store_true", help="no scan-alone forward + backward rows")
     a = ap.parse_args()
     emit(what="env", torch=torch.__version__, device=torch.cuda.get_device_name())
     Peer, ssfn = peer_modules()
@@ -271,7 +272,8 @@ def main():
         tune_segments(a.budget)
     if not a.skip_tune:
         tune_bwd(a.budget)
-    scan_fwd_bwd(ssfn)
+    if not a.skip_scan:
+        scan_fwd_bwd(ssfn)
     mixer_fwd_bwd(Peer, a.profile)
 
 
