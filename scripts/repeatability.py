@@ -4,7 +4,7 @@
 
 For each config: every run's speedup vs the baseline (median, paired by round where the run was
 interleaved) with its 95% interval, and whether each run's speedup lies inside every other run's
-interval; for each model: the geometric-mean speedup per run and the largest relative difference
+interval (and, the weaker test, whether every two runs' intervals overlap); for each model: the geometric-mean speedup per run and the largest relative difference
 between two runs. --mean also prints the mean-latency ratio that the suite printed before issue 14.
 """
 from __future__ import annotations
@@ -31,16 +31,19 @@ def main() -> None:
             b = by_shape.get((r.backend, r.dtype, r.sequence_length, r.batch_size))
             mean = b.latency_ms / r.latency_ms if sp is not None else math.nan
             per.setdefault((r.model_name, r.sequence_length, r.batch_size), []).append((sp, mean))
-    covered_all = 0
+    covered_all = overlap_all = 0
     print(f"speedup vs {base}: median [95% CI] per run" + ("; mean ratio" if a.mean else ""))
     for key, vals in per.items():
         ok = all(vals[j][0].lo <= vals[i][0].value <= vals[j][0].hi
                  for i, j in itertools.permutations(range(len(vals)), 2))
         covered_all += ok
+        overlap_all += all(max(x.lo, y.lo) <= min(x.hi, y.hi)
+                           for (x, _), (y, _) in itertools.combinations(vals, 2))
         cells = "  ".join(f"{sp.value:.3g} [{sp.lo:.3g}, {sp.hi:.3g}]" + (f" mean {m:.3g}" if a.mean else "")
                           for sp, m in vals)
         print(f"{key[0]:<18} L={key[1]:<4} B={key[2]:<2} {cells}  covered: {'yes' if ok else 'NO'}")
     print(f"{covered_all} of {len(per)} configs: every run's speedup inside every other run's interval")
+    print(f"{overlap_all} of {len(per)} configs: every two runs' intervals overlap")
     geo = [geomean_speedups(rs) for rs in runs]
     for model in geo[0]:
         g = [x[model][0] for x in geo]
