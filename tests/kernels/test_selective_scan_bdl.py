@@ -388,11 +388,13 @@ def test_lane_backward_takes_smaller_tiles_when_the_grid_is_small(small_tiles, m
 
 
 def test_bwd_segments_split_time_into_whole_chunks(small_tiles):
-    def seg(programs, n_chunks, segments=None, chunk=32):
-        return small_tiles.time_segments(programs, n_chunks, 1024, segments, chunk)
+    def seg(programs, n_chunks, segments=None, chunk=32, full=0):
+        return small_tiles.time_segments(programs, n_chunks, 1024, segments, chunk, full)
     short = small_tiles.SEG_MIN_STEPS
     assert seg(1024, 256) == (1, 256)               # a full grid: one segment
     assert seg(256, 256) == (4, 64)                 # a quarter of it: four segments
+    assert seg(512, 256, full=512) == (1, 256)      # full below the target: no split either
+    assert seg(256, 256, full=512) == (4, 64)
     assert seg(1, 64 * short // 32) == (64, short // 32)   # none shorter than SEG_MIN_STEPS
     assert seg(256, 2 * short // 32) == (2, short // 32)
     assert seg(256, short // 32 - 1) == (1, short // 32 - 1)   # short sequences: one segment

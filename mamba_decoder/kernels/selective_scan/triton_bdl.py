@@ -67,6 +67,9 @@ BWD_LANE_MIN_PROGRAMS = 1024
 # walking the whole sequence: too few to hide each step's latency.
 # H100, bf16, (1, 8192, 1024, 16), backward alone, lane-small (256 programs): 1, 2, 4, 8, 16
 # segments 1.96, 1.43, 0.91, 0.85, 0.84 ms; at L2048 0.47 -> 0.31 with 8 (NOTES.md run 8).
+# Only grids below BWD_LANE_MIN_PROGRAMS split: a full grid (batch 8) gains nothing and pays
+# the carry pass (the mixer's B8 L8192 forward + backward: 9.03 ms at e36b7bd, where batch 8
+# took two segments, against 8.44 with one in an earlier call; mamba_ssm 8.12 / 8.14).
 BWD_SEG_PROGRAMS = 2048
 # The same for the lane forward (training's, and fp32 inference's): a first kernel runs each
 # segment's state from zero (_bdl_fwd_carry_kernel), then every segment's forward runs at once.
@@ -894,7 +897,7 @@ def _bwd(dout, dhfin, x, dt, A, B, C, D, z, dt_bias, states, softplus, CHUNK, dz
     BLOCK_D, NS = _lane_tile("lane backward", N, BLOCK_D, NS, E, nw, CHUNK)
     n_db = triton.cdiv(ED, BLOCK_D)
     segs, cps = time_segments(Bsz * n_db, triton.cdiv(L, CHUNK), BWD_SEG_PROGRAMS, cfg.get("SEGMENTS"),
-                              CHUNK)
+                              CHUNK, full=BWD_LANE_MIN_PROGRAMS)
     if (dz_out is not None or y_out is not None) and z is None:
         raise ValueError("dz_out / y_out take the backward of a gated scan (z given)")
     dev = x.device
@@ -963,14 +966,16 @@ def scan_sums(buf: torch.Tensor, Bsz: int, ED: int, N: int, L: int):
     return dBC, dA, rest[:ED], rest[ED:]
 
 
-def time_segments(programs: int, n_chunks: int, target: int, segments=None,
-                  chunk: int = 1) -> tuple[int, int]:
+def time_segments(programs: int, n_chunks: int, target: int, segments=None, chunk: int = 1,
+                  full: int = 0) -> tuple[int, int]:
     """(segments, state chunks per segment) of a lane kernel over time: one segment where the
-    grid of (d-block, batch) programs has `target` programs or more, else as many as bring it
-    to about `target`, each a whole number of state chunks (of `chunk` steps) and none shorter
-    than SEG_MIN_STEPS steps, none empty; `segments` overrides."""
+    grid of (d-block, batch) programs fills the card (`full` programs or more, default
+    `target`), else as many as bring it to about `target`, each a whole number of state chunks
+    (of `chunk` steps), none shorter than SEG_MIN_STEPS steps and none empty; `segments`
+    overrides."""
     if segments is None:
-        segments = min(-(-target // programs), n_chunks * chunk // SEG_MIN_STEPS)
+        segments = 1 if programs >= (full or target) else min(-(-target // programs),
+                                                              n_chunks * chunk // SEG_MIN_STEPS)
     want = max(1, min(int(segments), n_chunks))
     cps = -(-n_chunks // want)
     return -(-n_chunks // cps), cps
