@@ -1002,15 +1002,17 @@ class _SelectiveScanBDL(torch.autograd.Function):
         dx, ddt, dz, dA, dB, dC, dD, dbias, dh0 = _bwd(
             dout, dhfin, x, dt, A, B, C, D, z, dt_bias, states, ctx.softplus, ctx.chunk)
         nig = ctx.needs_input_grad
+        # dA, dD and dbias are views of _bwd's one sums buffer, whose bulk is dB and dC
+        # (B, 2N, L): copies even where no cast is needed, or a leaf's .grad keeps it alive
         return (
             dx if nig[0] else None,
             ddt if nig[1] else None,
-            dA.to(A.dtype) if nig[2] else None,
+            dA.to(A.dtype, copy=True) if nig[2] else None,
             dB.to(B.dtype) if nig[3] else None,
             dC.to(C.dtype) if nig[4] else None,
-            dD.to(D.dtype) if D is not None and nig[5] else None,
+            dD.to(D.dtype, copy=True) if D is not None and nig[5] else None,
             dz if nig[6] else None,
-            dbias.to(dt_bias.dtype) if dt_bias is not None and nig[7] else None,
+            dbias.to(dt_bias.dtype, copy=True) if dt_bias is not None and nig[7] else None,
             dh0 if nig[8] else None,
             None, None,
         )
