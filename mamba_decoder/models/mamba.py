@@ -402,10 +402,10 @@ class _MixerCoreTrain(torch.autograd.Function):
         del xc
         dxc.baddbmm_(w_x.t().expand(Bsz, -1, -1), ddBC)                        # in place: no second (B, ED, L)
         conv_bwd(xi, w_conv, conv_b, dxc, dx=dxz[:, :ED], sums=sums[n_scan:])
-        # the small parameters' grads, cast in one op where their dtypes agree
+        # the small parameters' grads, cast in one op where their dtypes agree; a copy even where
+        # no cast is needed (fp32): views of `sums` would keep its (B, 2N, L) bulk alive as .grad
         dtypes = {t for t in ctx.small_dtypes if t is not None}
-        small = sums[n_bc:]
-        small = small.to(dtypes.pop()) if len(dtypes) == 1 else small
+        small = sums[n_bc:].to(dtypes.pop() if len(dtypes) == 1 else torch.float32, copy=True)
         sizes = [ED * N, ED, ED, ED * K, ED]
         dA_log, dD, ddt_bias, dconv_w, dconv_b = torch.split(small, sizes)
         a_t, d_t, b_t, w_t, cb_t = ctx.small_dtypes

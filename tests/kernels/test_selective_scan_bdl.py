@@ -458,3 +458,87 @@ def test_triton_bdl_lane_forward_over_time_segments(small_tiles, monkeypatch, se
     with torch.no_grad():       # fp32 inference takes the lane forward too
         o2 = selective_scan(**inp, initial_state=h0, impl="triton", layout="BDL")
     assert rel(o2, ref) <= 1e-5
+
+
+def segment_tiles(tb, monkeypatch, segments, atomic=None):
+    """Force `segments` time segments on the lane forward and both backward tables (and the
+    backward's ATOMIC if given)."""
+    monkeypatch.setitem(tb.FWD_TILES, "lane", {**tb.FWD_TILES["lane"], "SEGMENTS": segments})
+    for name in ("lane", "lane-small"):
+        extra = {} if atomic is None else {"ATOMIC": atomic}
+        monkeypatch.setitem(tb.BWD_TILES, name, {**tb.BWD_TILES[name], "SEGMENTS": segments, **extra})
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("segments", [2, 3])
+@pytest.mark.parametrize("case", [
+    pytest.param(dict(N=6, atomic=False, h0=True, final=True), id="N6-partials-h0"),
+    pytest.param(dict(N=8, atomic=True, h0=False, final=False), id="no-state-grads"),
+])
+def test_lane_backward_segments_partials_and_missing_states(small_tiles, monkeypatch, segments, case):
+    """Time segments with the per-program partials (ATOMIC=False, the full 'lane' table), d_state 6,
+    and without an initial state or a final state's gradient (the fold starts from zero)."""
+    tb = small_tiles
+    monkeypatch.setattr(tb, "BWD_LANE_MIN_PROGRAMS", 1)       # the 'lane' table
+    segment_tiles(tb, monkeypatch, segments, atomic=case["atomic"])
+    inp, h0 = make_bdl(2, 37, 20, case["N"])
+    h0 = h0 if case["h0"] else None
+
+    def fn(impl):
+        def run(**kw):
+            out, hf = (bdl_fn(impl) if impl == "triton" else ref_on_bdl)(**kw)
+            return out, (hf if case["final"] else hf.detach() * 0)
+        return run
+    o, hf, g = run_with_grads(fn("triton"), inp, h0)
+    ro, rhf, rg = run_with_grads(fn("reference"), inp, h0)
+    assert rel(o, ro) <= 1e-5
+    for k in GRAD_NAMES + (["initial_state"] if h0 is not None else []):
+        assert rel(g[k], rg[k]) <= 1e-4, (k, rel(g[k], rg[k]))
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("d_state,shape", [(16, (2, 37)), (6, (1, 37))], ids=["B2-N16", "B1-N6"])
+def test_fused_mixer_training_path_over_time_segments(small_tiles, monkeypatch, d_state, shape):
+    """The fused mixer with its forward and backward split into 3 time segments (5 state chunks,
+    the last partial): dz into half of dxz, y rebuilt, ddt over dt and dA_log in the sums buffer."""
+    segment_tiles(small_tiles, monkeypatch, 3)
+    fused_mixer_case(20, d_state, shape, torch.float32, True)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("small_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "mixed"])
+def test_fused_mixer_small_grads_do_not_hold_the_sums_buffer(small_tiles, small_dtype):
+    """The small parameters' grads come from one fp32 sums buffer whose bulk is dB and dC
+    (B, 2N, L): where no cast is needed (fp32 parameters) they must still be their own tensors,
+    not views keeping that buffer alive for as long as .grad lives."""
+    pytest.importorskip("mambapy")
+    from mambapy.mamba import MambaConfig
+
+    from mamba_decoder.models import MambaMixer
+    from mamba_decoder.policy import KernelPolicy
+
+    cfg = MambaConfig(d_model=20, n_layers=1, d_state=6)
+    m = MambaMixer(cfg, backend="fast", policy=KernelPolicy(mamba_fused="triton", mamba_layout="BDL")).to(DEV)
+    if small_dtype != torch.float32:        # bf16 weights, fp32 A_log / D / dt bias
+        m.to(small_dtype)
+        for p in (m.A_log, m.D, m.dt_proj.bias):
+            p.data = p.data.float()
+    x = torch.randn(4, 64, 20, device=DEV, dtype=small_dtype, requires_grad=True)
+    y = m(x)
+    assert type(y.grad_fn).__name__ == "_MixerCoreTrainBackward"
+    y.float().sum().backward()
+    for name, p in m.named_parameters():
+        assert p.grad.dtype == p.dtype, name
+        assert p.grad.untyped_storage().nbytes() <= 2 * p.numel() * p.element_size() + 4096, name
+
+
+@pytest.mark.triton
+def test_scan_backward_small_grads_do_not_hold_the_sums_buffer(small_tiles):
+    """The same for the scan's own autograd node: fp32 leaves A, D and dt_bias get grads of
+    their own size, not views of the (B, 2N, L) sums."""
+    inp, _ = make_bdl(2, 64, 20, 8)
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inp.items()}
+    bdl_fn("triton")(**leaves).sum().backward()
+    for k in ("A", "D", "dt_bias"):
+        g = leaves[k].grad
+        assert g.untyped_storage().nbytes() == g.numel() * g.element_size(), k

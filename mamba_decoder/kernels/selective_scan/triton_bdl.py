@@ -17,9 +17,10 @@ With the backward's states stored (training) the lane forward runs for every dty
 Backward ("lane", `_bdl_bwd_lane_kernel`): the lane layout run backwards over the stored state
 chunks: the states recomputed tile by tile from each chunk's stored state, the adjoint
 g_t = exp(delta_{t+1} A) g_{t+1} + C_t dy_t step by step. Grads reducing over ED (dB, dC) are
-summed over a program's channels and added atomically into fp32 (B, N, L); over batch (dA, dD,
-dt_bias) per-batch partials summed in torch. (The earlier chunk backward, two associative scans a
-chunk, is retired: NOTES.md run 7.)
+summed over a program's channels and those reducing over batch and time (dA, dD, dt_bias) over
+its steps, all added atomically into one zeroed fp32 buffer (scan_sums). Where the grid is small
+the lane kernels also split time into segments run at once (time_segments). (The earlier chunk
+backward, two associative scans a chunk, is retired: NOTES.md run 7.)
 """
 
 from __future__ import annotations
@@ -60,11 +61,12 @@ BWD_CONFIG = dict(CHUNK=32)
 BWD_TILES = {"lane": dict(BLOCK_D=8, NS=4, E=8, num_warps=1, ATOMIC=True),
              "lane-small": dict(BLOCK_D=4, NS=8, E=8, num_warps=1, ATOMIC=True)}
 BWD_LANE_MIN_PROGRAMS = 1024
-# Below BWD_SEG_PROGRAMS programs the backward also splits time into segments of whole state
-# chunks, all run at once: a first kernel runs the adjoint back over each segment from zero
-# (_bdl_bwd_carry_kernel), and each segment's backward folds the later segments' carries into
-# its starting adjoint. At batch 1 the grid has (ED / BLOCK_D) programs of one warp, each
-# walking the whole sequence: too few to hide each step's latency.
+# Where its grid is below BWD_LANE_MIN_PROGRAMS (see below) the backward also splits time into
+# about BWD_SEG_PROGRAMS / programs segments of whole state chunks, all run at once: a first
+# kernel runs the adjoint back over each segment from zero (_bdl_bwd_carry_kernel), and each
+# segment's backward folds the later segments' carries into its starting adjoint. At batch 1
+# the grid has (ED / BLOCK_D) programs of one warp, each walking the whole sequence: too few to
+# hide each step's latency.
 # H100, bf16, (1, 8192, 1024, 16), backward alone, lane-small (256 programs): 1, 2, 4, 8, 16
 # segments 1.96, 1.43, 0.91, 0.85, 0.84 ms; at L2048 0.47 -> 0.31 with 8 (NOTES.md run 8).
 # Only grids below BWD_LANE_MIN_PROGRAMS split: a full grid (batch 8) gains nothing and pays
@@ -577,7 +579,10 @@ def _bdl_bwd_lane_kernel(
         g_t = G + C_t dy_t,   G <- exp(delta_t A) g_t   (G: the adjoint flowing into h_{t-1}).
     Sums over states (dx, ddelta) are NS-lane sums; sums over channels (dB, dC) are summed over
     the program's channels and either stored as per-program partials (n_dblocks, B, N, L) or,
-    with ATOMIC, added into one fp32 (B, N, L). Nothing of size (B, L, ED, N) is materialized:
+    with ATOMIC, added into one fp32 (B, N, L); dA (times A with DA_LOG), dD and dt_bias are
+    added atomically into (ED, N) / (ED,). With HAS_GIN, program (d-block, batch * SEGS + s)
+    runs time segment s (CPS state chunks) from its adjoint in gin (_bdl_fold_kernel), and only
+    segment 0 writes dh0. Nothing of size (B, L, ED, N) is materialized:
     each (d, n, t) costs three exp2 and ~15 FMAs."""
     NL: tl.constexpr = N // NS
     NT: tl.constexpr = STATE_CHUNK // E
@@ -971,8 +976,8 @@ def time_segments(programs: int, n_chunks: int, target: int, segments=None, chun
     """(segments, state chunks per segment) of a lane kernel over time: one segment where the
     grid of (d-block, batch) programs fills the card (`full` programs or more, default
     `target`), else as many as bring it to about `target`, each a whole number of state chunks
-    (of `chunk` steps), none shorter than SEG_MIN_STEPS steps and none empty; `segments`
-    overrides."""
+    (of `chunk` steps), none but the last shorter than SEG_MIN_STEPS steps and none empty;
+    `segments` overrides."""
     if segments is None:
         segments = 1 if programs >= (full or target) else min(-(-target // programs),
                                                               n_chunks * chunk // SEG_MIN_STEPS)
@@ -1002,15 +1007,17 @@ class _SelectiveScanBDL(torch.autograd.Function):
         dx, ddt, dz, dA, dB, dC, dD, dbias, dh0 = _bwd(
             dout, dhfin, x, dt, A, B, C, D, z, dt_bias, states, ctx.softplus, ctx.chunk)
         nig = ctx.needs_input_grad
+        # dA, dD and dbias are views of _bwd's one sums buffer, whose bulk is dB and dC
+        # (B, 2N, L): copies even where no cast is needed, or a leaf's .grad keeps it alive
         return (
             dx if nig[0] else None,
             ddt if nig[1] else None,
-            dA.to(A.dtype) if nig[2] else None,
+            dA.to(A.dtype, copy=True) if nig[2] else None,
             dB.to(B.dtype) if nig[3] else None,
             dC.to(C.dtype) if nig[4] else None,
-            dD.to(D.dtype) if D is not None and nig[5] else None,
+            dD.to(D.dtype, copy=True) if D is not None and nig[5] else None,
             dz if nig[6] else None,
-            dbias.to(dt_bias.dtype) if dt_bias is not None and nig[7] else None,
+            dbias.to(dt_bias.dtype, copy=True) if dt_bias is not None and nig[7] else None,
             dh0 if nig[8] else None,
             None, None,
         )
