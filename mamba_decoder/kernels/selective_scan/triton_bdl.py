@@ -297,6 +297,26 @@ def _lane_delta(x_b, dt_b, t3, m, sx_l, sdt_l, bias, HAS_BIAS: tl.constexpr, SOF
 
 
 @triton.jit
+def _carry_setup(bias_ptr, A_ptr, ED, sA_d, sA_n, HAS_BIAS: tl.constexpr, N: tl.constexpr,
+                 BLOCK_D: tl.constexpr, NS: tl.constexpr, E: tl.constexpr):
+    """The carry kernels' start: _lane_index's tiles, dt's bias (BD, NS, 1) (0.0 without one),
+    A * log2(e) and a zero carry as N/NS-tuples of (BD, NS), a zero (BD, NS, 1) sum of delta."""
+    NL: tl.constexpr = N // NS
+    d3, s3, e3, md3, d2, s2, md2 = _lane_index(ED, BLOCK_D, NS, E)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d3 + s3 * 0, mask=md3, other=0.0).to(tl.float32)
+    else:
+        bias = 0.0
+    A2 = ()
+    Z = ()
+    for j in tl.static_range(NL):
+        A2 = A2 + (tl.load(A_ptr + d2 * sA_d + (s2 * NL + j) * sA_n, mask=md2,
+                           other=0.0).to(tl.float32) * 1.4426950408889634,)
+        Z = Z + (tl.zeros([BLOCK_D, NS], dtype=tl.float32),)
+    return d3, s3, e3, md3, d2, s2, md2, bias, A2, Z, tl.zeros([BLOCK_D, NS, 1], dtype=tl.float32)
+
+
+@triton.jit
 def _bdl_fwd_carry_kernel(
     x_ptr, dt_ptr, B_ptr, A_ptr, bias_ptr, carry_ptr, dsum_ptr,
     L, ED, SEGS, CPS,
@@ -315,18 +335,8 @@ def _bdl_fwd_carry_kernel(
     pid1 = tl.program_id(1)
     pid_b = (pid1 // (SEGS - 1)).to(tl.int64)
     seg = pid1 % (SEGS - 1)
-    d3, s3, e3, md3, d2, s2, md2 = _lane_index(ED, BLOCK_D, NS, E)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + d3 + s3 * 0, mask=md3, other=0.0).to(tl.float32)
-    else:
-        bias = 0.0
-    A2 = ()
-    H = ()
-    for j in tl.static_range(NL):
-        A2 = A2 + (tl.load(A_ptr + d2 * sA_d + (s2 * NL + j) * sA_n, mask=md2,
-                           other=0.0).to(tl.float32) * 1.4426950408889634,)
-        H = H + (tl.zeros([BLOCK_D, NS], dtype=tl.float32),)
-    dsum = tl.zeros([BLOCK_D, NS, 1], dtype=tl.float32)
+    d3, s3, e3, md3, d2, s2, md2, bias, A2, H, dsum = _carry_setup(
+        bias_ptr, A_ptr, ED, sA_d, sA_n, HAS_BIAS, N, BLOCK_D, NS, E)
     x_b = x_ptr + pid_b * sx_b + d3 * sx_d + s3 * 0
     dt_b = dt_ptr + pid_b * sdt_b + d3 * sdt_d + s3 * 0
     B_b = B_ptr + pid_b * sB_b + (s3 * NL) * sB_n + d3 * 0
@@ -472,18 +482,8 @@ def _bdl_bwd_carry_kernel(
     pid1 = tl.program_id(1)
     pid_b = (pid1 // (SEGS - 1)).to(tl.int64)
     seg = 1 + pid1 % (SEGS - 1)
-    d3, s3, e3, md3, d2, s2, md2 = _lane_index(ED, BLOCK_D, NS, E)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + d3 + s3 * 0, mask=md3, other=0.0).to(tl.float32)
-    else:
-        bias = 0.0
-    A2 = ()
-    G = ()
-    for j in tl.static_range(NL):
-        A2 = A2 + (tl.load(A_ptr + d2 * sA_d + (s2 * NL + j) * sA_n, mask=md2,
-                           other=0.0).to(tl.float32) * 1.4426950408889634,)
-        G = G + (tl.zeros([BLOCK_D, NS], dtype=tl.float32),)
-    dsum = tl.zeros([BLOCK_D, NS, 1], dtype=tl.float32)
+    d3, s3, e3, md3, d2, s2, md2, bias, A2, G, dsum = _carry_setup(
+        bias_ptr, A_ptr, ED, sA_d, sA_n, HAS_BIAS, N, BLOCK_D, NS, E)
     dt_b = dt_ptr + pid_b * sdt_b + d3 * sdt_d + s3 * 0
     z_b = z_ptr + pid_b * sz_b + d3 * sz_d + s3 * 0
     do_b = dout_ptr + pid_b * sdo_b + d3 * sdo_d + s3 * 0
