@@ -196,17 +196,10 @@ def host_costs(Peer, profile=False):
     """Host time of the mixer's train step and of each launch in it, at B1 L128 (the GPU idles:
     every figure is the time the host takes to enqueue), perf_counter over many calls."""
     from mamba_decoder.kernels.causal_conv import _launch as conv_fwd, _launch_bwd as conv_bwd
+    from profile_gpu import host_ms     # scripts/ is on the path when this runs as a script
 
-    def per_call_us(fn, n=200):
-        for _ in range(10):
-            fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        t1 = time.perf_counter()
-        torch.cuda.synchronize()
-        return round((t1 - t0) / n * 1e6, 1)
+    def per_call_us(fn):
+        return round(host_ms(fn, 200)[0] * 1e3, 1)
 
     torch.manual_seed(0)
     ours = MambaMixer(MambaConfig(d_model=512, n_layers=1), backend="fast").to(DEV).to(torch.bfloat16)

@@ -286,6 +286,13 @@ def _lane_delta(x_b, dt_b, t3, m, sx_l, sdt_l, bias, HAS_BIAS: tl.constexpr, SOF
     """One (BD, NS, E) step tile: x, dt + bias and delta = softplus(dt + bias), fp32. Padded
     steps get delta 0: decay 1, input 0, so the state passes through them."""
     xt = tl.load(x_b + t3 * sx_l, mask=m, other=0.0).to(tl.float32)
+    ut, dlt = _lane_dt(dt_b, t3, m, sdt_l, bias, HAS_BIAS, SOFTPLUS)
+    return xt, ut, dlt
+
+
+@triton.jit
+def _lane_dt(dt_b, t3, m, sdt_l, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """_lane_delta without x: (dt + bias, delta), delta 0 at padded steps."""
     ut = tl.load(dt_b + t3 * sdt_l, mask=m, other=0.0).to(tl.float32)
     if HAS_BIAS:
         ut = ut + bias
@@ -293,7 +300,7 @@ def _lane_delta(x_b, dt_b, t3, m, sx_l, sdt_l, bias, HAS_BIAS: tl.constexpr, SOF
         dlt = _softplus(ut)
     else:
         dlt = ut
-    return xt, ut, tl.where(m, dlt, 0.0)
+    return ut, tl.where(m, dlt, 0.0)
 
 
 @triton.jit
@@ -495,14 +502,7 @@ def _bdl_bwd_carry_kernel(
         t3 = c_lo * STATE_CHUNK + (n_tiles - 1 - kk) * E + e3
         mt = t3 < L
         m = md3 & mt
-        ut = tl.load(dt_b + t3 * sdt_l, mask=m, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            ut = ut + bias
-        if SOFTPLUS:
-            dlt = _softplus(ut)
-        else:
-            dlt = ut
-        dlt = tl.where(m, dlt, 0.0)
+        ut, dlt = _lane_dt(dt_b, t3, m, sdt_l, bias, HAS_BIAS, SOFTPLUS)
         dsum += tl.sum(dlt, axis=2, keep_dims=True)
         dyt = tl.load(do_b + t3 * sdo_l, mask=m, other=0.0).to(tl.float32)
         if HAS_Z:
