@@ -325,11 +325,10 @@ def test_fused_mixer_training_path_equals_reference(small_tiles, d_model, d_stat
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_fused_mixer_training_path_with_projection_biases(small_tiles, dtype):
+def test_fused_mixer_training_path_with_projection_biases(small_tiles):
     """The same with biases on in_proj and out_proj and none on the conv (mambapy's bias=True,
     conv_bias=False): every bias's gradient, and none asked of the missing one."""
-    fused_mixer_case(24, 16, (2, 19), dtype, True, bias=True, conv_bias=False)
+    fused_mixer_case(12, 8, (2, 19), torch.float32, True, bias=True, conv_bias=False)
 
 
 def fused_mixer_case(d_model, d_state, shape, dtype, residual, **config):
@@ -497,12 +496,12 @@ def test_lane_backward_segments_partials_and_missing_states(small_tiles, monkeyp
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("d_state,shape", [(16, (2, 37)), (6, (1, 37))], ids=["B2-N16", "B1-N6"])
-def test_fused_mixer_training_path_over_time_segments(small_tiles, monkeypatch, d_state, shape):
+def test_fused_mixer_training_path_over_time_segments(small_tiles, monkeypatch):
     """The fused mixer with its forward and backward split into 3 time segments (5 state chunks,
-    the last partial): dz into half of dxz, y rebuilt, ddt over dt and dA_log in the sums buffer."""
+    the last partial; batch 2, d_state 6): dz into half of dxz, y rebuilt, ddt over dt and dA_log
+    in the sums buffer."""
     segment_tiles(small_tiles, monkeypatch, 3)
-    fused_mixer_case(20, d_state, shape, torch.float32, True)
+    fused_mixer_case(12, 6, (2, 37), torch.float32, True)
 
 
 @pytest.mark.triton
@@ -523,7 +522,8 @@ def test_fused_mixer_small_grads_do_not_hold_the_sums_buffer(small_tiles, small_
         m.to(small_dtype)
         for p in (m.A_log, m.D, m.dt_proj.bias):
             p.data = p.data.float()
-    x = torch.randn(4, 64, 20, device=DEV, dtype=small_dtype, requires_grad=True)
+    # B * 2N * L * 4 bytes of sums (7.7 KB) above the bound below for A_log (960 B): a view shows
+    x = torch.randn(2, 80, 20, device=DEV, dtype=small_dtype, requires_grad=True)
     y = m(x)
     assert type(y.grad_fn).__name__ == "_MixerCoreTrainBackward"
     y.float().sum().backward()
@@ -536,7 +536,7 @@ def test_fused_mixer_small_grads_do_not_hold_the_sums_buffer(small_tiles, small_
 def test_scan_backward_small_grads_do_not_hold_the_sums_buffer(small_tiles):
     """The same for the scan's own autograd node: fp32 leaves A, D and dt_bias get grads of
     their own size, not views of the (B, 2N, L) sums."""
-    inp, _ = make_bdl(2, 64, 20, 8)
+    inp, _ = make_bdl(1, 16, 20, 8)
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inp.items()}
     bdl_fn("triton")(**leaves).sum().backward()
     for k in ("A", "D", "dt_bias"):
