@@ -348,7 +348,9 @@ def _bdl_fwd_carry_kernel(
     dt_b = dt_ptr + pid_b * sdt_b + d3 * sdt_d + s3 * 0
     B_b = B_ptr + pid_b * sB_b + (s3 * NL) * sB_n + d3 * 0
     t_lo = seg * CPS * STATE_CHUNK
-    for k in range(0, CPS * NT):        # never the last segment: every step is < L
+    # never the last segment: every step is < L (the time masks stay: without them ptxas spills
+    # here, sm_90 compile with Triton 3.9)
+    for k in range(0, CPS * NT):
         t3 = t_lo + k * E + e3
         xt, ut, dlt = _lane_delta(x_b, dt_b, t3, md3 & (t3 < L), sx_l, sdt_l, bias, HAS_BIAS, SOFTPLUS)
         dsum += tl.sum(dlt, axis=2, keep_dims=True)
@@ -824,21 +826,14 @@ def _fwd_lane(x, dt, A, B, C, D, z, dt_bias, initial_state, softplus, store_stat
     segs, cps = time_segments(Bsz * n_db, triton.cdiv(L, state_chunk), FWD_SEG_PROGRAMS, segments,
                               state_chunk)
     hin = A         # unread with one segment
-    if segs > 1:    # each segment's starting state first (_bdl_fwd_carry_kernel, _bdl_fold_kernel)
-        f32 = torch.float32
-        carry = torch.empty((Bsz, segs, ED, N), device=x.device, dtype=f32)
-        dsum = torch.empty((Bsz, segs, ED), device=x.device, dtype=f32)
-        hin = torch.empty((Bsz, segs, ED, N), device=x.device, dtype=f32)
-        bias = dt_bias if dt_bias is not None else A
+    if segs > 1:    # each segment's starting state first
+        carry, dsum = _carries(Bsz, segs, ED, N, x.device)
         _bdl_fwd_carry_kernel[(n_db, Bsz * (segs - 1))](
-            x, dt, B, A, bias, carry, dsum, L, ED, segs, cps,
+            x, dt, B, A, dt_bias if dt_bias is not None else A, carry, dsum, L, ED, segs, cps,
             *x.stride(), *dt.stride(), *B.stride(), *A.stride(),
             HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus,
             N=N, BLOCK_D=BLOCK_D, NS=NS, E=E, STATE_CHUNK=state_chunk, num_warps=num_warps)
-        h0 = initial_state.float().contiguous() if initial_state is not None else A
-        _bdl_fold_kernel[(triton.cdiv(ED * N, 1024), Bsz)](
-            carry, dsum, A, h0, hin, ED, segs, *A.stride(),
-            HAS_G0=initial_state is not None, REVERSE=False, N=N, BLOCK=1024, num_warps=4)
+        hin = _fold(carry, dsum, A, initial_state, reverse=False)
     return _launch_fwd(_bdl_fwd_lane_kernel, x, dt, A, B, C, D, z, dt_bias, initial_state, softplus,
                        store_states, state_chunk, (hin,), (segs, cps), segs,
                        HAS_HIN=segs > 1, BLOCK_D=BLOCK_D, NS=NS, E=E, num_warps=num_warps)
@@ -928,18 +923,14 @@ def _bwd(dout, dhfin, x, dt, A, B, C, D, z, dt_bias, states, softplus, CHUNK, dz
     dhf = dhfin.float().contiguous() if dhfin is not None else dh0
     bias = dt_bias if dt_bias is not None else A
     gin = dh0       # unread with one segment
-    if segs > 1:
-        carry = torch.empty((Bsz, segs, ED, N), device=dev, dtype=f32)
-        dsum = torch.empty((Bsz, segs, ED), device=dev, dtype=f32)
-        gin = torch.empty((Bsz, segs, ED, N), device=dev, dtype=f32)
+    if segs > 1:    # each segment's starting adjoint first
+        carry, dsum = _carries(Bsz, segs, ED, N, dev)
         _bdl_bwd_carry_kernel[(n_db, Bsz * (segs - 1))](
             dt, zz, C, A, bias, dout, carry, dsum, L, ED, segs, cps,
             *dt.stride(), *zz.stride(), *C.stride(), *A.stride(), *dout.stride(),
             HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus,
             N=N, BLOCK_D=BLOCK_D, NS=NS, E=E, STATE_CHUNK=CHUNK, num_warps=nw)
-        _bdl_fold_kernel[(triton.cdiv(ED * N, 1024), Bsz)](
-            carry, dsum, A, dhf, gin, ED, segs, *A.stride(),
-            HAS_G0=dhfin is not None, REVERSE=True, N=N, BLOCK=1024, num_warps=4)
+        gin = _fold(carry, dsum, A, dhfin, reverse=True)
     _bdl_bwd_lane_kernel[(n_db, Bsz * segs)](
         x, dt, zz, B, C, A, D if D is not None else A, bias,
         states, dout, dhf, dx, ddt, dz, dBp, dCp, dA, dD, dbias, dh0, scratch,
@@ -969,6 +960,26 @@ def scan_sums(buf: torch.Tensor, Bsz: int, ED: int, N: int, L: int):
     dA = buf[n_bc:n_bc + ED * N].view(ED, N)
     rest = buf[n_bc + ED * N:n_bc + ED * N + 2 * ED]
     return dBC, dA, rest[:ED], rest[ED:]
+
+
+def _carries(Bsz: int, segs: int, ED: int, N: int, device):
+    """A carry kernel's outputs: each segment's carry (B, segs, ED, N) and sum of delta
+    (B, segs, ED), fp32."""
+    return (torch.empty((Bsz, segs, ED, N), device=device, dtype=torch.float32),
+            torch.empty((Bsz, segs, ED), device=device, dtype=torch.float32))
+
+
+def _fold(carry, dsum, A, g0, reverse: bool) -> torch.Tensor:
+    """The state (or with `reverse` the adjoint) entering each time segment, (B, segs, ED, N)
+    fp32, by _bdl_fold_kernel from the carries and g0: the initial state, or with `reverse` the
+    final state's gradient (None: zero)."""
+    Bsz, segs, ED, N = carry.shape
+    gin = torch.empty_like(carry)
+    g0 = g0.float().contiguous() if g0 is not None else carry
+    _bdl_fold_kernel[(triton.cdiv(ED * N, 1024), Bsz)](
+        carry, dsum, A, g0, gin, ED, segs, *A.stride(),
+        HAS_G0=g0 is not carry, REVERSE=reverse, N=N, BLOCK=1024, num_warps=4)
+    return gin
 
 
 def time_segments(programs: int, n_chunks: int, target: int, segments=None, chunk: int = 1,
