@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from typing import Optional
+
+import torch
 
 
 @functools.lru_cache(maxsize=None)
@@ -21,3 +24,12 @@ def triton_runs(choice: str, device) -> bool:
     if choice in ("triton", "torch"):
         return choice == "triton"
     raise ValueError(f"kernel choice {choice!r} is not one of: auto, triton, torch")
+
+
+def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The dtype autocast runs GEMMs in on `device`'s type, or None where autocast is off there.
+    A hand-written autograd Function (the fused mixer's, the training MoE's) casts its GEMM
+    operands to it itself and runs its forward with autocast off: its backward runs outside
+    autocast and would otherwise meet fp32 weights and bf16 activations in one GEMM. Autograd
+    casts the gradients it returns back to each input's dtype."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None

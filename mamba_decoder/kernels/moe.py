@@ -12,7 +12,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from . import cpu_fused, cpu_gemm
+from . import autocast_dtype, cpu_fused, cpu_gemm
 
 IMPLS = ("grouped_mm", "dense", "loop")
 
@@ -166,6 +166,14 @@ class _RoutedGroupedTrain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weights, indices, n_always_on, triton, packed, *params):
+        # under autocast: the experts' GEMMs in its dtype, as nn.Linear's would run (the
+        # backward runs outside autocast; autograd casts the gradients back to the inputs')
+        amp = autocast_dtype(x.device)
+        with torch.autocast(x.device.type, enabled=False):
+            return _RoutedGroupedTrain._forward(ctx, amp, x, weights, indices, n_always_on, triton, packed, *params)
+
+    @staticmethod
+    def _forward(ctx, amp, x, weights, indices, n_always_on, triton, packed, *params):
         n = len(params) // 3
         w1s, w2s, w3s = params[:n], params[n:2 * n], params[2 * n:]
         T, K = indices.shape
@@ -185,6 +193,8 @@ class _RoutedGroupedTrain(torch.autograd.Function):
             # version counters) instead of a backward through other weights
             w13, w2 = packed
             versioned = params
+        if amp is not None:
+            x, w13, w2 = x.to(amp), w13.to(amp), w2.to(amp)
         xs = x.index_select(0, tok)                                                # (M, D), M = T*K'
         h13 = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs)                # (M, 2I)
         pw = weights.reshape(-1).index_select(0, order).to(h13.dtype)             # (M,)
@@ -368,7 +378,8 @@ def grouped_mm_fits(dim: int, inter: int, dtype: torch.dtype) -> bool:
 
 def grouped_mm_works(device_type: str, device_index: int | None, dtype: torch.dtype) -> bool:
     """Whether torch._grouped_mm runs for this device and dtype (probed once, at a tiny size, on
-    numbers from its own generator: the first forward must not move the caller's random stream)."""
+    numbers from its own generator: the first forward must not move the caller's random stream;
+    outside autocast, whose bf16 reference product would fail the fp32 probe for good)."""
     if not hasattr(torch, "_grouped_mm"):
         return False
     dev = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
@@ -377,8 +388,9 @@ def grouped_mm_works(device_type: str, device_index: int | None, dtype: torch.dt
         a = torch.randn(32, 16, generator=g).to(dev, dtype)
         b = torch.randn(2, 32, 16, generator=g).to(dev, dtype).transpose(1, 2)
         offs = torch.tensor([16, 32], device=dev, dtype=torch.int32)
-        got = torch._grouped_mm(a, b, offs=offs)
-        want = torch.cat([a[:16] @ b[0], a[16:] @ b[1]])
+        with torch.autocast(dev.type, enabled=False):
+            got = torch._grouped_mm(a, b, offs=offs)
+            want = torch.cat([a[:16] @ b[0], a[16:] @ b[1]])
         return bool(torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2))
     except (RuntimeError, NotImplementedError, TypeError):
         return False

@@ -17,7 +17,7 @@ from mambapy.mamba import RMSNorm as MambaRMSNorm
 from torch import nn
 
 from ..config import DEFAULT_BACKEND, check_backend, rest_backend
-from ..kernels import cpu_fused, cpu_gemm
+from ..kernels import autocast_dtype, cpu_fused, cpu_gemm
 from ..policy import DEFAULT_POLICY, KernelPolicy
 from .derived import derived
 from .inputs import check_hidden, check_tokens
@@ -103,7 +103,10 @@ class MambaMixer(MambaBlock):
                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x (B, L, D) -> (B, L, D). With `cache`, x continues the sequence the cache has seen,
         and the cache is updated in place to include x. `residual` (B, L, D), if given, is added
-        to the output (the fast channel-major path adds it inside the output projection's GEMM)."""
+        to the output (the fast channel-major path adds it inside the output projection's GEMM;
+        not under autocast, where the sum keeps the residual's own dtype as `out + residual` does)."""
+        if residual is not None and autocast_dtype(x.device) not in (None, residual.dtype):
+            return self.forward(x, cache) + residual
         if self.backend == "fast" and cache is None and self._layout(x) == "BDL":
             return self._forward_fast(x, residual=residual)
         if self.backend == "fast" and cache is not None and x.shape[1] == 1:
@@ -337,6 +340,19 @@ class _MixerCoreTrain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_in, b_in, conv_w, conv_b, w_x, w_dt, A_log, D, dt_bias, w_out, b_out, residual):
+        # under autocast: the GEMMs' operands in its dtype, as autocast would run them (the conv
+        # and the scan read their small parameters in fp32 either way), and no autocast inside,
+        # since the backward runs outside it
+        amp = autocast_dtype(x.device)
+        if amp is not None:
+            x, w_in, b_in, w_x, w_dt, w_out, b_out = (
+                None if t is None else t.to(amp) for t in (x, w_in, b_in, w_x, w_dt, w_out, b_out))
+        with torch.autocast(x.device.type, enabled=False):
+            return _MixerCoreTrain._forward(ctx, x, w_in, b_in, conv_w, conv_b, w_x, w_dt, A_log, D,
+                                            dt_bias, w_out, b_out, residual)
+
+    @staticmethod
+    def _forward(ctx, x, w_in, b_in, conv_w, conv_b, w_x, w_dt, A_log, D, dt_bias, w_out, b_out, residual):
         from ..kernels.causal_conv import _launch as conv_fwd
         from ..kernels.selective_scan import triton_bdl as tb
 
