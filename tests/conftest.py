@@ -14,6 +14,50 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def _patch_triton_lang_once_per_launch() -> None:
+    """Triton's interpreter re-patches triton.language (an inspect.getmembers walk of its
+    modules, ~1.5 ms) at every call of a jit helper inside a kernel, tl.sum's combine included:
+    for the scan kernels that was half their interpreted time. Inside one launch a helper whose
+    language modules the launch already patched gets nothing new from it, so it is skipped; the
+    launch's own patch, and a helper bringing a module not yet patched (tl.core, by triton's own
+    helpers), run as triton runs them. Kernels compute the same; only the interpreter's repeated
+    work goes. Where the interpreter's private hooks differ, nothing changes."""
+    try:
+        from triton.runtime import interpreter as ti
+    except ImportError:
+        return
+    orig, launch = getattr(ti, "_patch_lang", None), getattr(getattr(ti, "GridExecutor", None), "__call__", None)
+    tl = getattr(ti, "tl", None)
+    core = getattr(tl, "core", None)
+    if orig is None or launch is None or core is None or getattr(orig, "_once_per_launch", False):
+        return
+    patched: list = []        # per launch under way: the ids of the language modules it patched
+
+    def patch_lang(fn):
+        langs = {id(v) for v in fn.__globals__.values() if v is tl or v is core}
+        if patched and langs <= patched[-1]:
+            return ti._LangPatchScope()
+        scope = orig(fn)
+        if patched:
+            patched[-1].update(langs)
+        return scope
+
+    def run_launch(self, *args, **kwargs):
+        patched.append(set())
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            patched.pop()
+
+    patch_lang._once_per_launch = True
+    ti._patch_lang = patch_lang
+    ti.GridExecutor.__call__ = run_launch
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _patch_triton_lang_once_per_launch()
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "triton: Triton kernel test (runs under TRITON_INTERPRET=1 without a GPU)")

@@ -183,59 +183,6 @@ def test_triton_bdl_two_halves_equal_whole(small_tiles):
 
 
 @pytest.mark.triton
-def test_triton_bdl_real_associative_scan_path(monkeypatch):
-    """Interpret tl.associative_scan itself (the chan forward's, storing the backward's states;
-    slow in the interpreter, so a tiny shape), against the reference, outputs and gradients."""
-    pytest.importorskip("triton")
-    from mamba_decoder.kernels.selective_scan import triton_bdl
-    monkeypatch.setenv("MAMBA_SCAN_INTERPRET_ASSOC", "1")
-    use_variant(triton_bdl, monkeypatch, "chan")
-    monkeypatch.setitem(triton_bdl.FWD_TILES, "chan", dict(BLOCK_D=2, CHUNK=16, num_warps=1))
-    monkeypatch.setitem(triton_bdl.BWD_CONFIG, "CHUNK", 8)
-    inp, h0 = make_bdl(1, 21, 6, 4)
-    o, hf, g = run_with_grads(bdl_fn("triton"), inp, h0)
-    ro, rhf, rg = run_with_grads(ref_on_bdl, inp, h0)
-    assert rel(o, ro) <= 1e-4 and rel(hf, rhf) <= 1e-4
-    for k in GRAD_NAMES + ["initial_state"]:
-        assert rel(g[k], rg[k]) <= 1e-3, k
-
-
-def test_bdl_bad_shapes_raise():
-    inp, _ = make_bdl(1, 9, 8, 4)
-    inp = {k: v.cpu() for k, v in inp.items()}
-    with pytest.raises(ValueError):
-        selective_scan(**to_bld(inp), impl="cpu", layout="BDL")  # B, C in the wrong layout
-    with pytest.raises(ValueError, match="layout"):
-        selective_scan(**inp, impl="cpu", layout="LBD")
-
-
-def test_fast_mixer_bdl_path_equals_reference():
-    """The mixer's channel-major path (the CUDA default), forced on CPU, vs mambapy."""
-    pytest.importorskip("mambapy")
-    from mambapy.mamba import MambaConfig
-
-    from mamba_decoder import KernelPolicy
-    from mamba_decoder.models import MambaMixer
-    torch.manual_seed(0)
-    ref = MambaMixer(MambaConfig(d_model=24, n_layers=1), backend="reference")
-    fast = MambaMixer(MambaConfig(d_model=24, n_layers=1), backend="fast",
-                      policy=KernelPolicy(mamba_layout="BDL"))
-    fast.load_state_dict(ref.state_dict())
-    x = torch.randn(2, 19, 24)
-    assert rel(fast(x), ref(x)) < 1e-5
-    # prefill continuing from a cache
-    c1, c2 = ref.init_cache(2), fast.init_cache(2)
-    a = torch.cat([ref(x[:, :7], c1), ref(x[:, 7:], c1)], 1)
-    b = torch.cat([fast(x[:, :7], c2), fast(x[:, 7:], c2)], 1)
-    assert rel(b, a) < 1e-5
-    assert rel(c2.ssm, c1.ssm) < 1e-5 and rel(c2.conv, c1.conv) < 1e-6
-    # grads flow to every parameter
-    x.requires_grad_(True)
-    fast(x).square().sum().backward()
-    assert all(p.grad is not None for p in fast.parameters())
-
-
-@pytest.mark.triton
 @pytest.mark.parametrize("variant,shape,dtype", [
     ("chan", (2, 37, 24, 16), torch.float32),    # 3 time tiles, the last partial; 5 state chunks
     ("chan", (1, 70, 20, 8), torch.float32),     # ED % BLOCK_D != 0

@@ -25,8 +25,6 @@ backward, two associative scans a chunk, is retired: NOTES.md run 7.)
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -88,13 +86,6 @@ FWD_TUNE = ([dict(variant="chan", BLOCK_D=bd, CHUNK=ch, num_warps=nw)
                                      (8, 4, 8, 1), (64, 1, 8, 2), (32, 2, 8, 2), (16, 4, 8, 2)]])
 
 
-def _seq_scan_flag() -> bool:
-    """The interpreter runs tl.associative_scan element by element in Python, so under
-    TRITON_INTERPRET=1 the chunk scan takes an equivalent whole-tile step loop, unless
-    MAMBA_SCAN_INTERPRET_ASSOC=1 asks to interpret the associative scan itself (read per launch)."""
-    return _interpreting() and os.environ.get("MAMBA_SCAN_INTERPRET_ASSOC") != "1"
-
-
 @triton.jit
 def _combine(a1, b1, a2, b2):
     return a1 * a2, a2 * b1 + b2
@@ -105,28 +96,6 @@ def _softplus(u):
     # stable log(1 + exp(u)) through exp2 / log2
     return tl.maximum(u, 0.0) + 0.6931471805599453 * tl.log2(
         1.0 + tl.exp2(-tl.abs(u) * 1.4426950408889634))
-
-
-@triton.jit
-def _scan_row(a, b, offs_t, CHUNK: tl.constexpr, SEQ: tl.constexpr):
-    """Inclusive scan of h -> a*h + b along axis 1 (time) of (BLOCK_D, CHUNK) tiles; SEQ: the
-    same result by a step loop (the interpreter runs tl.associative_scan element by element)."""
-    if SEQ:
-        acc_a = tl.sum(a * 0.0, axis=1) + 1.0
-        acc_b = tl.sum(b * 0.0, axis=1)
-        pa = a * 0.0
-        pb = b * 0.0
-        for k in tl.static_range(CHUNK):
-            sel = (offs_t == k)[None, :]
-            a_k = tl.sum(tl.where(sel, a, 0.0), axis=1)
-            b_k = tl.sum(tl.where(sel, b, 0.0), axis=1)
-            acc_b = a_k * acc_b + b_k
-            acc_a = acc_a * a_k
-            pa = tl.where(sel, acc_a[:, None], pa)
-            pb = tl.where(sel, acc_b[:, None], pb)
-        return pa, pb
-    else:
-        return tl.associative_scan((a, b), axis=1, combine_fn=_combine)
 
 
 @triton.jit
@@ -152,7 +121,7 @@ def _bdl_fwd_chan_kernel(
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
     SOFTPLUS: tl.constexpr, STORE_STATES: tl.constexpr,
     N: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
-    STATE_CHUNK: tl.constexpr, SEQ_SCAN: tl.constexpr,
+    STATE_CHUNK: tl.constexpr,
 ):
     """Time-parallel per channel. Program (d-block, batch) holds (BLOCK_D, CHUNK) tiles of x,
     delta, y and, for each of the N states in turn, scans h -> exp(delta A_n) h + delta x B_n
@@ -209,8 +178,8 @@ def _bdl_fwd_chan_kernel(
         for n in tl.static_range(N):
             Bn = tl.load(B_base + n * sB_n + t * sB_l, mask=mask_t, other=0.0).to(tl.float32)
             Cn = tl.load(C_base + n * sC_n + t * sC_l, mask=mask_t, other=0.0).to(tl.float32)
-            pa, pb = _scan_row(tl.exp2(dlt * A2[n][:, None]), dxt * Bn[None, :], offs_t, CHUNK,
-                               SEQ_SCAN)
+            pa, pb = tl.associative_scan((tl.exp2(dlt * A2[n][:, None]), dxt * Bn[None, :]), axis=1,
+                                         combine_fn=_combine)
             hs = pb + pa * H[n][:, None]  # (BD, CHUNK): h_t for every step of the chunk
             yt += hs * Cn[None, :]
             if STORE_STATES:
@@ -845,7 +814,7 @@ def _fwd_chan(x, dt, A, B, C, D, z, dt_bias, initial_state, softplus, store_stat
     CHUNK = max(16, min(CHUNK, triton.next_power_of_2(x.shape[2])))
     return _launch_fwd(_bdl_fwd_chan_kernel, x, dt, A, B, C, D, z, dt_bias, initial_state, softplus,
                        store_states, state_chunk, (), (), 1, BLOCK_D=BLOCK_D, CHUNK=CHUNK,
-                       SEQ_SCAN=_seq_scan_flag(), num_warps=num_warps)
+                       num_warps=num_warps)
 
 
 def _launch_fwd(kernel, x, dt, A, B, C, D, z, dt_bias, initial_state, softplus, store_states,
