@@ -51,29 +51,33 @@ def scan_inputs(Bsz, L, ED=1024, N=16, R=32, dtype=torch.bfloat16, seed=0):
                 B=xBC[:, R:R + N], C=xBC[:, R + N:], D=rn(ED), dt_bias=0.5 * rn(ED))
 
 
-def tune_bwd(budget_s):
-    """The backward alone from stored states, at (8, 2048, 1024, 16) bf16, per tile config."""
-    inp = scan_inputs(8, 2048)
-    args = [inp[k] for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")]
-    dout = torch.randn_like(inp["x"])
-    configs = []
-    for bd, ns, e, nw, at, ch in [(4, 8, 8, 1, True, 32), (4, 8, 4, 1, True, 32), (2, 16, 4, 1, True, 32),
-                                  (4, 8, 8, 1, True, 128), (8, 4, 8, 1, True, 32), (2, 16, 8, 1, True, 64)]:
-        configs.append(dict(BLOCK_D=bd, NS=ns, E=e, num_warps=nw, ATOMIC=at, CHUNK=ch))
+# (BLOCK_D, NS, E, num_warps, ATOMIC, state chunk): the default first and last (a drift check),
+# then tiles of 2 and 4 warps: BLOCK_D channels a program, so ED / BLOCK_D programs add into each
+# (b, n, t) of dB and dC (128 atomics an element at 8 x 4 and ED 1024; 64 and 32 with more warps)
+BWD_TUNE = [(8, 4, 8, 1, True, 32), (16, 4, 8, 2, True, 32), (32, 4, 8, 4, True, 32), (16, 4, 4, 2, True, 32),
+            (8, 8, 8, 2, True, 32), (4, 8, 8, 1, True, 32), (8, 4, 8, 1, True, 128), (8, 4, 8, 1, True, 32)]
+
+
+def tune_bwd(budget_s, shapes=((8, 2048), (8, 8192))):
+    """The backward alone from stored states, bf16, ED 1024, N 16, per tile config (BWD_TUNE)."""
     t0 = time.time()
-    for cfg in configs:
-        if time.time() - t0 > budget_s:
-            emit(what="tune_bwd", skipped=cfg)
-            continue
-        cfg = dict(cfg)
-        chunk = cfg.pop("CHUNK")
-        try:
-            with torch.no_grad():
-                _, _, states, _ = tb._fwd(*args, None, True, True, STATE_CHUNK=chunk)
-                ms = med(lambda: tb._bwd(dout, None, *args, states, True, chunk, **cfg))
-            emit(what="tune_bwd", ms=round(ms, 4), chunk=chunk, cfg=cfg, compile_s=round(time.time() - t0, 1))
-        except Exception as ex:  # a config that does not compile is a row, not the end
-            emit(what="tune_bwd", chunk=chunk, cfg=cfg, error=repr(ex)[:300])
+    for Bsz, L in shapes:
+        inp = scan_inputs(Bsz, L)
+        args = [inp[k] for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")]
+        dout = torch.randn_like(inp["x"])
+        for bd, ns, e, nw, at, chunk in BWD_TUNE:
+            cfg = dict(BLOCK_D=bd, NS=ns, E=e, num_warps=nw, ATOMIC=at)
+            if time.time() - t0 > budget_s:
+                emit(what="tune_bwd", B=Bsz, L=L, chunk=chunk, skipped=cfg)
+                continue
+            try:
+                with torch.no_grad():
+                    _, _, states, _ = tb._fwd(*args, None, True, True, STATE_CHUNK=chunk)
+                    ms = med(lambda: tb._bwd(dout, None, *args, states, True, chunk, **cfg))
+                emit(what="tune_bwd", B=Bsz, L=L, ms=round(ms, 4), chunk=chunk, cfg=cfg,
+                     t_s=round(time.time() - t0, 1))
+            except Exception as ex:  # a config that does not compile is a row, not the end
+                emit(what="tune_bwd", B=Bsz, L=L, chunk=chunk, cfg=cfg, error=repr(ex)[:300])
 
 
 def tune_segments(budget_s):

@@ -156,6 +156,22 @@ def test_triton_bdl_gradients_bf16(small_tiles):
         assert rel(g[k], rg[k]) <= 2e-2, k
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("tiles", [dict(BLOCK_D=16, NS=4, E=4, num_warps=2, ATOMIC=True),
+                                   dict(BLOCK_D=8, NS=8, E=2, num_warps=2, ATOMIC=True)],
+                         ids=["16x4-2warps", "8x8-2warps"])
+def test_lane_backward_over_several_warps(small_tiles, monkeypatch, tiles):
+    """The backward's tiles of more than one warp (scripts/train_study.py's candidates: fewer
+    programs add into each dB / dC element), against the reference; a partial channel block."""
+    monkeypatch.setitem(small_tiles.BWD_TILES, "lane", tiles)
+    monkeypatch.setattr(small_tiles, "BWD_LANE_MIN_PROGRAMS", 1)
+    inp, h0 = make_bdl(2, 19, 40, 8)
+    o, hf, g = run_with_grads(bdl_fn("triton"), inp, h0)
+    ro, rhf, rg = run_with_grads(ref_on_bdl, inp, h0)
+    for k in GRAD_NAMES + ["initial_state"]:
+        assert rel(g[k], rg[k]) <= 1e-3, (k, rel(g[k], rg[k]))
+
+
 @pytest.mark.parametrize("impl", ["cpu", "reference"])
 def test_bdl_grads_cpu_and_reference(impl):
     inp, h0 = make_bdl(1, 13, 12, 4)
