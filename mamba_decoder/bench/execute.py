@@ -21,9 +21,9 @@ import torch
 
 from . import host_alloc, report
 from .plots import plot_benchmark_results
-from .results import (CSV_NAME, ENV_NAME, JSONL_NAME, BenchmarkResult, OutputWriteError, environment,
-                      lock_dir, note_written, read_environment, resumed_environment, rewrite_csv,
-                      write_environment)
+from .results import (CSV_NAME, ENV_NAME, JSONL_NAME, PROCESSES_DIR, BenchmarkResult, OutputWriteError,
+                      environment, lock_dir, note_written, read_environment, resumed_environment,
+                      rewrite_csv, write_environment)
 from .runner import apply_process_settings, banner_kernels, check_depth_fits
 from .settings import SweepSettings
 
@@ -146,7 +146,9 @@ def _execute(s: SweepSettings, launcher: Launcher, o: Output) -> Outcome:
         rewrite_csv(o.dir)    # a full disk: OutputWriteError, the old CSV (or none) stays, no .tmp left
     if outcome.interrupted:
         if o.dir is not None:
-            print(f"interrupted: every finished record is kept in {o.dir / JSONL_NAME} "
+            staged = (f"; each process's finished records in {o.dir / PROCESSES_DIR}"
+                      if s.processes > 1 and (o.dir / PROCESSES_DIR).is_dir() else "")
+            print(f"interrupted: every finished record is kept in {o.dir / JSONL_NAME}{staged} "
                   f"(continue with --resume)", file=sys.stderr)
         return outcome
     if o.report:

@@ -3,6 +3,7 @@ subprocess per config (`--isolate`: a segfault or a poisoned CUDA context costs 
 The torchrun launcher, which shards them over processes, is `torchrun.Torchrun`."""
 from __future__ import annotations
 
+import shutil
 import signal
 import sys
 import threading
@@ -11,8 +12,8 @@ from typing import Callable, Optional
 import torch
 
 from .execute import EXIT_INTERRUPTED, Outcome, Output, Plan
-from .results import (JSONL_NAME, BenchmarkResult, RecordWriter, check_resume, environment, prepare_run_dir,
-                      recorded_ok)
+from .results import (JSONL_NAME, PROCESSES_DIR, BenchmarkResult, RecordWriter, check_resume, environment,
+                      prepare_run_dir, recorded_ok)
 from .runner import run_sweep
 from .settings import SweepSettings
 
@@ -36,9 +37,15 @@ class Local:
     def run(self, s: SweepSettings, o: Output, plan: Plan,
             show: Optional[Callable[[BenchmarkResult], None]]) -> Outcome:
         writer = RecordWriter(o.dir / JSONL_NAME, "a") if o.dir is not None else None
+        # --processes: each process's records kept here until merged (what an interrupt leaves)
+        staging = o.dir / PROCESSES_DIR if o.dir is not None and s.processes > 1 else None
         previous = _sigterm_as_interrupt()
         try:
-            return Outcome(run_sweep(s, writer=writer, on_record=show, done=plan.done, progress=o.progress))
+            results = run_sweep(s, writer=writer, on_record=show, done=plan.done, progress=o.progress,
+                                staging=staging)
+            if staging is not None:     # every config merged into results.jsonl
+                shutil.rmtree(staging, ignore_errors=True)
+            return Outcome(results)
         except KeyboardInterrupt:
             return Outcome([], EXIT_INTERRUPTED, interrupted=True)
         finally:

@@ -38,6 +38,7 @@ from .timing import Ratio, ratio, summarize
 JSONL_NAME, CSV_NAME, ENV_NAME = "results.jsonl", "results.csv", "environment.json"
 WRITTEN_NAME, LOCK_NAME = ".mamba-bench-files", ".mamba-bench.lock"
 RANKS_DIR, PROVENANCE_NAME = "ranks", "provenance.jsonl"   # a torchrun run's per-rank files
+PROCESSES_DIR = "processes"   # a --processes run's records of each process, until they are merged
 # skipped: the config does not apply; timeout: an --isolate worker ran past --config-timeout
 Status = Literal["ok", "oom", "error", "skipped", "timeout"]
 MAX_SEQUENCE_LENGTH = 2**31 - 1     # positions are int32 in every kernel
@@ -459,6 +460,7 @@ def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
             for name in (JSONL_NAME, CSV_NAME, ENV_NAME, PROVENANCE_NAME, *_written(out), WRITTEN_NAME):
                 (out / name).unlink(missing_ok=True)
             shutil.rmtree(out / RANKS_DIR, ignore_errors=True)
+            shutil.rmtree(out / PROCESSES_DIR, ignore_errors=True)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

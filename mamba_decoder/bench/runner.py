@@ -15,8 +15,10 @@ import json
 import signal
 import subprocess
 import sys
+import tempfile
 import uuid
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
@@ -29,7 +31,7 @@ from ..models import kernel_choices
 from . import flops, host_alloc, registry, timing
 from ..models.moe import deferred_packing
 from .registry import NO_MAMBA_MIXER, build_lm, build_model, parameter_counts
-from .results import BenchmarkResult, RecordWriter, UsageError, cpu_model, record_identity
+from .results import BenchmarkResult, RecordWriter, UsageError, cpu_model, latest, read_jsonl, record_identity
 from .settings import CACHE_KINDS, DTYPES, LEVELS, MODES, Config, SweepSettings, iter_configs  # noqa: F401
 from .energy import ENERGY_WINDOW_S, EnergyMeter, EnergyReading, energy_fields, energy_window
 from .names import RecordKey
@@ -505,30 +507,47 @@ def _worker_end(who: str, returncode: int, stderr: str) -> str:
 
 
 # ---------------------------------------------------------------- several processes
-def _process_records(configs: list[Config], s: SweepSettings, p: int) -> dict[RecordKey, BenchmarkResult]:
-    """Process p of `s.processes` measures `configs` with its share of the runs, in a fresh worker
-    (`worker.py`, "configs"); its records by key. A worker that dies leaves its unmeasured configs
-    as error records naming the cause."""
+def _process_records(configs: list[Config], s: SweepSettings, p: int, staged: dict[RecordKey, BenchmarkResult],
+                     stage: Optional[RecordWriter] = None,
+                     on_part: Optional[Callable[[BenchmarkResult], None]] = None) -> dict[RecordKey, BenchmarkResult]:
+    """Process p of `s.processes` measures the `configs` not already in `staged` (its records from
+    an interrupted run) with its share of the runs, in a fresh worker (`worker.py`, "configs");
+    its records by key. Each record is taken as the worker prints it: written to `stage` (the
+    run's processes/ file for p, fsynced) and passed to `on_part`, so an interrupt keeps it. A
+    worker that dies leaves its unmeasured configs as error records naming the cause."""
+    got = dict(staged)
+    todo = [c for c in configs if c.key(s) not in got]
+    if not todo:
+        return got
     share = s.process_share(p)
-    payload = json.dumps({"settings": share.model_dump(), "configs": [asdict(c) for c in configs]})
-    proc = subprocess.Popen(worker_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(payload)
-    except BaseException:             # Ctrl-C: the worker goes too
-        proc.kill()
-        proc.wait()
-        raise
-    got: dict[RecordKey, BenchmarkResult] = {}
-    for line in out.splitlines():
-        if line.startswith(RECORD_PREFIX):
-            try:
-                r = BenchmarkResult.model_validate_json(line[len(RECORD_PREFIX):])
-            except ValueError:
-                continue                  # a garbled line: that config is reported missing below
-            got[r.key] = r
-    cause = _worker_end(f"process {p + 1} of {s.processes}", proc.returncode, err)
-    for c in configs:
+    payload = json.dumps({"settings": share.model_dump(), "configs": [asdict(c) for c in todo]})
+    # stderr to a file, not a pipe: a worker that fills a pipe nobody reads would stall
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(worker_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=err, text=True)
+        try:
+            proc.stdin.write(payload)
+            proc.stdin.close()
+            for line in proc.stdout:      # one line as each config (or shape's group) finishes
+                if not line.startswith(RECORD_PREFIX):
+                    continue
+                try:
+                    r = BenchmarkResult.model_validate_json(line[len(RECORD_PREFIX):])
+                except ValueError:
+                    continue              # a garbled line: that config is reported missing below
+                got[r.key] = r
+                if stage is not None and r.ok:
+                    stage.write(r)
+                if on_part is not None:
+                    on_part(r)
+            proc.wait()
+        except BaseException:             # Ctrl-C: the worker goes too; what it finished is staged
+            proc.kill()
+            proc.wait()
+            raise
+        err.seek(0)
+        cause = _worker_end(f"process {p + 1} of {s.processes}", proc.returncode, err.read())
+    for c in todo:
         if c.key(s) not in got:
             got[c.key(s)] = BenchmarkResult.failed("error", f"not measured: {cause}",
                                                    **record_identity(c, s, s.device))
@@ -574,15 +593,29 @@ def merge_processes(parts: list[BenchmarkResult], s: SweepSettings) -> Benchmark
     return r
 
 
-def measure_in_processes(configs: list[Config], s: SweepSettings) -> Iterator[BenchmarkResult]:
+def measure_in_processes(configs: list[Config], s: SweepSettings, staging: Optional[Path] = None,
+                         on_part: Optional[Callable[[BenchmarkResult], None]] = None) -> Iterator[BenchmarkResult]:
     """`s.processes` fresh worker processes, one after another, each measuring every config with
     its share of the timed runs (asv's design: a config's samples then span the machine's states
-    over the whole sweep, not the seconds of one block); the records merged in sweep order.
-    They are written once every process has finished: a Ctrl-C before that keeps none of this
-    run's (the worker is killed; --resume measures them again)."""
+    over the whole sweep, not the seconds of one block); the records merged in sweep order once
+    every process has measured every config. With `staging` (the run's processes/ folder) each
+    process's ok records are kept there as they come (process-{p}.jsonl), so an interrupted run
+    loses none: its --resume measures only what each process still lacks."""
     if not configs:
         return
-    parts = [_process_records(configs, s, p) for p in range(s.processes)]
+    parts = []
+    for p in range(s.processes):
+        path = None if staging is None else staging / f"process-{p + 1}.jsonl"
+        staged = ({r.key: r for r in latest(read_jsonl(path)) if r.ok}
+                  if path is not None and path.is_file() else {})
+        if path is not None:
+            path.parent.mkdir(exist_ok=True)
+        for r in staged.values():
+            if on_part is not None:
+                on_part(r)
+        with contextlib.ExitStack() as stack:
+            stage = stack.enter_context(RecordWriter(path, "a")) if path is not None else None
+            parts.append(_process_records(configs, s, p, staged, stage, on_part))
     for c in configs:
         yield merge_processes([got[c.key(s)] for got in parts], s)
 
@@ -629,33 +662,45 @@ def apply_process_settings(s: SweepSettings) -> None:
 def run_sweep(s: SweepSettings, *, writer: Optional[RecordWriter] = None,
               on_record: Optional[Callable[[BenchmarkResult], None]] = None,
               done: Optional[dict[tuple, BenchmarkResult]] = None,
-              progress: bool = True) -> list[BenchmarkResult]:
+              progress: bool = True, staging: Optional[Path] = None) -> list[BenchmarkResult]:
     """Run every config of `s` and return its records in sweep order.
 
     `done` maps keys of configs already recorded ok (a resumed run) to their records: those are
-    passed to `on_record` but neither measured nor written again. A KeyboardInterrupt propagates after every finished record was written.
+    passed to `on_record` but neither measured nor written again. A KeyboardInterrupt propagates
+    after every finished record was written. With `s.processes` > 1, `staging` is the folder
+    where each process's records are kept until all are merged (measure_in_processes), and the
+    progress bar counts each config once per process.
     """
     done = done or {}
     apply_process_settings(s)
     results: list[BenchmarkResult] = []
+    per = s.processes
+    bar = tqdm(total=s.n_configs * per, file=sys.stderr, disable=not progress or not sys.stderr.isatty(),
+               unit="config" if per == 1 else "config-process", dynamic_ncols=True, leave=False)
+
+    def part(r: BenchmarkResult) -> None:       # one process's record of one config
+        bar.set_description(f"{r.model_name} L={r.sequence_length} B={r.batch_size}")
+        bar.update()
+
     pending = (c for c in iter_configs(s) if c.key(s) not in done)
-    measured = (measure_in_processes(list(pending), s) if s.processes > 1 else measure_each(pending, s))
-    bar = tqdm(total=s.n_configs, file=sys.stderr, disable=not progress or not sys.stderr.isatty(), unit="config",
-               dynamic_ncols=True, leave=False)
+    measured = (measure_in_processes(list(pending), s, staging, part) if per > 1 else measure_each(pending, s))
     try:
         for cfg in iter_configs(s):
             key = cfg.key(s)
             if key in done:   # recorded ok by the run being resumed: shown, not measured again
                 r = done[key]
+                bar.update(per)
             else:
-                bar.set_description(f"{cfg.model_name} L={cfg.sequence_length} B={cfg.batch_size}")
+                if per == 1:
+                    bar.set_description(f"{cfg.model_name} L={cfg.sequence_length} B={cfg.batch_size}")
                 r = next(measured)
                 if writer is not None:
                     writer.write(r)
+                if per == 1:
+                    bar.update()
             results.append(r)
             if on_record is not None:
                 on_record(r)
-            bar.update()
     finally:
         bar.close()
     return results

@@ -367,6 +367,44 @@ def test_processes_on_the_command_line_say_how_the_runs_are_split(tmp_path, caps
     assert code == 2 and err.startswith("error: --processes 3 splits") and err.count("\n") == 1
 
 
+def test_interrupted_processes_run_keeps_each_process_records_then_resume_finishes(tmp_path, capsys, monkeypatch):
+    """Ctrl-C while the second of two worker processes runs: the first process's records and the
+    second's finished one stay in processes/ (nothing merged yet), the message says so; --resume
+    starts no worker for the first process and measures only the configs the second still
+    lacks, then merges all 4 configs (2 processes each) and removes processes/."""
+    d = tmp_path / "p"
+    args = ["run", *TINY, "--models", "Regular Mamba", "--no-plots", "--processes", "2", "--output-dir", str(d)]
+    real = runner._process_records
+    measured = []
+
+    def interrupting(configs, s, p, staged, stage=None, on_part=None):
+        measured.append((p, len([c for c in configs if c.key(s) not in staged])))
+
+        def part(r):
+            on_part(r)
+            if p == 1 and interrupt:
+                raise KeyboardInterrupt
+        return real(configs, s, p, staged, stage, part)
+    monkeypatch.setattr(runner, "_process_records", interrupting)
+    interrupt = True
+    code, _, err = run(args, capsys)
+    assert code == 130 and "--resume" in err and str(d / "processes") in err, err
+    assert measured == [(0, 4), (1, 4)]
+    assert not read_jsonl(d / "results.jsonl")
+    first, second = (read_jsonl(d / "processes" / f"process-{p}.jsonl") for p in (1, 2))
+    assert len(first) == 4 and len(second) == 1 and all(r.ok and r.n_runs == 1 for r in first + second)
+
+    interrupt, measured[:] = False, []
+    code, out, err = run([*args, "--resume"], capsys)
+    assert code == 0, err
+    assert measured == [(0, 0), (1, 3)]
+    final = read_jsonl(d / "results.jsonl")
+    assert len({r.key for r in final}) == 4 and all(r.ok and r.n_runs == 2 for r in final)
+    assert not (d / "processes").exists()
+    done = next(r for r in final if r.key == second[0].key)
+    assert second[0].samples_ms[0] in done.samples_ms     # the staged sample merged, not measured again
+
+
 def _run_saved_without(setting: str, tmp_path, capsys):
     """A finished one-config run whose environment.json lacks `setting` (as one saved before the
     setting existed): (its command line, its environment, the directory)."""
