@@ -38,8 +38,10 @@ typedef int64_t i64;
                 * s2 + 1.0f / 7.0f) * s2 + 1.0f / 5.0f) * s2 + 1.0f / 3.0f) * s2 + 1.0f))
 
 static inline float vexp(float x) {
-    x = x > -87.0f ? x : -87.0f;   /* the a > b ? a : b form compiles to one vmaxps */
-    x = x < 88.0f ? x : 88.0f;
+    /* clamped to the finite range, NaN kept (a NaN fails both tests): one vmaxps / vminps each,
+     * with the constant as the first operand (x > -87 ? x : -87 would turn NaN into exp(-87)) */
+    x = -87.0f > x ? -87.0f : x;
+    x = 88.0f < x ? 88.0f : x;
     EXP_REDUCED(float, x, n, p);
     union { int32_t i; float f; } s;
     s.i = ((int32_t)n + 127) << 23;
@@ -74,8 +76,8 @@ static inline vf vsel(vi m, vf a, vf b) { return (vf)((m & (vi)a) | (~m & (vi)b)
 
 static inline vf vexp_v(vf x) {
     const vf zero = {0}, lo = zero - 87.0f, hi = zero + 88.0f;
-    x = vsel(x > lo, x, lo);
-    x = vsel(x < hi, x, hi);
+    x = vsel(lo > x, lo, x);   /* NaN kept, as in vexp */
+    x = vsel(hi < x, hi, x);
     EXP_REDUCED(vf, x, n, p);
     vi e = (__builtin_convertvector(n, vi) + 127) << 23;
     return p * (vf)e;

@@ -61,6 +61,20 @@ def test_forward_fp32(shape, opt, with_h0):
     assert torch.equal(scan(**inp, **kw, initial_state=h0), out)   # deterministic, final state or not
 
 
+@pytest.mark.parametrize("where", ["dt", "x", "z"])
+def test_a_nan_input_gives_nan_where_the_reference_does(where):
+    """A NaN in an input (a diverged run) comes out as NaN where the reference's output is NaN,
+    not as finite numbers: the kernels' exp clamps keep NaN (they turned it into exp(-87))."""
+    inp, _, kw = _inputs((1, 40, 20, 4), {})
+    inp[where][0, 10, 3] = float("nan")
+    with torch.no_grad():
+        out = scan(**inp, **kw)
+        ref = selective_scan_ref(**inp, **kw)
+    assert ref.isnan().any() and torch.equal(out.isnan(), ref.isnan())
+    ok = ~ref.isnan()
+    assert rel(out[ok], ref[ok]) <= 1e-5
+
+
 @pytest.mark.parametrize("shape", SHAPES[:3], ids=sid)
 @pytest.mark.parametrize("opt", list(OPTIONS))
 def test_gradients_fp32(shape, opt):
