@@ -132,7 +132,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: record them as oom without running them)")
     p.add_argument("--config-timeout", type=_positive_seconds, default=None, metavar="SECONDS",
                    help="with --isolate: a config whose worker runs longer is killed and recorded as "
-                        "timeout (default: 1800)")
+                        "timeout; with --processes: the same per config of the shape a worker is on "
+                        "(default: 1800)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--no-plots", action="store_true",
                    help="skip the plots (draw them later with `mamba-bench report`)")

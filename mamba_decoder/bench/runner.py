@@ -16,6 +16,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import uuid
 from dataclasses import asdict
 from pathlib import Path
@@ -513,18 +515,68 @@ def _process_records(configs: list[Config], s: SweepSettings, p: int, staged: di
     """Process p of `s.processes` measures the `configs` not already in `staged` (its records from
     an interrupted run) with its share of the runs, in a fresh worker (`worker.py`, "configs");
     its records by key. Each record is taken as the worker prints it: written to `stage` (the
-    run's processes/ file for p, fsynced) and passed to `on_part`, so an interrupt keeps it. A
-    worker that dies leaves its unmeasured configs as error records naming the cause."""
+    run's processes/ file for p, fsynced) and passed to `on_part`, so an interrupt keeps it.
+    A worker that dies (a crash, the OOM killer) or prints nothing for --config-timeout seconds
+    a config of the shape it is on (DEFAULT_CONFIG_TIMEOUT_S) costs that shape's configs only
+    (error / timeout records naming the cause): a fresh worker measures the rest, unless two
+    in a row end before their first record (a worker that cannot start: the rest is recorded so)."""
     got = dict(staged)
-    todo = [c for c in configs if c.key(s) not in got]
-    if not todo:
-        return got
-    share = s.process_share(p)
+
+    def take(r: BenchmarkResult) -> None:
+        got[r.key] = r
+        if stage is not None and r.ok:
+            stage.write(r)
+        if on_part is not None:
+            on_part(r)
+
+    who = f"process {p + 1} of {s.processes}"
+    fruitless = 0       # workers in a row that ended before any record
+    while True:
+        todo = [c for c in configs if c.key(s) not in got]
+        if not todo:
+            return got
+        status, cause = _run_worker(todo, s, s.process_share(p), who, take)
+        rest = [c for c in todo if c.key(s) not in got]
+        fruitless = fruitless + 1 if len(rest) == len(todo) else 0
+        # two workers in a row that end before their first record cannot start: the rest goes too
+        for c in rest if fruitless >= 2 else _first_group(rest, s):
+            take(BenchmarkResult.failed(status, f"not measured: {cause}", **record_identity(c, s, s.device)))
+
+
+def _first_group(configs: list[Config], s: SweepSettings) -> list[Config]:
+    """The configs a worker measures together first (measure_each): interleaved, the leading
+    run of one shape; blocked, one config."""
+    if not configs or s.order != "interleaved":
+        return configs[:1]
+    shape = (configs[0].sequence_length, configs[0].batch_size)
+    n = next((i for i, c in enumerate(configs) if (c.sequence_length, c.batch_size) != shape), len(configs))
+    return configs[:n]
+
+
+def _run_worker(todo: list[Config], s: SweepSettings, share: SweepSettings, who: str,
+                take: Callable[[BenchmarkResult], None]) -> tuple[str, str]:
+    """One worker measuring `todo` with `share`, each record handed to `take` as it is printed;
+    once it ends, (status, cause) for the configs it left unmeasured: a watchdog kills it when
+    the shape it is on goes past its time (status timeout)."""
+    per_config = s.config_timeout_s or DEFAULT_CONFIG_TIMEOUT_S
+    left = list(todo)
+    limit = [per_config * len(_first_group(left, s))]
+    last = [time.monotonic()]
+    timed_out = threading.Event()
     payload = json.dumps({"settings": share.model_dump(), "configs": [asdict(c) for c in todo]})
     # stderr to a file, not a pipe: a worker that fills a pipe nobody reads would stall
     with tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(worker_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=err, text=True)
+
+        def watch() -> None:
+            while proc.poll() is None:
+                if time.monotonic() - last[0] > limit[0]:
+                    timed_out.set()
+                    proc.kill()
+                    return
+                time.sleep(min(1.0, limit[0] / 10))
+        threading.Thread(target=watch, daemon=True).start()
         try:
             proc.stdin.write(payload)
             proc.stdin.close()
@@ -534,24 +586,21 @@ def _process_records(configs: list[Config], s: SweepSettings, p: int, staged: di
                 try:
                     r = BenchmarkResult.model_validate_json(line[len(RECORD_PREFIX):])
                 except ValueError:
-                    continue              # a garbled line: that config is reported missing below
-                got[r.key] = r
-                if stage is not None and r.ok:
-                    stage.write(r)
-                if on_part is not None:
-                    on_part(r)
+                    continue              # a garbled line: that config is reported missing
+                take(r)
+                left = [c for c in left if c.key(s) != r.key]
+                limit[0], last[0] = per_config * len(_first_group(left, s)), time.monotonic()
             proc.wait()
         except BaseException:             # Ctrl-C: the worker goes too; what it finished is staged
             proc.kill()
             proc.wait()
             raise
+        if timed_out.is_set():
+            return "timeout", (f"{who} printed no record for {limit[0]:g} s (--config-timeout "
+                               f"{per_config:g} s a config of the shape it was on) and was killed")
         err.seek(0)
-        cause = _worker_end(f"process {p + 1} of {s.processes}", proc.returncode, err.read())
-    for c in todo:
-        if c.key(s) not in got:
-            got[c.key(s)] = BenchmarkResult.failed("error", f"not measured: {cause}",
-                                                   **record_identity(c, s, s.device))
-    return got
+        cause = _worker_end(who, proc.returncode, err.read())
+    return "error", cause if proc.returncode else f"{cause} without this config's record"
 
 
 def merge_processes(parts: list[BenchmarkResult], s: SweepSettings) -> BenchmarkResult:

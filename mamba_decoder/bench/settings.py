@@ -89,7 +89,8 @@ class SweepSettings(BaseModel):
     # split between them (runner.measure_in_processes); intervals then resample processes too
     processes: PosInt = _field("processes", "an integer >= 1", 1)
     force: Flag = _field("force", "True or False", False)  # run configs whose estimated peak memory exceeds what is available
-    # --isolate: seconds one config's worker may take (None: runner.DEFAULT_CONFIG_TIMEOUT_S)
+    # --isolate: seconds one config's worker may take; --processes: a worker's seconds per config of
+    # the shape it is on, between two records (None: runner.DEFAULT_CONFIG_TIMEOUT_S)
     config_timeout_s: Optional[Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)]] = _field(
         "config timeout", "a finite number of seconds > 0", None)
     # interleaved: at each shape every config is timed in rounds, round robin (drift hits all
@@ -162,9 +163,9 @@ class SweepSettings(BaseModel):
         if self.processes > self.runs:
             raise ValueError(f"--processes {self.processes} splits each config's timed runs between the "
                              f"processes: it needs at least as many runs (--runs {self.runs})")
-        if self.config_timeout_s is not None and not self.isolate:
-            raise ValueError("--config-timeout applies to --isolate (a config measured in this process "
-                             "cannot be stopped safely)")
+        if self.config_timeout_s is not None and not self.isolate and self.processes == 1:
+            raise ValueError("--config-timeout applies to --isolate and --processes (a config measured "
+                             "in this process cannot be stopped safely)")
         if self.optimizer_step and self.mode != "train":
             raise ValueError(f"--optimizer-step applies to --mode train (got mode {self.mode!r})")
         if self.mode == "decode" and self.level != "block":

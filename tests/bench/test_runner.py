@@ -1,3 +1,4 @@
+import json
 import sys
 
 import pytest
@@ -7,7 +8,7 @@ from mamba_decoder.kernels.moe import DENSE_SMALL_MAX_TOKENS
 from mamba_decoder.policy import KernelPolicy
 
 from mamba_decoder.bench import runner
-from mamba_decoder.bench.runner import SweepSettings, measure_isolated, Config, run_sweep
+from mamba_decoder.bench.runner import SweepSettings, measure_isolated, Config, iter_configs, run_sweep
 from mamba_decoder.kernels.selective_scan import auto_impl  # noqa: E402  (cpu-compiled where a C compiler builds it)
 
 
@@ -218,6 +219,56 @@ def test_a_worker_process_that_dies_leaves_error_records_naming_it(monkeypatch):
     monkeypatch.setattr(runner, "worker_command", lambda: [sys.executable, "-c", "import sys; sys.exit(3)"])
     out = run_sweep(tiny(models=["Regular Mamba"], batch_sizes=[1], processes=2), progress=False)
     assert len(out) == 2
+    assert all(r.status == "error" and r.message.startswith("not measured: process 1 of 2 exited with code 3")
+               for r in out)
+
+
+def _fake_worker(tmp_path, s, bad_shape, how):
+    """A stand-in for worker.py that starts in milliseconds: it prints a ready-made ok record
+    for each config it is given, and on `bad_shape` (seq, batch) crashes (SIGSEGV) or hangs."""
+    from mamba_decoder.bench.results import BenchmarkResult, record_identity
+
+    lines = {f"{c.model_name}|{c.sequence_length}|{c.batch_size}": "RECORD " + BenchmarkResult.from_samples(
+        [1.0], num_parameters=1, **record_identity(c, s, s.device)).model_dump_json() for c in iter_configs(s)}
+    (tmp_path / "records.json").write_text(json.dumps(lines))
+    script = tmp_path / "worker.py"
+    script.write_text(f"""import json, os, signal, sys, time
+lines = json.load(open({str(tmp_path / "records.json")!r}))
+for c in json.loads(sys.stdin.read())["configs"]:
+    if [c["sequence_length"], c["batch_size"]] == {list(bad_shape)!r}:
+        if {how!r} == "crash":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        time.sleep(600)
+    print(lines[f"{{c['model_name']}}|{{c['sequence_length']}}|{{c['batch_size']}}"], flush=True)
+""")
+    return [sys.executable, str(script)]
+
+
+@pytest.mark.parametrize("how", ["crash", "hang"])
+def test_a_worker_that_crashes_or_hangs_costs_its_shape_only(tmp_path, monkeypatch, how):
+    """--processes 2 over 4 shapes, the worker crashing (SIGSEGV) or hanging (past a 1 s
+    --config-timeout) at the second: that shape's config is the failure, naming the process and
+    the cause; a fresh worker measured the two shapes after it, in both processes."""
+    s = tiny(models=["Regular Mamba"], processes=2, config_timeout_s=1.0)
+    cmd = _fake_worker(tmp_path, s, (8, 2), how)
+    monkeypatch.setattr(runner, "worker_command", lambda: cmd)
+    out = run_sweep(s, progress=False)
+    assert [(r.sequence_length, r.batch_size) for r in out] == [(8, 1), (8, 2), (16, 1), (16, 2)]
+    bad = out[1]
+    assert [r.ok for r in out] == [True, False, True, True] and all(r.n_runs == 2 for r in out if r.ok)
+    if how == "crash":
+        assert bad.status == "error" and bad.message.startswith("not measured: process 1 of 2 killed by SIGSEGV")
+    else:
+        assert bad.status == "timeout" and bad.message.startswith(
+            "not measured: process 1 of 2 printed no record for 1 s (--config-timeout 1 s a config")
+
+
+def test_a_worker_that_cannot_start_costs_every_config_after_two_tries(monkeypatch):
+    calls = []
+    monkeypatch.setattr(runner, "worker_command",
+                        lambda: calls.append(1) or [sys.executable, "-c", "import sys; sys.exit(3)"])
+    out = run_sweep(tiny(models=["Regular Mamba"], processes=2), progress=False)
+    assert len(out) == 4 and len(calls) == 4     # two tries a process, then the rest recorded
     assert all(r.status == "error" and r.message.startswith("not measured: process 1 of 2 exited with code 3")
                for r in out)
 
