@@ -23,7 +23,7 @@ from .plots import plot_benchmark_results
 from .results import (CSV_NAME, ENV_NAME, JSONL_NAME, REFERENCE_SIDE, BenchmarkResult, OutputWriteError,
                       UsageError, backend_pairs, config_label, latency_ratio, load_run, lock_dir, record_devices,
                       same_sizes, swept_sizes, note_written, read_environment, write_csv)
-from .timing import DRIFT_WARN, HIGH_SPREAD, Ratio, drift, geomean_ratio, mann_whitney_u, ratio
+from .timing import DRIFT_WARN, HIGH_SPREAD, PROCESS_ROUNDS, Ratio, drift, geomean_ratio, mann_whitney_u, ratio
 
 RULE = "=" * 100
 NAME_WIDTH = 26   # the spec's lines align '|' at column 27
@@ -518,6 +518,11 @@ def _uniform_difference(base: dict, new: dict) -> Optional[str]:
 ENV_WARN_FIELDS = (("torch_threads", "threads"), ("torch", "torch"))
 
 
+def _processes(r: BenchmarkResult) -> int:
+    """How many --processes workers measured record r (its rounds say: timing.PROCESS_ROUNDS)."""
+    return len({x // PROCESS_ROUNDS for x in r.sample_rounds}) if r.sample_rounds else 1
+
+
 def compare_data(base_dir, new_dir, *, threshold: float = 0.05, alpha: float = 0.05,
                  ignore: Sequence[str] = ()) -> dict:
     """compare_runs' findings as plain data (what `--format json` prints)."""
@@ -556,9 +561,13 @@ def compare_data(base_dir, new_dir, *, threshold: float = 0.05, alpha: float = 0
         if not (b.ok and n.ok) or not b.samples_ms or not n.samples_ms:
             rows.append(dict(row, verdict=f"not comparable (base {b.status}, new {n.status})"))
             continue
-        x = ratio(n.samples_ms, b.samples_ms, paired=False)
+        # two runs: never paired; a --processes run's rounds name each sample's process, so
+        # the interval resamples its processes too (timing._Term)
+        x = ratio(n.samples_ms, b.samples_ms, n.sample_rounds, b.sample_rounds, paired=False)
         _, p = mann_whitney_u(b.samples_ms, n.samples_ms)
-        significant = p < alpha
+        # the U test takes every sample as independent; a --processes run's samples are not (a
+        # process's machine state is shared by all of its): there the interval must exclude 1 too
+        significant = p < alpha and not (x.crosses_one and (_processes(b) > 1 or _processes(n) > 1))
         if x.value > 1 + threshold and significant:
             verdict = "SLOWER (regression)"
         elif x.value < 1 - threshold and significant:
@@ -568,7 +577,7 @@ def compare_data(base_dir, new_dir, *, threshold: float = 0.05, alpha: float = 0
         noisy = b.high_spread or n.high_spread
         rows.append(dict(row, base_median_ms=b.latency_median_ms, new_median_ms=n.latency_median_ms,
                          ratio=x.value, ratio_lo=x.lo, ratio_hi=x.hi, p=p, noisy=bool(noisy), verdict=verdict))
-        parts.append((n.samples_ms, b.samples_ms, (), (), False))
+        parts.append((n.samples_ms, b.samples_ms, n.sample_rounds, b.sample_rounds, False))
     geo = geomean_ratio(parts)
     only = {name: [dict(model=r.model_name, backend=r.backend, dtype=r.dtype, mode=r.mode,
                         sequence_length=r.sequence_length, batch_size=r.batch_size, dim=r.dim)

@@ -171,6 +171,34 @@ def test_compare_across_backends_pairs_configs_and_flags_the_slower_one(tmp_path
     assert g["configs"] == 1 and g["lo"] <= g["ratio"] <= g["hi"] and g["ratio"] == pytest.approx(3.0)
 
 
+def test_compare_of_processes_runs_resamples_their_processes(tmp_path):
+    """Two --processes 3 runs whose processes disagree by 5 and 10% (a machine's slow and fast
+    states): compare's interval resamples the processes (their rounds say which), so it is wider
+    than the same samples' interval without them, which treated 60 samples as independent, and
+    a verdict needs that interval to exclude 1 (the U test alone takes the samples as independent)."""
+    from mamba_decoder.bench.report import compare_data
+    from mamba_decoder.bench.results import RecordWriter
+    from mamba_decoder.bench.timing import PROCESS_ROUNDS, ratio
+
+    from .conftest import make_record
+
+    wobble = [1.0, 1.01, 0.99, 1.0, 1.02, 0.98, 1.0, 1.01, 0.99, 1.0] * 2
+    rounds = [p * PROCESS_ROUNDS + i // 2 for p in (0, 1, 2) for i in range(20)]
+    recs = {}
+    for name, scale in (("base", 1.0), ("new", 1.05)):
+        samples = [level * scale * w for level in (1.0, 1.05, 1.1) for w in wobble]
+        recs[name] = make_record(samples=samples, sample_rounds=rounds, rounds_id=name)
+        (tmp_path / name).mkdir()
+        with RecordWriter(tmp_path / name / "results.jsonl", "w") as w:
+            w.write(recs[name])
+    (row,) = compare_data(tmp_path / "base", tmp_path / "new", threshold=0.02)["rows"]
+    flat = ratio(recs["new"].samples_ms, recs["base"].samples_ms, paired=False)
+    assert row["ratio"] == pytest.approx(flat.value)
+    assert row["ratio_hi"] - row["ratio_lo"] > 1.5 * (flat.hi - flat.lo)
+    # 5% slower with a U test p far below 0.05, but the processes' interval holds 1: no regression
+    assert row["p"] < 1e-3 and row["ratio_lo"] < 1 < row["ratio_hi"] and row["verdict"] == "same"
+
+
 def test_compare_of_runs_sharing_no_config_exits_distinctly_naming_the_fields(tmp_path, capsys):
     from mamba_decoder.bench.results import RecordWriter
 
