@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import warnings
 from typing import Optional
 
 import torch
@@ -33,3 +34,18 @@ def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     autocast and would otherwise meet fp32 weights and bf16 activations in one GEMM. Autograd
     casts the gradients it returns back to each input's dtype."""
     return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
+def alert_not_deterministic(what: str) -> None:
+    """PyTorch's contract for `torch.use_deterministic_algorithms(True)`, kept by the Triton
+    backwards that add gradients atomically (their last bits vary run to run, as mamba_ssm's do):
+    under it they raise, or warn with warn_only=True, as torch's own such ops do."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return
+    msg = (f"{what} does not have a deterministic implementation (it adds gradients atomically), "
+           "but you set 'torch.use_deterministic_algorithms(True)': use backend='reference', or "
+           "warn_only=True if run-to-run differences in the last bits are acceptable")
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(msg, stacklevel=3)
+    else:
+        raise RuntimeError(msg)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import alert_not_deterministic
 from ._triton import HAS_TRITON, interpreting as _interpreting, jit as _jit, tl, triton
 
 
@@ -191,6 +192,7 @@ def _launch_bwd(x, weight, bias, dy, dx=None, sums=None, **cfg):
     into `dx` if given (any strides, e.g. half of the in-projection's gradient); the weight
     grads added into `sums` if given (a zeroed fp32 buffer of ED * (K + 1) elements or more:
     dweight, then dbias), else into a new one. `cfg` overrides CONV_BWD_CONFIG."""
+    alert_not_deterministic("the Triton causal-conv backward")
     Bsz, ED, L = x.shape
     K = weight.shape[1]
     c = {**CONV_BWD_CONFIG, **cfg}

@@ -505,3 +505,39 @@ def test_scan_backward_small_grads_do_not_hold_the_sums_buffer(small_tiles):
     for k in ("A", "D", "dt_bias"):
         g = leaves[k].grad
         assert g.untyped_storage().nbytes() == g.numel() * g.element_size(), k
+
+
+@pytest.fixture
+def deterministic():
+    """torch.use_deterministic_algorithms for one test: set(warn_only) -> the caller's mode back after."""
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+
+    def set_(warn_only: bool):
+        torch.use_deterministic_algorithms(True, warn_only=warn_only)
+    yield set_
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+@pytest.mark.triton
+def test_atomic_backwards_keep_torchs_determinism_contract(small_tiles, deterministic):
+    """The Triton scan and conv backwards add gradients atomically (last bits vary run to run):
+    under torch.use_deterministic_algorithms(True) they raise, as torch's own such ops do, and
+    with warn_only=True they warn and run; the forward alone is never refused."""
+    from mamba_decoder.kernels.causal_conv import causal_conv1d_silu
+
+    inp, _ = make_bdl(1, 12, 8, 4)
+    leaves = {k: v.clone().requires_grad_(k in ("x", "dt")) for k, v in inp.items()}
+    w = torch.randn(8, 4, device=DEV, requires_grad=True)
+    deterministic(False)
+    with torch.no_grad():
+        selective_scan(**inp, impl="triton", layout="BDL")             # forward only: runs
+    out = selective_scan(**leaves, impl="triton", layout="BDL")
+    with pytest.raises(RuntimeError, match="selective-scan backward does not have a deterministic"):
+        out.sum().backward()
+    y = causal_conv1d_silu(inp["x"], w)
+    with pytest.raises(RuntimeError, match="causal-conv backward does not have a deterministic"):
+        y.sum().backward()
+    deterministic(True)
+    with pytest.warns(UserWarning, match="selective-scan backward does not have a deterministic"):
+        selective_scan(**leaves, impl="triton", layout="BDL").sum().backward()
+    assert leaves["x"].grad is not None

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import alert_not_deterministic
 from .._triton import interpreting as _interpreting
 
 LOG2E = 1.4426950408889634
@@ -856,6 +857,7 @@ def _bwd(dout, dhfin, x, dt, A, B, C, D, z, dt_bias, states, softplus, CHUNK, dz
     zeroed fp32 buffer, `sums` if given (at least scan_sums_numel elements: a caller's larger
     zeroed buffer shares one fill), else a new one: one fill, no reductions after the kernel.
     `dA_log`: dA comes out as the gradient of A_log, where A = -exp(A_log)."""
+    alert_not_deterministic("the Triton selective-scan backward")
     Bsz, ED, L = x.shape
     N = A.shape[1]
     table = BWD_TILES["lane"]
