@@ -560,7 +560,7 @@ def _run_worker(todo: list[Config], s: SweepSettings, share: SweepSettings, who:
     the shape it is on goes past its time (status timeout)."""
     per_config = s.config_timeout_s or DEFAULT_CONFIG_TIMEOUT_S
     left = list(todo)
-    limit = [per_config * len(_first_group(left, s))]
+    limit = [per_config * max(1, len(_first_group(left, s)))]
     last = [time.monotonic()]
     timed_out = threading.Event()
     payload = json.dumps({"settings": share.model_dump(), "configs": [asdict(c) for c in todo]})
@@ -589,7 +589,7 @@ def _run_worker(todo: list[Config], s: SweepSettings, share: SweepSettings, who:
                     continue              # a garbled line: that config is reported missing
                 take(r)
                 left = [c for c in left if c.key(s) != r.key]
-                limit[0], last[0] = per_config * len(_first_group(left, s)), time.monotonic()
+                limit[0], last[0] = per_config * max(1, len(_first_group(left, s))), time.monotonic()
             proc.wait()
         except BaseException:             # Ctrl-C: the worker goes too; what it finished is staged
             proc.kill()
