@@ -13,7 +13,7 @@ import torch
 
 from .execute import EXIT_INTERRUPTED, Outcome, Output, Plan
 from .results import (JSONL_NAME, PROCESSES_DIR, BenchmarkResult, RecordWriter, check_resume, environment,
-                      prepare_run_dir, recorded_ok)
+                      prepare_run_dir, read_jsonl, recorded_ok)
 from .runner import run_sweep
 from .settings import SweepSettings
 
@@ -32,6 +32,11 @@ class Local:
         done = recorded_ok(o.dir) if o.resume else {}
         if o.resume and (o.dir / JSONL_NAME).is_file():
             print(f"resume: {len(done)} configs already recorded ok in {o.dir / JSONL_NAME}", file=sys.stderr)
+        staged = sorted((o.dir / PROCESSES_DIR).glob("process-*.jsonl")) if o.resume and s.processes > 1 else []
+        if staged:
+            counts = ", ".join(f"{p.stem} {len(read_jsonl(p))}" for p in staged)
+            print(f"resume: records staged by the interrupted run's processes ({counts}) are reused",
+                  file=sys.stderr)
         return Plan(done=done)
 
     def run(self, s: SweepSettings, o: Output, plan: Plan,

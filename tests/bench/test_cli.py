@@ -397,6 +397,7 @@ def test_interrupted_processes_run_keeps_each_process_records_then_resume_finish
     interrupt, measured[:] = False, []
     code, out, err = run([*args, "--resume"], capsys)
     assert code == 0, err
+    assert "staged by the interrupted run's processes (process-1 4, process-2 1) are reused" in err
     assert measured == [(0, 0), (1, 3)]
     final = read_jsonl(d / "results.jsonl")
     assert len({r.key for r in final}) == 4 and all(r.ok and r.n_runs == 2 for r in final)
