@@ -88,3 +88,33 @@ def test_grouped_mm_probe_ignores_the_callers_autocast():
     plain = moe_kernels.grouped_mm_works("cpu", None, torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert moe_kernels.grouped_mm_works("cpu", None, torch.float32) == plain
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("kind", ["RegularMamba", "MambaDecoderBlock", "MLABlock"])
+def test_fast_backend_infers_and_decodes_under_autocast(monkeypatch, kind):
+    """Inference under autocast with fp32 weights and an fp32 cache: the forward and one token
+    at a time (after a prefill for MLA) against the fp32 reference forward. The Triton conv step
+    refused the bf16 input beside its fp32 window ("conv_state dtype torch.float32 != x dtype
+    torch.bfloat16"); the step now reads the input in the window's dtype."""
+    pytest.importorskip("triton")
+    from mamba_decoder.kernels.selective_scan import triton_bdl
+    if DEV == "cpu":
+        small_scan_tiles(monkeypatch, triton_bdl)
+    torch.manual_seed(0)
+    ref = randomize_(block(kind, "reference")).to(DEV).eval()
+    fast = block(kind, "fast").to(DEV).eval()
+    fast.load_state_dict(copy.deepcopy(ref.state_dict()))
+    x = torch.randn(2, 12, 16, device=DEV)
+    with torch.no_grad():
+        exact = ref(x)
+        with torch.autocast(DEV, dtype=AMP):
+            full = fast(x)
+            if kind == "MLABlock":
+                cache = fast.init_cache(batch_size=2, max_len=64)
+                steps = [fast(x[:, :8], 0, None, cache)] + [fast(x[:, i:i + 1], i, None, cache) for i in range(8, 12)]
+            else:
+                cache = fast.init_cache(2)
+                steps = [fast(x[:, i:i + 1], cache) for i in range(12)]
+    assert rel_err(full, exact) <= 0.03
+    assert rel_err(torch.cat(steps, 1), exact) <= 0.03
