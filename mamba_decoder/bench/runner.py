@@ -460,7 +460,8 @@ def worker_command() -> list[str]:
 
 
 RECORD_PREFIX = "RECORD "
-DEFAULT_CONFIG_TIMEOUT_S = 1800.0    # --isolate: a worker past this is killed and recorded as timeout
+DEFAULT_CONFIG_TIMEOUT_S = 1800.0    # --isolate: a worker past this is killed and recorded as timeout;
+                                     # --processes: a worker's seconds per config of its shape
 
 
 def measure_isolated(cfg: Config, s: SweepSettings) -> BenchmarkResult:

@@ -273,6 +273,16 @@ def test_a_worker_that_cannot_start_costs_every_config_after_two_tries(monkeypat
                for r in out)
 
 
+def test_processes_with_a_config_timeout_measure_in_the_real_worker():
+    """--processes 2 --config-timeout: each worker rebuilds its share's settings (worker.py), which
+    kept config_timeout_s with processes=1 and no --isolate, so validation refused them ("--config-
+    timeout applies to --isolate and --processes"): every worker exited at start and every config
+    became an error record. The timeout is the parent's watchdog's, not the worker's."""
+    s = tiny(models=["Regular Mamba"], sequence_lengths=[8], batch_sizes=[1], processes=2, config_timeout_s=600.0)
+    out = run_sweep(s, progress=False)
+    assert len(out) == 1 and out[0].ok and out[0].n_runs == 2, out[0].message
+
+
 def test_processes_refuse_isolate_and_more_processes_than_runs():
     with pytest.raises(ValueError, match="--isolate .* does not combine"):
         tiny(processes=2, isolate=True)
