@@ -579,8 +579,12 @@ def _run_worker(todo: list[Config], s: SweepSettings, share: SweepSettings, who:
                 time.sleep(min(1.0, limit[0] / 10))
         threading.Thread(target=watch, daemon=True).start()
         try:
-            proc.stdin.write(payload)
-            proc.stdin.close()
+            # a worker gone before it read them (an import failed, the watchdog killed it while a
+            # payload larger than the pipe was being written) is read and reported like any other
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.write(payload)
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.close()
             for line in proc.stdout:      # one line as each config (or shape's group) finishes
                 if not line.startswith(RECORD_PREFIX):
                     continue

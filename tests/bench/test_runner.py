@@ -273,6 +273,25 @@ def test_a_worker_that_cannot_start_costs_every_config_after_two_tries(monkeypat
                for r in out)
 
 
+def test_a_worker_that_ends_before_reading_its_configs_is_recorded_not_raised(monkeypatch):
+    """A worker that ends before it reads stdin (an import that fails; or one the watchdog kills
+    while the parent is still writing a payload larger than the pipe holds): writing the configs
+    raised BrokenPipeError out of the whole sweep. Now it is a worker that ended before a record."""
+    import subprocess
+
+    class Ended(subprocess.Popen):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.wait()        # the worker is gone before the parent writes its configs
+
+    monkeypatch.setattr(runner.subprocess, "Popen", Ended)
+    monkeypatch.setattr(runner, "worker_command", lambda: [sys.executable, "-c", "import sys; sys.exit(3)"])
+    out = run_sweep(tiny(models=["Regular Mamba"], processes=2), progress=False)
+    assert len(out) == 4
+    assert all(r.status == "error" and r.message.startswith("not measured: process 1 of 2 exited with code 3")
+               for r in out)
+
+
 def test_processes_with_a_config_timeout_measure_in_the_real_worker():
     """--processes 2 --config-timeout: each worker rebuilds its share's settings (worker.py), which
     kept config_timeout_s with processes=1 and no --isolate, so validation refused them ("--config-
