@@ -460,7 +460,8 @@ def worker_command() -> list[str]:
 
 
 RECORD_PREFIX = "RECORD "
-DEFAULT_CONFIG_TIMEOUT_S = 1800.0    # --isolate: a worker past this is killed and recorded as timeout
+DEFAULT_CONFIG_TIMEOUT_S = 1800.0    # --isolate: a worker past this is killed and recorded as timeout;
+                                     # --processes: a worker's seconds per config of its shape
 
 
 def measure_isolated(cfg: Config, s: SweepSettings) -> BenchmarkResult:
@@ -514,7 +515,8 @@ def _process_records(configs: list[Config], s: SweepSettings, p: int, staged: di
                      on_part: Optional[Callable[[BenchmarkResult], None]] = None) -> dict[RecordKey, BenchmarkResult]:
     """Process p of `s.processes` measures the `configs` not already in `staged` (its records from
     an interrupted run) with its share of the runs, in a fresh worker (`worker.py`, "configs");
-    its records by key. Each record is taken as the worker prints it: written to `stage` (the
+    its records by key. Each record of a config it was given is taken as the worker prints it
+    (others are ignored, as --isolate refuses them): written to `stage` (the
     run's processes/ file for p, fsynced) and passed to `on_part`, so an interrupt keeps it.
     A worker that dies (a crash, the OOM killer) or prints nothing for --config-timeout seconds
     a config of the shape it is on (DEFAULT_CONFIG_TIMEOUT_S) costs that shape's configs only
@@ -578,8 +580,12 @@ def _run_worker(todo: list[Config], s: SweepSettings, share: SweepSettings, who:
                 time.sleep(min(1.0, limit[0] / 10))
         threading.Thread(target=watch, daemon=True).start()
         try:
-            proc.stdin.write(payload)
-            proc.stdin.close()
+            # a worker gone before it read them (an import failed, the watchdog killed it while a
+            # payload larger than the pipe was being written) is read and reported like any other
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.write(payload)
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.close()
             for line in proc.stdout:      # one line as each config (or shape's group) finishes
                 if not line.startswith(RECORD_PREFIX):
                     continue
@@ -587,6 +593,8 @@ def _run_worker(todo: list[Config], s: SweepSettings, share: SweepSettings, who:
                     r = BenchmarkResult.model_validate_json(line[len(RECORD_PREFIX):])
                 except ValueError:
                     continue              # a garbled line: that config is reported missing
+                if r.key not in {c.key(s) for c in left}:
+                    continue              # a config it was not asked for (or printed again): not staged or counted
                 take(r)
                 left = [c for c in left if c.key(s) != r.key]
                 limit[0], last[0] = per_config * max(1, len(_first_group(left, s))), time.monotonic()
@@ -653,9 +661,10 @@ def measure_in_processes(configs: list[Config], s: SweepSettings, staging: Optio
     if not configs:
         return
     parts = []
+    wanted = {c.key(s) for c in configs}    # not those merged already (or resumed without)
     for p in range(s.processes):
         path = None if staging is None else staging / f"process-{p + 1}.jsonl"
-        staged = ({r.key: r for r in latest(read_jsonl(path)) if r.ok}
+        staged = ({r.key: r for r in latest(read_jsonl(path)) if r.ok and r.key in wanted}
                   if path is not None and path.is_file() else {})
         if path is not None:
             path.parent.mkdir(exist_ok=True)

@@ -183,10 +183,12 @@ class SweepSettings(BaseModel):
 
     def process_share(self, p: int) -> "SweepSettings":
         """The settings process p (0-based) of `processes` measures with: its share of the timed
-        runs (and of --min-time), the rest the same."""
+        runs (and of --min-time), the rest the same but --config-timeout, which the parent's
+        watchdog applies (runner._run_worker): a worker's settings (one process, no --isolate)
+        would refuse it."""
         n = self.processes
         return self.model_copy(update=dict(runs=self.runs // n + (p < self.runs % n), processes=1,
-                                           min_time_s=self.min_time_s / n))
+                                           min_time_s=self.min_time_s / n, config_timeout_s=None))
 
     def size_grid(self) -> list[BlockSizes]:
         """Every combination of the given sizes (the grid's hyperparameter axes), validated."""

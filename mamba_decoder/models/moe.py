@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from open_kimi.moe import MoE as KimiMoE
 
 from ..config import DEFAULT_BACKEND, MoEConfig, check_backend
+from ..kernels import autocast_dtype
 from ..kernels import moe as moe_kernels
 from ..policy import DEFAULT_POLICY, KernelPolicy, dense_small_excess, moe_dense_small_limit
 from .derived import derived
@@ -274,6 +275,10 @@ class MoE(KimiMoE):
             w, idx = moe_kernels.route_scores(F.linear(x_flat, g.gate_weight), self._route_bias(), g.top_k,
                                               d.moe_triton)
         impl = self._impl(d.moe, x_flat.dtype)
+        if training and impl == "grouped_mm":
+            # under autocast the training Function's grouped GEMMs run in its dtype: rows of
+            # fp32 that fit (a width of 4k) need not in bf16 (8k), which it would refuse
+            impl = self._impl(impl, autocast_dtype(x_flat.device) or x_flat.dtype)
         if impl == "grouped_mm" and training:
             # training: one autograd Function with its own backward (kernels.moe); the shared
             # expert joins the grouped GEMMs where it folds in; packed weights go in as they are

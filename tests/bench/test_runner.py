@@ -273,6 +273,82 @@ def test_a_worker_that_cannot_start_costs_every_config_after_two_tries(monkeypat
                for r in out)
 
 
+def _ok_record(c, s):
+    from mamba_decoder.bench.results import BenchmarkResult, record_identity
+
+    return BenchmarkResult.from_samples([1.0], num_parameters=1, **record_identity(c, s, s.device))
+
+
+def test_a_record_for_a_config_the_worker_was_not_asked_for_is_ignored(tmp_path, monkeypatch):
+    """A worker printing a record of a config it was not given (here: every config of the
+    sweep, though asked for the last three): it was staged in processes/, counted by the progress
+    bar and restarted the watchdog's clock. As --isolate does, only the configs asked for count."""
+    from mamba_decoder.bench.results import read_jsonl
+
+    s = tiny(models=["Regular Mamba"], processes=2)
+    configs = list(iter_configs(s))
+    (tmp_path / "all.txt").write_text("".join(f"RECORD {_ok_record(c, s).model_dump_json()}\n" for c in configs))
+    monkeypatch.setattr(runner, "worker_command", lambda: [
+        sys.executable, "-c", f"import sys; sys.stdin.read(); print(open({str(tmp_path / 'all.txt')!r}).read())"])
+    parts = []
+    out = list(runner.measure_in_processes(configs[1:], s, tmp_path / "processes", parts.append))
+    assert [r.key for r in out] == [c.key(s) for c in configs[1:]] and all(r.ok for r in out)
+    assert sorted(r.key for r in parts) == sorted(c.key(s) for c in configs[1:] for _ in range(2))
+    for p in (1, 2):
+        assert {r.key for r in read_jsonl(tmp_path / "processes" / f"process-{p}.jsonl")} == {
+            c.key(s) for c in configs[1:]}
+
+
+def test_staged_records_of_configs_not_measured_now_are_not_counted(tmp_path, monkeypatch):
+    """--resume of a --processes run interrupted while its merged records were being written (or
+    resumed with fewer --models): processes/ still holds records of configs already merged into
+    results.jsonl, which run_sweep counts as done. They were passed to on_part too, so the progress
+    bar counted those configs twice and went past its total."""
+    from mamba_decoder.bench.results import RecordWriter
+
+    s = tiny(models=["Regular Mamba"], processes=2)
+    configs = list(iter_configs(s))
+    (tmp_path / "processes").mkdir()
+    for p in (1, 2):
+        with RecordWriter(tmp_path / "processes" / f"process-{p}.jsonl") as w:
+            for c in configs:
+                w.write(_ok_record(c, s))
+    monkeypatch.setattr(runner, "worker_command", lambda: pytest.fail("every config was staged"))
+    parts = []
+    out = list(runner.measure_in_processes(configs[1:], s, tmp_path / "processes", parts.append))
+    assert [r.key for r in out] == [c.key(s) for c in configs[1:]]
+    assert len(parts) == 2 * 3
+
+
+def test_a_worker_that_ends_before_reading_its_configs_is_recorded_not_raised(monkeypatch):
+    """A worker that ends before it reads stdin (an import that fails; or one the watchdog kills
+    while the parent is still writing a payload larger than the pipe holds): writing the configs
+    raised BrokenPipeError out of the whole sweep. Now it is a worker that ended before a record."""
+    import subprocess
+
+    class Ended(subprocess.Popen):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.wait()        # the worker is gone before the parent writes its configs
+
+    monkeypatch.setattr(runner.subprocess, "Popen", Ended)
+    monkeypatch.setattr(runner, "worker_command", lambda: [sys.executable, "-c", "import sys; sys.exit(3)"])
+    out = run_sweep(tiny(models=["Regular Mamba"], processes=2), progress=False)
+    assert len(out) == 4
+    assert all(r.status == "error" and r.message.startswith("not measured: process 1 of 2 exited with code 3")
+               for r in out)
+
+
+def test_processes_with_a_config_timeout_measure_in_the_real_worker():
+    """--processes 2 --config-timeout: each worker rebuilds its share's settings (worker.py), which
+    kept config_timeout_s with processes=1 and no --isolate, so validation refused them ("--config-
+    timeout applies to --isolate and --processes"): every worker exited at start and every config
+    became an error record. The timeout is the parent's watchdog's, not the worker's."""
+    s = tiny(models=["Regular Mamba"], sequence_lengths=[8], batch_sizes=[1], processes=2, config_timeout_s=600.0)
+    out = run_sweep(s, progress=False)
+    assert len(out) == 1 and out[0].ok and out[0].n_runs == 2, out[0].message
+
+
 def test_processes_refuse_isolate_and_more_processes_than_runs():
     with pytest.raises(ValueError, match="--isolate .* does not combine"):
         tiny(processes=2, isolate=True)

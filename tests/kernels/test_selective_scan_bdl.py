@@ -198,6 +198,41 @@ def test_triton_bdl_two_halves_equal_whole(small_tiles):
     assert rel(h2, hw) <= 1e-4
 
 
+def test_bdl_bad_shapes_raise():
+    inp, _ = make_bdl(1, 9, 8, 4)
+    inp = {k: v.cpu() for k, v in inp.items()}
+    with pytest.raises(ValueError):
+        selective_scan(**to_bld(inp), impl="cpu", layout="BDL")  # B, C in the wrong layout
+    with pytest.raises(ValueError, match="layout"):
+        selective_scan(**inp, impl="cpu", layout="LBD")
+
+
+def test_fast_mixer_bdl_path_equals_reference():
+    """The mixer's channel-major path (the CUDA default), forced on CPU, vs mambapy."""
+    pytest.importorskip("mambapy")
+    from mambapy.mamba import MambaConfig
+
+    from mamba_decoder import KernelPolicy
+    from mamba_decoder.models import MambaMixer
+    torch.manual_seed(0)
+    ref = MambaMixer(MambaConfig(d_model=24, n_layers=1), backend="reference")
+    fast = MambaMixer(MambaConfig(d_model=24, n_layers=1), backend="fast",
+                      policy=KernelPolicy(mamba_layout="BDL"))
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 19, 24)
+    assert rel(fast(x), ref(x)) < 1e-5
+    # prefill continuing from a cache
+    c1, c2 = ref.init_cache(2), fast.init_cache(2)
+    a = torch.cat([ref(x[:, :7], c1), ref(x[:, 7:], c1)], 1)
+    b = torch.cat([fast(x[:, :7], c2), fast(x[:, 7:], c2)], 1)
+    assert rel(b, a) < 1e-5
+    assert rel(c2.ssm, c1.ssm) < 1e-5 and rel(c2.conv, c1.conv) < 1e-6
+    # grads flow to every parameter
+    x.requires_grad_(True)
+    fast(x).square().sum().backward()
+    assert all(p.grad is not None for p in fast.parameters())
+
+
 @pytest.mark.triton
 @pytest.mark.parametrize("variant,shape,dtype", [
     ("chan", (2, 37, 24, 16), torch.float32),    # 3 time tiles, the last partial; 5 state chunks

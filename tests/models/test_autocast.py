@@ -118,3 +118,29 @@ def test_fast_backend_infers_and_decodes_under_autocast(monkeypatch, kind):
                 steps = [fast(x[:, i:i + 1], cache) for i in range(12)]
     assert rel_err(full, exact) <= 0.03
     assert rel_err(torch.cat(steps, 1), exact) <= 0.03
+
+
+def test_moe_whose_widths_fit_grouped_gemms_in_fp32_only_trains_under_autocast():
+    """An expert width of 12: rows of 48 bytes in fp32, which torch._grouped_mm takes, of 24 in
+    bf16, which it refuses ("strides should be multiple of 16 bytes"). The width check read x's
+    fp32, so under bf16 autocast the training Function's bf16 grouped GEMMs raised; the check now
+    reads the dtype they run in, and that MoE trains on the dense path, as it would in bf16."""
+    from mamba_decoder.models import MLABlock
+
+    def mla(backend):
+        return MLABlock(dim=16, n_heads=2, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                        n_experts=4, n_activated=2, expert_inter_dim=12, shared_expert_inter_dim=12, backend=backend)
+    torch.manual_seed(0)
+    ref = randomize_(mla("reference")).to(DEV)
+    with torch.no_grad():
+        ref.moe.gate.gate_weight.mul_(10)     # decisive routing, as above
+    fast = mla("fast").to(DEV)
+    fast.load_state_dict(copy.deepcopy(ref.state_dict()))
+    x = torch.randn(2, 36, 16, device=DEV)
+    exact = grads_under(copy.deepcopy(ref), x, autocast=False)
+    ref_amp = grads_under(copy.deepcopy(ref), x, autocast=True)
+    got = grads_under(fast, x, autocast=True)
+    assert {g.dtype for g in got[2].values()} == {torch.float32} and got[2].keys() == exact[2].keys()
+    for name in exact[2]:
+        g, r, e = got[2][name], ref_amp[2][name], exact[2][name]
+        assert rel_err(g, e) <= 3 * rel_err(r, e) + 0.01, (name, rel_err(g, e), rel_err(r, e))
