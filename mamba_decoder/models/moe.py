@@ -253,7 +253,11 @@ class MoE(KimiMoE):
         shape = x.shape
         x_flat = x.reshape(-1, shape[-1])                                 # (T, D)
         training = torch.is_grad_enabled() and (x.requires_grad or self.experts[0].w1.weight.requires_grad)
-        d = self.policy.decide(x_flat.device, x_flat.dtype, training)
+        # the dtype the experts' GEMMs run in: under autocast the training Function casts to its
+        # dtype (so on CUDA, where grouped GEMMs take bf16 only, an fp32 x still trains grouped);
+        # in inference torch._grouped_mm is not cast by autocast, so x's own
+        gemm_dtype = (autocast_dtype(x_flat.device) if training else None) or x_flat.dtype
+        d = self.policy.decide(x_flat.device, gemm_dtype, training)
         g = self.gate
         # In train mode the routing bias moves with each forward's picks: route() does that
         # update. Otherwise the scores alone route, fused into a Triton pass on CUDA.
@@ -274,11 +278,7 @@ class MoE(KimiMoE):
         else:
             w, idx = moe_kernels.route_scores(F.linear(x_flat, g.gate_weight), self._route_bias(), g.top_k,
                                               d.moe_triton)
-        impl = self._impl(d.moe, x_flat.dtype)
-        if training and impl == "grouped_mm":
-            # under autocast the training Function's grouped GEMMs run in its dtype: rows of
-            # fp32 that fit (a width of 4k) need not in bf16 (8k), which it would refuse
-            impl = self._impl(impl, autocast_dtype(x_flat.device) or x_flat.dtype)
+        impl = self._impl(d.moe, gemm_dtype)    # rows of fp32 that fit (a width of 4k) need not in bf16
         if impl == "grouped_mm" and training:
             # training: one autograd Function with its own backward (kernels.moe); the shared
             # expert joins the grouped GEMMs where it folds in; packed weights go in as they are

@@ -144,3 +144,26 @@ def test_moe_whose_widths_fit_grouped_gemms_in_fp32_only_trains_under_autocast()
     for name in exact[2]:
         g, r, e = got[2][name], ref_amp[2][name], exact[2][name]
         assert rel_err(g, e) <= 3 * rel_err(r, e) + 0.01, (name, rel_err(g, e), rel_err(r, e))
+
+
+def test_moe_trains_through_grouped_gemms_where_they_take_autocasts_dtype_only(monkeypatch):
+    """On CUDA torch._grouped_mm is a grouped kernel for bf16 only (kernels.moe.auto_impl): fp32
+    takes the dense path. Under bf16 autocast the training Function runs its GEMMs in bf16, so the
+    MoE's choice reads that dtype, not x's fp32 (it took the dense path: every expert on every
+    token). Here the CPU stands in for CUDA through auto_impl."""
+    from mamba_decoder.kernels import moe as moe_kernels
+    from mamba_decoder.models import MambaDecoderBlock
+
+    monkeypatch.setattr(moe_kernels, "auto_impl",
+                        lambda device, dtype: "grouped_mm" if dtype == torch.bfloat16 else "dense")
+    seen = []
+    real = moe_kernels.routed_grouped_train
+    monkeypatch.setattr(moe_kernels, "routed_grouped_train", lambda *a, **k: seen.append(1) or real(*a, **k))
+    blk = MambaDecoderBlock(dim=16)
+    x = torch.randn(2, 40, 16, requires_grad=True)     # 80 tokens: above dense-small's 64
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        blk(x).float().sum().backward()
+    assert seen == [1]
+    seen.clear()
+    blk(x).sum().backward()                              # fp32 without autocast: the dense path
+    assert seen == []
