@@ -460,6 +460,7 @@ def worker_command() -> list[str]:
 
 
 RECORD_PREFIX = "RECORD "
+READY_LINE = "READY\n"    # a worker's first line: settings read, about to measure
 DEFAULT_CONFIG_TIMEOUT_S = 1800.0    # --isolate: a worker past this is killed and recorded as timeout;
                                      # --processes: a worker's seconds per config of its shape
 
@@ -521,7 +522,8 @@ def _process_records(configs: list[Config], s: SweepSettings, p: int, staged: di
     A worker that dies (a crash, the OOM killer) or prints nothing for --config-timeout seconds
     a config of the shape it is on (DEFAULT_CONFIG_TIMEOUT_S) costs that shape's configs only
     (error / timeout records naming the cause): a fresh worker measures the rest, unless two
-    in a row end before their first record (a worker that cannot start: the rest is recorded so)."""
+    in a row end before they are ready to measure (a worker that cannot start: the rest is
+    recorded so)."""
     got = dict(staged)
 
     def take(r: BenchmarkResult) -> None:
@@ -532,16 +534,17 @@ def _process_records(configs: list[Config], s: SweepSettings, p: int, staged: di
             on_part(r)
 
     who = f"process {p + 1} of {s.processes}"
-    fruitless = 0       # workers in a row that ended before any record
+    unready = 0         # workers in a row that ended before they were ready to measure
     while True:
         todo = [c for c in configs if c.key(s) not in got]
         if not todo:
             return got
-        status, cause = _run_worker(todo, s, s.process_share(p), who, take)
+        status, cause, ready = _run_worker(todo, s, s.process_share(p), who, take)
         rest = [c for c in todo if c.key(s) not in got]
-        fruitless = fruitless + 1 if len(rest) == len(todo) else 0
-        # two workers in a row that end before their first record cannot start: the rest goes too
-        for c in rest if fruitless >= 2 else _first_group(rest, s):
+        unready = 0 if ready else unready + 1
+        # two workers in a row that could not start: the rest goes too (two shapes in a row that
+        # crash or hang, say the largest two running out of memory, cost those two shapes only)
+        for c in rest if unready >= 2 else _first_group(rest, s):
             take(BenchmarkResult.failed(status, f"not measured: {cause}", **record_identity(c, s, s.device)))
 
 
@@ -556,14 +559,16 @@ def _first_group(configs: list[Config], s: SweepSettings) -> list[Config]:
 
 
 def _run_worker(todo: list[Config], s: SweepSettings, share: SweepSettings, who: str,
-                take: Callable[[BenchmarkResult], None]) -> tuple[str, str]:
+                take: Callable[[BenchmarkResult], None]) -> tuple[str, str, bool]:
     """One worker measuring `todo` with `share`, each record handed to `take` as it is printed;
-    once it ends, (status, cause) for the configs it left unmeasured: a watchdog kills it when
-    the shape it is on goes past its time (status timeout)."""
+    once it ends, (status, cause) for the configs it left unmeasured, and whether it got ready to
+    measure (its READY line, or a record): a watchdog kills it when the shape it is on goes past
+    its time (status timeout)."""
     per_config = s.config_timeout_s or DEFAULT_CONFIG_TIMEOUT_S
     left = list(todo)
     limit = [per_config * max(1, len(_first_group(left, s)))]
     last = [time.monotonic()]
+    ready = False
     timed_out = threading.Event()
     payload = json.dumps({"settings": share.model_dump(), "configs": [asdict(c) for c in todo]})
     # stderr to a file, not a pipe: a worker that fills a pipe nobody reads would stall
@@ -587,8 +592,10 @@ def _run_worker(todo: list[Config], s: SweepSettings, share: SweepSettings, who:
             with contextlib.suppress(BrokenPipeError):
                 proc.stdin.close()
             for line in proc.stdout:      # one line as each config (or shape's group) finishes
+                ready = ready or line == READY_LINE
                 if not line.startswith(RECORD_PREFIX):
                     continue
+                ready = True
                 try:
                     r = BenchmarkResult.model_validate_json(line[len(RECORD_PREFIX):])
                 except ValueError:
@@ -597,7 +604,8 @@ def _run_worker(todo: list[Config], s: SweepSettings, share: SweepSettings, who:
                     continue              # a config it was not asked for (or printed again): not staged or counted
                 take(r)
                 left = [c for c in left if c.key(s) != r.key]
-                limit[0], last[0] = per_config * max(1, len(_first_group(left, s))), time.monotonic()
+                last[0] = time.monotonic()        # before the limit: the watchdog never sees
+                limit[0] = per_config * max(1, len(_first_group(left, s)))   # a new limit, old start
             proc.wait()
         except BaseException:             # Ctrl-C: the worker goes too; what it finished is staged
             proc.kill()
@@ -605,10 +613,10 @@ def _run_worker(todo: list[Config], s: SweepSettings, share: SweepSettings, who:
             raise
         if timed_out.is_set():
             return "timeout", (f"{who} printed no record for {limit[0]:g} s (--config-timeout "
-                               f"{per_config:g} s a config of the shape it was on) and was killed")
+                               f"{per_config:g} s a config of the shape it was on) and was killed"), ready
         err.seek(0)
         cause = _worker_end(who, proc.returncode, err.read())
-    return "error", cause if proc.returncode else f"{cause} without this config's record"
+    return "error", cause if proc.returncode else f"{cause} without this config's record", ready
 
 
 def merge_processes(parts: list[BenchmarkResult], s: SweepSettings) -> BenchmarkResult:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .runner import RECORD_PREFIX, apply_process_settings, measure, measure_each
+from .runner import READY_LINE, RECORD_PREFIX, apply_process_settings, measure, measure_each
 from .settings import Config, SweepSettings
 
 
@@ -18,6 +18,8 @@ def main() -> int:
     payload = json.loads(sys.stdin.read())
     s = SweepSettings(**payload["settings"])
     apply_process_settings(s)
+    sys.stdout.write(READY_LINE)    # started: a crash from here on is a config's, not the worker's
+    sys.stdout.flush()
     if "configs" in payload:
         records = measure_each([Config(**c) for c in payload["configs"]], s)
     else:

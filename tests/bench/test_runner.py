@@ -223,9 +223,10 @@ def test_a_worker_process_that_dies_leaves_error_records_naming_it(monkeypatch):
                for r in out)
 
 
-def _fake_worker(tmp_path, s, bad_shape, how):
-    """A stand-in for worker.py that starts in milliseconds: it prints a ready-made ok record
-    for each config it is given, and on `bad_shape` (seq, batch) crashes (SIGSEGV) or hangs."""
+def _fake_worker(tmp_path, s, bad_shapes, how):
+    """A stand-in for worker.py that starts in milliseconds: it prints READY, then a ready-made ok
+    record for each config it is given, and on `bad_shapes` ((seq, batch)...) crashes (SIGSEGV)
+    or hangs."""
     from mamba_decoder.bench.results import BenchmarkResult, record_identity
 
     lines = {f"{c.model_name}|{c.sequence_length}|{c.batch_size}": "RECORD " + BenchmarkResult.from_samples(
@@ -234,8 +235,10 @@ def _fake_worker(tmp_path, s, bad_shape, how):
     script = tmp_path / "worker.py"
     script.write_text(f"""import json, os, signal, sys, time
 lines = json.load(open({str(tmp_path / "records.json")!r}))
-for c in json.loads(sys.stdin.read())["configs"]:
-    if [c["sequence_length"], c["batch_size"]] == {list(bad_shape)!r}:
+configs = json.loads(sys.stdin.read())["configs"]
+print("READY", flush=True)
+for c in configs:
+    if [c["sequence_length"], c["batch_size"]] in {[list(b) for b in bad_shapes]!r}:
         if {how!r} == "crash":
             os.kill(os.getpid(), signal.SIGSEGV)
         time.sleep(600)
@@ -250,7 +253,7 @@ def test_a_worker_that_crashes_or_hangs_costs_its_shape_only(tmp_path, monkeypat
     --config-timeout) at the second: that shape's config is the failure, naming the process and
     the cause; a fresh worker measured the two shapes after it, in both processes."""
     s = tiny(models=["Regular Mamba"], processes=2, config_timeout_s=1.0)
-    cmd = _fake_worker(tmp_path, s, (8, 2), how)
+    cmd = _fake_worker(tmp_path, s, [(8, 2)], how)
     monkeypatch.setattr(runner, "worker_command", lambda: cmd)
     out = run_sweep(s, progress=False)
     assert [(r.sequence_length, r.batch_size) for r in out] == [(8, 1), (8, 2), (16, 1), (16, 2)]
@@ -261,6 +264,18 @@ def test_a_worker_that_crashes_or_hangs_costs_its_shape_only(tmp_path, monkeypat
     else:
         assert bad.status == "timeout" and bad.message.startswith(
             "not measured: process 1 of 2 printed no record for 1 s (--config-timeout 1 s a config")
+
+
+def test_two_shapes_in_a_row_that_crash_cost_those_two_only(tmp_path, monkeypatch):
+    """Two shapes in a row whose first config kills its worker (say, two sizes running out of
+    memory; here SIGSEGV at the 1st and 2nd shape, each the first a fresh worker meets): each
+    costs its shape, and the worker after them measures the rest. Only workers that end before
+    they are ready to measure count as unable to start (these two were ready)."""
+    s = tiny(models=["Regular Mamba"], processes=2)
+    monkeypatch.setattr(runner, "worker_command", lambda: _fake_worker(tmp_path, s, [(8, 1), (8, 2)], "crash"))
+    out = run_sweep(s, progress=False)
+    assert [r.ok for r in out] == [False, False, True, True]
+    assert all("killed by SIGSEGV" in r.message for r in out[:2])
 
 
 def test_a_worker_that_cannot_start_costs_every_config_after_two_tries(monkeypatch):
