@@ -565,8 +565,8 @@ def _run_worker(todo: list[Config], s: SweepSettings, share: SweepSettings, who:
     measure (its READY line, or a record): a watchdog kills it when the shape it is on goes past
     its time (status timeout)."""
     per_config = s.config_timeout_s or DEFAULT_CONFIG_TIMEOUT_S
-    left = list(todo)
-    limit = [per_config * max(1, len(_first_group(left, s)))]
+    left = {c.key(s): c for c in todo}      # not yet printed, in sweep order
+    limit = [per_config * max(1, len(_first_group(list(left.values()), s)))]
     last = [time.monotonic()]
     ready = False
     timed_out = threading.Event()
@@ -600,12 +600,11 @@ def _run_worker(todo: list[Config], s: SweepSettings, share: SweepSettings, who:
                     r = BenchmarkResult.model_validate_json(line[len(RECORD_PREFIX):])
                 except ValueError:
                     continue              # a garbled line: that config is reported missing
-                if r.key not in {c.key(s) for c in left}:
+                if left.pop(r.key, None) is None:
                     continue              # a config it was not asked for (or printed again): not staged or counted
                 take(r)
-                left = [c for c in left if c.key(s) != r.key]
                 last[0] = time.monotonic()        # before the limit: the watchdog never sees
-                limit[0] = per_config * max(1, len(_first_group(left, s)))   # a new limit, old start
+                limit[0] = per_config * max(1, len(_first_group(list(left.values()), s)))   # a new limit, old start
             proc.wait()
         except BaseException:             # Ctrl-C: the worker goes too; what it finished is staged
             proc.kill()
