@@ -291,7 +291,8 @@ class MambaMixer(MambaBlock):
 
         cfg = self.config
         x, z = self.in_proj(x).chunk(2, dim=-1)                         # (B, ED) views each
-        x = x.to(cache.conv.dtype)      # the window's dtype (under autocast in_proj gave bf16)
+        if autocast_dtype(x.device) is not None:
+            x = x.to(cache.conv.dtype)  # the window's dtype (autocast's in_proj gave its own)
         conv_w, conv_b = self.conv1d.weight[:, 0], self.conv1d.bias      # (ED, K), (ED,)
         # The Triton step has no backward and inner_layernorms normalize B, C, dt in between:
         # both keep the PyTorch ops.
