@@ -250,7 +250,7 @@ s11)   # session 11's plan (written without a card): the card tests of the sessi
   load_peer
   card_tests 90 tests/models/test_autocast.py tests/kernels/test_selective_scan_bdl.py \
       -k "autocast or several_warps or fused_mixer or lane_backward"
-  log study; timeout 200 python3 scripts/train_study.py --budget 150 --skip-scan --host | tee "$OUT/study.jsonl"
+  log study; timeout 300 python3 scripts/train_study.py --budget 220 --skip-scan --host | tee "$OUT/study.jsonl"
   log suite train; timeout 100 $BENCH --mode train --backend fast mamba_ssm --dim 512 --seq-lens 2048 8192 \
       --batch-sizes 8 --dtype bfloat16 --output-dir /tmp/r/train_s11 --overwrite 2>&1 | grep -E "SeqLen|error|Kernels"
   runs+=(train_s11)
