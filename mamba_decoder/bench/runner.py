@@ -566,8 +566,9 @@ def _run_worker(todo: list[Config], s: SweepSettings, share: SweepSettings, who:
     its time (status timeout)."""
     per_config = s.config_timeout_s or DEFAULT_CONFIG_TIMEOUT_S
     left = {c.key(s): c for c in todo}      # not yet printed, in sweep order
-    limit = [per_config * max(1, len(_first_group(list(left.values()), s)))]
-    last = [time.monotonic()]
+    # (start, limit) of the shape it is on, one tuple: the watchdog reads both at once (read one
+    # by one, a record taken between the reads paired the old start with the next shape's limit)
+    clock = [(time.monotonic(), per_config * max(1, len(_first_group(list(left.values()), s))))]
     ready = False
     timed_out = threading.Event()
     payload = json.dumps({"settings": share.model_dump(), "configs": [asdict(c) for c in todo]})
@@ -578,11 +579,12 @@ def _run_worker(todo: list[Config], s: SweepSettings, share: SweepSettings, who:
 
         def watch() -> None:
             while proc.poll() is None:
-                if time.monotonic() - last[0] > limit[0]:
+                start, limit = clock[0]
+                if time.monotonic() - start > limit:
                     timed_out.set()
                     proc.kill()
                     return
-                time.sleep(min(1.0, limit[0] / 10))
+                time.sleep(min(1.0, limit / 10))
         threading.Thread(target=watch, daemon=True).start()
         try:
             # a worker gone before it read them (an import failed, the watchdog killed it while a
@@ -603,15 +605,14 @@ def _run_worker(todo: list[Config], s: SweepSettings, share: SweepSettings, who:
                 if left.pop(r.key, None) is None:
                     continue              # a config it was not asked for (or printed again): not staged or counted
                 take(r)
-                last[0] = time.monotonic()        # before the limit: the watchdog never sees
-                limit[0] = per_config * max(1, len(_first_group(list(left.values()), s)))   # a new limit, old start
+                clock[0] = (time.monotonic(), per_config * max(1, len(_first_group(list(left.values()), s))))
             proc.wait()
         except BaseException:             # Ctrl-C: the worker goes too; what it finished is staged
             proc.kill()
             proc.wait()
             raise
         if timed_out.is_set():
-            return "timeout", (f"{who} printed no record for {limit[0]:g} s (--config-timeout "
+            return "timeout", (f"{who} printed no record for {clock[0][1]:g} s (--config-timeout "
                                f"{per_config:g} s a config of the shape it was on) and was killed"), ready
         err.seek(0)
         cause = _worker_end(who, proc.returncode, err.read())

@@ -1,7 +1,8 @@
 """Measure configs in this process and print their records: `python -m mamba_decoder.bench.worker`.
 
 Reads {"settings": SweepSettings fields, "config": Config fields} as JSON on stdin and prints
-one line `RECORD {json}` on stdout. Used by `--isolate`, so that a crash costs one row only.
+`READY` once the settings are read (--processes: a worker that ends before it could not start),
+then one line `RECORD {json}` on stdout. Used by `--isolate`, so that a crash costs one row only.
 With "configs" (a list) instead of "config", measures them as a sweep does (interleaved by
 shape) and prints a line per record as it finishes: one process of `--processes`.
 """

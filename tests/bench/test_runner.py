@@ -278,6 +278,48 @@ def test_two_shapes_in_a_row_that_crash_cost_those_two_only(tmp_path, monkeypatc
     assert all("killed by SIGSEGV" in r.message for r in out[:2])
 
 
+def test_the_watchdog_pairs_each_limit_with_its_own_start(tmp_path, monkeypatch):
+    """The watchdog read the start, then the limit: a record taken between its two reads paired the
+    old start (a group of 3 configs, 6 s, some 3 s in) with the new limit (the next group's one
+    config, 2 s) and killed a worker that was on time. Setting the start before the limit did not
+    help (the reads came in the same order). Here the watchdog is held between its reads until
+    the group's records are taken; the worker then measures the last config in 0.5 s."""
+    import threading
+    import time
+    import types
+
+    s = tiny(models=["Regular Mamba", "MambaDecoderBlock", "MLABlock"], sequence_lengths=[8], processes=2,
+             config_timeout_s=2.0)
+    todo = list(iter_configs(s))[:4]                        # shape (8, 1): 3 configs, then (8, 2): 1
+    lines = [f"RECORD {_ok_record(c, s).model_dump_json()}" for c in todo]
+    (tmp_path / "lines.json").write_text(json.dumps(lines))
+    script = tmp_path / "worker.py"
+    script.write_text(f"""import json, sys, time
+lines = json.load(open({str(tmp_path / "lines.json")!r}))
+sys.stdin.read()
+print("READY", flush=True)
+time.sleep(3.5)
+print("\\n".join(lines[:3]), flush=True)
+time.sleep(0.5)
+print(lines[3], flush=True)
+""")
+    monkeypatch.setattr(runner, "worker_command", lambda: [sys.executable, str(script)])
+    main, taken = threading.current_thread(), threading.Event()
+
+    class Now(float):
+        def __sub__(self, other):
+            if threading.current_thread() is not main and float(self) - other > 2.5 and not taken.is_set():
+                taken.wait(20)      # the watchdog, its start read 2.5 s on: held till a record is
+                time.sleep(0.3)     # taken and the group's new limits are set
+            return float(self) - other
+    monkeypatch.setattr(runner, "time", types.SimpleNamespace(monotonic=lambda: Now(time.monotonic()),
+                                                              sleep=time.sleep))
+    got = []
+    status, cause, ready = runner._run_worker(todo, s, s.process_share(0), "process 1 of 2",
+                                              lambda r: got.append(r) or taken.set())
+    assert [r.key for r in got] == [c.key(s) for c in todo], (status, cause)
+
+
 def test_a_worker_that_cannot_start_costs_every_config_after_two_tries(monkeypatch):
     calls = []
     monkeypatch.setattr(runner, "worker_command",
