@@ -461,6 +461,7 @@ def worker_command() -> list[str]:
 
 RECORD_PREFIX = "RECORD "
 READY_LINE = "READY\n"    # a worker's first line: settings read, about to measure
+WORKER_START_S = 300.0    # --processes: a worker's time to start (import torch, a CUDA context) before READY
 DEFAULT_CONFIG_TIMEOUT_S = 1800.0    # --isolate: a worker past this is killed and recorded as timeout;
                                      # --processes: a worker's seconds per config of its shape
 
@@ -568,7 +569,8 @@ def _run_worker(todo: list[Config], s: SweepSettings, share: SweepSettings, who:
     left = {c.key(s): c for c in todo}      # not yet printed, in sweep order
     # (start, limit) of the shape it is on, one tuple: the watchdog reads both at once (read one
     # by one, a record taken between the reads paired the old start with the next shape's limit)
-    clock = [(time.monotonic(), per_config * max(1, len(_first_group(list(left.values()), s))))]
+    first = per_config * max(1, len(_first_group(list(left.values()), s)))
+    clock = [(time.monotonic(), max(first, WORKER_START_S))]     # until READY: starting up
     ready = False
     timed_out = threading.Event()
     payload = json.dumps({"settings": share.model_dump(), "configs": [asdict(c) for c in todo]})
@@ -594,7 +596,8 @@ def _run_worker(todo: list[Config], s: SweepSettings, share: SweepSettings, who:
             with contextlib.suppress(BrokenPipeError):
                 proc.stdin.close()
             for line in proc.stdout:      # one line as each config (or shape's group) finishes
-                ready = ready or line == READY_LINE
+                if line == READY_LINE:    # started (torch imported): the first shape's time from here
+                    ready, clock[0] = True, (time.monotonic(), first)
                 if not line.startswith(RECORD_PREFIX):
                     continue
                 ready = True
@@ -611,6 +614,8 @@ def _run_worker(todo: list[Config], s: SweepSettings, share: SweepSettings, who:
             proc.kill()
             proc.wait()
             raise
+        if timed_out.is_set() and not ready:
+            return "timeout", f"{who} did not start within {clock[0][1]:g} s and was killed", ready
         if timed_out.is_set():
             return "timeout", (f"{who} printed no record for {clock[0][1]:g} s (--config-timeout "
                                f"{per_config:g} s a config of the shape it was on) and was killed"), ready

@@ -223,7 +223,7 @@ def test_a_worker_process_that_dies_leaves_error_records_naming_it(monkeypatch):
                for r in out)
 
 
-def _fake_worker(tmp_path, s, bad_shapes, how):
+def _fake_worker(tmp_path, s, bad_shapes, how, startup_s=0.0):
     """A stand-in for worker.py that starts in milliseconds: it prints READY, then a ready-made ok
     record for each config it is given, and on `bad_shapes` ((seq, batch)...) crashes (SIGSEGV)
     or hangs."""
@@ -236,6 +236,7 @@ def _fake_worker(tmp_path, s, bad_shapes, how):
     script.write_text(f"""import json, os, signal, sys, time
 lines = json.load(open({str(tmp_path / "records.json")!r}))
 configs = json.loads(sys.stdin.read())["configs"]
+time.sleep({startup_s!r})
 print("READY", flush=True)
 for c in configs:
     if [c["sequence_length"], c["batch_size"]] in {[list(b) for b in bad_shapes]!r}:
@@ -264,6 +265,17 @@ def test_a_worker_that_crashes_or_hangs_costs_its_shape_only(tmp_path, monkeypat
     else:
         assert bad.status == "timeout" and bad.message.startswith(
             "not measured: process 1 of 2 printed no record for 1 s (--config-timeout 1 s a config")
+
+
+def test_a_workers_start_up_does_not_count_against_its_first_shape(tmp_path, monkeypatch):
+    """A worker takes 2 s to start (importing torch, a CUDA context) under a 1 s --config-timeout:
+    start-up has its own limit (WORKER_START_S, 5 s here) and the first shape's time runs from
+    the READY line, not from the launch."""
+    monkeypatch.setattr(runner, "WORKER_START_S", 5.0)
+    s = tiny(models=["Regular Mamba"], processes=2, config_timeout_s=1.0)
+    monkeypatch.setattr(runner, "worker_command", lambda: _fake_worker(tmp_path, s, [], "crash", startup_s=2.0))
+    out = run_sweep(s, progress=False)
+    assert all(r.ok for r in out), [r.message for r in out]
 
 
 def test_two_shapes_in_a_row_that_crash_cost_those_two_only(tmp_path, monkeypatch):
