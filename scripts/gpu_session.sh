@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Measurements on a lent GPU, one stage per call (each fits a 10-minute command).
-#   bash scripts/gpu_session.sh check|probe|host|retest|targets|final|workloads|train|train-check|s6|s7|s7-all|s7-final|s7-last|s8-a|s8-b|s10|s11|i16-deepseek-v3|i16-kimi-k2|i16-sweep|sweep   (writes under $OUT, or ./gpu_out)
+#   bash scripts/gpu_session.sh check|probe|host|retest|targets|final|workloads|train|train-check|s6|s7|s7-all|s7-final|s7-last|s8-a|s8-b|s10|s11|s11-tune|i16-deepseek-v3|i16-kimi-k2|i16-sweep|sweep   (writes under $OUT, or ./gpu_out)
 # Needs the runtime wheels in .whl/ (mambapy, open-kimi, pydantic...) and gpu_floor.py in .devcarry/.
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -241,19 +241,24 @@ s10)   # session 10: the mixer against mamba_ssm with host costs and the fp32 ma
   card_tests 60 tests/kernels/test_selective_scan_bdl.py tests/gpu/test_mamba_ssm.py \
       -k "segments or fused_mixer or lane_backward or mamba_ssm"
   ;;
-s11)   # session 11's plan (written without a card): the card tests of the session's changes
-  # (autocast training through the fused Functions on CUDA, whose autocast lists differ from the
-  # CPU's; the several-warp backward tiles compiled), the backward's tile sweep at B8 L2048 and
-  # L8192 (2- and 4-warp tiles: fewer atomics into dB / dC), the mixer against mamba_ssm with host
-  # costs, and issue 12's suite train step (the batch-8 fix of session 10 unmeasured till now)
+s11)   # session 11's plan (written without a card), call 1 of 2: the card tests of the session's
+  # changes (autocast training through the fused Functions on CUDA, whose autocast lists differ
+  # from the CPU's; the several-warp backward tiles compiled), the mixer against mamba_ssm with
+  # host costs, and issue 12's suite train step (the batch-8 fix of session 10 unmeasured till now)
   env_info
   load_peer
-  card_tests 90 tests/models/test_autocast.py tests/kernels/test_selective_scan_bdl.py \
+  card_tests 120 tests/models/test_autocast.py tests/kernels/test_selective_scan_bdl.py \
       -k "autocast or several_warps or fused_mixer or lane_backward"
-  log study; timeout 300 python3 scripts/train_study.py --budget 220 --skip-scan --host | tee "$OUT/study.jsonl"
-  log suite train; timeout 100 $BENCH --mode train --backend fast mamba_ssm --dim 512 --seq-lens 2048 8192 \
+  log study; timeout 150 python3 scripts/train_study.py --skip-tune --skip-scan --host | tee "$OUT/study.jsonl"
+  log suite train; timeout 120 $BENCH --mode train --backend fast mamba_ssm --dim 512 --seq-lens 2048 8192 \
       --batch-sizes 8 --dtype bfloat16 --output-dir /tmp/r/train_s11 --overwrite 2>&1 | grep -E "SeqLen|error|Kernels"
   runs+=(train_s11)
+  ;;
+s11-tune)   # call 2 of 2: the backward's tile sweep (train_study.BWD_TUNE: 1-, 2- and 4-warp tiles) at
+  # B8 L2048 and L8192, each config at both shapes (NOTES.md run 9 has the predictions)
+  env_info
+  log tune; timeout 480 python3 -c 'import sys; sys.path.insert(0, "scripts"); import train_study as t
+t.emit(what="env", device=t.torch.cuda.get_device_name()); t.tune_bwd(420)' | tee "$OUT/tune.jsonl"
   ;;
 sweep)   # the spec's default grid, fp32 and bf16, both backends
   timeout 560 $BENCH --backend fast reference --dtype float32 bfloat16 --output-dir /tmp/r/default_sweep \
