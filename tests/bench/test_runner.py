@@ -227,10 +227,8 @@ def _fake_worker(tmp_path, s, bad_shapes, how, startup_s=0.0):
     """A stand-in for worker.py that starts in milliseconds: it prints READY, then a ready-made ok
     record for each config it is given, and on `bad_shapes` ((seq, batch)...) crashes (SIGSEGV)
     or hangs."""
-    from mamba_decoder.bench.results import BenchmarkResult, record_identity
-
-    lines = {f"{c.model_name}|{c.sequence_length}|{c.batch_size}": "RECORD " + BenchmarkResult.from_samples(
-        [1.0], num_parameters=1, **record_identity(c, s, s.device)).model_dump_json() for c in iter_configs(s)}
+    lines = {f"{c.model_name}|{c.sequence_length}|{c.batch_size}": "RECORD " + _ok_record(c, s).model_dump_json()
+             for c in iter_configs(s)}
     (tmp_path / "records.json").write_text(json.dumps(lines))
     script = tmp_path / "worker.py"
     script.write_text(f"""import json, os, signal, sys, time
